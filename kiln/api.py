@@ -1,0 +1,115 @@
+"""kiln's Python surface: build(), LLM and SamplingParams."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from kiln.config import BuildConfig, RuntimeConfig
+from kiln.errors import RequestError
+from kiln.progress import Progress
+from kiln.runtime.engine import Engine, StepUpdate
+from kiln.sampling_params import SamplingParams
+
+Prompt = Union[str, list[int]]
+
+
+def build(checkpoint: str | Path, output: str | Path, *, progress: bool = True, **options: Any) -> Path:
+    """Build an engine directory from a Hugging Face checkpoint. `options` are BuildConfig fields."""
+    from kiln.compiler.build import build_engine
+
+    config = BuildConfig.from_dict(options)
+    return build_engine(checkpoint, output, config, progress=Progress(enabled=progress))
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _is_token_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+class LLM:
+    """Generate with an engine directory built by `kiln build`."""
+
+    def __init__(self, engine_dir: str | Path, *, progress: bool = False, **runtime: Any) -> None:
+        self.engine = Engine(engine_dir, RuntimeConfig.from_dict(runtime), progress=Progress(enabled=progress))
+        self.tokenizer = self.engine.tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids)
+        if _is_token_ids(prompt):
+            return list(prompt)
+        raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_update: Callable[[StepUpdate], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt in one batch; outputs come back in prompt order.
+
+        Every prompt is validated before any runs, so one bad prompt loses no work.
+        """
+        if isinstance(prompts, str) or _is_token_ids(prompts):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if params is None:
+            params = SamplingParams()
+        param_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(param_list) != len(prompts):
+            raise RequestError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self.encode(p) for p in prompts]
+        for i, (ids, p) in enumerate(zip(encoded, param_list)):
+            try:
+                self.engine.validate(ids, p)
+            except RequestError as exc:
+                raise RequestError(f"prompt {i}: {exc}") from exc
+        seqs = [self.engine.add_request(ids, p) for ids, p in zip(encoded, param_list)]
+        start = time.perf_counter()
+        while any(not s.is_finished for s in seqs):
+            for update in self.engine.step():
+                if on_update is not None:
+                    on_update(update)
+        outputs = []
+        for prompt, seq in zip(prompts, seqs):
+            self.engine.sequences.pop(seq.request_id, None)
+            first = seq.first_token_time or start
+            end = seq.finish_time or time.perf_counter()
+            outputs.append(RequestOutput(
+                request_id=seq.request_id,
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_token_ids=seq.prompt_ids,
+                text=seq.detokenizer.text,
+                token_ids=list(seq.output_ids),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=seq.logprobs or None,
+                metrics={
+                    "time_to_first_token_s": first - seq.arrival_time,
+                    "total_s": end - seq.arrival_time,
+                    "decode_tokens_per_s": (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0,
+                },
+            ))
+        return outputs

@@ -1,0 +1,1 @@
+"""From a loaded transformers model to a saved, compiled engine program."""

@@ -1,0 +1,155 @@
+"""Capture a transformers causal LM with torch.export behind kiln's packed-token signature."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln.errors import UnsupportedModelError
+
+# The engine program's inputs, in order. Every tensor is flat over the step's packed tokens
+# (T), its sequences (B), or the cache; see kiln.kernels.reference for the meaning of each.
+INPUT_NAMES = (
+    "input_ids",  # [T] int64
+    "positions",  # [T] int64
+    "slot_mapping",  # [T] int64
+    "block_tables",  # [B, max_blocks] int32
+    "seq_lens",  # [B] int32
+    "query_start_loc",  # [B + 1] int32
+    "logits_indices",  # [N] int64: the packed tokens whose next-token logits are returned
+    "kv_cache",  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+)
+
+
+class PackedCausalLM(nn.Module):
+    """Calls the unmodified model on one row of packed tokens; returns logits [N, vocab]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        logits_indices: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        # The metadata inputs are not used here: the paged-attention pass wires them in.
+        if self._keeps_logits:
+            out = self.model(
+                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logits_indices
+            )
+            return out.logits[0]
+        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
+        return out.logits[0].index_select(0, logits_indices)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def example_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+    """A small two-sequence prefill (lengths 3 and 5) used to trace the program."""
+    lengths = [3, 5]
+    total = sum(lengths)
+    blocks_per_seq = 2
+    num_blocks = blocks_per_seq * len(lengths)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    block_tables = torch.arange(num_blocks, dtype=torch.int32).view(len(lengths), blocks_per_seq)
+    slot_mapping = torch.cat(
+        [block_tables[i, torch.arange(n) // block_size].long() * block_size + torch.arange(n) % block_size for i, n in enumerate(lengths)]
+    )
+    query_start_loc = torch.tensor([0, lengths[0], total], dtype=torch.int32)
+    tensors = (
+        torch.randint(0, 8, (total,)),
+        positions,
+        slot_mapping,
+        block_tables,
+        torch.tensor(lengths, dtype=torch.int32),
+        query_start_loc,
+        query_start_loc[1:].long() - 1,
+        torch.zeros(cache.num_layers, 2, num_blocks, block_size, cache.num_kv_heads, cache.head_dim, dtype=dtype),
+    )
+    return tuple(t.to(device) for t in tensors)
+
+
+def mixed_step_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+    """One step mixing a prompt chunk after a cached prefix (3 cached + 4 new) and a decode (6 + 1).
+
+    The cache holds random values, so reads through the block tables matter.
+    """
+    cached, new = [3, 6], [4, 1]
+    blocks_per_seq = 2
+    gen = torch.Generator().manual_seed(0)
+    block_tables = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])
+    slots = torch.cat([
+        block_tables[i, torch.arange(c, c + n) // block_size].long() * block_size + torch.arange(c, c + n) % block_size
+        for i, (c, n) in enumerate(zip(cached, new))
+    ])
+    starts = torch.tensor([0, new[0], sum(new)], dtype=torch.int32)
+    kv_cache = torch.randn(
+        cache.num_layers, 2, 2 * blocks_per_seq, block_size, cache.num_kv_heads, cache.head_dim, generator=gen
+    ).to(dtype)
+    tensors = (
+        torch.randint(0, 8, (sum(new),), generator=gen),
+        positions,
+        slots,
+        block_tables,
+        torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32),
+        starts,
+        starts[1:].long() - 1,
+        kv_cache,
+    )
+    return tuple(t.to(device) for t in tensors)
+
+
+def dynamic_shapes(max_num_tokens: int, max_batch_size: int) -> tuple[dict[int, object], ...]:
+    tokens = torch.export.Dim("tokens", min=1, max=max_num_tokens)
+    seqs = torch.export.Dim("seqs", min=1, max=max_batch_size)
+    max_blocks = torch.export.Dim("max_blocks", min=1)
+    logits = torch.export.Dim("logits", min=1, max=max_num_tokens)
+    blocks = torch.export.Dim("blocks", min=1)
+    return (
+        {0: tokens},
+        {0: tokens},
+        {0: tokens},
+        {0: seqs, 1: max_blocks},
+        {0: seqs},
+        {0: seqs + 1},
+        {0: logits},
+        {2: blocks},
+    )
+
+
+def capture(
+    model: nn.Module, cache: CacheShape, *, dtype: torch.dtype, device: torch.device, block_size: int,
+    max_num_tokens: int, max_batch_size: int, architecture: str,
+) -> torch.export.ExportedProgram:
+    """torch.export of the wrapped model with dynamic token, sequence and cache sizes."""
+    wrapper = PackedCausalLM(model).eval()
+    args = example_inputs(cache, dtype, device, block_size)
+    try:
+        with torch.no_grad():
+            return torch.export.export(
+                wrapper, args, dynamic_shapes=dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2))
+            )
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # torch.export raises many types; name the architecture and the failure
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not capture {architecture}: {type(exc).__name__}: {first_line}"
+        ) from exc

@@ -1,0 +1,44 @@
+"""Graph passes over the captured program, applied in the order of `PASSES`.
+
+Each pass lives in its own module and is a pure function `(ExportedProgram, PassContext) ->
+ExportedProgram`: it rewrites a copy of the graph and shares the weights. `describe()` prints
+the order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kiln.compiler.passes.context import PassContext
+from kiln.compiler.passes.check_attention_captured import check_attention_captured
+from kiln.compiler.passes.paged_attention import paged_attention
+from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
+
+Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
+
+PASSES: list[Pass] = [
+    check_attention_captured,
+    paged_attention,
+    check_attention_rewritten,
+]
+
+
+def describe() -> list[str]:
+    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in PASSES]
+
+
+def run_passes(
+    program: torch.export.ExportedProgram,
+    context: PassContext,
+    on_pass: Callable[[str], None] | None = None,
+) -> torch.export.ExportedProgram:
+    for graph_pass in PASSES:
+        if on_pass is not None:
+            on_pass(graph_pass.__name__)
+        program = graph_pass(program, context)
+    return program
+
+
+__all__ = ["PASSES", "Pass", "PassContext", "describe", "run_passes"]

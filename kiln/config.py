@@ -1,0 +1,89 @@
+"""Build and runtime settings: frozen dataclasses that reject unknown or invalid fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+from kiln.errors import KilnError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+T = TypeVar("T")
+
+
+def _from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise KilnError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
+    return cls(**values)
+
+
+def _check_int(owner: str, name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise KilnError(f"{owner}.{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """Limits and choices fixed when an engine is built."""
+
+    dtype: str = "float32"
+    device: str = "auto"
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    max_num_tokens: int = 2048
+    tokens_per_block: int = 16
+    compile: bool = True
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise KilnError(f"BuildConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise KilnError(f"BuildConfig.device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
+            _check_int("BuildConfig", name, getattr(self, name), 1)
+        if self.max_input_len > self.max_seq_len:
+            raise KilnError(
+                f"max_input_len ({self.max_input_len}) cannot exceed max_seq_len ({self.max_seq_len})"
+            )
+        if self.max_num_tokens < self.max_batch_size:
+            raise KilnError(
+                f"max_num_tokens ({self.max_num_tokens}) must be at least max_batch_size "
+                f"({self.max_batch_size}): every running sequence needs one token per step"
+            )
+        if self.tokens_per_block & (self.tokens_per_block - 1):
+            raise KilnError(f"tokens_per_block must be a power of two, got {self.tokens_per_block}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "BuildConfig":
+        return _from_mapping(cls, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Choices made when an engine is loaded."""
+
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+    use_compiled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_kv_blocks is not None:
+            _check_int("RuntimeConfig", "num_kv_blocks", self.num_kv_blocks, 1)
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise KilnError(
+                f"RuntimeConfig.kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RuntimeConfig":
+        return _from_mapping(cls, values)

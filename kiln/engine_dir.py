@@ -1,0 +1,145 @@
+"""The engine directory: its file names, the manifest, and the checks made before loading."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.config import BuildConfig
+from kiln.errors import EngineMismatchError, KilnError
+from kiln.version import __version__
+
+MANIFEST = "manifest.json"
+PROGRAM = "program.pt2"
+COMPILED = "compiled.bin"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFacts:
+    """What the runtime must know about the captured model."""
+
+    architecture: str
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    has_chat_template: bool
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelFacts":
+        values = dict(values)
+        values["eos_token_ids"] = tuple(values["eos_token_ids"])
+        return cls(**values)
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """The device facts an engine is tied to."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
+    return {"type": device.type, "name": platform.processor() or platform.machine(), "capability": None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    kiln_version: str
+    torch_version: str
+    transformers_version: str
+    format_version: int
+    device: dict[str, Any]
+    build: BuildConfig
+    model: ModelFacts
+    compiled: bool
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {
+            "kiln_version": self.kiln_version,
+            "torch_version": self.torch_version,
+            "transformers_version": self.transformers_version,
+            "format_version": self.format_version,
+            "device": self.device,
+            "build": self.build.to_dict(),
+            "model": {**self.model.__dict__, "eos_token_ids": list(self.model.eos_token_ids)},
+            "compiled": self.compiled,
+            "timings_s": self.timings_s,
+        }
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        return cls(
+            kiln_version=data["kiln_version"],
+            torch_version=data["torch_version"],
+            transformers_version=data["transformers_version"],
+            format_version=data["format_version"],
+            device=data["device"],
+            build=BuildConfig.from_dict(data["build"]),
+            model=ModelFacts.from_dict(data["model"]),
+            compiled=data["compiled"],
+            timings_s=data.get("timings_s", {}),
+        )
+
+
+def write_manifest(engine_dir: Path, manifest: Manifest) -> None:
+    (engine_dir / MANIFEST).write_text(manifest.to_json() + "\n")
+
+
+def read_manifest(engine_dir: Path) -> Manifest:
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise KilnError(f"{engine_dir} is not a kiln engine directory: {MANIFEST} is missing (build one with `kiln build`)")
+    try:
+        return Manifest.from_json(path.read_text())
+    except (KeyError, TypeError, ValueError, KilnError) as exc:
+        raise EngineMismatchError(
+            f"{path} cannot be read by kiln {__version__} ({exc}); rebuild the engine with `kiln build`"
+        ) from exc
+
+
+def check_compatible(manifest: Manifest) -> torch.device:
+    """The device to run the engine on; refuses engines built by another kiln/torch version or for another device.
+
+    Every problem found is reported at once. The transformers version is recorded but not checked:
+    the saved program does not use it.
+    """
+    problems = []
+    if manifest.format_version != FORMAT_VERSION:
+        problems.append(f"engine format {manifest.format_version}, this kiln reads format {FORMAT_VERSION}")
+    if manifest.kiln_version != __version__:
+        problems.append(f"built by kiln {manifest.kiln_version}, this is kiln {__version__}")
+    if manifest.torch_version != torch.__version__:
+        problems.append(f"built with torch {manifest.torch_version}, this is torch {torch.__version__}")
+    built_for = manifest.device
+    device = torch.device(built_for["type"])
+    if built_for["type"] == "cuda":
+        if not torch.cuda.is_available():
+            problems.append("built for a CUDA GPU, and torch sees no GPU here")
+        else:
+            device = torch.device("cuda", torch.cuda.current_device())
+            here = describe_device(device)
+            if here["capability"] != built_for["capability"]:
+                problems.append(
+                    f"built for a GPU of compute capability {built_for['capability']} ({built_for['name']}), "
+                    f"this GPU is {here['capability']} ({here['name']})"
+                )
+    elif built_for["type"] != "cpu":
+        problems.append(f"built for device '{built_for['type']}', which kiln does not run")
+    if problems:
+        raise EngineMismatchError(
+            "This engine cannot be loaded here: " + "; ".join(problems) + ". Rebuild it with `kiln build` on this machine."
+        )
+    return device

@@ -1,0 +1,42 @@
+"""`kiln::paged_attention`: KV write plus attention over packed sequences through block tables.
+
+One op covers prefill, chunked prefill (queries attend to cached keys plus their own) and decode,
+for grouped/multi-query heads, sliding windows (> 0) and logit soft-capping (> 0). The layout is
+described in `kiln.kernels.reference`. It mutates `kv_cache` in place, which torch.export records
+and Inductor keeps as an in-place call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import reference
+
+
+@torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    return reference.paged_attention(
+        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+        layer, scale, sliding_window, softcap,
+    )
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(  # type: ignore[no-untyped-def]
+    q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, layer, scale, sliding_window, softcap
+):
+    # Same shape and (contiguous) strides as the real implementation's output.
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

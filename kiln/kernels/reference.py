@@ -1,0 +1,100 @@
+"""Plain PyTorch reference implementations of kiln's attention operators.
+
+Layouts used throughout kiln:
+  q            [T, num_q_heads, head_dim]        packed tokens of every sequence in the step
+  k, v         [T, num_kv_heads, head_dim]       the same tokens' new keys and values
+  kv_cache     [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+  slot_mapping [T] int64: the flat cache slot (block * block_size + offset) of each token; < 0 = skip
+  block_tables [B, max_blocks] int32: each sequence's cache blocks, in order
+  seq_lens     [B] int32: each sequence's context length after this step (cached + new tokens)
+  query_start_loc [B + 1] int32: prefix sums of the new tokens per sequence
+
+Each sequence's new tokens are the last ones of its context, so the query at local index j
+sits at absolute position seq_len - num_new + j. A query attends to key positions p with
+p <= its own position and, when sliding_window > 0, p > its position - sliding_window
+(the window counts the query itself, as in Hugging Face's masks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _masked_softmax_attention(
+    q: torch.Tensor,  # [Tq, Hq, D]
+    keys: torch.Tensor,  # [Tk, Hkv, D]
+    values: torch.Tensor,  # [Tk, Hkv, Dv]
+    q_positions: torch.Tensor,  # [Tq]
+    k_positions: torch.Tensor,  # [Tk]
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    num_q_heads, num_kv_heads = q.shape[1], keys.shape[1]
+    group = num_q_heads // num_kv_heads
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), keys.float()) * scale
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = k_positions[None, :] <= q_positions[:, None]
+    if sliding_window > 0:
+        allowed = allowed & (k_positions[None, :] > q_positions[:, None] - sliding_window)
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values.float()).to(q.dtype)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int, softcap: float
+) -> torch.Tensor:
+    """Attention of one sequence over itself, no cache: the meaning of a captured attention site."""
+    positions = torch.arange(q.shape[0], device=q.device)
+    return _masked_softmax_attention(q, k, v, positions, positions, scale, sliding_window, softcap)
+
+
+def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store each token's key and value at its slot of layer `layer` (negative slots are skipped)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    kv_cache[layer, 0].flatten(0, 1).index_copy_(0, slots, k[keep].to(kv_cache.dtype))
+    kv_cache[layer, 1].flatten(0, 1).index_copy_(0, slots, v[keep].to(kv_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Write the new keys/values into the paged cache, then attend through each block table."""
+    write_kv(kv_cache, layer, k, v, slot_mapping)
+    block_size = kv_cache.shape[3]
+    key_pages, value_pages = kv_cache[layer, 0], kv_cache[layer, 1]
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for i, context_len in enumerate(lengths):
+        begin, end = starts[i], starts[i + 1]
+        num_new = end - begin
+        if num_new == 0:
+            continue
+        num_blocks = -(-context_len // block_size)
+        blocks = block_tables[i, :num_blocks].long()
+        keys = key_pages[blocks].flatten(0, 1)[:context_len]
+        values = value_pages[blocks].flatten(0, 1)[:context_len]
+        k_positions = torch.arange(context_len, device=q.device)
+        q_positions = k_positions[context_len - num_new :]
+        out[begin:end] = _masked_softmax_attention(
+            q[begin:end], keys, values, q_positions, k_positions, scale, sliding_window, softcap
+        )
+    return out

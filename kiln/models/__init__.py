@@ -1,0 +1,1 @@
+"""Per-family knowledge: which architectures kiln knows and how their checkpoints load."""

@@ -1,0 +1,93 @@
+"""Load a Hugging Face checkpoint directory with transformers, safely and offline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import KilnError, UnsupportedModelError
+from kiln.models.registry import ModelRecipe, recipe_for
+
+ATTENTION_NAME = "kiln"
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: torch.nn.Module
+    config: Any
+    tokenizer: Any
+    recipe: ModelRecipe
+    generation_config: Any | None
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise KilnError(f"checkpoint directory {path} does not exist (kiln loads local checkpoints only, no downloads)")
+    if not (path / "config.json").is_file():
+        raise KilnError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory")
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {pickled}: pickled weights are not loaded, for safety)" if pickled else ""
+        raise KilnError(
+            f"{path} has no *.safetensors weights{hint}. kiln loads weights only from safetensors; "
+            "convert with `model.save_pretrained(dir, safe_serialization=True)`."
+        )
+
+
+def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    _offline()
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UnsupportedModelError(
+                f"{path} needs its own modelling code; kiln runs checkpoint code only with --trust-remote-code"
+            ) from exc
+        raise UnsupportedModelError(f"transformers cannot read {path}/config.json: {exc}") from exc
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool = False) -> LoadedCheckpoint:
+    """Load model (weights streamed from safetensors), tokenizer and generation config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from kiln.compiler.attention_interface import register_attention
+
+    path = Path(path)
+    check_checkpoint_dir(path)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    recipe = recipe_for(getattr(config, "architectures", None), trust_remote_code=trust_remote_code)
+    register_attention()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=ATTENTION_NAME,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            device_map=str(device) if device.type != "cpu" else None,
+        )
+    except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise UnsupportedModelError(
+            f"transformers could not load {recipe.architecture} from {path} with kiln's attention: {exc}"
+        ) from exc
+    model.eval()
+    if device.type == "cpu":
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        generation_config = None
+    return LoadedCheckpoint(model, config, tokenizer, recipe, generation_config)

@@ -1,0 +1,67 @@
+"""Architectures kiln knows, keyed by the Hugging Face `architectures` name.
+
+A decoder-only text model needs no recipe of its own: kiln captures transformers' own module.
+The registry records which families are proven by tests, and lets later families (vision-language
+models) name a different loader; any other `*ForCausalLM` that transformers implements is tried
+with the generic recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRecipe:
+    """How to load and capture one architecture."""
+
+    architecture: str
+    kind: str = "causal_lm"
+    tested: bool = False
+    notes: str = ""
+
+
+_TESTED_CAUSAL_LMS = {
+    "LlamaForCausalLM": "RoPE (incl. Llama-3 scaling), grouped-query attention, optional tied embeddings",
+    "MistralForCausalLM": "sliding-window attention",
+    "Qwen2ForCausalLM": "q/k/v projection bias",
+    "Qwen3ForCausalLM": "q/k RMS norm",
+    "Gemma2ForCausalLM": "attention and final logit soft-capping, alternating sliding/global layers",
+    "Gemma3ForCausalLM": "q/k norm, alternating sliding/global layers with two RoPE bases",
+    "Phi3ForCausalLM": "fused qkv and gate/up projections",
+    "GPT2LMHeadModel": "learned absolute positions, Conv1D projections",
+    "OPTForCausalLM": "learned positions with offset, ReLU MLP",
+    "GPTNeoXForCausalLM": "partial rotary embedding, parallel residual",
+}
+
+RECIPES: dict[str, ModelRecipe] = {
+    name: ModelRecipe(architecture=name, tested=True, notes=notes) for name, notes in _TESTED_CAUSAL_LMS.items()
+}
+
+
+def _transformers_causal_lms() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def recipe_for(architectures: list[str] | None, *, trust_remote_code: bool = False) -> ModelRecipe:
+    """The recipe for a checkpoint's declared architectures, or a clear error."""
+    if not architectures:
+        raise UnsupportedModelError(
+            "config.json declares no `architectures`; kiln needs it to know which model class to capture"
+        )
+    for name in architectures:
+        if name in RECIPES:
+            return RECIPES[name]
+    causal_lms = _transformers_causal_lms()
+    for name in architectures:
+        if name in causal_lms or trust_remote_code:
+            return ModelRecipe(architecture=name, tested=False, notes="generic decoder-only capture")
+    raise UnsupportedModelError(
+        f"architecture {architectures} is not supported: kiln builds decoder-only causal language models that "
+        f"transformers implements (tested: {', '.join(sorted(RECIPES))}). "
+        "If the checkpoint ships its own modelling code, pass --trust-remote-code."
+    )

@@ -1,0 +1,206 @@
+"""The runtime engine: load an engine directory, then step() = schedule, run, sample, post-process."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import kiln.kernels  # noqa: F401  (the program calls kiln ops)
+from kiln.compiler import inductor
+from kiln.config import RuntimeConfig
+from kiln.engine_dir import COMPILE_CACHE, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
+from kiln.errors import KilnError, RequestError
+from kiln.progress import Progress
+from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.sampler import make_generator, sample
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.sequence import Sequence
+from kiln.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepUpdate:
+    """What one step did for one request: tokens added, text that became final, and whether it ended."""
+
+    seq: Sequence
+    new_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.is_finished
+
+
+def _runtime_device(manifest_device: dict[str, Any]) -> torch.device:
+    if manifest_device["type"] == "cuda":
+        if not torch.cuda.is_available():
+            raise KilnError("this engine was built for a CUDA GPU and torch sees none here; rebuild it with --device cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(manifest_device["type"])
+
+
+class Engine:
+    def __init__(self, engine_dir: str | Path, runtime: RuntimeConfig | None = None, *, progress: Progress | None = None) -> None:
+        progress = progress or Progress(enabled=False)
+        self.path = Path(engine_dir)
+        self.runtime = runtime or RuntimeConfig()
+        self.manifest = read_manifest(self.path)
+        self.device = _runtime_device(self.manifest.device)
+        check_compatible(self.manifest, self.device)
+        self.build = self.manifest.build
+        facts = self.manifest.model
+        self.eos_ids = frozenset(facts.eos_token_ids)
+        with progress.stage("load engine", str(self.path)):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
+            module = torch.export.load(self.path / PROGRAM).module()
+            self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
+            if self.compiled:
+                inductor.load_artifacts(self.path / COMPILE_CACHE)
+                program = inductor.compile_program(module)
+            else:
+                program = module
+        dtype = DTYPES[self.build.dtype]
+        bs = self.build.tokens_per_block
+        num_blocks = self._num_blocks(dtype)
+        self.kv_cache = torch.zeros(
+            facts.num_layers, 2, num_blocks, bs, facts.num_kv_heads, facts.head_dim, dtype=dtype, device=self.device
+        )
+        self.kv = KVCacheManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens)
+        self.runner = ModelRunner(program, self.kv_cache, self.kv, self.device)
+        self._ids = itertools.count()
+        self.sequences: dict[str, Sequence] = {}
+        # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.
+        self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
+
+    def _num_blocks(self, dtype: torch.dtype) -> int:
+        facts, build = self.manifest.model, self.build
+        blocks_per_seq = -(-build.max_seq_len // build.tokens_per_block)
+        needed = blocks_per_seq * build.max_batch_size
+        if self.runtime.num_kv_blocks is not None:
+            if self.runtime.num_kv_blocks < blocks_per_seq:
+                raise KilnError(
+                    f"num_kv_blocks={self.runtime.num_kv_blocks} cannot hold one sequence of max_seq_len "
+                    f"{build.max_seq_len} ({blocks_per_seq} blocks of {build.tokens_per_block} tokens)"
+                )
+            return self.runtime.num_kv_blocks
+        if self.device.type != "cuda":
+            return needed
+        per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
+        free, _total = torch.cuda.mem_get_info(self.device)
+        fits = int(free * self.runtime.kv_cache_memory_fraction) // per_block
+        if fits < blocks_per_seq:
+            raise KilnError(
+                f"GPU memory left for the KV cache ({free / 2**30:.1f} GiB free) holds {fits} blocks, "
+                f"fewer than one max_seq_len sequence needs ({blocks_per_seq}); lower max_seq_len or free memory"
+            )
+        return min(needed, fits)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        build, vocab = self.build, self.manifest.model.vocab_size
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(prompt_ids) > build.max_input_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens, more than this engine's max_input_len "
+                f"({build.max_input_len}); shorten it or rebuild with a larger --max-input-len"
+            )
+        if len(prompt_ids) + params.max_tokens > build.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this engine's "
+                f"max_seq_len ({build.max_seq_len}); lower max_tokens to at most {build.max_seq_len - len(prompt_ids)}"
+            )
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.sequences:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params)
+        seq.generator = make_generator(params.seed, self.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[StepUpdate]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise KilnError("the KV-cache pool cannot hold the next waiting request; raise num_kv_blocks")
+            return []
+        logits, sampled = self.runner.run(plan.chunks)
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        if not sampled:
+            return []
+        seqs = [plan.chunks[i].seq for i in sampled]
+        if self.logits_hook is not None:
+            self.logits_hook(seqs, logits)
+        tokens, logprobs = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.all_ids for s in seqs],
+            [s.output_ids for s in seqs],
+            [s.generator for s in seqs],
+        )
+        updates = []
+        now = time.perf_counter()
+        for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            updates.append(self._append(seq, token, logprobs[row] if logprobs is not None else None, now))
+        return updates
+
+    def _append(self, seq: Sequence, token: int, logprob: Any, now: float) -> StepUpdate:
+        update = StepUpdate(seq, [token])
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.params
+        is_eos = token in self.eos_ids and not params.ignore_eos
+        if not is_eos and not (token in params.stop_token_ids):
+            update.delta_text = seq.detokenizer.push(token)
+        reason: str | None = None
+        if is_eos:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif seq.detokenizer.stopped:
+            reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.build.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            if not seq.detokenizer.stopped:
+                update.delta_text += seq.detokenizer.flush()
+            seq.finish_reason = reason
+            seq.finish_time = now
+            self.scheduler.finish(seq)
+        return update

@@ -1,0 +1,75 @@
+"""Turns scheduled chunks into the engine program's packed inputs and runs it."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        program: Callable[..., torch.Tensor],
+        kv_cache: torch.Tensor,
+        kv: KVCacheManager,
+        device: torch.device,
+    ) -> None:
+        self.program = program
+        self.kv_cache = kv_cache
+        self.kv = kv
+        self.device = device
+        self.block_size = kv.block_size
+
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+        """Packed inputs for `chunks`, and the chunk indices whose logits the program returns."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        starts = [0]
+        tables = []
+        logits_rows: list[int] = []
+        sampled: list[int] = []
+        bs = self.block_size
+        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            end = chunk.start + chunk.num_tokens
+            table = self.kv.block_table(seq.request_id)
+            all_ids = seq.all_ids
+            input_ids.extend(all_ids[chunk.start:end])
+            span = range(chunk.start, end)
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            seq_lens.append(end)
+            starts.append(starts[-1] + chunk.num_tokens)
+            tables.append(table[: -(-end // bs)])
+            if chunk.completes:
+                logits_rows.append(starts[-1] - 1)
+                sampled.append(i)
+        width = max(len(t) for t in tables)
+        block_tables = [t + [0] * (width - len(t)) for t in tables]
+        if not logits_rows:  # only partial prompt chunks: the program still returns one row, unused
+            logits_rows = [0]
+        dev = self.device
+        tensors = (
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            torch.tensor(slots, dtype=torch.int64, device=dev),
+            torch.tensor(block_tables, dtype=torch.int32, device=dev),
+            torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            torch.tensor(starts, dtype=torch.int32, device=dev),
+            torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+            self.kv_cache,
+        )
+        return tensors, sampled
+
+    @torch.inference_mode()
+    def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
+        """Logits [len(sampled), vocab] for the chunks that complete, and those chunks' indices."""
+        inputs, sampled = self.prepare(chunks)
+        logits = self.program(*inputs)
+        return logits[: len(sampled)], sampled
