@@ -13,7 +13,7 @@ import torch
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
 from kiln.compiler import inductor
 from kiln.config import RuntimeConfig
-from kiln.engine_dir import COMPILE_CACHE, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
+from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
 from kiln.errors import KilnError, RequestError
 from kiln.progress import Progress
 from kiln.runtime.detokenizer import IncrementalDetokenizer
@@ -40,22 +40,13 @@ class StepUpdate:
         return self.seq.is_finished
 
 
-def _runtime_device(manifest_device: dict[str, Any]) -> torch.device:
-    if manifest_device["type"] == "cuda":
-        if not torch.cuda.is_available():
-            raise KilnError("this engine was built for a CUDA GPU and torch sees none here; rebuild it with --device cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(manifest_device["type"])
-
-
 class Engine:
     def __init__(self, engine_dir: str | Path, runtime: RuntimeConfig | None = None, *, progress: Progress | None = None) -> None:
         progress = progress or Progress(enabled=False)
         self.path = Path(engine_dir)
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
-        self.device = _runtime_device(self.manifest.device)
-        check_compatible(self.manifest, self.device)
+        self.device = check_compatible(self.manifest)
         self.build = self.manifest.build
         facts = self.manifest.model
         self.eos_ids = frozenset(facts.eos_token_ids)
@@ -63,13 +54,13 @@ class Engine:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
-            module = torch.export.load(self.path / PROGRAM).module()
+            exported = torch.export.load(self.path / PROGRAM)
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
+            program: inductor.Program
             if self.compiled:
-                inductor.load_artifacts(self.path / COMPILE_CACHE)
-                program = inductor.compile_program(module)
+                program = inductor.load_compiled(exported, self.path / COMPILED)
             else:
-                program = module
+                program = inductor.EagerProgram(exported)
         dtype = DTYPES[self.build.dtype]
         bs = self.build.tokens_per_block
         num_blocks = self._num_blocks(dtype)

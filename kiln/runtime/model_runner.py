@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from kiln.compiler.inductor import Program
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.scheduler import ScheduledChunk
 
@@ -13,7 +14,7 @@ from kiln.runtime.scheduler import ScheduledChunk
 class ModelRunner:
     def __init__(
         self,
-        program: Callable[..., torch.Tensor],
+        program: Program,
         kv_cache: torch.Tensor,
         kv: KVCacheManager,
         device: torch.device,

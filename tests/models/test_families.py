@@ -1,4 +1,9 @@
-"""Every tested family: kiln's batched greedy output is token-identical to transformers (CPU, float32)."""
+"""Every tested family: kiln's batched greedy output against transformers' own greedy decoding.
+
+By default on CPU in float32: token-identical, logits within 1e-3. With KILN_TEST_DEVICE=cuda and
+KILN_TEST_DTYPE=bfloat16 (the GPU machine): tokens identical on the first 16, except where the
+two disagree at a near-tie of transformers' own logits, which the test then proves and reports.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,13 @@ from hf_reference import greedy, load_reference
 from tiny_checkpoints import FAMILIES, WINDOW
 from kiln import LLM, SamplingParams, build
 
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("KILN_TEST_DTYPE", "float32")
+COMPILE = os.environ.get("KILN_TEST_COMPILE", "0") == "1"
+STRICT = DTYPE == "float32"
 PROMPT_LENGTHS = (3, 13, 21)  # one shorter and two longer than the sliding window
-NEW_TOKENS = 12
+NEW_TOKENS = 12 if STRICT else 16
+LOGIT_TOLERANCE = 1e-3 if STRICT else 0.1  # bf16 keeps 8 bits of mantissa: logits of size ~1-10
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -21,12 +31,31 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
+def compare(family: str, prompt: list[int], ours: list[int], our_logits: list[torch.Tensor],
+            ref: list[int], ref_logits: list[torch.Tensor]) -> dict:
+    """Compare up to the first divergence (after it the two continue from different prefixes)."""
+    agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+    steps = range(min(agree + 1, len(ref)))
+    worst = max(float((our_logits[i] - ref_logits[i]).abs().max()) for i in steps)
+    result = {"family": family, "prompt_len": len(prompt), "identical_tokens": agree, "max_logit_diff": worst}
+    if agree < len(ref):
+        # Same prefix, different argmax: transformers' own margin between the two choices must be
+        # within the numerical noise measured on that very step.
+        step = ref_logits[agree]
+        margin = float(step[ref[agree]] - step[ours[agree]])
+        noise = float((our_logits[agree] - step).abs().max())
+        result.update(divergence_step=agree, hf_margin=margin, step_logit_diff=noise)
+        assert not STRICT, f"{family}: prompt of {len(prompt)} tokens diverged at step {agree}"
+        assert margin <= 2 * noise, f"{family}: diverged at step {agree} with a margin {margin} > 2 x noise {noise}"
+    return result
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_property):
     assert max(PROMPT_LENGTHS) > WINDOW
     checkpoint = checkpoints(family)
     engine = build(checkpoint, tmp_path / "engine", max_batch_size=4, max_input_len=32, max_seq_len=64,
-                   max_num_tokens=64, compile=False, progress=False)
+                   max_num_tokens=64, compile=COMPILE, device=DEVICE, dtype=DTYPE, progress=False)
     llm = LLM(engine)
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
@@ -35,17 +64,19 @@ def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_prope
     batch = prompts()
     outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
 
-    reference = load_reference(checkpoint)
-    worst = 0.0
+    reference = load_reference(checkpoint, getattr(torch, DTYPE), DEVICE)
+    results = []
     for prompt, out in zip(batch, outs):
         ref_tokens, ref_logits = greedy(reference, prompt, NEW_TOKENS)
-        assert out.token_ids == ref_tokens, f"{family}: prompt of {len(prompt)} tokens diverged"
-        ours = seen[out.request_id]
-        assert len(ours) == NEW_TOKENS
-        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(ours, ref_logits)))
+        assert len(seen[out.request_id]) == NEW_TOKENS
+        results.append(compare(family, prompt, out.token_ids, seen[out.request_id], ref_tokens, ref_logits))
+    worst = max(r["max_logit_diff"] for r in results)
     record_property("max_logit_diff", worst)
     report = os.environ.get("KILN_FAMILY_REPORT")
     if report:
         with open(report, "a") as fh:
-            fh.write(json.dumps({"family": family, "max_logit_diff": worst}) + "\n")
-    assert worst < 1e-3, f"{family}: max logit difference {worst}"
+            for r in results:
+                fh.write(json.dumps({**r, "device": DEVICE, "dtype": DTYPE, "compiled": COMPILE}) + "\n")
+    assert worst < LOGIT_TOLERANCE * max(1.0, max(float(l.abs().max()) for l in seen[outs[0].request_id])), (
+        f"{family}: max logit difference {worst}"
+    )
