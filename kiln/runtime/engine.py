@@ -125,7 +125,9 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params)
         seq.generator = make_generator(params.seed, self.device)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, params.stop, params.skip_special_tokens, context_ids=prompt_ids[-4:]
+        )
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return seq

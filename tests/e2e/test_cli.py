@@ -1,0 +1,92 @@
+"""The README quickstart and the CLI's error paths, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "demo" / "tiny-kiln"
+
+
+def kiln(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "engine"
+    proc = kiln("build", str(DEMO), "-o", str(out), "--max-seq-len", "256", "--max-input-len", "128")
+    for stage in ("load", "export", "passes", "write", "compile", "verify"):
+        assert f"✓ {stage}" in proc.stderr, f"build did not report stage {stage}:\n{proc.stderr}"
+    assert (out / "compiled.bin").is_file() and (out / "program.pt2").is_file()
+    return out
+
+
+def test_demo_generates_readable_corpus_text(demo_engine):
+    proc = kiln("run", str(demo_engine), "--prompt", "A kiln is", "--max-new-tokens", "24", "--json")
+    result = json.loads(proc.stdout)
+    out = result["outputs"][0]
+    assert result["compiled"] is True
+    assert len(out["token_ids"]) == 24 or out["finish_reason"] == "stop"
+    corpus = (REPO / "demo" / "corpus.txt").read_text()
+    # The demo model was trained on the corpus: its greedy continuation is words from it.
+    words = out["text"].split()
+    assert len(words) >= 5 and sum(w.strip(".,") in corpus for w in words) >= 0.8 * len(words), out["text"]
+
+
+def test_streaming_matches_json_and_reports_speed(demo_engine):
+    streamed = kiln("run", str(demo_engine), "--prompt", "The potter", "--max-new-tokens", "16")
+    as_json = json.loads(kiln("run", str(demo_engine), "--prompt", "The potter", "--max-new-tokens", "16", "--json").stdout)
+    assert streamed.stdout.strip() == ("The potter" + as_json["outputs"][0]["text"]).strip()
+    assert "tokens/s" in streamed.stderr
+
+
+def test_chat_prompt_and_eager_path_agree(demo_engine):
+    compiled = json.loads(kiln("run", str(demo_engine), "--chat", "--prompt", "What is a kiln?", "--json").stdout)
+    eager = json.loads(kiln("run", str(demo_engine), "--chat", "--prompt", "What is a kiln?", "--json", "--eager").stdout)
+    assert eager["compiled"] is False
+    assert compiled["outputs"][0]["token_ids"] == eager["outputs"][0]["token_ids"]
+    assert compiled["outputs"][0]["text"].strip()
+
+
+def test_too_long_prompt_is_a_clear_error(demo_engine):
+    proc = kiln("run", str(demo_engine), "--prompt-ids", ",".join(["5"] * 129), check=False)
+    assert proc.returncode == 2
+    assert "max_input_len (128)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_prompt_plus_new_tokens_over_max_seq_len(demo_engine):
+    proc = kiln("run", str(demo_engine), "--prompt", "A kiln", "--max-new-tokens", "300", check=False)
+    assert proc.returncode == 2 and "max_seq_len (256)" in proc.stderr
+
+
+def test_invalid_sampling_value(demo_engine):
+    proc = kiln("run", str(demo_engine), "--prompt", "A kiln", "--temperature", "-1", check=False)
+    assert proc.returncode == 2 and "temperature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_from_other_torch_version_refuses_to_load(demo_engine, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(demo_engine, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["torch_version"] = "1.0.0"
+    manifest["device"]["type"] = "cuda"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = kiln("run", str(copy), "--prompt", "A kiln", check=False)
+    assert proc.returncode == 2
+    assert "torch 1.0.0" in proc.stderr and "Rebuild" in proc.stderr
+
+
+def test_missing_engine_directory(tmp_path):
+    proc = kiln("run", str(tmp_path / "nope"), "--prompt", "x", check=False)
+    assert proc.returncode == 2 and "not a kiln engine directory" in proc.stderr
