@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 2 in one call of the device machine (torch 2.11, transformers 5.17):
+#   bash scripts/device_check.sh [families|compiled|load|cpu ...]   (default: families load compiled)
+# Results land in $OUT (or ./device-out): logs, JSON lines, and a short table at the end.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+out=${OUT:-device-out}; mkdir -p "$out"
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(families load compiled)
+python - <<'PY' | tee "$out/env.txt"
+import torch, transformers, triton
+print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__,
+      torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+PY
+for step in "${steps[@]}"; do
+  start=$(date +%s)
+  case $step in
+    families) KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16 KILN_FAMILY_REPORT=$out/families_bf16.jsonl \
+                python -m pytest -q -p no:cacheprovider tests/models/test_families.py 2>&1 | tail -n 25 | tee "$out/families_bf16.log" ;;
+    compiled) KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16 KILN_TEST_COMPILE=1 KILN_FAMILY_REPORT=$out/families_bf16_compiled.jsonl \
+                python -m pytest -q -p no:cacheprovider tests/models/test_families.py 2>&1 | tail -n 25 | tee "$out/families_bf16_compiled.log" ;;
+    load)     python benchmarks/load_time.py --workdir /tmp/kiln-load 2>&1 | tail -n 40 | tee "$out/load_time.log" ;;
+    cpu)      python -m pytest -q -p no:cacheprovider tests/unit tests/kernels tests/models 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
+  esac
+  echo "== $step took $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
+done
+python - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+for name in ("families_bf16.jsonl", "families_bf16_compiled.jsonl"):
+    path = out / name
+    if not path.exists():
+        continue
+    print(f"--- {name}: family, prompt length, identical tokens of 16, max logit diff, divergence margin")
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        print(f"{r['family']:10s} {r['prompt_len']:3d} {r['identical_tokens']:3d} {r['max_logit_diff']:.4f} {r.get('hf_margin', '')}")
+PY
+cat "$out/steps.txt"
