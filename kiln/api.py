@@ -110,6 +110,7 @@ class LLM:
                     "time_to_first_token_s": first - seq.arrival_time,
                     "total_s": end - seq.arrival_time,
                     "decode_tokens_per_s": (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0,
+                    "num_preemptions": seq.num_preemptions,
                 },
             ))
         return outputs

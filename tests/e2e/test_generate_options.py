@@ -1,0 +1,65 @@
+"""Sampling options through LLM.generate on the demo engine (its text is known, so stops are checkable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln import LLM, RequestError, SamplingParams, build
+
+DEMO = Path(__file__).resolve().parents[2] / "demo" / "tiny-kiln"
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> LLM:
+    engine = build(DEMO, tmp_path_factory.mktemp("demo") / "e", max_seq_len=256, max_input_len=128,
+                   compile=False, progress=False)
+    return LLM(engine)
+
+
+def test_max_tokens_ends_with_length(llm):
+    out = llm.generate("A kiln is", SamplingParams(max_tokens=7, **GREEDY))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+
+
+def test_chat_answer_stops_at_end_token_unless_ignored(llm):
+    prompt = llm.apply_chat_template([{"role": "user", "content": "What is a kiln?"}])
+    out = llm.generate([prompt], SamplingParams(max_tokens=60, **GREEDY))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.eos_ids
+    assert "<|end|>" not in out.text and out.text.strip().endswith(".")
+    longer = llm.generate([prompt], SamplingParams(max_tokens=60, ignore_eos=True, **GREEDY))[0]
+    assert len(longer.token_ids) == 60 and longer.token_ids[: len(out.token_ids)] == out.token_ids
+
+
+def test_stop_string_cuts_text_before_it(llm):
+    full = llm.generate("A kiln is", SamplingParams(max_tokens=40, **GREEDY))[0].text
+    assert "clay" in full
+    out = llm.generate("A kiln is", SamplingParams(max_tokens=40, stop=["clay"], **GREEDY))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == "clay"
+    assert out.text == full[: full.index("clay")]
+
+
+def test_stop_token_id(llm):
+    full = llm.generate("A kiln is", SamplingParams(max_tokens=20, **GREEDY))[0]
+    stop_id = full.token_ids[5]
+    out = llm.generate("A kiln is", SamplingParams(max_tokens=20, stop_token_ids=[stop_id], **GREEDY))[0]
+    first = full.token_ids.index(stop_id)
+    assert out.token_ids == full.token_ids[: first + 1] and out.stop_reason == stop_id
+
+
+def test_seed_makes_sampling_reproducible(llm):
+    # The demo model is nearly deterministic (it memorised its corpus): a high temperature makes
+    # the draws close to uniform, so equal seeds must agree and different ones must not.
+    params = [SamplingParams(max_tokens=24, temperature=50.0, seed=s) for s in (1, 1, 2)]
+    a, b, c = llm.generate(["Clay is"] * 3, params)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_batch_with_a_bad_prompt_runs_nothing_and_reports_which(llm):
+    with pytest.raises(RequestError, match="prompt 1"):
+        llm.generate(["A kiln is", "x " * 200], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished()
+    assert llm.generate("A kiln is", SamplingParams(max_tokens=3, **GREEDY))[0].token_ids

@@ -1,0 +1,63 @@
+import dataclasses
+
+import pytest
+import torch
+
+from kiln import engine_dir
+from kiln.config import BuildConfig
+from kiln.engine_dir import EngineMismatchError, Manifest, ModelFacts, check_compatible
+from kiln.errors import KilnError
+from kiln.version import __version__
+
+
+def manifest(**changes) -> Manifest:
+    facts = ModelFacts(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, num_kv_heads=2, head_dim=16,
+                       vocab_size=320, max_position_embeddings=256, eos_token_ids=(2,), bos_token_id=1,
+                       pad_token_id=0, has_chat_template=False)
+    base = Manifest(kiln_version=__version__, torch_version=torch.__version__, transformers_version="5.17.0",
+                    format_version=engine_dir.FORMAT_VERSION, device={"type": "cpu", "name": "x", "capability": None},
+                    build=BuildConfig(), model=facts, compiled=False)
+    return dataclasses.replace(base, **changes)
+
+
+def test_round_trip(tmp_path):
+    m = manifest()
+    engine_dir.write_manifest(tmp_path, m)
+    assert engine_dir.read_manifest(tmp_path) == m
+
+
+def test_matching_cpu_engine_loads_on_cpu():
+    assert check_compatible(manifest()) == torch.device("cpu")
+
+
+def test_every_mismatch_is_listed_with_rebuild_advice():
+    m = manifest(kiln_version="0.0.1", torch_version="2.0.0")
+    with pytest.raises(EngineMismatchError) as err:
+        check_compatible(m)
+    text = str(err.value)
+    assert "kiln 0.0.1" in text and "torch 2.0.0" in text and "Rebuild" in text
+
+
+def test_other_gpu_architecture_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(engine_dir, "describe_device",
+                        lambda device: {"type": "cuda", "name": "NVIDIA A100", "capability": "8.0"})
+    m = manifest(device={"type": "cuda", "name": "NVIDIA H200", "capability": "9.0"})
+    with pytest.raises(EngineMismatchError, match="compute capability 9.0 .*this GPU is 8.0"):
+        check_compatible(m)
+
+
+def test_unreadable_manifest_says_rebuild(tmp_path):
+    (tmp_path / engine_dir.MANIFEST).write_text('{"kiln_version": "0.1.0"}')
+    with pytest.raises(EngineMismatchError, match="rebuild"):
+        engine_dir.read_manifest(tmp_path)
+
+
+def test_build_config_rejects_unknown_and_inconsistent_fields():
+    with pytest.raises(KilnError, match="fp16"):
+        BuildConfig.from_dict({"fp16": True})
+    with pytest.raises(KilnError, match="max_input_len"):
+        BuildConfig(max_input_len=4096, max_seq_len=2048)
+    with pytest.raises(KilnError, match="power of two"):
+        BuildConfig(tokens_per_block=12)
