@@ -89,6 +89,49 @@ def _gpt_neox() -> tuple[Any, Any]:
     return cfg, GPTNeoXForCausalLM
 
 
+def _mixtral() -> tuple[Any, Any]:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralConfig(**COMMON, **LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), MixtralForCausalLM
+
+
+def _qwen2_moe() -> tuple[Any, Any]:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**COMMON, **LLAMA_LIKE, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                         num_experts=4, num_experts_per_tok=2)
+    return cfg, Qwen2MoeForCausalLM
+
+
+def _starcoder2() -> tuple[Any, Any]:
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    return Starcoder2Config(**COMMON, **LLAMA_LIKE, sliding_window=WINDOW), Starcoder2ForCausalLM
+
+
+def _cohere() -> tuple[Any, Any]:
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereConfig(**COMMON, **LLAMA_LIKE), CohereForCausalLM
+
+
+def _bloom() -> tuple[Any, Any]:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomConfig(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2), BloomForCausalLM
+
+
+# Families outside the tested list that kiln captures with no recipe of its own (generic path).
+EXTRA_FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "starcoder2": _starcoder2,
+    "cohere": _cohere,
+}
+
+# A family whose transformers code computes attention itself (ALiBi): kiln must refuse it clearly.
+UNCAPTURABLE = {"bloom": _bloom}
+
 FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
     "llama": _llama,
     "mistral": _mistral,
@@ -124,7 +167,7 @@ def make_tokenizer() -> Any:
 
 
 def make_checkpoint(family: str, directory: Path, seed: int = 0) -> Path:
-    config, model_cls = FAMILIES[family]()
+    config, model_cls = {**FAMILIES, **EXTRA_FAMILIES, **UNCAPTURABLE}[family]()
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     model.save_pretrained(directory, safe_serialization=True)

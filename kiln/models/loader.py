@@ -78,7 +78,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, 
             local_files_only=True,
             device_map=str(device) if device.type != "cpu" else None,
         )
-    except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
+    except KeyError as exc:
+        if exc.args == (ATTENTION_NAME,):
+            raise UnsupportedModelError(
+                f"{recipe.architecture}: transformers' implementation of this architecture does not take a pluggable "
+                "attention function (AttentionInterface), so kiln cannot give it a paged KV cache"
+            ) from exc
+        raise UnsupportedModelError(f"transformers could not load {recipe.architecture} from {path}: {exc!r}") from exc
+    except (ValueError, TypeError, NotImplementedError) as exc:
         raise UnsupportedModelError(
             f"transformers could not load {recipe.architecture} from {path} with kiln's attention: {exc}"
         ) from exc

@@ -57,3 +57,8 @@ def test_does_not_overwrite_a_non_engine_directory(checkpoints, tmp_path):
     with pytest.raises(KilnError, match="refusing to overwrite"):
         build(checkpoints("llama"), precious, progress=False, compile=False)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_attention_computed_outside_the_interface_is_refused(checkpoints, tmp_path):
+    with pytest.raises(UnsupportedModelError, match="BloomForCausalLM computes attention in its own code"):
+        build(checkpoints("bloom"), tmp_path / "engine", progress=False, compile=False)

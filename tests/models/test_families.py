@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_reference import greedy, load_reference
-from tiny_checkpoints import FAMILIES, WINDOW
+from tiny_checkpoints import EXTRA_FAMILIES, FAMILIES, WINDOW
 from kiln import LLM, SamplingParams, build
 
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
@@ -50,7 +50,7 @@ def compare(family: str, prompt: list[int], ours: list[int], our_logits: list[to
     return result
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + list(EXTRA_FAMILIES))
 def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_property):
     assert max(PROMPT_LENGTHS) > WINDOW
     checkpoint = checkpoints(family)

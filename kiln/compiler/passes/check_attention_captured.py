@@ -26,6 +26,11 @@ def check_attention_captured(program: torch.export.ExportedProgram, context: Pas
             f"({len(raw)} raw scaled_dot_product_attention call(s)), so kiln cannot give it a paged KV cache"
         )
     sites = nodes_calling(graph, torch.ops.kiln.attention_site.default)
+    if not sites:
+        raise UnsupportedModelError(
+            f"{context.architecture} computes attention in its own code instead of through transformers' attention "
+            "interface, so kiln cannot give it a paged KV cache"
+        )
     layers = sorted(int(n.args[3]) for n in sites)  # type: ignore[call-overload]
     if layers != list(range(context.num_layers)):
         raise UnsupportedModelError(
