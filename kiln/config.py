@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 from kiln.errors import KilnError
 
@@ -12,6 +15,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 T = TypeVar("T")
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype for one of DTYPES."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:

@@ -11,7 +11,7 @@ import torch
 from kiln.compiler import inductor
 from kiln.compiler.capture import CacheShape, capture, mixed_step_inputs
 from kiln.compiler.passes import PassContext, run_passes
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, torch_dtype
 from kiln.engine_dir import (
     COMPILED, FORMAT_VERSION, PROGRAM, TOKENIZER_DIR, Manifest, ModelFacts, describe_device, write_manifest,
 )
@@ -19,9 +19,6 @@ from kiln.errors import KilnError, UnsupportedModelError
 from kiln.models.loader import load_checkpoint
 from kiln.progress import Progress
 from kiln.version import __version__
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -104,7 +101,7 @@ def build_engine(checkpoint: str | Path, output: str | Path, config: BuildConfig
     progress = progress or Progress(enabled=False)
     output = Path(output)
     device = resolve_device(config.device)
-    dtype = DTYPES[config.dtype]
+    dtype = torch_dtype(config.dtype)
     if output.exists() and any(output.iterdir()):
         if not (output / "manifest.json").is_file():
             raise KilnError(f"{output} exists and is not a kiln engine; refusing to overwrite it")

@@ -60,60 +60,45 @@ class CacheShape:
     head_dim: int
 
 
-def example_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
-    """A small two-sequence prefill (lengths 3 and 5) used to trace the program."""
-    lengths = [3, 5]
-    total = sum(lengths)
-    blocks_per_seq = 2
-    num_blocks = blocks_per_seq * len(lengths)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    block_tables = torch.arange(num_blocks, dtype=torch.int32).view(len(lengths), blocks_per_seq)
-    slot_mapping = torch.cat(
-        [block_tables[i, torch.arange(n) // block_size].long() * block_size + torch.arange(n) % block_size for i, n in enumerate(lengths)]
-    )
-    query_start_loc = torch.tensor([0, lengths[0], total], dtype=torch.int32)
-    tensors = (
-        torch.randint(0, 8, (total,)),
-        positions,
-        slot_mapping,
-        block_tables,
-        torch.tensor(lengths, dtype=torch.int32),
-        query_start_loc,
-        query_start_loc[1:].long() - 1,
-        torch.zeros(cache.num_layers, 2, num_blocks, block_size, cache.num_kv_heads, cache.head_dim, dtype=dtype),
-    )
-    return tuple(t.to(device) for t in tensors)
+def step_inputs(
+    cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int,
+    cached: tuple[int, ...], new: tuple[int, ...],
+) -> tuple[torch.Tensor, ...]:
+    """Program inputs for one step: sequence i has `cached[i]` tokens in the cache and `new[i]` new ones.
 
-
-def mixed_step_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
-    """One step mixing a prompt chunk after a cached prefix (3 cached + 4 new) and a decode (6 + 1).
-
-    The cache holds random values, so reads through the block tables matter.
+    Each sequence gets its own blocks, in a scrambled order; the cache holds random values, so
+    reads through the block tables matter. Tables are at least two blocks wide: torch.export would
+    specialise a dimension traced at size 1.
     """
-    cached, new = [3, 6], [4, 1]
-    blocks_per_seq = 2
     gen = torch.Generator().manual_seed(0)
-    block_tables = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32)
-    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])
-    slots = torch.cat([
-        block_tables[i, torch.arange(c, c + n) // block_size].long() * block_size + torch.arange(c, c + n) % block_size
-        for i, (c, n) in enumerate(zip(cached, new))
-    ])
-    starts = torch.tensor([0, new[0], sum(new)], dtype=torch.int32)
-    kv_cache = torch.randn(
-        cache.num_layers, 2, 2 * blocks_per_seq, block_size, cache.num_kv_heads, cache.head_dim, generator=gen
-    ).to(dtype)
+    blocks_per_seq = max(2, *(-(-(c + n) // block_size) for c, n in zip(cached, new)))
+    num_blocks = blocks_per_seq * len(new)
+    block_tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(len(new), blocks_per_seq)
+    spans = [torch.arange(c, c + n) for c, n in zip(cached, new)]
+    slots = torch.cat([block_tables[i, span // block_size].long() * block_size + span % block_size
+                       for i, span in enumerate(spans)])
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
     tensors = (
         torch.randint(0, 8, (sum(new),), generator=gen),
-        positions,
+        torch.cat(spans),
         slots,
         block_tables,
         torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32),
         starts,
         starts[1:].long() - 1,
-        kv_cache,
+        torch.randn(cache.num_layers, 2, num_blocks, block_size, cache.num_kv_heads, cache.head_dim, generator=gen).to(dtype),
     )
     return tuple(t.to(device) for t in tensors)
+
+
+def example_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+    """The step torch.export traces: two fresh prompts of 3 and 5 tokens."""
+    return step_inputs(cache, dtype, device, block_size, cached=(0, 0), new=(3, 5))
+
+
+def mixed_step_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+    """A prompt chunk after a cached prefix (3 cached + 4 new) beside a decode (6 + 1)."""
+    return step_inputs(cache, dtype, device, block_size, cached=(3, 6), new=(4, 1))
 
 
 def dynamic_shapes(max_num_tokens: int, max_batch_size: int) -> tuple[dict[int, object], ...]:

@@ -12,7 +12,7 @@ import torch
 
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
 from kiln.compiler import inductor
-from kiln.config import RuntimeConfig
+from kiln.config import RuntimeConfig, torch_dtype
 from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
 from kiln.errors import KilnError, RequestError
 from kiln.progress import Progress
@@ -23,9 +23,6 @@ from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 from kiln.sampling_params import SamplingParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class StepUpdate:
@@ -61,7 +58,7 @@ class Engine:
                 program = inductor.load_compiled(exported, self.path / COMPILED)
             else:
                 program = inductor.EagerProgram(exported)
-        dtype = DTYPES[self.build.dtype]
+        dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
         num_blocks = self._num_blocks(dtype)
         self.kv_cache = torch.zeros(
