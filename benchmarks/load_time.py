@@ -19,18 +19,46 @@ from pathlib import Path
 
 CONFIGS = {
     "llama-3.2-1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001,
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
     ),
     "llama-3.1-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
     ),
 }
 
@@ -79,9 +107,30 @@ def main() -> None:
     make_checkpoint(args.config, ckpt)
     results["checkpoint_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kiln", "build", str(ckpt), "-o", str(engine), "--dtype", "bfloat16",
-                    "--device", "cuda", "--max-batch-size", "8", "--max-seq-len", "4096", "--max-input-len", "2048",
-                    "--max-num-tokens", "4096"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "build",
+            str(ckpt),
+            "-o",
+            str(engine),
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cuda",
+            "--max-batch-size",
+            "8",
+            "--max-seq-len",
+            "4096",
+            "--max-input-len",
+            "2048",
+            "--max-num-tokens",
+            "4096",
+        ],
+        check=True,
+    )
     results["build_s"] = time.perf_counter() - t
     manifest = json.loads((engine / "manifest.json").read_text())
     results.update({f"build_{k}_s": v for k, v in manifest["timings_s"].items()})

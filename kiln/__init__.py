@@ -7,6 +7,15 @@ from kiln.sampling_params import SamplingParams
 from kiln.version import __version__
 
 __all__ = [
-    "LLM", "RequestOutput", "build", "BuildConfig", "RuntimeConfig", "SamplingParams",
-    "KilnError", "RequestError", "EngineMismatchError", "UnsupportedModelError", "__version__",
+    "LLM",
+    "RequestOutput",
+    "build",
+    "BuildConfig",
+    "RuntimeConfig",
+    "SamplingParams",
+    "KilnError",
+    "RequestError",
+    "EngineMismatchError",
+    "UnsupportedModelError",
+    "__version__",
 ]

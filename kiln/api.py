@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import RequestError
@@ -13,7 +14,7 @@ from kiln.progress import Progress
 from kiln.runtime.engine import Engine, StepUpdate
 from kiln.sampling_params import SamplingParams
 
-Prompt = Union[str, list[int]]
+Prompt = str | list[int]
 
 
 def build(checkpoint: str | Path, output: str | Path, *, progress: bool = True, **options: Any) -> Path:
@@ -58,8 +59,10 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids: Any = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
     def generate(
         self,
@@ -72,15 +75,13 @@ class LLM:
 
         Every prompt is validated before any runs, so one bad prompt loses no work.
         """
-        if isinstance(prompts, str) or _is_token_ids(prompts):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        batch: list[Prompt] = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)  # type: ignore[arg-type, list-item]
         if params is None:
             params = SamplingParams()
-        param_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(param_list) != len(prompts):
-            raise RequestError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
-        encoded = [self.encode(p) for p in prompts]
+        param_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(param_list) != len(batch):
+            raise RequestError(f"got {len(param_list)} SamplingParams for {len(batch)} prompts")
+        encoded = [self.encode(p) for p in batch]
         for i, (ids, p) in enumerate(zip(encoded, param_list)):
             try:
                 self.engine.validate(ids, p)
@@ -88,29 +89,36 @@ class LLM:
                 raise RequestError(f"prompt {i}: {exc}") from exc
         seqs = [self.engine.add_request(ids, p) for ids, p in zip(encoded, param_list)]
         start = time.perf_counter()
-        while any(not s.is_finished for s in seqs):
-            for update in self.engine.step():
-                if on_update is not None:
-                    on_update(update)
+        try:
+            while any(not s.is_finished for s in seqs):
+                for update in self.engine.step():
+                    if on_update is not None:
+                        on_update(update)
+        finally:  # an error or interrupt mid-way leaves no request holding cache blocks
+            for seq in seqs:
+                if not seq.is_finished:
+                    self.engine.abort(seq.request_id)
         outputs = []
-        for prompt, seq in zip(prompts, seqs):
+        for prompt, seq in zip(batch, seqs):
             self.engine.sequences.pop(seq.request_id, None)
             first = seq.first_token_time or start
             end = seq.finish_time or time.perf_counter()
-            outputs.append(RequestOutput(
-                request_id=seq.request_id,
-                prompt=prompt if isinstance(prompt, str) else None,
-                prompt_token_ids=seq.prompt_ids,
-                text=seq.detokenizer.text,
-                token_ids=list(seq.output_ids),
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-                logprobs=seq.logprobs or None,
-                metrics={
-                    "time_to_first_token_s": first - seq.arrival_time,
-                    "total_s": end - seq.arrival_time,
-                    "decode_tokens_per_s": (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0,
-                    "num_preemptions": seq.num_preemptions,
-                },
-            ))
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    prompt=prompt if isinstance(prompt, str) else None,
+                    prompt_token_ids=seq.prompt_ids,
+                    text=seq.detokenizer.text,
+                    token_ids=list(seq.output_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=seq.logprobs or None,
+                    metrics={
+                        "time_to_first_token_s": first - seq.arrival_time,
+                        "total_s": end - seq.arrival_time,
+                        "decode_tokens_per_s": (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0,
+                        "num_preemptions": seq.num_preemptions,
+                    },
+                )
+            )
         return outputs

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kiln.errors import KilnError
 
@@ -22,7 +23,9 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-num-tokens", type=int, default=2048, help="most tokens computed in one step")
     p.add_argument("--tokens-per-block", type=int, default=16, help="KV-cache block size in tokens")
-    p.add_argument("--no-compile", action="store_true", help="skip Inductor: the engine runs the captured graph op by op")
+    p.add_argument(
+        "--no-compile", action="store_true", help="skip Inductor: the engine runs the captured graph op by op"
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
 
 
@@ -50,7 +53,9 @@ def _add_run(sub: Any) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kiln", description="Compile Hugging Face LLMs into inference engines and run them.")
+    p = argparse.ArgumentParser(
+        prog="kiln", description="Compile Hugging Face LLMs into inference engines and run them."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_run(sub)
@@ -62,9 +67,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = build(
-        args.checkpoint, args.output, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
-        max_input_len=args.max_input_len, max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-        tokens_per_block=args.tokens_per_block, compile=not args.no_compile, trust_remote_code=args.trust_remote_code,
+        args.checkpoint,
+        args.output,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_input_len=args.max_input_len,
+        max_seq_len=args.max_seq_len,
+        max_num_tokens=args.max_num_tokens,
+        tokens_per_block=args.tokens_per_block,
+        compile=not args.no_compile,
+        trust_remote_code=args.trust_remote_code,
     )
     print(f"engine written to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
@@ -87,10 +100,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KilnError("give at least one --prompt or --prompt-ids")
     err = Console(stderr=True)
     params = SamplingParams(
-        max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop),
-        stop_token_ids=tuple(args.stop_token_id), ignore_eos=args.ignore_eos,
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_id),
+        ignore_eos=args.ignore_eos,
     )
     start = time.perf_counter()
     runtime: dict[str, Any] = {"use_compiled": not args.eager}
@@ -114,18 +135,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     gen_s = time.perf_counter() - gen_start
     generated = sum(len(o.token_ids) for o in outs)
     if args.json:
-        print(json.dumps({
-            "engine": args.engine,
-            "load_s": round(load_s, 3),
-            "generate_s": round(gen_s, 3),
-            "tokens_per_s": round(generated / gen_s, 2) if gen_s > 0 else None,
-            "compiled": llm.engine.compiled,
-            "outputs": [{
-                "prompt": o.prompt, "prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
-                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                "metrics": {k: round(v, 4) for k, v in o.metrics.items()},
-            } for o in outs],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "engine": args.engine,
+                    "load_s": round(load_s, 3),
+                    "generate_s": round(gen_s, 3),
+                    "tokens_per_s": round(generated / gen_s, 2) if gen_s > 0 else None,
+                    "compiled": llm.engine.compiled,
+                    "outputs": [
+                        {
+                            "prompt": o.prompt,
+                            "prompt_token_ids": o.prompt_token_ids,
+                            "token_ids": o.token_ids,
+                            "text": o.text,
+                            "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason,
+                            "metrics": {k: round(v, 4) for k, v in o.metrics.items()},
+                        }
+                        for o in outs
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     if stream:
         print()

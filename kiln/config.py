@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -59,9 +60,7 @@ class BuildConfig:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             _check_int("BuildConfig", name, getattr(self, name), 1)
         if self.max_input_len > self.max_seq_len:
-            raise KilnError(
-                f"max_input_len ({self.max_input_len}) cannot exceed max_seq_len ({self.max_seq_len})"
-            )
+            raise KilnError(f"max_input_len ({self.max_input_len}) cannot exceed max_seq_len ({self.max_seq_len})")
         if self.max_num_tokens < self.max_batch_size:
             raise KilnError(
                 f"max_num_tokens ({self.max_num_tokens}) must be at least max_batch_size "

@@ -101,7 +101,9 @@ def write_manifest(engine_dir: Path, manifest: Manifest) -> None:
 def read_manifest(engine_dir: Path) -> Manifest:
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
-        raise KilnError(f"{engine_dir} is not a kiln engine directory: {MANIFEST} is missing (build one with `kiln build`)")
+        raise KilnError(
+            f"{engine_dir} is not a kiln engine directory: {MANIFEST} is missing (build one with `kiln build`)"
+        )
     try:
         return Manifest.from_json(path.read_text())
     except (KeyError, TypeError, ValueError, KilnError) as exc:
@@ -140,6 +142,8 @@ def check_compatible(manifest: Manifest) -> torch.device:
         problems.append(f"built for device '{built_for['type']}', which kiln does not run")
     if problems:
         raise EngineMismatchError(
-            "This engine cannot be loaded here: " + "; ".join(problems) + ". Rebuild it with `kiln build` on this machine."
+            "This engine cannot be loaded here: "
+            + "; ".join(problems)
+            + ". Rebuild it with `kiln build` on this machine."
         )
     return device

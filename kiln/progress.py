@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
+from rich.progress import Progress as RichProgress
+from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
 class Progress:
-    """`with progress.stage("export"):` shows a spinner, then the stage's time when it ends."""
+    """`with progress.stage("export"):` shows a spinner with the elapsed time, then the stage's time when it ends."""
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
@@ -22,7 +24,9 @@ class Progress:
         label = f"{name}" + (f" ({detail})" if detail else "")
         start = time.perf_counter()
         if self.enabled:
-            with self.console.status(f"[bold]{label}[/bold] ..."):
+            columns = (SpinnerColumn(), TextColumn("[bold]{task.description}[/bold]"), TimeElapsedColumn())
+            with RichProgress(*columns, console=self.console, transient=True) as bar:
+                bar.add_task(label, total=None)
                 yield
         else:
             yield

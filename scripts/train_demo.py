@@ -233,7 +233,7 @@ def train(model, docs_ids, args) -> tuple[float, int, float]:
     log(f"corpus: {len(docs_ids)} documents, {n_tokens} tokens (with bos/eos)")
 
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -275,8 +275,10 @@ def train(model, docs_ids, args) -> tuple[float, int, float]:
                 log(f"reached target corpus loss {args.target_loss} at step {step}")
                 break
         if elapsed > args.max_seconds:
-            log(f"WARNING: stopping at the {args.max_seconds:.0f}s wall-clock cap (step {step}); "
-                "the result is not reproducible bit-for-bit when this cap triggers")
+            log(
+                f"WARNING: stopping at the {args.max_seconds:.0f}s wall-clock cap (step {step}); "
+                "the result is not reproducible bit-for-bit when this cap triggers"
+            )
             break
     train_time = time.time() - t0
     eval_loss = corpus_loss(model, docs_ids)
@@ -337,7 +339,7 @@ def show_samples(model, tok, max_new_tokens: int = 40) -> None:
     for p in PLAIN_PROMPTS:
         enc = tok(p, return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         log(f"[{p}] -> {p}{text}")
     log("\n=== greedy samples (chat) ===")
     for q in CHAT_PROMPTS:
@@ -345,7 +347,7 @@ def show_samples(model, tok, max_new_tokens: int = 40) -> None:
             [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         log(f"[user: {q}] -> {text.strip()}")
 
 
@@ -355,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=768,
-                    help="BPE vocab upper bound (the small corpus runs out of merges at ~613)")
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=768,
+        help="BPE vocab upper bound (the small corpus runs out of merges at ~613)",
+    )
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -367,15 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--max-steps", type=int, default=300)
-    ap.add_argument("--target-loss", type=float, default=0.0,
-                    help="stop early once the whole-corpus loss is below this (0 = never). "
-                         "Note the loss cannot go much below ~0.045: the first word after "
-                         "<|bos|> is a guess among the corpus's documents.")
+    ap.add_argument(
+        "--target-loss",
+        type=float,
+        default=0.0,
+        help="stop early once the whole-corpus loss is below this (0 = never). "
+        "Note the loss cannot go much below ~0.045: the first word after "
+        "<|bos|> is a guess among the corpus's documents.",
+    )
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--max-seconds", type=float, default=600.0,
-                    help="safety cap on training wall time (normally ~40 s on 2 idle cores); "
-                         "if it triggers, the result differs from the committed checkpoint")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="safety cap on training wall time (normally ~40 s on 2 idle cores); "
+        "if it triggers, the result differs from the committed checkpoint",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -384,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     text = args.corpus.read_text(encoding="utf-8")
     docs = split_documents(text)
     tok = train_tokenizer(docs, args.vocab_size)
-    log(f"tokenizer: {len(tok)} tokens; bos={tok.bos_token_id} eos={tok.eos_token_id} "
-        f"end={tok.convert_tokens_to_ids(END)}")
+    log(
+        f"tokenizer: {len(tok)} tokens; bos={tok.bos_token_id} eos={tok.eos_token_id} "
+        f"end={tok.convert_tokens_to_ids(END)}"
+    )
     docs_ids = [encode_document(tok, d) for d in docs]
 
     # Re-seed so model init does not depend on anything above.
@@ -398,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "script": "scripts/train_demo.py",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("out", "corpus", "max_seconds", "log_every")},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("out", "corpus", "max_seconds", "log_every")
+        },
         "corpus": "demo/corpus.txt",
         "parameters": n_params,
         "tokenizer_vocab_size": len(tok),  # BPE stops below --vocab-size on this small corpus

@@ -6,22 +6,31 @@ model class), so kiln captures the same code paths as on full-size checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 WINDOW = 8  # sliding window for families that have one: test prompts are longer
 
 COMMON = dict(vocab_size=320, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+LLAMA_LIKE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def _llama() -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     return LlamaConfig(**COMMON, **LLAMA_LIKE, rope_parameters=rope, tie_word_embeddings=True), LlamaForCausalLM
 
 
@@ -46,18 +55,36 @@ def _qwen3() -> tuple[Any, Any]:
 def _gemma2() -> tuple[Any, Any]:
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    cfg = Gemma2Config(**COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
-                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24)
+    cfg = Gemma2Config(
+        **COMMON,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+        query_pre_attn_scalar=24,
+    )
     return cfg, Gemma2ForCausalLM
 
 
 def _gemma3() -> tuple[Any, Any]:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    cfg = Gemma3TextConfig(**COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
-                           layer_types=["sliding_attention", "full_attention"] * 2)
+    cfg = Gemma3TextConfig(
+        **COMMON,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
     return cfg, Gemma3ForCausalLM
 
 
@@ -77,8 +104,18 @@ def _gpt2() -> tuple[Any, Any]:
 def _opt() -> tuple[Any, Any]:
     from transformers import OPTConfig, OPTForCausalLM
 
-    cfg = OPTConfig(vocab_size=320, max_position_embeddings=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                    num_attention_heads=4, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = OPTConfig(
+        vocab_size=320,
+        max_position_embeddings=256,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return cfg, OPTForCausalLM
 
 
@@ -98,8 +135,14 @@ def _mixtral() -> tuple[Any, Any]:
 def _qwen2_moe() -> tuple[Any, Any]:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    cfg = Qwen2MoeConfig(**COMMON, **LLAMA_LIKE, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                         num_experts=4, num_experts_per_tok=2)
+    cfg = Qwen2MoeConfig(
+        **COMMON,
+        **LLAMA_LIKE,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
     return cfg, Qwen2MoeForCausalLM
 
 
@@ -118,7 +161,9 @@ def _cohere() -> tuple[Any, Any]:
 def _bloom() -> tuple[Any, Any]:
     from transformers import BloomConfig, BloomForCausalLM
 
-    return BloomConfig(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2), BloomForCausalLM
+    return BloomConfig(
+        vocab_size=320, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
+    ), BloomForCausalLM
 
 
 # Families outside the tested list that kiln captures with no recipe of its own (generic path).
@@ -155,8 +200,9 @@ def make_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = ["The kiln fires clay into stone. Paged attention stores keys in blocks.", "héllo wörld ✓"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(text * 20, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     wrapped.chat_template = (

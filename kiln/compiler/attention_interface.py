@@ -39,7 +39,7 @@ def kiln_attention(
     if layer is None:
         raise UnsupportedModelError(f"{type(module).__name__} has no layer_idx, so kiln cannot assign it a KV cache")
     if query.shape[0] != 1:
-        raise RuntimeError("kiln captures packed tokens as one row; got a batch of %d" % query.shape[0])
+        raise RuntimeError(f"kiln captures packed tokens as one row; got a batch of {query.shape[0]}")
     head_dim = query.shape[-1]
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(head_dim)
     out = torch.ops.kiln.attention_site(

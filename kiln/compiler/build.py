@@ -13,12 +13,20 @@ from kiln.compiler.capture import CacheShape, capture, mixed_step_inputs
 from kiln.compiler.passes import PassContext, run_passes
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine_dir import (
-    COMPILED, FORMAT_VERSION, PROGRAM, TOKENIZER_DIR, Manifest, ModelFacts, describe_device, write_manifest,
+    COMPILED,
+    FORMAT_VERSION,
+    PROGRAM,
+    TOKENIZER_DIR,
+    Manifest,
+    ModelFacts,
+    describe_device,
+    write_manifest,
 )
 from kiln.errors import KilnError, UnsupportedModelError
 from kiln.models.loader import load_checkpoint
 from kiln.progress import Progress
 from kiln.version import __version__
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -45,12 +53,17 @@ def _check_cache_shape(program: torch.export.ExportedProgram, shape: CacheShape,
             if (heads, dim, value_dim) != (shape.num_kv_heads, shape.head_dim, shape.head_dim):
                 raise UnsupportedModelError(
                     f"{architecture} layer {node.args[3]} has keys of {heads} heads x {dim} (values {value_dim}), "
-                    f"but its config says {shape.num_kv_heads} x {shape.head_dim}; kiln needs one cache layout for all layers"
+                    f"but its config says {shape.num_kv_heads} x {shape.head_dim}; "
+                    "kiln needs one cache layout for all layers"
                 )
 
 
 def check_compiled(
-    program: torch.export.ExportedProgram, path: Path, shape: CacheShape, dtype: torch.dtype, device: torch.device,
+    program: torch.export.ExportedProgram,
+    path: Path,
+    shape: CacheShape,
+    dtype: torch.dtype,
+    device: torch.device,
     block_size: int,
 ) -> None:
     """Run the saved compiled program and the captured one on a mixed prefill/decode step; they must agree."""
@@ -65,7 +78,9 @@ def check_compiled(
     scale = want.abs().max().item() + 1e-6
     error = max((got - want).abs().max().item(), (cache_a.float() - cache_b.float()).abs().max().item())
     if not error <= tolerance * max(scale, 1.0):
-        raise KilnError(f"the compiled program disagrees with the captured one (max difference {error:.3g}); please report this")
+        raise KilnError(
+            f"the compiled program disagrees with the captured one (max difference {error:.3g}); please report this"
+        )
 
 
 def _ids(value: Any) -> list[int]:
@@ -97,7 +112,9 @@ def model_facts(loaded: Any, shape: CacheShape) -> ModelFacts:
     )
 
 
-def build_engine(checkpoint: str | Path, output: str | Path, config: BuildConfig, *, progress: Progress | None = None) -> Path:
+def build_engine(
+    checkpoint: str | Path, output: str | Path, config: BuildConfig, *, progress: Progress | None = None
+) -> Path:
     progress = progress or Progress(enabled=False)
     output = Path(output)
     device = resolve_device(config.device)
@@ -116,17 +133,26 @@ def build_engine(checkpoint: str | Path, output: str | Path, config: BuildConfig
                 f"max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings ({limit}); "
                 f"build with --max-seq-len {limit} or less"
             )
-    progress.note(f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, vocab {facts.vocab_size}")
+    progress.note(
+        f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
+        f"vocab {facts.vocab_size}"
+    )
     with progress.stage("export", f"torch.export, {facts.architecture}"):
         program = capture(
-            loaded.model, shape, dtype=dtype, device=device, block_size=config.tokens_per_block,
-            max_num_tokens=config.max_num_tokens, max_batch_size=config.max_batch_size,
+            loaded.model,
+            shape,
+            dtype=dtype,
+            device=device,
+            block_size=config.tokens_per_block,
+            max_num_tokens=config.max_num_tokens,
+            max_batch_size=config.max_batch_size,
             architecture=facts.architecture,
         )
         _check_cache_shape(program, shape, facts.architecture)
     with progress.stage("passes"):
         program = run_passes(
-            program, PassContext(architecture=facts.architecture, num_layers=shape.num_layers),
+            program,
+            PassContext(architecture=facts.architecture, num_layers=shape.num_layers),
             on_pass=lambda name: progress.note(f"pass {name}"),
         )
     del loaded.model

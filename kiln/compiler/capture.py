@@ -61,8 +61,12 @@ class CacheShape:
 
 
 def step_inputs(
-    cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int,
-    cached: tuple[int, ...], new: tuple[int, ...],
+    cache: CacheShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    cached: tuple[int, ...],
+    new: tuple[int, ...],
 ) -> tuple[torch.Tensor, ...]:
     """Program inputs for one step: sequence i has `cached[i]` tokens in the cache and `new[i]` new ones.
 
@@ -75,8 +79,9 @@ def step_inputs(
     num_blocks = blocks_per_seq * len(new)
     block_tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(len(new), blocks_per_seq)
     spans = [torch.arange(c, c + n) for c, n in zip(cached, new)]
-    slots = torch.cat([block_tables[i, span // block_size].long() * block_size + span % block_size
-                       for i, span in enumerate(spans)])
+    slots = torch.cat(
+        [block_tables[i, span // block_size].long() * block_size + span % block_size for i, span in enumerate(spans)]
+    )
     starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
     tensors = (
         torch.randint(0, 8, (sum(new),), generator=gen),
@@ -86,17 +91,23 @@ def step_inputs(
         torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32),
         starts,
         starts[1:].long() - 1,
-        torch.randn(cache.num_layers, 2, num_blocks, block_size, cache.num_kv_heads, cache.head_dim, generator=gen).to(dtype),
+        torch.randn(cache.num_layers, 2, num_blocks, block_size, cache.num_kv_heads, cache.head_dim, generator=gen).to(
+            dtype
+        ),
     )
     return tuple(t.to(device) for t in tensors)
 
 
-def example_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int
+) -> tuple[torch.Tensor, ...]:
     """The step torch.export traces: two fresh prompts of 3 and 5 tokens."""
     return step_inputs(cache, dtype, device, block_size, cached=(0, 0), new=(3, 5))
 
 
-def mixed_step_inputs(cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+def mixed_step_inputs(
+    cache: CacheShape, dtype: torch.dtype, device: torch.device, block_size: int
+) -> tuple[torch.Tensor, ...]:
     """A prompt chunk after a cached prefix (3 cached + 4 new) beside a decode (6 + 1)."""
     return step_inputs(cache, dtype, device, block_size, cached=(3, 6), new=(4, 1))
 
@@ -120,8 +131,15 @@ def dynamic_shapes(max_num_tokens: int, max_batch_size: int) -> tuple[dict[int, 
 
 
 def capture(
-    model: nn.Module, cache: CacheShape, *, dtype: torch.dtype, device: torch.device, block_size: int,
-    max_num_tokens: int, max_batch_size: int, architecture: str,
+    model: nn.Module,
+    cache: CacheShape,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    max_num_tokens: int,
+    max_batch_size: int,
+    architecture: str,
 ) -> torch.export.ExportedProgram:
     """torch.export of the wrapped model with dynamic token, sequence and cache sizes."""
     wrapper = PackedCausalLM(model).eval()

@@ -29,8 +29,18 @@ def paged_attention(
     softcap: float,
 ) -> torch.Tensor:
     return reference.paged_attention(
-        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-        layer, scale, sliding_window, softcap,
+        q,
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        layer,
+        scale,
+        sliding_window,
+        softcap,
     )
 
 

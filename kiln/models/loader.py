@@ -57,7 +57,9 @@ def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
         raise UnsupportedModelError(f"transformers cannot read {path}/config.json: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool = False
+) -> LoadedCheckpoint:
     """Load model (weights streamed from safetensors), tokenizer and generation config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -91,7 +93,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, 
         ) from exc
     model.eval()
     if device.type == "cpu":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     try:
         generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 from kiln.sampling_params import SamplingParams
 
+
 @dataclass
 class StepUpdate:
     """What one step did for one request: tokens added, text that became final, and whether it ended."""
@@ -38,7 +40,9 @@ class StepUpdate:
 
 
 class Engine:
-    def __init__(self, engine_dir: str | Path, runtime: RuntimeConfig | None = None, *, progress: Progress | None = None) -> None:
+    def __init__(
+        self, engine_dir: str | Path, runtime: RuntimeConfig | None = None, *, progress: Progress | None = None
+    ) -> None:
         progress = progress or Progress(enabled=False)
         self.path = Path(engine_dir)
         self.runtime = runtime or RuntimeConfig()
@@ -50,7 +54,7 @@ class Engine:
         with progress.stage("load engine", str(self.path)):
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
             exported = torch.export.load(self.path / PROGRAM)
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
             program: inductor.Program
@@ -65,7 +69,9 @@ class Engine:
             facts.num_layers, 2, num_blocks, bs, facts.num_kv_heads, facts.head_dim, dtype=dtype, device=self.device
         )
         self.kv = KVCacheManager(num_blocks, bs)
-        self.scheduler = Scheduler(self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens)
+        self.scheduler = Scheduler(
+            self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
+        )
         self.runner = ModelRunner(program, self.kv_cache, self.kv, self.device)
         self._ids = itertools.count()
         self.sequences: dict[str, Sequence] = {}
@@ -176,7 +182,7 @@ class Engine:
             seq.first_token_time = now
         params = seq.params
         is_eos = token in self.eos_ids and not params.ignore_eos
-        if not is_eos and not (token in params.stop_token_ids):
+        if not is_eos and token not in params.stop_token_ids:
             update.delta_text = seq.detokenizer.push(token)
         reason: str | None = None
         if is_eos:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ class ModelRunner:
             end = chunk.start + chunk.num_tokens
             table = self.kv.block_table(seq.request_id)
             all_ids = seq.all_ids
-            input_ids.extend(all_ids[chunk.start:end])
+            input_ids.extend(all_ids[chunk.start : end])
             span = range(chunk.start, end)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)

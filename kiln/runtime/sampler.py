@@ -126,13 +126,13 @@ def sample(
     if len(greedy_rows) == batch:
         tokens = torch.argmax(scores, dim=-1)
     elif greedy_rows:
-        index = _device_tensor(greedy_rows, torch.int64, device)
-        tokens.index_copy_(0, index, torch.argmax(scores.index_select(0, index), dim=-1))
+        greedy_index = _device_tensor(greedy_rows, torch.int64, device)
+        tokens.index_copy_(0, greedy_index, torch.argmax(scores.index_select(0, greedy_index), dim=-1))
 
     if sampled_rows:
         row_params = [params[row] for row in sampled_rows]
         if len(sampled_rows) == batch:
-            index = None
+            index: torch.Tensor | None = None
             subset = scores
         else:
             index = _device_tensor(sampled_rows, torch.int64, device)

@@ -24,8 +24,16 @@ def captured(checkpoints):
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(checkpoints("gemma2"), attn_implementation="kiln").eval()
     shape = cache_shape(model.config)
-    program = capture(model, shape, dtype=torch.float32, device=torch.device("cpu"), block_size=4,
-                      max_num_tokens=64, max_batch_size=4, architecture="Gemma2ForCausalLM")
+    program = capture(
+        model,
+        shape,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        block_size=4,
+        max_num_tokens=64,
+        max_batch_size=4,
+        architecture="Gemma2ForCausalLM",
+    )
     return program, shape, PassContext(architecture="Gemma2ForCausalLM", num_layers=shape.num_layers)
 
 
@@ -35,8 +43,12 @@ def single_prompt_inputs(shape, n=11, block_size=4):
     blocks = torch.randperm(8, generator=g)[: -(-n // block_size)].to(torch.int32)
     pos = torch.arange(n)
     return (
-        torch.randint(3, 320, (n,), generator=g), pos, blocks[pos // block_size].long() * block_size + pos % block_size,
-        blocks[None], torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32),
+        torch.randint(3, 320, (n,), generator=g),
+        pos,
+        blocks[pos // block_size].long() * block_size + pos % block_size,
+        blocks[None],
+        torch.tensor([n], dtype=torch.int32),
+        torch.tensor([0, n], dtype=torch.int32),
         torch.tensor([n - 1, n // 2]),
         torch.randn(shape.num_layers, 2, 8, block_size, shape.num_kv_heads, shape.head_dim, generator=g),
     )
@@ -70,7 +82,7 @@ def test_layer_facts_reach_the_graph(captured):
     softcaps = {n.args[6] for n in sites}
     assert windows == [8, -1, 8, -1]  # Gemma 2 alternates sliding and global layers
     assert softcaps == {5.0}
-    assert {round(n.args[4], 6) for n in sites} == {round(24 ** -0.5, 6)}  # query_pre_attn_scalar
+    assert {round(n.args[4], 6) for n in sites} == {round(24**-0.5, 6)}  # query_pre_attn_scalar
 
 
 def test_checks_accept_the_real_pipeline(captured):
@@ -82,7 +94,9 @@ def test_checks_accept_the_real_pipeline(captured):
 
 def test_raw_sdpa_is_refused():
     class RawAttention(torch.nn.Module):
-        def forward(self, input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices, kv_cache):
+        def forward(
+            self, input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices, kv_cache
+        ):
             x = torch.nn.functional.one_hot(input_ids, 8).float()[None, None]
             return torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)[0, 0]
 

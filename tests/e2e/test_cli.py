@@ -44,14 +44,18 @@ def test_demo_generates_readable_corpus_text(demo_engine):
 
 def test_streaming_matches_json_and_reports_speed(demo_engine):
     streamed = kiln("run", str(demo_engine), "--prompt", "The potter", "--max-new-tokens", "16")
-    as_json = json.loads(kiln("run", str(demo_engine), "--prompt", "The potter", "--max-new-tokens", "16", "--json").stdout)
+    as_json = json.loads(
+        kiln("run", str(demo_engine), "--prompt", "The potter", "--max-new-tokens", "16", "--json").stdout
+    )
     assert streamed.stdout.strip() == ("The potter" + as_json["outputs"][0]["text"]).strip()
     assert "tokens/s" in streamed.stderr
 
 
 def test_chat_prompt_and_eager_path_agree(demo_engine):
     compiled = json.loads(kiln("run", str(demo_engine), "--chat", "--prompt", "What is a kiln?", "--json").stdout)
-    eager = json.loads(kiln("run", str(demo_engine), "--chat", "--prompt", "What is a kiln?", "--json", "--eager").stdout)
+    eager = json.loads(
+        kiln("run", str(demo_engine), "--chat", "--prompt", "What is a kiln?", "--json", "--eager").stdout
+    )
     assert eager["compiled"] is False
     assert compiled["outputs"][0]["token_ids"] == eager["outputs"][0]["token_ids"]
     assert compiled["outputs"][0]["text"].strip()

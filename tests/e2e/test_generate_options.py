@@ -14,8 +14,9 @@ GREEDY = dict(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
-    engine = build(DEMO, tmp_path_factory.mktemp("demo") / "e", max_seq_len=256, max_input_len=128,
-                   compile=False, progress=False)
+    engine = build(
+        DEMO, tmp_path_factory.mktemp("demo") / "e", max_seq_len=256, max_input_len=128, compile=False, progress=False
+    )
     return LLM(engine)
 
 
@@ -63,3 +64,14 @@ def test_batch_with_a_bad_prompt_runs_nothing_and_reports_which(llm):
         llm.generate(["A kiln is", "x " * 200], SamplingParams(max_tokens=4))
     assert not llm.engine.has_unfinished()
     assert llm.generate("A kiln is", SamplingParams(max_tokens=3, **GREEDY))[0].token_ids
+
+
+def test_failed_step_releases_every_request(llm, monkeypatch):
+    def broken(chunks):
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(llm.engine.runner, "run", broken)
+    with pytest.raises(RuntimeError, match="fell over"):
+        llm.generate(["A kiln is", "Clay is"], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks

@@ -35,9 +35,7 @@ def scatter_into_cache(cache, layer, keys, values, table, block_size):
         cache[layer, 1, block, off] = values[pos]
 
 
-@pytest.mark.parametrize(
-    "hq,hkv,window,softcap", [(4, 4, -1, 0.0), (8, 2, -1, 0.0), (4, 1, 5, 0.0), (4, 2, 6, 30.0)]
-)
+@pytest.mark.parametrize("hq,hkv,window,softcap", [(4, 4, -1, 0.0), (8, 2, -1, 0.0), (4, 1, 5, 0.0), (4, 2, 6, 30.0)])
 def test_mixed_prefill_chunk_and_decode(hq, hkv, window, softcap):
     torch.manual_seed(hq * 100 + hkv * 10 + window)
     d, bs, layers, layer = 16, 4, 3, 1
@@ -65,13 +63,25 @@ def test_mixed_prefill_chunk_and_decode(hq, hkv, window, softcap):
     starts = torch.tensor([0] + torch.tensor([n for _, n in shapes]).cumsum(0).tolist(), dtype=torch.int32)
     scale = d**-0.5
     out = torch.ops.kiln.paged_attention(
-        torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, torch.tensor(slots), block_tables, seq_lens, starts,
-        layer, scale, window, softcap,
+        torch.cat(qs),
+        torch.cat(ks),
+        torch.cat(vs),
+        cache,
+        torch.tensor(slots),
+        block_tables,
+        seq_lens,
+        starts,
+        layer,
+        scale,
+        window,
+        softcap,
     )
-    for i, (cached, new) in enumerate(shapes):
+    for i in range(len(shapes)):
         ref = dense_attention(qs[i], full_k[i], full_v[i], scale, window, softcap)
-        got = out[starts[i]:starts[i + 1]]
-        assert torch.allclose(got.double(), ref, atol=1e-5), f"sequence {i} differs by {(got.double() - ref).abs().max()}"
+        got = out[starts[i] : starts[i + 1]]
+        assert torch.allclose(got.double(), ref, atol=1e-5), (
+            f"sequence {i} differs by {(got.double() - ref).abs().max()}"
+        )
     # the new keys and values landed in their slots of the right layer
     flat_k = cache[layer, 0].flatten(0, 1)
     assert torch.equal(flat_k[torch.tensor(slots)], torch.cat(ks))
@@ -81,7 +91,7 @@ def test_negative_slots_are_not_written():
     torch.manual_seed(1)
     cache = torch.randn(1, 2, 4, 4, 2, 8)
     before = cache.clone()
-    q, k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
     kiln.kernels.reference.write_kv(cache, 0, k, v, torch.tensor([-1, 5]))
     changed = (cache != before).flatten(0, 3).any(-1).any(-1).nonzero().flatten().tolist()
     assert torch.equal(cache[0, 0].flatten(0, 1)[5], k[1])

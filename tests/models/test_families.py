@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
-
 from hf_reference import greedy, load_reference
 from tiny_checkpoints import EXTRA_FAMILIES, FAMILIES, WINDOW
+
 from kiln import LLM, SamplingParams, build
 
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
@@ -31,8 +31,14 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def compare(family: str, prompt: list[int], ours: list[int], our_logits: list[torch.Tensor],
-            ref: list[int], ref_logits: list[torch.Tensor]) -> dict:
+def compare(
+    family: str,
+    prompt: list[int],
+    ours: list[int],
+    our_logits: list[torch.Tensor],
+    ref: list[int],
+    ref_logits: list[torch.Tensor],
+) -> dict:
     """Compare up to the first divergence (after it the two continue from different prefixes)."""
     agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
     steps = range(min(agree + 1, len(ref)))
@@ -54,8 +60,18 @@ def compare(family: str, prompt: list[int], ours: list[int], our_logits: list[to
 def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_property):
     assert max(PROMPT_LENGTHS) > WINDOW
     checkpoint = checkpoints(family)
-    engine = build(checkpoint, tmp_path / "engine", max_batch_size=4, max_input_len=32, max_seq_len=64,
-                   max_num_tokens=64, compile=COMPILE, device=DEVICE, dtype=DTYPE, progress=False)
+    engine = build(
+        checkpoint,
+        tmp_path / "engine",
+        max_batch_size=4,
+        max_input_len=32,
+        max_seq_len=64,
+        max_num_tokens=64,
+        compile=COMPILE,
+        device=DEVICE,
+        dtype=DTYPE,
+        progress=False,
+    )
     llm = LLM(engine)
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
@@ -77,6 +93,6 @@ def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_prope
         with open(report, "a") as fh:
             for r in results:
                 fh.write(json.dumps({**r, "device": DEVICE, "dtype": DTYPE, "compiled": COMPILE}) + "\n")
-    assert worst < LOGIT_TOLERANCE * max(1.0, max(float(l.abs().max()) for l in seen[outs[0].request_id])), (
+    assert worst < LOGIT_TOLERANCE * max(1.0, max(float(row.abs().max()) for row in seen[outs[0].request_id])), (
         f"{family}: max logit difference {worst}"
     )

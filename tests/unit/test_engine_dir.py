@@ -11,12 +11,29 @@ from kiln.version import __version__
 
 
 def manifest(**changes) -> Manifest:
-    facts = ModelFacts(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, num_kv_heads=2, head_dim=16,
-                       vocab_size=320, max_position_embeddings=256, eos_token_ids=(2,), bos_token_id=1,
-                       pad_token_id=0, has_chat_template=False)
-    base = Manifest(kiln_version=__version__, torch_version=torch.__version__, transformers_version="5.17.0",
-                    format_version=engine_dir.FORMAT_VERSION, device={"type": "cpu", "name": "x", "capability": None},
-                    build=BuildConfig(), model=facts, compiled=False)
+    facts = ModelFacts(
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=320,
+        max_position_embeddings=256,
+        eos_token_ids=(2,),
+        bos_token_id=1,
+        pad_token_id=0,
+        has_chat_template=False,
+    )
+    base = Manifest(
+        kiln_version=__version__,
+        torch_version=torch.__version__,
+        transformers_version="5.17.0",
+        format_version=engine_dir.FORMAT_VERSION,
+        device={"type": "cpu", "name": "x", "capability": None},
+        build=BuildConfig(),
+        model=facts,
+        compiled=False,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -41,8 +58,9 @@ def test_every_mismatch_is_listed_with_rebuild_advice():
 def test_other_gpu_architecture_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(engine_dir, "describe_device",
-                        lambda device: {"type": "cuda", "name": "NVIDIA A100", "capability": "8.0"})
+    monkeypatch.setattr(
+        engine_dir, "describe_device", lambda device: {"type": "cuda", "name": "NVIDIA A100", "capability": "8.0"}
+    )
     m = manifest(device={"type": "cuda", "name": "NVIDIA H200", "capability": "9.0"})
     with pytest.raises(EngineMismatchError, match="compute capability 9.0 .*this GPU is 8.0"):
         check_compatible(m)

@@ -7,14 +7,14 @@ the order.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from kiln.compiler.passes.context import PassContext
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
-from kiln.compiler.passes.paged_attention import paged_attention
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
+from kiln.compiler.passes.context import PassContext
+from kiln.compiler.passes.paged_attention import paged_attention
 
 Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
 

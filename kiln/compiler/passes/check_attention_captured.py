@@ -16,7 +16,9 @@ _RAW_ATTENTION = (
 )
 
 
-def check_attention_captured(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def check_attention_captured(
+    program: torch.export.ExportedProgram, context: PassContext
+) -> torch.export.ExportedProgram:
     """Every layer's attention went through kiln's attention function, exactly once."""
     graph = program.graph_module.graph
     raw = [n for op in _RAW_ATTENTION for n in nodes_calling(graph, op)]
@@ -31,7 +33,7 @@ def check_attention_captured(program: torch.export.ExportedProgram, context: Pas
             f"{context.architecture} computes attention in its own code instead of through transformers' attention "
             "interface, so kiln cannot give it a paged KV cache"
         )
-    layers = sorted(int(n.args[3]) for n in sites)  # type: ignore[call-overload]
+    layers = sorted(int(n.args[3]) for n in sites)  # type: ignore[arg-type]
     if layers != list(range(context.num_layers)):
         raise UnsupportedModelError(
             f"{context.architecture}: expected one attention call per layer for {context.num_layers} layers, "

@@ -8,7 +8,9 @@ import kiln.kernels  # noqa: F401
 from kiln.compiler.passes.context import PassContext, nodes_calling
 
 
-def check_attention_rewritten(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def check_attention_rewritten(
+    program: torch.export.ExportedProgram, context: PassContext
+) -> torch.export.ExportedProgram:
     """Each layer now reads and writes the paged KV cache."""
     graph = program.graph_module.graph
     left = nodes_calling(graph, torch.ops.kiln.attention_site.default)

@@ -19,10 +19,18 @@ def paged_attention(program: torch.export.ExportedProgram, context: PassContext)
             paged = graph.call_function(
                 torch.ops.kiln.paged_attention.default,
                 (
-                    q, k, v,
-                    inputs["kv_cache"], inputs["slot_mapping"], inputs["block_tables"],
-                    inputs["seq_lens"], inputs["query_start_loc"],
-                    layer, scale, sliding_window, softcap,
+                    q,
+                    k,
+                    v,
+                    inputs["kv_cache"],
+                    inputs["slot_mapping"],
+                    inputs["block_tables"],
+                    inputs["seq_lens"],
+                    inputs["query_start_loc"],
+                    layer,
+                    scale,
+                    sliding_window,
+                    softcap,
                 ),
             )
         paged.meta = dict(site.meta)
