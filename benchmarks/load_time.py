@@ -63,12 +63,18 @@ CONFIGS = {
 }
 
 FIRST_TOKEN = r"""
-import json, sys, time
+import cProfile, json, pstats, sys, time
 t0 = time.perf_counter()
+profile = cProfile.Profile() if sys.argv[2] == "1" else None
+if profile:
+    profile.enable()
 import torch
 from kiln import LLM, SamplingParams
 llm = LLM(sys.argv[1])
 t_load = time.perf_counter()
+if profile:
+    profile.disable()
+    pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
 prompt = [int(x) for x in torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0))]
 out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
 torch.cuda.synchronize()
@@ -100,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--config", default="llama-3.2-1b", choices=sorted(CONFIGS))
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the cold load to stderr")
     args = ap.parse_args()
     ckpt, engine = args.workdir / f"{args.config}-ckpt", args.workdir / f"{args.config}-engine"
     results: dict[str, float] = {}
@@ -134,8 +141,13 @@ def main() -> None:
     results["build_s"] = time.perf_counter() - t
     manifest = json.loads((engine / "manifest.json").read_text())
     results.update({f"build_{k}_s": v for k, v in manifest["timings_s"].items()})
-    run = subprocess.run([sys.executable, "-c", FIRST_TOKEN, str(engine)], check=True, capture_output=True, text=True)
-    print(run.stderr[-2000:], file=sys.stderr)
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_TOKEN, str(engine), "1" if args.profile else "0"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    print(run.stderr[-12000:] if args.profile else run.stderr[-2000:], file=sys.stderr)
     results.update(json.loads(run.stdout.strip().splitlines()[-1]))
     print(json.dumps({"config": args.config, **{k: round(v, 3) for k, v in results.items()}}))
     for key, value in results.items():

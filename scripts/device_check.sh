@@ -19,6 +19,9 @@ for step in "${steps[@]}"; do
     compiled) KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16 KILN_TEST_COMPILE=1 KILN_FAMILY_REPORT=$out/families_bf16_compiled.jsonl \
                 python -m pytest -q -p no:cacheprovider tests/models/test_families.py 2>&1 | tail -n 25 | tee "$out/families_bf16_compiled.log" ;;
     load)     python benchmarks/load_time.py --workdir /tmp/kiln-load 2>&1 | tail -n 40 | tee "$out/load_time.log" ;;
+    profile)  python benchmarks/load_time.py --workdir /tmp/kiln-load --profile > "$out/load_profile.log" 2>&1
+              grep -E "cumtime|site-packages/torch/(export|_inductor)|kiln/|import" "$out/load_profile.log" | head -40
+              tail -n 14 "$out/load_profile.log" ;;
     cpu)      python -m pytest -q -p no:cacheprovider tests/unit tests/kernels tests/models 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
   esac
   echo "== $step took $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
