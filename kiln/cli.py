@@ -19,8 +19,13 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-input-len", type=int, default=1024)
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: min(1024, max-seq-len))")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="longest prompt + generated tokens (default: min(2048, the model's max_position_embeddings))",
+    )
     p.add_argument("--max-num-tokens", type=int, default=2048, help="most tokens computed in one step")
     p.add_argument("--tokens-per-block", type=int, default=16, help="KV-cache block size in tokens")
     p.add_argument(

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 from kiln.errors import KilnError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_INPUT_LEN = 1024
 DEVICES = ("auto", "cpu", "cuda")
 
 T = TypeVar("T")
@@ -45,8 +47,8 @@ class BuildConfig:
     dtype: str = "float32"
     device: str = "auto"
     max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
+    max_input_len: int | None = None  # None: min(1024, max_seq_len)
+    max_seq_len: int | None = None  # None: min(2048, the model's max_position_embeddings)
     max_num_tokens: int = 2048
     tokens_per_block: int = 16
     compile: bool = True
@@ -58,8 +60,9 @@ class BuildConfig:
         if self.device not in DEVICES:
             raise KilnError(f"BuildConfig.device must be one of {DEVICES}, got {self.device!r}")
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
-            _check_int("BuildConfig", name, getattr(self, name), 1)
-        if self.max_input_len > self.max_seq_len:
+            if getattr(self, name) is not None or name not in ("max_input_len", "max_seq_len"):
+                _check_int("BuildConfig", name, getattr(self, name), 1)
+        if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise KilnError(f"max_input_len ({self.max_input_len}) cannot exceed max_seq_len ({self.max_seq_len})")
         if self.max_num_tokens < self.max_batch_size:
             raise KilnError(
@@ -72,6 +75,33 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BuildConfig":
         return _from_mapping(cls, values)
+
+    def resolved(self, max_positions: int | None) -> "BuildConfig":
+        """Fill the limits left unset from the model; refuse a max_seq_len beyond its positions."""
+        seq_len = self.max_seq_len
+        if seq_len is None:
+            seq_len = min(DEFAULT_MAX_SEQ_LEN, max_positions or DEFAULT_MAX_SEQ_LEN)
+        elif max_positions is not None and seq_len > max_positions:
+            raise KilnError(
+                f"max_seq_len {seq_len} exceeds the model's max_position_embeddings ({max_positions}); "
+                f"build with --max-seq-len {max_positions} or less"
+            )
+        input_len = self.max_input_len if self.max_input_len is not None else min(DEFAULT_MAX_INPUT_LEN, seq_len)
+        return dataclasses.replace(self, max_seq_len=seq_len, max_input_len=input_len)
+
+    @property
+    def seq_len(self) -> int:
+        """max_seq_len of a resolved config (every engine's manifest holds one)."""
+        if self.max_seq_len is None:
+            raise KilnError("max_seq_len is not resolved; call BuildConfig.resolved() first")
+        return self.max_seq_len
+
+    @property
+    def input_len(self) -> int:
+        """max_input_len of a resolved config."""
+        if self.max_input_len is None:
+            raise KilnError("max_input_len is not resolved; call BuildConfig.resolved() first")
+        return self.max_input_len
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -127,12 +127,7 @@ def build_engine(
         loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
         shape = cache_shape(loaded.config)
         facts = model_facts(loaded, shape)
-        limit = facts.max_position_embeddings
-        if limit is not None and config.max_seq_len > limit:
-            raise KilnError(
-                f"max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings ({limit}); "
-                f"build with --max-seq-len {limit} or less"
-            )
+        config = config.resolved(facts.max_position_embeddings)
     progress.note(
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"

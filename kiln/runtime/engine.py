@@ -80,13 +80,13 @@ class Engine:
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         facts, build = self.manifest.model, self.build
-        blocks_per_seq = -(-build.max_seq_len // build.tokens_per_block)
+        blocks_per_seq = -(-build.seq_len // build.tokens_per_block)
         needed = blocks_per_seq * build.max_batch_size
         if self.runtime.num_kv_blocks is not None:
             if self.runtime.num_kv_blocks < blocks_per_seq:
                 raise KilnError(
                     f"num_kv_blocks={self.runtime.num_kv_blocks} cannot hold one sequence of max_seq_len "
-                    f"{build.max_seq_len} ({blocks_per_seq} blocks of {build.tokens_per_block} tokens)"
+                    f"{build.seq_len} ({blocks_per_seq} blocks of {build.tokens_per_block} tokens)"
                 )
             return self.runtime.num_kv_blocks
         if self.device.type != "cuda":
@@ -107,15 +107,15 @@ class Engine:
         build, vocab = self.build, self.manifest.model.vocab_size
         if not prompt_ids:
             raise RequestError("the prompt is empty: give at least one token")
-        if len(prompt_ids) > build.max_input_len:
+        if len(prompt_ids) > build.input_len:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens, more than this engine's max_input_len "
-                f"({build.max_input_len}); shorten it or rebuild with a larger --max-input-len"
+                f"({build.input_len}); shorten it or rebuild with a larger --max-input-len"
             )
-        if len(prompt_ids) + params.max_tokens > build.max_seq_len:
+        if len(prompt_ids) + params.max_tokens > build.seq_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this engine's "
-                f"max_seq_len ({build.max_seq_len}); lower max_tokens to at most {build.max_seq_len - len(prompt_ids)}"
+                f"max_seq_len ({build.seq_len}); lower max_tokens to at most {build.seq_len - len(prompt_ids)}"
             )
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
@@ -191,7 +191,7 @@ class Engine:
             reason, seq.stop_reason = "stop", token
         elif seq.detokenizer.stopped:
             reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.build.max_seq_len:
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.build.seq_len:
             reason = "length"
         if reason is not None:
             if not seq.detokenizer.stopped:

@@ -22,8 +22,10 @@ def kiln(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo_engine(tmp_path_factory) -> Path:
+    # Exactly the README quickstart's build: no limits given, so they come from the model
+    # (max_position_embeddings 512 -> max_seq_len 512, max_input_len 512).
     out = tmp_path_factory.mktemp("demo") / "engine"
-    proc = kiln("build", str(DEMO), "-o", str(out), "--max-seq-len", "256", "--max-input-len", "128")
+    proc = kiln("build", str(DEMO), "-o", str(out))
     for stage in ("load", "export", "passes", "write", "compile", "verify"):
         assert f"✓ {stage}" in proc.stderr, f"build did not report stage {stage}:\n{proc.stderr}"
     assert (out / "compiled.bin").is_file() and (out / "program.pt2").is_file()
@@ -62,14 +64,14 @@ def test_chat_prompt_and_eager_path_agree(demo_engine):
 
 
 def test_too_long_prompt_is_a_clear_error(demo_engine):
-    proc = kiln("run", str(demo_engine), "--prompt-ids", ",".join(["5"] * 129), check=False)
+    proc = kiln("run", str(demo_engine), "--prompt-ids", ",".join(["5"] * 513), check=False)
     assert proc.returncode == 2
-    assert "max_input_len (128)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "max_input_len (512)" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_prompt_plus_new_tokens_over_max_seq_len(demo_engine):
-    proc = kiln("run", str(demo_engine), "--prompt", "A kiln", "--max-new-tokens", "300", check=False)
-    assert proc.returncode == 2 and "max_seq_len (256)" in proc.stderr
+    proc = kiln("run", str(demo_engine), "--prompt", "A kiln", "--max-new-tokens", "600", check=False)
+    assert proc.returncode == 2 and "max_seq_len (512)" in proc.stderr
 
 
 def test_invalid_sampling_value(demo_engine):

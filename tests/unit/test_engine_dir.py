@@ -79,3 +79,17 @@ def test_build_config_rejects_unknown_and_inconsistent_fields():
         BuildConfig(max_input_len=4096, max_seq_len=2048)
     with pytest.raises(KilnError, match="power of two"):
         BuildConfig(tokens_per_block=12)
+
+
+def test_unset_limits_come_from_the_model():
+    assert BuildConfig().resolved(512).max_seq_len == 512
+    assert BuildConfig().resolved(512).max_input_len == 512
+    assert BuildConfig().resolved(131072).max_seq_len == 2048
+    assert BuildConfig().resolved(131072).max_input_len == 1024
+    assert BuildConfig().resolved(None).max_seq_len == 2048
+    explicit = BuildConfig(max_seq_len=300, max_input_len=100).resolved(512)
+    assert (explicit.max_seq_len, explicit.max_input_len) == (300, 100)
+    with pytest.raises(KilnError, match="max_position_embeddings"):
+        BuildConfig(max_seq_len=1024).resolved(512)
+    with pytest.raises(KilnError, match="not resolved"):
+        _ = BuildConfig().seq_len
