@@ -23,7 +23,7 @@ class Progress:
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
         label = f"{name}" + (f" ({detail})" if detail else "")
         start = time.perf_counter()
-        if self.enabled:
+        if self.enabled and self.console.is_terminal:
             columns = (SpinnerColumn(), TextColumn("[bold]{task.description}[/bold]"), TimeElapsedColumn())
             with RichProgress(*columns, console=self.console, transient=True) as bar:
                 bar.add_task(label, total=None)
