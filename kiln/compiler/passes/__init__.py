@@ -7,6 +7,7 @@ the order.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,10 +35,12 @@ def run_passes(
     context: PassContext,
     on_pass: Callable[[str], None] | None = None,
 ) -> torch.export.ExportedProgram:
-    for graph_pass in PASSES:
-        if on_pass is not None:
-            on_pass(graph_pass.__name__)
-        program = graph_pass(program, context)
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice while programs are copied
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        for graph_pass in PASSES:
+            if on_pass is not None:
+                on_pass(graph_pass.__name__)
+            program = graph_pass(program, context)
     return program
 
 
