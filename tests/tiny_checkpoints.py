@@ -219,3 +219,14 @@ def make_checkpoint(family: str, directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     make_tokenizer().save_pretrained(directory)
     return directory
+
+
+TINY_LIMITS: dict[str, Any] = {"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64, "max_num_tokens": 64}
+
+
+def build_tiny_engine(checkpoint: Path, output: Path, **overrides: Any) -> Path:
+    """A kiln engine of a tiny checkpoint with small limits, built quietly without Inductor by default."""
+    from kiln import build
+
+    options: dict[str, Any] = {**TINY_LIMITS, "compile": False, "progress": False, **overrides}
+    return build(checkpoint, output, **options)

@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 from hf_reference import greedy, load_reference
-from tiny_checkpoints import EXTRA_FAMILIES, FAMILIES, WINDOW
+from tiny_checkpoints import EXTRA_FAMILIES, FAMILIES, WINDOW, build_tiny_engine
 
-from kiln import LLM, SamplingParams, build
+from kiln import LLM, SamplingParams
 
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
 DTYPE = os.environ.get("KILN_TEST_DTYPE", "float32")
@@ -60,18 +60,7 @@ def compare(
 def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_property):
     assert max(PROMPT_LENGTHS) > WINDOW
     checkpoint = checkpoints(family)
-    engine = build(
-        checkpoint,
-        tmp_path / "engine",
-        max_batch_size=4,
-        max_input_len=32,
-        max_seq_len=64,
-        max_num_tokens=64,
-        compile=COMPILE,
-        device=DEVICE,
-        dtype=DTYPE,
-        progress=False,
-    )
+    engine = build_tiny_engine(checkpoint, tmp_path / "engine", compile=COMPILE, device=DEVICE, dtype=DTYPE)
     llm = LLM(engine)
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [

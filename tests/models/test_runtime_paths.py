@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hf_reference import greedy, load_reference
 from test_families import NEW_TOKENS, prompts
+from tiny_checkpoints import build_tiny_engine
 
-from kiln import LLM, SamplingParams, build
+from kiln import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +19,7 @@ def reference_tokens(checkpoints):
 def test_chunked_prefill_under_a_small_token_budget(checkpoints, tmp_path, reference_tokens):
     # 8 tokens a step: the 13- and 21-token prompts are split over several steps, while the
     # 3-token prompt is already generating.
-    engine = build(
-        checkpoints("mistral"),
-        tmp_path / "e",
-        max_batch_size=4,
-        max_input_len=32,
-        max_seq_len=64,
-        max_num_tokens=8,
-        compile=False,
-        progress=False,
-    )
+    engine = build_tiny_engine(checkpoints("mistral"), tmp_path / "e", max_num_tokens=8)
     llm = LLM(engine)
     steps = []
     original = llm.engine.scheduler.schedule
@@ -44,17 +36,7 @@ def test_chunked_prefill_under_a_small_token_budget(checkpoints, tmp_path, refer
 
 
 def test_preemption_when_the_block_pool_runs_dry(checkpoints, tmp_path, reference_tokens):
-    engine = build(
-        checkpoints("mistral"),
-        tmp_path / "e",
-        max_batch_size=4,
-        max_input_len=32,
-        max_seq_len=64,
-        max_num_tokens=64,
-        compile=False,
-        progress=False,
-        tokens_per_block=4,
-    )
+    engine = build_tiny_engine(checkpoints("mistral"), tmp_path / "e", tokens_per_block=4)
     # 3 prompts need 1 + 4 + 6 blocks of 4 tokens to start and 4 + 7 + 9 to finish: 17 blocks force preemption.
     llm = LLM(engine, num_kv_blocks=17)
     outs = llm.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
