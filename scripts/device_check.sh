@@ -22,7 +22,7 @@ for step in "${steps[@]}"; do
     profile)  python benchmarks/load_time.py --workdir /tmp/kiln-load --profile > "$out/load_profile.log" 2>&1
               grep -E "cumtime|site-packages/torch/(export|_inductor)|kiln/|import" "$out/load_profile.log" | head -40
               tail -n 14 "$out/load_profile.log" ;;
-    cpu)      python -m pytest -q -p no:cacheprovider tests/unit tests/kernels tests/models 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
+    cpu)      python -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
   esac
   echo "== $step took $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
 done
