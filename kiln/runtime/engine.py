@@ -163,7 +163,8 @@ class Engine:
         tokens, logprobs = sample(
             logits,
             [s.params for s in seqs],
-            [s.all_ids for s in seqs],
+            # prompt + output is only read for the repetition penalty: skip the copy otherwise
+            [s.all_ids if s.params.repetition_penalty != 1.0 else () for s in seqs],
             [s.output_ids for s in seqs],
             [s.generator for s in seqs],
         )

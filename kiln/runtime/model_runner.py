@@ -40,8 +40,7 @@ class ModelRunner:
             seq = chunk.seq
             end = chunk.start + chunk.num_tokens
             table = self.kv.block_table(seq.request_id)
-            all_ids = seq.all_ids
-            input_ids.extend(all_ids[chunk.start : end])
+            input_ids.extend(seq.token_slice(chunk.start, end))
             span = range(chunk.start, end)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)

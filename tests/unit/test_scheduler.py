@@ -66,3 +66,11 @@ def test_finish_releases_blocks_from_anywhere():
     sched.finish(b)  # still waiting
     sched.finish(a)  # running
     assert kv.num_free_blocks == 8 and not sched.has_work()
+
+
+def test_token_slice_spans_prompt_and_output():
+    s = seq("s", 5)
+    s.output_ids.extend([100, 101, 102])
+    for start in range(8):
+        for end in range(start, 9):
+            assert s.token_slice(start, end) == s.all_ids[start:end]
