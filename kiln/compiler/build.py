@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -115,14 +116,28 @@ def model_facts(loaded: Any, shape: CacheShape) -> ModelFacts:
 def build_engine(
     checkpoint: str | Path, output: str | Path, config: BuildConfig, *, progress: Progress | None = None
 ) -> Path:
+    """Build into a staging directory beside `output`; an engine already there is replaced only on success."""
     progress = progress or Progress(enabled=False)
     output = Path(output)
+    if output.exists() and any(output.iterdir()) and not (output / "manifest.json").is_file():
+        raise KilnError(f"{output} exists and is not a kiln engine; refusing to overwrite it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_engine(checkpoint, staging, config, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    return output
+
+
+def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype)
-    if output.exists() and any(output.iterdir()):
-        if not (output / "manifest.json").is_file():
-            raise KilnError(f"{output} exists and is not a kiln engine; refusing to overwrite it")
-        shutil.rmtree(output)
     with progress.stage("load", str(checkpoint)):
         loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
         shape = cache_shape(loaded.config)
@@ -152,7 +167,7 @@ def build_engine(
         )
     del loaded.model
     output.mkdir(parents=True, exist_ok=True)
-    with progress.stage("write", str(output)):
+    with progress.stage("write"):
         torch.export.save(program, output / PROGRAM)
         loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     compiled = False
@@ -176,4 +191,3 @@ def build_engine(
         timings_s=dict(progress.timings),
     )
     write_manifest(output, manifest)
-    return output

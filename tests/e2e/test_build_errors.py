@@ -62,3 +62,13 @@ def test_does_not_overwrite_a_non_engine_directory(checkpoints, tmp_path):
 def test_attention_computed_outside_the_interface_is_refused(checkpoints, tmp_path):
     with pytest.raises(UnsupportedModelError, match="BloomForCausalLM computes attention in its own code"):
         build(checkpoints("bloom"), tmp_path / "engine", progress=False, compile=False)
+
+
+def test_failed_rebuild_keeps_the_existing_engine(checkpoints, tmp_path):
+    engine = tmp_path / "engine"
+    build(checkpoints("llama"), engine, progress=False, compile=False, max_seq_len=64)
+    before = {p.name: p.stat().st_size for p in engine.iterdir()}
+    with pytest.raises(UnsupportedModelError):
+        build(checkpoints("bloom"), engine, progress=False, compile=False)
+    assert {p.name: p.stat().st_size for p in engine.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]  # no staging directory left behind
