@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import kiln.kernels  # noqa: F401  (the program calls kiln ops)
 from kiln.compiler import inductor
 from kiln.config import RuntimeConfig, torch_dtype
 from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
-from kiln.errors import KilnError, RequestError
+from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.progress import Progress
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache import KVCacheManager
@@ -55,13 +56,8 @@ class Engine:
             from transformers import AutoTokenizer
 
             self.tokenizer: Any = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
-            exported = torch.export.load(self.path / PROGRAM)
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
-            program: inductor.Program
-            if self.compiled:
-                program = inductor.load_compiled(exported, self.path / COMPILED)
-            else:
-                program = inductor.EagerProgram(exported)
+            program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
         num_blocks = self._num_blocks(dtype)
@@ -77,6 +73,25 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
+
+    def _load_program(self) -> inductor.Program:
+        """The engine's program, compiled or op by op; a damaged file is a clear rebuild message."""
+        name = PROGRAM
+        try:
+            if not zipfile.is_zipfile(self.path / PROGRAM):  # before torch, which logs a traceback of its own
+                raise ValueError("not a torch.export archive")
+            exported = torch.export.load(self.path / PROGRAM)
+            if not self.compiled:
+                return inductor.EagerProgram(exported)
+            name = COMPILED
+            return inductor.load_compiled(exported, self.path / COMPILED)
+        except KilnError:
+            raise
+        except Exception as exc:
+            raise EngineMismatchError(
+                f"{self.path / name} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+                "the engine is damaged or incomplete: rebuild it with `kiln build`"
+            ) from exc
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         facts, build = self.manifest.model, self.build

@@ -96,3 +96,16 @@ def test_engine_from_other_torch_version_refuses_to_load(demo_engine, tmp_path):
 def test_missing_engine_directory(tmp_path):
     proc = kiln("run", str(tmp_path / "nope"), "--prompt", "x", check=False)
     assert proc.returncode == 2 and "not a kiln engine directory" in proc.stderr
+
+
+@pytest.mark.parametrize("damaged", ["program.pt2", "compiled.bin"])
+def test_damaged_engine_file_says_rebuild(demo_engine, tmp_path, damaged):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(demo_engine, copy)
+    data = (copy / damaged).read_bytes()
+    (copy / damaged).write_bytes(data[: len(data) // 2])
+    proc = kiln("run", str(copy), "--prompt", "A kiln", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert damaged in proc.stderr and "rebuild" in proc.stderr
