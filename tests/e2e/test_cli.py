@@ -38,10 +38,11 @@ def test_demo_generates_readable_corpus_text(demo_engine):
     out = result["outputs"][0]
     assert result["compiled"] is True
     assert len(out["token_ids"]) == 24 or out["finish_reason"] == "stop"
-    corpus = (REPO / "demo" / "corpus.txt").read_text()
-    # The demo model was trained on the corpus: its greedy continuation is words from it.
-    words = out["text"].split()
-    assert len(words) >= 5 and sum(w.strip(".,") in corpus for w in words) >= 0.8 * len(words), out["text"]
+    corpus = " ".join((REPO / "demo" / "corpus.txt").read_text().split())
+    # The demo model learned its corpus by heart: greedy decoding continues the prompt with the
+    # corpus text itself, so the first 60 characters stand in the corpus word for word.
+    continuation = " ".join(("A kiln is" + out["text"]).split())[:60]
+    assert len(continuation) == 60 and continuation in corpus, out["text"]
 
 
 def test_streaming_matches_json_and_reports_speed(demo_engine):
