@@ -118,6 +118,7 @@ class LLM:
                         "total_s": end - seq.arrival_time,
                         "decode_tokens_per_s": (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0,
                         "num_preemptions": seq.num_preemptions,
+                        "num_cached_tokens": seq.num_cached_tokens,
                     },
                 )
             )

@@ -64,7 +64,7 @@ class Engine:
         self.kv_cache = torch.zeros(
             facts.num_layers, 2, num_blocks, bs, facts.num_kv_heads, facts.head_dim, dtype=dtype, device=self.device
         )
-        self.kv = KVCacheManager(num_blocks, bs)
+        self.kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
         )
@@ -105,7 +105,8 @@ class Engine:
                 )
             return self.runtime.num_kv_blocks
         if self.device.type != "cuda":
-            return needed
+            # Room for a full batch, twice over so finished prompts stay cached for prefix reuse.
+            return 2 * needed
         per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
         free, _total = torch.cuda.mem_get_info(self.device)
         fits = int(free * self.runtime.kv_cache_memory_fraction) // per_block
@@ -114,7 +115,7 @@ class Engine:
                 f"GPU memory left for the KV cache ({free / 2**30:.1f} GiB free) holds {fits} blocks, "
                 f"fewer than one max_seq_len sequence needs ({blocks_per_seq}); lower max_seq_len or free memory"
             )
-        return min(needed, fits)
+        return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -169,7 +170,9 @@ class Engine:
             return []
         logits, sampled = self.runner.run(plan.chunks)
         for chunk in plan.chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.kv.register_computed(seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys)
         if not sampled:
             return []
         seqs = [plan.chunks[i].seq for i in sampled]
