@@ -12,9 +12,8 @@ from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import RequestError
 from kiln.progress import Progress
 from kiln.runtime.engine import Engine, StepUpdate
+from kiln.runtime.prompts import Prompt, is_token_ids
 from kiln.sampling_params import SamplingParams
-
-Prompt = str | list[int]
 
 
 def build(checkpoint: str | Path, output: str | Path, *, progress: bool = True, **options: Any) -> Path:
@@ -38,10 +37,6 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _is_token_ids(prompt: object) -> bool:
-    return isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-
-
 class LLM:
     """Generate with an engine directory built by `kiln build`."""
 
@@ -50,19 +45,10 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt).input_ids)
-        if _is_token_ids(prompt):
-            return list(prompt)
-        raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return self.engine.encode(prompt)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
-        ids: Any = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+        return self.engine.apply_chat_template(messages)
 
     def generate(
         self,
@@ -75,7 +61,7 @@ class LLM:
 
         Every prompt is validated before any runs, so one bad prompt loses no work.
         """
-        batch: list[Prompt] = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)  # type: ignore[arg-type, list-item]
+        batch: list[Prompt] = [prompts] if isinstance(prompts, str) or is_token_ids(prompts) else list(prompts)  # type: ignore[arg-type, list-item]
         if params is None:
             params = SamplingParams()
         param_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)

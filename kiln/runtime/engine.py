@@ -18,9 +18,11 @@ from kiln.config import RuntimeConfig, torch_dtype
 from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
 from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.progress import Progress
+from kiln.runtime import prompts
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
@@ -53,9 +55,7 @@ class Engine:
         facts = self.manifest.model
         self.eos_ids = frozenset(facts.eos_token_ids)
         with progress.stage("load engine", str(self.path)):
-            from transformers import AutoTokenizer
-
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
+            self.tokenizer: Any = self.load_tokenizer()
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
@@ -118,6 +118,20 @@ class Engine:
         return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
 
     # ---- requests -------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's special tokens), or the ids given."""
+        return prompts.encode(self.tokenizer, prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation through the checkpoint's chat template, ready for the assistant's turn."""
+        return prompts.chat_ids(self.tokenizer, messages)
+
+    def load_tokenizer(self) -> Any:
+        """A tokenizer of this engine of its own: HF fast tokenizers must not be shared across threads."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         build, vocab = self.build, self.manifest.model.vocab_size
