@@ -105,15 +105,8 @@ class AsyncEngine:
             if not finished:
                 self._send("abort", request_id)
 
-    def abort_all(self) -> None:
-        """Stop taking requests and end every one in flight (they finish with reason "abort")."""
-        self._accepting = False
-        self._send("abort_all", None)
-
-    def stop_accepting(self) -> None:
-        self._accepting = False
-
     def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Refuse new requests, end those in flight (reason "abort"), and stop the engine thread."""
         self._accepting = False
         self._send("abort_all", None)
         self._stop.set()
