@@ -4,13 +4,35 @@ One op covers prefill, chunked prefill (queries attend to cached keys plus their
 for grouped/multi-query heads, sliding windows (> 0) and logit soft-capping (> 0). The layout is
 described in `kiln.kernels.reference`. It mutates `kv_cache` in place, which torch.export records
 and Inductor keeps as an in-place call.
+
+On CUDA tensors the op runs the Triton kernels of `kiln.kernels.triton` (no host
+synchronisation, so it can sit inside CUDA graphs) when triton is importable and the
+environment variable KILN_ATTENTION is not `reference`; everywhere else, and for inputs those
+kernels do not take (see `kiln.kernels.triton.unsupported_reason`), the PyTorch reference.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from kiln.kernels import reference
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(q: torch.Tensor) -> bool:
+    """Whether the op takes the Triton path for a call whose query is q (its device, the env)."""
+    return q.is_cuda and os.environ.get("KILN_ATTENTION", "") != "reference" and _triton_importable()
 
 
 @torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
@@ -28,6 +50,24 @@ def paged_attention(
     sliding_window: int,
     softcap: float,
 ) -> torch.Tensor:
+    if use_triton(q):
+        from kiln.kernels.triton import paged_attention_triton, unsupported_reason
+
+        if unsupported_reason(q, k, v, kv_cache) is None:
+            return paged_attention_triton(
+                q,
+                k,
+                v,
+                kv_cache,
+                slot_mapping,
+                block_tables,
+                seq_lens,
+                query_start_loc,
+                layer,
+                scale,
+                sliding_window,
+                softcap,
+            )
     return reference.paged_attention(
         q,
         k,

@@ -55,11 +55,24 @@ def causal_attention(
 
 
 def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store each token's key and value at its slot of layer `layer` (negative slots are skipped)."""
+    """Store each token's key and value at its slot of layer `layer` (negative slots are skipped).
+
+    No boolean indexing (so no host synchronisation): a skipped token is sent to slot 0 with the
+    value slot 0 holds after the write, which is the value of a kept token aimed at slot 0 if
+    there is one, else slot 0's current value.
+    """
+    if slot_mapping.numel() == 0:
+        return
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    kv_cache[layer, 0].flatten(0, 1).index_copy_(0, slots, k[keep].to(kv_cache.dtype))
-    kv_cache[layer, 1].flatten(0, 1).index_copy_(0, slots, v[keep].to(kv_cache.dtype))
+    slots = torch.where(keep, slot_mapping, torch.zeros_like(slot_mapping))
+    at_zero = keep & (slot_mapping == 0)
+    writer = at_zero.to(torch.int32).argmax().view(1)  # a kept token aimed at slot 0, if any
+    for plane, new in ((0, k), (1, v)):
+        flat = kv_cache[layer, plane].flatten(0, 1)
+        new = new.to(kv_cache.dtype)
+        slot0 = torch.where(at_zero.any(), new.index_select(0, writer), flat[:1])
+        values = torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, slot0)
+        flat.index_copy_(0, slots, values)
 
 
 def paged_attention(

@@ -1,0 +1,57 @@
+"""The Triton implementation of `kiln::paged_attention`: write the new keys/values, then attend.
+
+Every choice here is made from shapes and dtypes alone, never from tensor values, so a call
+needs no host synchronisation and can be captured in a CUDA graph. When every sequence could
+have exactly one new token (T == B) the split-K decode kernels run; otherwise the tiled
+prefill kernel, which is correct for any mix of prefill, chunked prefill and decode rows.
+Both kernels are correct for any batch; the choice only affects speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels.triton.decode import decode_attention
+from kiln.kernels.triton.kv_write import write_kv
+from kiln.kernels.triton.prefill import prefill_attention
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None when they can."""
+    head_dim = q.shape[-1]
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        return f"head_dim must be a power of two in [16, 256], got {head_dim}"
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        return "q, k and v must share head_dim"
+    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
+        return f"q ({q.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype among fp16/bf16/fp32"
+    if q.shape[1] % k.shape[1]:
+        return f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({k.shape[1]})"
+    return None
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Same contract as `kiln.kernels.reference.paged_attention`, on the device, without host syncs."""
+    reason = unsupported_reason(q, k, v, kv_cache)
+    assert reason is None, f"the Triton paged attention cannot run this call: {reason}"
+    write_kv(kv_cache, layer, k, v, slot_mapping)
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    attend = decode_attention if q.shape[0] == block_tables.shape[0] else prefill_attention
+    return attend(q, kv_cache, block_tables, seq_lens, query_start_loc, layer, scale, sliding_window, softcap, out)

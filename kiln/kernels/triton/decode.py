@@ -1,0 +1,284 @@
+"""Triton kernels: paged attention with one program per query token, split over key length.
+
+Flash-decoding: programs are (token, kv head, split). Each split attends the token's group of
+query heads to an equal share of its key range and leaves an unnormalised partial result with
+its running max and sum; a second kernel merges the splits. The number of splits comes from
+shapes only (tokens, kv heads, block-table width), so the launch is the same for every step
+of a CUDA graph; each program derives its own key range from seq_lens on the device.
+
+Every token finds its sequence by binary search on query_start_loc, so the kernels are correct
+for any batch (several or zero new tokens per sequence, padding tokens) although they are meant
+for decode, where each sequence has exactly one new token.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
+
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Keys per loop step and launch options of the split kernel."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(head_dim: int) -> DecodeConfig:
+    return DecodeConfig(64 if head_dim <= 128 else 32, 4, 2)
+
+
+@triton.jit
+def _decode_kernel(  # type: ignore[no-untyped-def]
+    out,
+    part_acc,  # [T, Hq, num_splits, D] fp32
+    part_m,  # [T, Hq, num_splits] fp32
+    part_l,
+    q,
+    key_cache,
+    value_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    num_seqs,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_table,
+    stride_page,
+    stride_slot,
+    stride_head,
+    stride_dim,
+    scale,
+    softcap,
+    window,
+    NUM_Q_HEADS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _merge_kernel
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,  # GROUP padded to a power of two, at least 16 (smallest dot)
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = find_sequence(query_start_loc, token, num_seqs, 1, False)
+    padding = seq == num_seqs
+    safe_seq = tl.minimum(seq, num_seqs - 1)
+    q_begin = tl.load(query_start_loc + safe_seq)
+    q_end = tl.load(query_start_loc + safe_seq + 1)
+    q_pos = tl.load(seq_lens + safe_seq) - (q_end - q_begin) + (token - q_begin)
+
+    k_hi = tl.where(padding, 0, q_pos + 1)
+    k_lo = tl.where(padding, 0, first_key(q_pos, window, BLOCK_N, SLIDING))
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(k_hi - k_lo, 0), num_splits), BLOCK_N) * BLOCK_N
+    split_lo = k_lo + split * per_split
+    split_hi = tl.minimum(split_lo + per_split, k_hi)
+
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    q_tile = tl.load(
+        q + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(key_cache.dtype.element_ty)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc, m_i, l_i = attend_keys(
+        acc,
+        m_i,
+        l_i,
+        q_tile,
+        tl.zeros([ROWS], dtype=tl.int32) + q_pos,
+        split_lo,
+        split_hi,
+        key_cache,
+        value_cache,
+        block_tables + safe_seq.to(tl.int64) * stride_table,
+        kv_head,
+        stride_page,
+        stride_slot,
+        stride_head,
+        stride_dim,
+        scale,
+        softcap,
+        window,
+        BLOCK_N,
+        HEAD_DIM,
+        PAGE_SIZE,
+        SLIDING,
+        SOFTCAP,
+        IEEE_DOT,
+        INTERPRET,
+    )
+    if not SPLIT:
+        result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+            result.to(out.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+    else:
+        part = (token * NUM_Q_HEADS + head).to(tl.int64) * num_splits + split
+        tl.store(part_acc + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_m + part, m_i, mask=row_ok)
+        tl.store(part_l + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(  # type: ignore[no-untyped-def]
+    out,
+    part_acc,
+    part_m,
+    part_l,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = (token * NUM_Q_HEADS + head).to(tl.int64) * NUM_SPLITS + splits
+    m = tl.load(part_m + part)
+    l_part = tl.load(part_l + part)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    weight = tl.exp2(m - m_max)  # 0 for empty splits
+    total = tl.sum(l_part * weight, 0)
+    acc = tl.load(part_acc + part[:, None] * HEAD_DIM + offs_d[None, :])
+    result = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out + token * stride_ot + head * stride_oh + offs_d * stride_od, result.to(out.dtype.element_ty))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 8  # the interpreter: any modest number
+
+
+def choose_splits(num_tokens: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per (token, kv head), a power of two, from shapes only: enough programs to fill
+    the GPU twice over, but no split shorter than MIN_KEYS_PER_SPLIT keys of the longest context."""
+    target = 2 * _multiprocessors(device)
+    splits = 1
+    while (
+        splits < MAX_SPLITS
+        and num_tokens * num_kv_heads * splits < target
+        and 2 * splits * MIN_KEYS_PER_SPLIT <= max_context
+    ):
+        splits *= 2
+    return splits
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attend each query token of q [T, Hq, D] to its cached keys; writes and returns out.
+
+    num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
+    num_kv_heads, page_size = key_cache.shape[2], key_cache.shape[1]
+    if num_tokens == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    config = config or default_config(head_dim)
+    block_n = config.block_n
+    if num_splits is None:
+        max_context = block_tables.shape[1] * page_size
+        if sliding_window > 0:
+            max_context = min(max_context, sliding_window + block_n)
+        num_splits = choose_splits(num_tokens, num_kv_heads, max_context, q.device)
+    assert num_splits > 0 and num_splits & (num_splits - 1) == 0, f"num_splits must be a power of two, got {num_splits}"
+    if num_splits > 1:
+        part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(num_tokens, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    _decode_kernel[(num_tokens, num_kv_heads, num_splits)](
+        out,
+        part_acc,
+        part_m,
+        part_l,
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        block_tables.shape[0],
+        num_splits,
+        *q.stride(),
+        *out.stride(),
+        block_tables.stride(0),
+        *key_cache.stride(),
+        scale,
+        softcap,
+        sliding_window,
+        NUM_Q_HEADS=num_q_heads,
+        SPLIT=num_splits > 1,
+        GROUP=group,
+        ROWS=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        SLIDING=sliding_window > 0,
+        SOFTCAP=softcap > 0.0,
+        IEEE_DOT=q.dtype == torch.float32,
+        INTERPRET=interpreting(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        _merge_kernel[(num_tokens, num_q_heads)](
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            *out.stride(),
+            NUM_Q_HEADS=num_q_heads,
+            NUM_SPLITS=num_splits,
+            HEAD_DIM=head_dim,
+            num_warps=4,
+        )
+    return out
