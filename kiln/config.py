@@ -115,6 +115,7 @@ class RuntimeConfig:
     kv_cache_memory_fraction: float = 0.9
     use_compiled: bool = True
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA engines only)
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None:

@@ -22,6 +22,14 @@ for step in "${steps[@]}"; do
     profile)  python benchmarks/load_time.py --workdir /tmp/kiln-load --profile > "$out/load_profile.log" 2>&1
               grep -E "cumtime|site-packages/torch/(export|_inductor)|kiln/|import" "$out/load_profile.log" | head -40
               tail -n 14 "$out/load_profile.log" ;;
+    decode1b|decode8b)
+              cfg=llama-3.2-1b; [ "$step" = decode8b ] && cfg=llama-3.1-8b
+              ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
+              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 64 \
+                  --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 4096 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
+              python benchmarks/decode_profile.py "$eng" --batch 1 2>&1 | tail -n 30 | tee "$out/decode_profile_$cfg.log" ;;
+    kernels)  python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 5 | tee "$out/kernels.log" ;;
     cpu)      python -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
   esac
   echo "== $step took $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"

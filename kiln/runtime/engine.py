@@ -19,6 +19,7 @@ from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, 
 from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.progress import Progress
 from kiln.runtime import prompts
+from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
@@ -69,6 +70,17 @@ class Engine:
             self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
         )
         self.runner = ModelRunner(program, self.kv_cache, self.kv, self.device)
+        if self.device.type == "cuda" and self.runtime.cuda_graphs:
+            with progress.stage("capture CUDA graphs", "decode steps"):
+                graphs = DecodeGraphs(
+                    program,
+                    self.kv_cache,
+                    max_batch_size=self.build.max_batch_size,
+                    max_blocks_per_seq=-(-self.build.seq_len // bs),
+                    device=self.device,
+                )
+                graphs.capture()
+            self.runner.graphs = graphs
         self._ids = itertools.count()
         self.sequences: dict[str, Sequence] = {}
         # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.

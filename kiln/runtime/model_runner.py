@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from kiln.compiler.inductor import Program
+from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.scheduler import ScheduledChunk
 
@@ -24,6 +25,7 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA: replayed for decode steps
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
         """Packed inputs for `chunks`, and the chunk indices whose logits the program returns."""
@@ -70,6 +72,23 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
         """Logits [len(sampled), vocab] for the chunks that complete, and those chunks' indices."""
+        graphs = self.graphs
+        if graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
+            if graphs.bucket_for(len(chunks)) is not None:
+                return self._run_decode_graph(graphs, chunks), list(range(len(chunks)))
         inputs, sampled = self.prepare(chunks)
         logits = self.program(*inputs)
         return logits[: len(sampled)], sampled
+
+    def _run_decode_graph(self, graphs: DecodeGraphs, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        bs = self.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for chunk in chunks:
+            seq, p = chunk.seq, chunk.start
+            table = self.kv.block_table(seq.request_id)
+            ids.append(seq.token_slice(p, p + 1)[0])
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(table[: p // bs + 1])
+        return graphs.run(ids, positions, slots, lens, tables)

@@ -1,0 +1,79 @@
+"""Where a decode step's time goes: tok/s with and without CUDA graphs, and a kernel profile.
+
+    python benchmarks/decode_profile.py ENGINE [--batch 1] [--input-len 128] [--output-len 256]
+
+Generates `--batch` prompts of `--input-len` random token ids, `--output-len` tokens each (greedy,
+EOS ignored), reports decode tokens/s per sequence and in total, then profiles a few decode steps
+with torch.profiler and prints the CUDA kernels by their share of device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from kiln import LLM, SamplingParams
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, vocab - 1, (length,), generator=g).tolist() for _ in range(batch)]
+
+
+def decode_speed(llm: LLM, batch: list[list[int]], output_len: int) -> dict[str, float]:
+    llm.generate(batch, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(batch, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    ttft = max(o.metrics["time_to_first_token_s"] for o in outs)
+    step_ms = (total - ttft) / (output_len - 1) * 1000
+    return {"ttft_ms": ttft * 1000, "ms_per_step": step_ms, "tok_s_per_seq": 1000 / step_ms,
+            "tok_s_total": len(batch) * 1000 / step_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--no-graph-run", action="store_true", help="skip the run without CUDA graphs")
+    args = ap.parse_args()
+    results = {}
+    for graphs in (True, False) if not args.no_graph_run else (True,):
+        llm = LLM(args.engine, cuda_graphs=graphs, kv_cache_memory_fraction=0.5)
+        batch = prompts(args.batch, args.input_len, llm.engine.manifest.model.vocab_size)
+        results["graphs" if graphs else "no_graphs"] = decode_speed(llm, batch, args.output_len)
+        if graphs:
+            profile_llm = llm
+        else:
+            del llm
+    engine = profile_llm.engine
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)) for p in batch]
+    for _ in range(4):  # prefill and a few decode steps before the profiled ones
+        engine.step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+    for s in seqs:
+        engine.abort(s.request_id)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_total = sum(e.self_device_time_total for e in events) or 1.0
+    print(f"{'kernel':70s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+        share = e.self_device_time_total / device_total
+        print(f"{e.key[:70]:70s} {e.count // 5:6d} {e.self_device_time_total / 5:9.1f} {share:6.1%}")
+    print(f"device time per step: {device_total / 5 / 1000:.3f} ms")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

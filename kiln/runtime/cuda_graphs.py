@@ -1,0 +1,117 @@
+"""CUDA graphs for decode steps: one graph per bucketed batch size, replayed with new metadata.
+
+A decode step (every scheduled sequence computes exactly one token) is captured once per bucket
+size, largest first, in one memory pool. Its inputs live in static buffers; a step copies its token
+ids, positions, cache slots, lengths and block tables into them and replays the bucket that fits,
+padding the unused rows: they write no cache slot (slot -1) and attend to one key, and their logits
+are ignored. The engine program must not synchronise with the host (kiln's Triton attention does
+not), so the whole forward pass is one graph launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def bucket_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16, up to and including max_batch_size."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sorted({*sizes, max_batch_size})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        program: Callable[..., torch.Tensor],
+        kv_cache: torch.Tensor,
+        *,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ) -> None:
+        self.program = program
+        self.kv_cache = kv_cache
+        self.device = device
+        self.buckets = bucket_sizes(max_batch_size)
+        self.max_blocks = max(2, max_blocks_per_seq)
+        n = max_batch_size
+        # Static inputs: ids, positions and slots in one int64 buffer; lengths and tables in int32.
+        self.tokens = torch.zeros(3, n, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
+        # Host staging, pinned so the copies are asynchronous.
+        self._tokens_host = torch.zeros(3, n, dtype=torch.int64).pin_memory()
+        self._lens_host = torch.ones(n, dtype=torch.int32).pin_memory()
+        self._tables_host = torch.zeros(n, self.max_blocks, dtype=torch.int32).pin_memory()
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _inputs(self, b: int) -> tuple[torch.Tensor, ...]:
+        return (
+            self.tokens[0, :b],
+            self.tokens[1, :b],
+            self.tokens[2, :b],
+            self.block_tables[:b],
+            self.seq_lens[:b],
+            self.query_start_loc[: b + 1],
+            self.logits_indices[:b],
+            self.kv_cache,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, sharing one memory pool."""
+        self.tokens[2].fill_(-1)  # padding rows write no cache slot
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        for b in reversed(self.buckets):
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up: lazy initialisation must not happen inside the capture
+                    self.program(*self._inputs(b))
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.program(*self._inputs(b))
+            pool = graph.pool()
+            self._graphs[b] = (graph, out)
+        torch.cuda.synchronize(self.device)
+
+    def bucket_for(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def run(
+        self,
+        input_ids: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Logits [len(input_ids), vocab] of one decode step (one token per sequence)."""
+        n = len(input_ids)
+        b = self.bucket_for(n)
+        if b is None or b not in self._graphs:
+            raise ValueError(f"no captured graph holds a decode batch of {n}")
+        host = self._tokens_host
+        host[0, :b] = 0
+        host[1, :b] = 0
+        host[2, :b] = -1
+        host[0, :n] = torch.tensor(input_ids, dtype=torch.int64)
+        host[1, :n] = torch.tensor(positions, dtype=torch.int64)
+        host[2, :n] = torch.tensor(slots, dtype=torch.int64)
+        self._lens_host[:b] = 1
+        self._lens_host[:n] = torch.tensor(seq_lens, dtype=torch.int32)
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self._tables_host[:n, :width] = tables
+        self.tokens[:, :b].copy_(host[:, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(self._lens_host[:b], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._tables_host[:n, :width], non_blocking=True)
+        graph, out = self._graphs[b]
+        graph.replay()
+        return out[:n]
