@@ -12,9 +12,13 @@ from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import RequestError
 from kiln.progress import Progress
 from kiln.runtime.engine import Engine, StepUpdate
+from kiln.runtime.multimodal import MultimodalData
 from kiln.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+# A prompt with images: {"prompt": "USER: <image>\nDescribe. ASSISTANT:", "images": [path, data URL, bytes or PIL]}
+MultimodalInput = dict[str, Any]
+PromptInput = Prompt | MultimodalInput
 
 
 def build(checkpoint: str | Path, output: str | Path, *, progress: bool = True, **options: Any) -> Path:
@@ -36,6 +40,23 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def split_multimodal_input(prompt: MultimodalInput, index: int = 0) -> tuple[str | list[int], list[Any]]:
+    """(prompt, images) of a {"prompt": ..., "images": [...]} request; unknown keys are errors."""
+    unknown = sorted(set(prompt) - {"prompt", "images"})
+    if unknown or "prompt" not in prompt:
+        raise RequestError(f"prompt {index}: a dict prompt has keys 'prompt' and 'images' (got {sorted(prompt)})")
+    images = prompt.get("images") or []
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    return prompt["prompt"], list(images)
+
+
+def _prompt_text(prompt: object) -> str | None:
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return str(prompt["prompt"])
+    return None
 
 
 def _is_token_ids(prompt: object) -> bool:
@@ -64,9 +85,35 @@ class LLM:
         )
         return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
+    def _prepare(self, batch: list[PromptInput]) -> list[tuple[list[int], MultimodalData | None]]:
+        """Token ids (image tokens expanded) and image data of every prompt; every error before any work."""
+        encoded: list[tuple[list[int], MultimodalData | None] | None] = []
+        with_images: list[tuple[int, str | list[int], list[Any]]] = []
+        for i, prompt in enumerate(batch):
+            if isinstance(prompt, dict):
+                text, images = split_multimodal_input(prompt, i)
+                if images:
+                    if self.engine.multimodal is None:
+                        raise RequestError(
+                            f"prompt {i}: this engine was built from a text-only checkpoint and takes no images"
+                        )
+                    with_images.append((i, text, images))
+                    encoded.append(None)
+                    continue
+                prompt = text
+            try:
+                encoded.append((self.encode(prompt), None))
+            except RequestError as exc:
+                raise RequestError(f"prompt {i}: {exc}") from exc
+        if with_images and self.engine.multimodal is not None:
+            prepared = self.engine.multimodal.prepare([(text, images) for _, text, images in with_images])
+            for (i, _, _), mm_prompt in zip(with_images, prepared):
+                encoded[i] = (mm_prompt.prompt_ids, mm_prompt.mm)
+        return [e for e in encoded if e is not None]
+
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         on_update: Callable[[StepUpdate], None] | None = None,
@@ -75,19 +122,20 @@ class LLM:
 
         Every prompt is validated before any runs, so one bad prompt loses no work.
         """
-        batch: list[Prompt] = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)  # type: ignore[arg-type, list-item]
+        single = isinstance(prompts, (str, dict)) or _is_token_ids(prompts)
+        batch: list[PromptInput] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         if params is None:
             params = SamplingParams()
         param_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(param_list) != len(batch):
             raise RequestError(f"got {len(param_list)} SamplingParams for {len(batch)} prompts")
-        encoded = [self.encode(p) for p in batch]
-        for i, (ids, p) in enumerate(zip(encoded, param_list)):
+        encoded = self._prepare(batch)
+        for i, ((ids, _), sp) in enumerate(zip(encoded, param_list)):
             try:
-                self.engine.validate(ids, p)
+                self.engine.validate(ids, sp)
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}") from exc
-        seqs = [self.engine.add_request(ids, p) for ids, p in zip(encoded, param_list)]
+        seqs = [self.engine.add_request(ids, sp, mm=mm) for (ids, mm), sp in zip(encoded, param_list)]
         start = time.perf_counter()
         try:
             while any(not s.is_finished for s in seqs):
@@ -106,7 +154,7 @@ class LLM:
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
-                    prompt=prompt if isinstance(prompt, str) else None,
+                    prompt=prompt if isinstance(prompt, str) else _prompt_text(prompt),
                     prompt_token_ids=seq.prompt_ids,
                     text=seq.detokenizer.text,
                     token_ids=list(seq.output_ids),

@@ -71,7 +71,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = seq.schedulable(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
             while not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
                 if victim is None:
@@ -86,8 +86,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not out.preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
+            n = seq.schedulable(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if n == 0 or not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING

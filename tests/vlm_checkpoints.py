@@ -1,0 +1,112 @@
+"""Tiny random-weight vision-language checkpoints (model + processor), saved with save_pretrained.
+
+Each family keeps its real transformers config, model and processor classes; widths, depths and
+image sizes are small so a build and a comparison with transformers take seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tiny_checkpoints import make_tokenizer
+
+TEXT = dict(
+    vocab_size=336,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+
+
+def tokenizer_with(*tokens: str) -> Any:
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(tokens)})
+    return tok
+
+
+def _llava(directory: Path) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration as Model
+
+    tok = tokenizer_with("<image>")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**CLIP, image_size=56, patch_size=14),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return Model(config), processor
+
+
+def _llava_next(directory: Path) -> tuple[Any, Any]:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import LlavaNextForConditionalGeneration as Model
+
+    tok = tokenizer_with("<image>")
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**CLIP, image_size=28, patch_size=7),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return Model(config), processor
+
+
+VLM_FAMILIES: dict[str, Callable[[Path], tuple[Any, Any]]] = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+}
+
+
+def make_vlm_checkpoint(family: str, directory: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model, processor = VLM_FAMILIES[family](directory)
+    model.eval()
+    # Random init leaves some weights at zero or one (norms, projections): give them noise too, so every
+    # weight matters to the comparison.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def random_image(seed: int, height: int, width: int) -> Any:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
