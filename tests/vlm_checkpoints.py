@@ -85,9 +85,47 @@ def _llava_next(directory: Path) -> tuple[Any, Any]:
     return Model(config), processor
 
 
+def _blip2(directory: Path) -> tuple[Any, Any]:
+    from transformers import (
+        Blip2Config,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+    from transformers import Blip2ForConditionalGeneration as Model
+
+    tok = tokenizer_with("<image>")
+    text = OPTConfig(
+        vocab_size=336,
+        max_position_embeddings=512,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**{**CLIP, "image_size": 28, "patch_size": 14}),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32
+        ),
+        text_config=text,
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    images = BlipImageProcessor(size={"height": 28, "width": 28})
+    return Model(config), Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=4)
+
+
 VLM_FAMILIES: dict[str, Callable[[Path], tuple[Any, Any]]] = {
     "llava": _llava,
     "llava_next": _llava_next,
+    "blip2": _blip2,
 }
 
 

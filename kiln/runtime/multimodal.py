@@ -166,6 +166,9 @@ class MultimodalPipeline:
     # ---- preprocessing ----------------------------------------------------------------------------
 
     def _check_prompt(self, prompt: str, num_images: int) -> None:
+        most = self.family.max_images_per_prompt
+        if most is not None and num_images > most:
+            raise RequestError(f"{self.family.architecture} takes at most {most} image(s) per prompt, got {num_images}")
         if self.image_token is None:
             return
         found = prompt.count(self.image_token)

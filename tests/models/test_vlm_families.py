@@ -15,8 +15,12 @@ from kiln import LLM, SamplingParams, build
 
 NEW_TOKENS = 8
 LIMITS = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
-ARCHITECTURE = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>"}
+ARCHITECTURE = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "blip2": "Blip2ForConditionalGeneration",
+}
+IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "blip2": ""}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,12 @@ def vlm_checkpoints(tmp_path_factory):
 def batch_for(family: str) -> list:
     tok = IMAGE_TOKEN[family]
     a, b = random_image(0, 40, 60), random_image(1, 64, 30)
+    if not tok:  # the processor prepends the image tokens: one image per prompt
+        return [
+            {"prompt": "The kiln", "images": [a]},
+            "The kiln fires clay",
+            {"prompt": "Paged attention stores", "images": [b]},
+        ]
     return [
         {"prompt": f"{tok}\nThe kiln", "images": [a]},
         "The kiln fires clay",

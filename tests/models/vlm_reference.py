@@ -22,6 +22,8 @@ def vlm_greedy(
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Generated token ids (stopping at EOS like kiln) and each step's logits."""
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    if not images and hasattr(model, "qformer"):  # BLIP-2's generate needs an image; text alone is its LM's
+        model = model.language_model
     out = model.generate(
         **inputs,
         max_new_tokens=new_tokens,

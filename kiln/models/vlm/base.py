@@ -67,6 +67,7 @@ class VisionLanguageFamily:
     notes: ClassVar[str] = ""
     position_rows: ClassVar[int] = 1  # 3 for M-RoPE
     bidirectional_images: ClassVar[bool] = False
+    max_images_per_prompt: ClassVar[int | None] = None
     # The processor output keys that belong to images (the rest are text: input_ids, attention_mask...).
     image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
