@@ -122,10 +122,38 @@ def _blip2(directory: Path) -> tuple[Any, Any]:
     return Model(config), Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=4)
 
 
+def _gemma3(directory: Path) -> tuple[Any, Any]:
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import Gemma3ForConditionalGeneration as Model
+
+    tok = make_tokenizer()
+    special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok.add_special_tokens({"additional_special_tokens": list(special.values())})
+    tok = type(tok)(tokenizer_object=tok.backend_tokenizer, extra_special_tokens=special, **tok.special_tokens_map)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in special.items()}
+    text = Gemma3TextConfig(
+        **{**TEXT, "num_key_value_heads": 1},
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**{**CLIP, "image_size": 28, "patch_size": 7}),
+        mm_tokens_per_image=4,
+        image_token_index=ids["image_token"],
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+    )
+    images = Gemma3ImageProcessor(size={"height": 28, "width": 28})
+    return Model(config), Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4)
+
+
 VLM_FAMILIES: dict[str, Callable[[Path], tuple[Any, Any]]] = {
     "llava": _llava,
     "llava_next": _llava_next,
     "blip2": _blip2,
+    "gemma3": _gemma3,
 }
 
 

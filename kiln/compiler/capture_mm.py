@@ -42,7 +42,7 @@ class PackedMultimodalLM(nn.Module):
         kv_cache: torch.Tensor,
         mm_embeds: torch.Tensor,
         mm_index: torch.Tensor,
-        *limits: torch.Tensor,  # attend_end: read by the paged-attention op, wired in by a pass
+        attend_end: torch.Tensor | None = None,  # read by the paged-attention op, wired in by a pass
     ) -> torch.Tensor:
         is_image = mm_index >= 0
         model: Any = self.model

@@ -19,8 +19,9 @@ ARCHITECTURE = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "blip2": "Blip2ForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
 }
-IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "blip2": ""}
+IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "blip2": "", "gemma3": "<start_of_image>"}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_vlm_greedy_matches_transformers(family, vlm_checkpoints, tmp_path):
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
 
 
-@pytest.mark.parametrize("family", ["llava"])
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
     # 6 tokens a step: each image's 16 feature tokens are spread over several steps.
     checkpoint = vlm_checkpoints(family)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from kiln.errors import UnsupportedModelError
 from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily
 from kiln.models.vlm.blip2 import Blip2
+from kiln.models.vlm.gemma3 import Gemma3
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
 
-FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in (Llava(), LlavaNext(), Blip2())}
+FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in (Llava(), LlavaNext(), Blip2(), Gemma3())}
 
 
 def family_for(architecture: str) -> VisionLanguageFamily:
