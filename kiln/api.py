@@ -12,7 +12,7 @@ from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import RequestError
 from kiln.progress import Progress
 from kiln.runtime.engine import Engine, StepUpdate
-from kiln.runtime.multimodal import MultimodalData
+from kiln.runtime.multimodal import MultimodalData, PipelineTimings
 from kiln.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -69,6 +69,7 @@ class LLM:
     def __init__(self, engine_dir: str | Path, *, progress: bool = False, **runtime: Any) -> None:
         self.engine = Engine(engine_dir, RuntimeConfig.from_dict(runtime), progress=Progress(enabled=progress))
         self.tokenizer = self.engine.tokenizer
+        self.last_profile: dict[str, float] = {}
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -87,6 +88,8 @@ class LLM:
 
     def _prepare(self, batch: list[PromptInput]) -> list[tuple[list[int], MultimodalData | None]]:
         """Token ids (image tokens expanded) and image data of every prompt; every error before any work."""
+        if self.engine.multimodal is not None:
+            self.engine.multimodal.timings = PipelineTimings()
         encoded: list[tuple[list[int], MultimodalData | None] | None] = []
         with_images: list[tuple[int, str | list[int], list[Any]]] = []
         for i, prompt in enumerate(batch):
@@ -106,7 +109,9 @@ class LLM:
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}") from exc
         if with_images and self.engine.multimodal is not None:
-            prepared = self.engine.multimodal.prepare([(text, images) for _, text, images in with_images])
+            prepared = self.engine.multimodal.prepare(
+                [(text, images) for _, text, images in with_images], labels=[i for i, _, _ in with_images]
+            )
             for (i, _, _), mm_prompt in zip(with_images, prepared):
                 encoded[i] = (mm_prompt.prompt_ids, mm_prompt.mm)
         return [e for e in encoded if e is not None]
@@ -129,7 +134,9 @@ class LLM:
         param_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(param_list) != len(batch):
             raise RequestError(f"got {len(param_list)} SamplingParams for {len(batch)} prompts")
+        begin = time.perf_counter()
         encoded = self._prepare(batch)
+        prepared = time.perf_counter()
         for i, ((ids, _), sp) in enumerate(zip(encoded, param_list)):
             try:
                 self.engine.validate(ids, sp)
@@ -146,6 +153,7 @@ class LLM:
             for seq in seqs:
                 if not seq.is_finished:
                     self.engine.abort(seq.request_id)
+        generated = time.perf_counter()
         outputs = []
         for prompt, seq in zip(batch, seqs):
             self.engine.sequences.pop(seq.request_id, None)
@@ -169,4 +177,30 @@ class LLM:
                     },
                 )
             )
+        self.last_profile = self._profile(seqs, begin, prepared, start, generated)
         return outputs
+
+    def _profile(
+        self, seqs: list[Any], begin: float, prepared: float, start: float, generated: float
+    ) -> dict[str, float]:
+        """Seconds spent per stage of the last generate() call (one batch)."""
+        pipeline = self.engine.multimodal
+        vision_s = pipeline.timings.vision_s if pipeline is not None and pipeline.timings.num_images else 0.0
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        decode_start = time.perf_counter()
+        self.tokenizer.batch_decode([s.output_ids for s in seqs], skip_special_tokens=True)
+        decode_s = time.perf_counter() - decode_start
+        tokens = sum(len(s.output_ids) for s in seqs)
+        ttft = (max(firsts) - start) if firsts else 0.0
+        steps_after_first = max((len(s.output_ids) - 1 for s in seqs), default=0)
+        return {
+            "preprocess_s": (prepared - begin) - vision_s,
+            "vision_s": vision_s,
+            "generate_s": generated - start,
+            "time_to_first_token_s": ttft,
+            "per_token_s": (generated - start - ttft) / steps_after_first if steps_after_first > 0 else 0.0,
+            "decode_s": decode_s,
+            "end_to_end_s": generated - begin + decode_s,
+            "num_images": float(pipeline.timings.num_images if pipeline is not None else 0),
+            "generated_tokens": float(tokens),
+        }

@@ -85,6 +85,7 @@ class Manifest:
     compiled: bool
     timings_s: dict[str, float] = field(default_factory=dict)
     multimodal: MultimodalFacts | None = None  # vision-language engines only
+    source_checkpoint: str | None = None  # where it was built from (for `kiln run --check-accuracy`)
 
     def to_json(self) -> str:
         data = {
@@ -100,6 +101,8 @@ class Manifest:
         }
         if self.multimodal is not None:
             data["multimodal"] = dict(self.multimodal.__dict__)
+        if self.source_checkpoint is not None:
+            data["source_checkpoint"] = self.source_checkpoint
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -116,6 +119,7 @@ class Manifest:
             compiled=data["compiled"],
             timings_s=data.get("timings_s", {}),
             multimodal=MultimodalFacts.from_dict(data["multimodal"]) if data.get("multimodal") else None,
+            source_checkpoint=data.get("source_checkpoint"),
         )
 
 

@@ -195,5 +195,6 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         model=facts,
         compiled=compiled,
         timings_s=dict(progress.timings),
+        source_checkpoint=str(Path(checkpoint).resolve()),
     )
     write_manifest(output, manifest)

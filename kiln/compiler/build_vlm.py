@@ -162,6 +162,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         model=facts,
         compiled=compiled,
         timings_s=dict(progress.timings),
+        source_checkpoint=str(Path(checkpoint).resolve()),
         multimodal=MultimodalFacts(
             image_token_id=family.image_token_id(loaded.config),
             hidden_size=hidden,

@@ -228,15 +228,23 @@ class MultimodalPipeline:
         mm = MultimodalData(torch.cat(features), rows, tuple(spans), blocks, positions, delta)
         return MultimodalPrompt(pending.ids, mm, len(counts))
 
-    def prepare(self, requests: Sequence[tuple[str | list[int], Sequence[ImageSource]]]) -> list[MultimodalPrompt]:
-        """Preprocess every request (all errors before any vision work), then encode all images in batches."""
+    def prepare(
+        self,
+        requests: Sequence[tuple[str | list[int], Sequence[ImageSource]]],
+        labels: Sequence[int] | None = None,
+    ) -> list[MultimodalPrompt]:
+        """Preprocess every request (all errors before any vision work), then encode all images in batches.
+
+        Errors name the request as `prompt {labels[i]}` (default: its index here).
+        """
+        labels = list(labels) if labels is not None else list(range(len(requests)))
         start = time.perf_counter()
         pending = []
         for i, (prompt, images) in enumerate(requests):
             try:
                 pending.append(self._preprocess(prompt, images))
             except RequestError as exc:
-                raise RequestError(f"prompt {i}: {exc}") from exc
+                raise RequestError(f"prompt {labels[i]}: {exc}") from exc
         self.timings.preprocess_s = time.perf_counter() - start
         start = time.perf_counter()
         items = [item for p in pending for item in p.items]
@@ -255,7 +263,7 @@ class MultimodalPipeline:
             try:
                 out.append(self._finish(p, features[offset : offset + len(p.items)]))
             except RequestError as exc:
-                raise RequestError(f"prompt {i}: {exc}") from exc
+                raise RequestError(f"prompt {labels[i]}: {exc}") from exc
             offset += len(p.items)
         return out
 
