@@ -27,7 +27,7 @@ from kiln.engine_dir import (
     write_manifest,
 )
 from kiln.errors import KilnError
-from kiln.models.vlm import VisionLanguageFamily
+from kiln.models.vlm import VisionExample, VisionLanguageFamily
 from kiln.models.vlm_loader import load_vision_language
 from kiln.progress import Progress
 from kiln.version import __version__
@@ -68,18 +68,45 @@ def write_vision(
     progress: Progress,
     architecture: str,
 ) -> bool:
-    """Export, save and (optionally) compile the vision program; returns whether it was compiled."""
+    """Export, save and (optionally) compile a family's vision program; returns whether it was compiled."""
+    example = family.vision_example(model.config, dtype, device, limit)
+    state = family.vision_state(model)
+    if state:
+        from safetensors.torch import save_file
+
+        (output / VISION_DIR).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(output / VISION_DIR / VISION_STATE))
+    return write_vision_program(
+        family.vision_module(model),
+        example,
+        output,
+        dtype=dtype,
+        device=device,
+        compile=compile,
+        progress=progress,
+        architecture=architecture,
+        limit=limit,
+    )
+
+
+def write_vision_program(
+    module: torch.nn.Module,
+    example: VisionExample,
+    output: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    compile: bool,
+    progress: Progress,
+    architecture: str,
+    limit: int,
+) -> bool:
+    """Export `module` on `example` (dynamic dimension up to `limit`) into output/vision/; compile and verify it."""
     vision_dir = output / VISION_DIR
     vision_dir.mkdir(parents=True, exist_ok=True)
     with progress.stage("export vision", f"vision encoder, dynamic batch up to {limit}"):
-        example = family.vision_example(model.config, dtype, device, limit)
-        program = capture_vision(family.vision_module(model), example.args, example.dynamic_shapes, architecture)
+        program = capture_vision(module, example.args, example.dynamic_shapes, architecture)
         torch.export.save(program, vision_dir / PROGRAM)
-        state = family.vision_state(model)
-        if state:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(vision_dir / VISION_STATE))
     if not compile:
         return False
     with progress.stage("compile vision", f"Inductor on {device.type}"):

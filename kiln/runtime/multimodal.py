@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from kiln.config import torch_dtype
 from kiln.engine_dir import COMPILED, PROCESSOR_DIR, PROGRAM, VISION_DIR, VISION_STATE, Manifest, MultimodalFacts
 from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.models.vlm import ImageItem, VisionLanguageFamily, family_for
+from kiln.models.vlm.custom import tensor_digest
 from kiln.runtime.images import ImageSource, image_digest, load_image
 
 
@@ -179,11 +181,16 @@ class MultimodalPipeline:
             )
 
     def _preprocess(self, prompt: str | list[int], sources: Sequence[ImageSource]) -> _Pending:
-        if not isinstance(prompt, str):
-            raise RequestError("a prompt with images must be text (the processor places the image tokens)")
-        images = [load_image(s) for s in sources]
-        self._check_prompt(prompt, len(images))
-        processed = dict(self.family.process(self.processor, prompt, images))
+        if self.family.loads_images:
+            if not isinstance(prompt, str):
+                raise RequestError("a prompt with images must be text (the processor places the image tokens)")
+            images: list[Any] = [load_image(s) for s in sources]
+            self._check_prompt(prompt, len(images))
+            digests = [image_digest(im) for im in images]
+        else:  # the vision program's own input tensors
+            images = list(sources)
+            digests = [tensor_digest(tuple(im) if isinstance(im, (tuple, list)) else (im,)) for im in images]
+        processed = dict(self.family.process(self.processor, prompt, images, self.facts.family_config))
         ids = [int(t) for t in processed["input_ids"][0].tolist()]
         num_image_tokens = sum(1 for t in ids if t == self.facts.image_token_id)
         if len(ids) > self.max_input_len:
@@ -194,7 +201,7 @@ class MultimodalPipeline:
             )
         split = self.family.split_images(processed, self.facts.family_config) if images else []
         items = [item.to(self.device, self.dtype) for item in split]
-        return _Pending(ids, items, [image_digest(im) for im in images], processed)
+        return _Pending(ids, items, digests, processed)
 
     def _finish(self, pending: _Pending, features: list[torch.Tensor]) -> MultimodalPrompt:
         ids = torch.tensor(pending.ids)

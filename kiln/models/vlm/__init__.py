@@ -5,11 +5,13 @@ from __future__ import annotations
 from kiln.errors import UnsupportedModelError
 from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily
 from kiln.models.vlm.blip2 import Blip2
+from kiln.models.vlm.custom import CUSTOM_ARCHITECTURE, CustomVision
 from kiln.models.vlm.gemma3 import Gemma3
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
 
-FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in (Llava(), LlavaNext(), Blip2(), Gemma3())}
+_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), CustomVision())
+FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}
 
 
 def family_for(architecture: str) -> VisionLanguageFamily:
@@ -22,4 +24,4 @@ def family_for(architecture: str) -> VisionLanguageFamily:
         ) from None
 
 
-__all__ = ["FAMILIES", "ImageItem", "VisionExample", "VisionLanguageFamily", "family_for"]
+__all__ = ["CUSTOM_ARCHITECTURE", "FAMILIES", "ImageItem", "VisionExample", "VisionLanguageFamily", "family_for"]

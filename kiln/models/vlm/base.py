@@ -68,6 +68,7 @@ class VisionLanguageFamily:
     position_rows: ClassVar[int] = 1  # 3 for M-RoPE
     bidirectional_images: ClassVar[bool] = False
     max_images_per_prompt: ClassVar[int | None] = None
+    loads_images: ClassVar[bool] = True  # False: images arrive as the vision program's input tensors
     # The processor output keys that belong to images (the rest are text: input_ids, attention_mask...).
     image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
@@ -129,7 +130,9 @@ class VisionLanguageFamily:
         """The text a prompt carries once per image, or None where the processor adds image tokens itself."""
         return str(processor.image_token)
 
-    def process(self, processor: Any, prompt: str, images: list[Any]) -> Mapping[str, torch.Tensor]:
+    def process(
+        self, processor: Any, prompt: str | list[int], images: list[Any], config: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
         """The processor's output for one prompt and its images (input_ids [1, L] expanded, pixel tensors)."""
         return processor(text=[prompt], images=images or None, return_tensors="pt")
 
