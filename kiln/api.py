@@ -13,9 +13,9 @@ from kiln.errors import RequestError
 from kiln.progress import Progress
 from kiln.runtime.engine import Engine, StepUpdate
 from kiln.runtime.multimodal import MultimodalData, PipelineTimings
+from kiln.runtime.prompts import Prompt, is_token_ids
 from kiln.sampling_params import SamplingParams
 
-Prompt = str | list[int]
 # A prompt with images: {"prompt": "USER: <image>\nDescribe. ASSISTANT:", "images": [path, data URL, bytes or PIL]}
 MultimodalInput = dict[str, Any]
 PromptInput = Prompt | MultimodalInput
@@ -59,10 +59,6 @@ def _prompt_text(prompt: object) -> str | None:
     return None
 
 
-def _is_token_ids(prompt: object) -> bool:
-    return isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-
-
 class LLM:
     """Generate with an engine directory built by `kiln build`."""
 
@@ -72,19 +68,10 @@ class LLM:
         self.last_profile: dict[str, float] = {}
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt).input_ids)
-        if _is_token_ids(prompt):
-            return list(prompt)
-        raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return self.engine.encode(prompt)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
-        ids: Any = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+        return self.engine.apply_chat_template(messages)
 
     def _prepare(self, batch: list[PromptInput]) -> list[tuple[list[int], MultimodalData | None]]:
         """Token ids (image tokens expanded) and image data of every prompt; every error before any work."""
@@ -127,7 +114,7 @@ class LLM:
 
         Every prompt is validated before any runs, so one bad prompt loses no work.
         """
-        single = isinstance(prompts, (str, dict)) or _is_token_ids(prompts)
+        single = isinstance(prompts, (str, dict)) or is_token_ids(prompts)
         batch: list[PromptInput] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         if params is None:
             params = SamplingParams()
@@ -174,6 +161,7 @@ class LLM:
                         "total_s": end - seq.arrival_time,
                         "decode_tokens_per_s": (len(seq.output_ids) - 1) / (end - first) if end > first else 0.0,
                         "num_preemptions": seq.num_preemptions,
+                        "num_cached_tokens": seq.num_cached_tokens,
                     },
                 )
             )

@@ -1,9 +1,10 @@
-"""`kiln build` and `kiln run`."""
+"""`kiln build`, `kiln run` and `kiln serve`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -60,7 +61,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
+    _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of streaming text")
     p.add_argument(
         "--image",
@@ -89,6 +90,50 @@ def _add_run(sub: Any) -> None:
     )
 
 
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
+    p.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        default=0.9,
+        help="on a GPU, the fraction of free memory (after loading) given to the KV-cache pool",
+    )
+    p.add_argument("--no-prefix-caching", action="store_true", help="never reuse cached blocks of earlier prompts")
+
+
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    runtime: dict[str, Any] = {
+        "use_compiled": not args.eager,
+        "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
+        "enable_prefix_caching": not args.no_prefix_caching,
+    }
+    if args.num_kv_blocks is not None:
+        runtime["num_kv_blocks"] = args.num_kv_blocks
+    return runtime
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve an engine over an OpenAI-compatible HTTP API")
+    p.add_argument("engine", help="engine directory written by `kiln build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name", default=None, help="the model name clients send (default: the engine's directory name)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("KILN_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $KILN_API_KEY, else no key)",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body accepted")
+    p.add_argument(
+        "--shutdown-timeout", type=int, default=10, help="seconds in-flight requests get to finish on SIGTERM"
+    )
+    p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_runtime_options(p)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kiln", description="Compile Hugging Face LLMs into inference engines and run them."
@@ -96,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_run(sub)
+    _add_serve(sub)
     return p
 
 
@@ -152,10 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     start = time.perf_counter()
-    runtime: dict[str, Any] = {"use_compiled": not args.eager}
-    if args.num_kv_blocks is not None:
-        runtime["num_kv_blocks"] = args.num_kv_blocks
-    llm = LLM(args.engine, progress=not args.json, **runtime)
+    llm = LLM(args.engine, progress=not args.json, **_runtime(args))
     load_s = time.perf_counter() - start
     prompts: list[Any] = []
     for text in args.prompt:
@@ -276,10 +319,36 @@ def _attach_images(prompts: list[Any], images: list[str], batch_size: int | None
     return [{"prompt": prompts[0], "images": images[i * per : (i + 1) * per]} for i in range(copies)]
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kiln.config import RuntimeConfig
+    from kiln.serve.app import ServeSettings
+    from kiln.serve.server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise KilnError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_bytes < 1024:
+        raise KilnError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    if args.shutdown_timeout < 0:
+        raise KilnError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    name = args.served_model_name or Path(args.engine).resolve().name
+    settings = ServeSettings(model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
+    return serve(
+        args.engine,
+        host=args.host,
+        port=args.port,
+        settings=settings,
+        runtime=RuntimeConfig.from_dict(_runtime(args)),
+        shutdown_timeout_s=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"build": cmd_build, "run": cmd_run}[args.command](args)
+        return {"build": cmd_build, "run": cmd_run, "serve": cmd_serve}[args.command](args)
     except KilnError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2

@@ -117,6 +117,7 @@ class RuntimeConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory_fraction: float = 0.9
     use_compiled: bool = True
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None:

@@ -18,10 +18,12 @@ from kiln.config import RuntimeConfig, torch_dtype
 from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
 from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.progress import Progress
+from kiln.runtime import prompts
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.mm_runner import make_runner
 from kiln.runtime.multimodal import MultimodalData, load_pipeline
+from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
@@ -54,9 +56,7 @@ class Engine:
         facts = self.manifest.model
         self.eos_ids = frozenset(facts.eos_token_ids)
         with progress.stage("load engine", str(self.path)):
-            from transformers import AutoTokenizer
-
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
+            self.tokenizer: Any = self.load_tokenizer()
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
@@ -65,7 +65,7 @@ class Engine:
         self.kv_cache = torch.zeros(
             facts.num_layers, 2, num_blocks, bs, facts.num_kv_heads, facts.head_dim, dtype=dtype, device=self.device
         )
-        self.kv = KVCacheManager(num_blocks, bs)
+        self.kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
         )
@@ -108,7 +108,8 @@ class Engine:
                 )
             return self.runtime.num_kv_blocks
         if self.device.type != "cuda":
-            return needed
+            # Room for a full batch, twice over so finished prompts stay cached for prefix reuse.
+            return 2 * needed
         per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
         free, _total = torch.cuda.mem_get_info(self.device)
         fits = int(free * self.runtime.kv_cache_memory_fraction) // per_block
@@ -117,9 +118,23 @@ class Engine:
                 f"GPU memory left for the KV cache ({free / 2**30:.1f} GiB free) holds {fits} blocks, "
                 f"fewer than one max_seq_len sequence needs ({blocks_per_seq}); lower max_seq_len or free memory"
             )
-        return min(needed, fits)
+        return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
 
     # ---- requests -------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's special tokens), or the ids given."""
+        return prompts.encode(self.tokenizer, prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation through the checkpoint's chat template, ready for the assistant's turn."""
+        return prompts.chat_ids(self.tokenizer, messages)
+
+    def load_tokenizer(self) -> Any:
+        """A tokenizer of this engine of its own: HF fast tokenizers must not be shared across threads."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         build, vocab = self.build, self.manifest.model.vocab_size
@@ -153,6 +168,8 @@ class Engine:
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, mm=mm)
+        if mm is not None:  # blocks holding image tokens are cached under the images' content too
+            seq.block_extra_keys = list(mm.block_extra_keys(self.kv.block_size))
         seq.generator = make_generator(params.seed, self.device)
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, params.stop, params.skip_special_tokens, context_ids=prompt_ids[-4:]
@@ -180,7 +197,9 @@ class Engine:
             return []
         logits, sampled = self.runner.run(plan.chunks)
         for chunk in plan.chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.kv.register_computed(seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys)
         if not sampled:
             return []
         seqs = [plan.chunks[i].seq for i in sampled]

@@ -5,6 +5,8 @@ tokens already in the cache, and a step computes some of the rest under a token 
 sequences go first, in arrival order; waiting ones join while batch slots, budget and cache blocks
 last. A long prompt is split into chunks across steps. When the block pool runs dry, the most
 recently admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+A sequence joining the batch first attaches the cached blocks its tokens start with (prefix caching),
+so only the rest is computed; this also makes recomputing a preempted sequence cheap.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Scheduler:
         self.max_num_tokens = max_num_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefix_query_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of those, tokens whose KV was already cached
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -86,9 +90,16 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not out.preempted:
             seq = self.waiting[0]
-            n = seq.schedulable(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
-            if n == 0 or not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
+            cached = self.kv.match_prefix(seq.request_id, seq.all_ids, seq.block_extra_keys)
+            n = seq.schedulable(cached, min(seq.num_tokens - cached, budget))
+            if n == 0 or not self.kv.allocate(seq.request_id, cached + n):
+                self.kv.free(seq.request_id)  # gives the attached cached blocks back, still registered
                 break
+            seq.num_computed_tokens = cached
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
+            self.prefix_query_tokens += seq.num_tokens
+            self.prefix_hit_tokens += cached
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

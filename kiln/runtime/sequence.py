@@ -34,6 +34,9 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     mm: Any = None  # kiln.runtime.multimodal.MultimodalData of a prompt with images (its mm_hashes, block keys)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
+    # Optional per-block extra prefix-cache keys (e.g. hashes of the images whose tokens a block holds).
+    block_extra_keys: list[Any] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -3,33 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "demo" / "tiny-kiln"
-
-
-def kiln(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True, cwd=REPO)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kiln {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def demo_engine(tmp_path_factory) -> Path:
-    # Exactly the README quickstart's build: no limits given, so they come from the model
-    # (max_position_embeddings 512 -> max_seq_len 512, max_input_len 512).
-    out = tmp_path_factory.mktemp("demo") / "engine"
-    proc = kiln("build", str(DEMO), "-o", str(out))
-    for stage in ("load", "export", "passes", "write", "compile", "verify"):
-        assert f"✓ {stage}" in proc.stderr, f"build did not report stage {stage}:\n{proc.stderr}"
-    assert (out / "compiled.bin").is_file() and (out / "program.pt2").is_file()
-    return out
+from e2e_helpers import REPO, kiln
 
 
 def test_demo_generates_readable_corpus_text(demo_engine):

@@ -43,3 +43,32 @@ def test_preemption_when_the_block_pool_runs_dry(checkpoints, tmp_path, referenc
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0
     assert [o.token_ids for o in outs] == reference_tokens
     assert llm.engine.kv.num_free_blocks == 17
+
+
+def test_prefix_reuse_across_requests(checkpoints, tmp_path):
+    """Prompts that start like an earlier one attach its cached blocks and still match transformers."""
+    ckpt = checkpoints("mistral")  # sliding window 8: reused blocks must still be masked by position
+    engine = build_tiny_engine(ckpt, tmp_path / "e", tokens_per_block=4)
+    base = prompts()[2]  # 21 tokens
+    followers = [base[:17] + [5, 6, 7], base + [9], base[:9]]
+    model = load_reference(ckpt)
+    expected = [greedy(model, p, NEW_TOKENS)[0] for p in [base, *followers]]
+    llm = LLM(engine)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    first = llm.generate([base], params)
+    assert first[0].metrics["num_cached_tokens"] == 0
+    outs = llm.generate(followers, params)
+    assert [o.metrics["num_cached_tokens"] for o in outs] == [16, 20, 8]
+    assert [o.token_ids for o in first + outs] == expected
+    sched = llm.engine.scheduler
+    assert sched.prefix_hit_tokens == 44
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_prefix_caching_can_be_turned_off(checkpoints, tmp_path):
+    engine = build_tiny_engine(checkpoints("mistral"), tmp_path / "e", tokens_per_block=4)
+    llm = LLM(engine, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts()[2]], params)
+    outs = llm.generate([prompts()[2]], params)
+    assert outs[0].metrics["num_cached_tokens"] == 0 and llm.engine.kv.num_cached_blocks == 0

@@ -74,3 +74,37 @@ def test_token_slice_spans_prompt_and_output():
     for start in range(8):
         for end in range(start, 9):
             assert s.token_slice(start, end) == s.all_ids[start:end]
+
+
+def test_a_shared_prompt_prefix_is_computed_once():
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    sched = Scheduler(kv, max_batch_size=4, max_num_tokens=64)
+    first = Sequence(request_id="first", prompt_ids=list(range(10)), params=SamplingParams(max_tokens=4))
+    sched.add(first)
+    plan = sched.schedule()
+    run(plan)
+    for chunk in plan.chunks:  # what the engine does after each step
+        kv.register_computed(chunk.seq.request_id, chunk.seq.token_slice, chunk.seq.num_computed_tokens)
+    second = Sequence(request_id="second", prompt_ids=list(range(9)) + [99], params=SamplingParams(max_tokens=4))
+    sched.add(second)
+    plan = sched.schedule()
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("first", 10, 1), ("second", 8, 2)]
+    assert second.num_cached_tokens == 8
+    assert kv.block_table("second")[:2] == kv.block_table("first")[:2]
+    assert (sched.prefix_query_tokens, sched.prefix_hit_tokens) == (20, 8)
+
+
+def test_a_failed_admission_returns_the_attached_prefix_blocks():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    sched = Scheduler(kv, max_batch_size=4, max_num_tokens=64)
+    a = seq("a", 9)
+    sched.add(a)
+    plan = sched.schedule()
+    run(plan)
+    kv.register_computed("a", a.token_slice, a.num_computed_tokens)
+    big = Sequence(request_id="big", prompt_ids=list(range(8)) + [50] * 12, params=SamplingParams(max_tokens=1))
+    sched.add(big)
+    plan = sched.schedule()  # big would need 5 blocks with its 2 cached ones: it must wait
+    assert [c.seq.request_id for c in plan.chunks] == ["a"]
+    assert kv.block_table("big") == [] and kv.ref_count(kv.block_table("a")[0]) == 1
+    assert big.num_computed_tokens == 0 and sched.waiting[0] is big

@@ -1,0 +1,33 @@
+"""Prompts to token ids: plain text, token ids as given, or a conversation through the chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import RequestError
+
+Prompt = str | list[int]
+
+
+def is_token_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a text prompt (with the tokenizer's special tokens), or the ids given."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt).input_ids)
+    if is_token_ids(prompt):
+        return list(prompt)
+    raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a conversation through the checkpoint's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
+    try:
+        ids: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # jinja raises its own errors for conversations a template rejects
+        raise RequestError(f"the chat template rejected these messages: {exc}") from exc
+    return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]

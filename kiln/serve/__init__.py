@@ -1,0 +1,1 @@
+"""kiln's OpenAI-compatible server: `kiln serve`."""

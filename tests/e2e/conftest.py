@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from e2e_helpers import DEMO, kiln  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory) -> Path:
+    # Exactly the README quickstart's build: no limits given, so they come from the model
+    # (max_position_embeddings 512 -> max_seq_len 512, max_input_len 512).
+    out = tmp_path_factory.mktemp("demo") / "engine"
+    proc = kiln("build", str(DEMO), "-o", str(out))
+    for stage in ("load", "export", "passes", "write", "compile", "verify"):
+        assert f"✓ {stage}" in proc.stderr, f"build did not report stage {stage}:\n{proc.stderr}"
+    assert (out / "compiled.bin").is_file() and (out / "program.pt2").is_file()
+    return out

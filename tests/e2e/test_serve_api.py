@@ -1,0 +1,280 @@
+"""`kiln serve`'s OpenAI surface: options, errors in OpenAI's shape, API key, metrics, shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from e2e_helpers import ServerProcess
+
+from kiln import LLM, SamplingParams
+
+MODEL = "demo"
+
+
+@pytest.fixture(scope="module")
+def server(demo_engine):
+    proc = ServerProcess(demo_engine, "--served-model-name", MODEL, "--max-body-bytes", "65536")
+    yield proc
+    assert proc.stop() == 0
+
+
+def post(server: ServerProcess, path: str, body: object, **kw) -> httpx.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(server.url + path, content=data, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+
+def error_of(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err["message"]
+
+
+def test_models_and_health(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [c["id"] for c in cards] == [MODEL] and cards[0]["max_model_len"] == 512
+
+
+def test_completion_options_match_offline_generate(server, demo_engine):
+    llm = LLM(demo_engine)
+    offline = llm.generate(
+        ["A kiln is", "The potter"],
+        SamplingParams(max_tokens=10, temperature=0.0, stop=["clay"], logprobs=3),
+    )
+    r = post(
+        server,
+        "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": ["A kiln is", "The potter"],
+            "max_tokens": 10,
+            "temperature": 0,
+            "stop": "clay",
+            "logprobs": 3,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["text"] for c in body["choices"]] == [o.text for o in offline]
+    assert [c["finish_reason"] for c in body["choices"]] == [o.finish_reason for o in offline]
+    first = body["choices"][0]["logprobs"]
+    assert len(first["tokens"]) == len(offline[0].token_ids)
+    assert first["token_logprobs"][0] == pytest.approx(offline[0].logprobs[0].logprob, abs=1e-5)
+    assert all(len(top) == 3 for top in first["top_logprobs"])
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in offline)
+    assert usage["completion_tokens"] == sum(len(o.token_ids) for o in offline)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_differ(server):
+    body = {
+        "model": MODEL,
+        "prompt": "Clay is",
+        "max_tokens": 12,
+        "temperature": 6.0,
+        "top_k": 50,
+        "top_p": 0.95,
+        "seed": 7,
+        "n": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.2,
+        "repetition_penalty": 1.1,
+    }
+    a, b = post(server, "/v1/completions", body).json(), post(server, "/v1/completions", body).json()
+    texts = [c["text"] for c in a["choices"]]
+    assert texts == [c["text"] for c in b["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+
+
+def test_chat_streams_openai_chunks_with_usage(server, demo_engine):
+    llm = LLM(demo_engine)
+    ids = llm.apply_chat_template([{"role": "user", "content": "What is a kiln?"}])
+    want = llm.generate([ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is a kiln?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == want.text
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == [want.finish_reason]
+    tops = [c["choices"][0]["logprobs"]["content"] for c in chunks[1:] if c["choices"]]
+    assert all(len(entry["top_logprobs"]) == 2 for group in tops for entry in group)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(want.token_ids)
+
+
+def test_a_repeated_prompt_reports_cached_tokens(server):
+    prompt = "The potter shapes soft clay on a wheel, then dries the pots before the first firing in the kiln."
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    post(server, "/v1/completions", body)
+    second = post(server, "/v1/completions", body).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    assert server.metrics()["kiln_prefix_cache_hits_tokens_total"] >= 16
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"model": "gpt-4", "prompt": "a"}, 404, "not served here"),
+        ({"model": MODEL}, 400, "'prompt' is required"),
+        ({"model": MODEL, "prompt": "a", "bogus": 1}, 400, "unknown field 'bogus'"),
+        ({"model": MODEL, "prompt": "word " * 600}, 400, "max_input_len"),
+        ({"model": MODEL, "prompt": "a", "max_tokens": 100000}, 400, "max_seq_len"),
+        ({"model": MODEL, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "a", "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "a", "top_p": 7}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "a", "n": 10000}, 400, "n"),
+        ({"model": MODEL, "prompt": "a", "logprobs": 99}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "a", "presence_penalty": 1e9}, 400, "presence_penalty"),
+        ({"model": MODEL, "prompt": [1, 2, 10**9]}, 400, "outside the vocabulary"),
+        ({"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
+        ({"model": MODEL, "prompt": "a", "stop": [""]}, 400, "stop"),
+    ],
+)
+def test_bad_completion_requests_get_openai_errors(server, body, status, words):
+    assert words in error_of(post(server, "/v1/completions", body), status)
+
+
+def test_bad_chat_requests_get_openai_errors(server):
+    msg = error_of(post(server, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400)
+    assert "messages" in msg
+    msg = error_of(
+        post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400
+    )
+    assert "role" in msg
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    msg = error_of(
+        post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [image]}]}), 400
+    )
+    assert "no images" in msg
+    msg = error_of(
+        post(
+            server,
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        ),
+        400,
+    )
+    assert "tools" in msg
+
+
+def test_oversized_bodies_are_refused_and_the_server_keeps_serving(server):
+    big = json.dumps({"model": MODEL, "prompt": "a" * 70_000})
+    assert "larger than" in error_of(post(server, "/v1/completions", big), 413)
+
+    def chunks():  # no content-length: the limit must hold for chunked bodies too
+        yield big[:40_000].encode()
+        yield big[40_000:].encode()
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    ok = post(server, "/v1/completions", {"model": MODEL, "prompt": "A kiln is", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_blocks(server):
+    body = {"model": MODEL, "prompt": "A kiln is", "max_tokens": 500, "ignore_eos": True, "temperature": 0.9}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", body, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m["kiln_requests_running"] == 0 and m["kiln_kv_cache_free_blocks"] == m["kiln_kv_cache_blocks"]:
+            break
+        time.sleep(0.1)
+    assert m["kiln_requests_running"] == 0 and m["kiln_kv_cache_free_blocks"] == m["kiln_kv_cache_blocks"]
+    assert m['kiln_requests_total{outcome="abort"}'] >= 1
+
+
+def test_metrics_name_every_required_series(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "kiln_requests_total",
+        "kiln_prompt_tokens_total",
+        "kiln_generation_tokens_total",
+        "kiln_requests_waiting",
+        "kiln_requests_running",
+        "kiln_kv_cache_usage_ratio",
+        "kiln_prefix_cache_hits_tokens_total",
+        "kiln_time_to_first_token_seconds_bucket",
+        "kiln_inter_token_latency_seconds_bucket",
+    ):
+        assert name in text, name
+    assert server.metrics()["kiln_time_to_first_token_seconds_count"] >= 1
+
+
+def test_api_key_is_required_when_set(demo_engine):
+    proc = ServerProcess(demo_engine, "--served-model-name", MODEL, "--api-key", "s3cret")
+    try:
+        body = {"model": MODEL, "prompt": "A kiln is", "max_tokens": 2}
+        assert error_of(post(proc, "/v1/completions", body), 401).startswith("missing or wrong API key")
+        wrong = post(proc, "/v1/completions", body, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert httpx.get(proc.url + "/v1/models").status_code == 401
+        ok = post(proc, "/v1/completions", body, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200, ok.text + proc.output()[-3000:]
+        assert httpx.get(proc.url + "/health").status_code == 200  # probes need no key
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sigterm_drains_or_cancels_in_flight_requests_and_exits_0(demo_engine):
+    proc = ServerProcess(demo_engine, "--served-model-name", MODEL, "--shutdown-timeout", "2")
+    outcomes: list[str] = []
+
+    def stream_one() -> None:
+        body = {
+            "model": MODEL,
+            "prompt": "A kiln is",
+            "max_tokens": 480,
+            "ignore_eos": True,
+            "temperature": 0.9,
+            "stream": True,
+        }
+        try:
+            with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=60) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            outcomes.append("done" if lines and lines[-1] == "data: [DONE]" else "cut")
+        except httpx.HTTPError:
+            outcomes.append("cut")
+
+    threads = [threading.Thread(target=stream_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    start = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    code = proc.proc.wait(timeout=60)
+    took = time.monotonic() - start
+    for t in threads:
+        t.join(30)
+    assert code == 0, proc.output()[-2000:]
+    assert took < 2 + 10, f"shutdown took {took:.1f} s with a 2 s bound"
+    assert len(outcomes) == 8, "every client must get an end to its stream (finished or cut), none may hang"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(proc.url + "/health", timeout=2)
