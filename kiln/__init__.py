@@ -3,6 +3,7 @@
 from kiln.api import LLM, RequestOutput, build
 from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import EngineMismatchError, KilnError, RequestError, UnsupportedModelError
+from kiln.lowlevel import InputSpec, build_llm_engine, build_multimodal_engine
 from kiln.sampling_params import SamplingParams
 from kiln.version import __version__
 
@@ -10,6 +11,9 @@ __all__ = [
     "LLM",
     "RequestOutput",
     "build",
+    "build_llm_engine",
+    "build_multimodal_engine",
+    "InputSpec",
     "BuildConfig",
     "RuntimeConfig",
     "SamplingParams",

@@ -12,8 +12,13 @@ from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import RequestError
 from kiln.progress import Progress
 from kiln.runtime.engine import Engine, StepUpdate
+from kiln.runtime.multimodal import MultimodalData, PipelineTimings
 from kiln.runtime.prompts import Prompt, is_token_ids
 from kiln.sampling_params import SamplingParams
+
+# A prompt with images: {"prompt": "USER: <image>\nDescribe. ASSISTANT:", "images": [path, data URL, bytes or PIL]}
+MultimodalInput = dict[str, Any]
+PromptInput = Prompt | MultimodalInput
 
 
 def build(checkpoint: str | Path, output: str | Path, *, progress: bool = True, **options: Any) -> Path:
@@ -37,12 +42,30 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def split_multimodal_input(prompt: MultimodalInput, index: int = 0) -> tuple[str | list[int], list[Any]]:
+    """(prompt, images) of a {"prompt": ..., "images": [...]} request; unknown keys are errors."""
+    unknown = sorted(set(prompt) - {"prompt", "images"})
+    if unknown or "prompt" not in prompt:
+        raise RequestError(f"prompt {index}: a dict prompt has keys 'prompt' and 'images' (got {sorted(prompt)})")
+    images = prompt.get("images") or []
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    return prompt["prompt"], list(images)
+
+
+def _prompt_text(prompt: object) -> str | None:
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return str(prompt["prompt"])
+    return None
+
+
 class LLM:
     """Generate with an engine directory built by `kiln build`."""
 
     def __init__(self, engine_dir: str | Path, *, progress: bool = False, **runtime: Any) -> None:
         self.engine = Engine(engine_dir, RuntimeConfig.from_dict(runtime), progress=Progress(enabled=progress))
         self.tokenizer = self.engine.tokenizer
+        self.last_profile: dict[str, float] = {}
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.engine.encode(prompt)
@@ -50,9 +73,39 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.engine.apply_chat_template(messages)
 
+    def _prepare(self, batch: list[PromptInput]) -> list[tuple[list[int], MultimodalData | None]]:
+        """Token ids (image tokens expanded) and image data of every prompt; every error before any work."""
+        if self.engine.multimodal is not None:
+            self.engine.multimodal.timings = PipelineTimings()
+        encoded: list[tuple[list[int], MultimodalData | None] | None] = []
+        with_images: list[tuple[int, str | list[int], list[Any]]] = []
+        for i, prompt in enumerate(batch):
+            if isinstance(prompt, dict):
+                text, images = split_multimodal_input(prompt, i)
+                if images:
+                    if self.engine.multimodal is None:
+                        raise RequestError(
+                            f"prompt {i}: this engine was built from a text-only checkpoint and takes no images"
+                        )
+                    with_images.append((i, text, images))
+                    encoded.append(None)
+                    continue
+                prompt = text
+            try:
+                encoded.append((self.encode(prompt), None))
+            except RequestError as exc:
+                raise RequestError(f"prompt {i}: {exc}") from exc
+        if with_images and self.engine.multimodal is not None:
+            prepared = self.engine.multimodal.prepare(
+                [(text, images) for _, text, images in with_images], labels=[i for i, _, _ in with_images]
+            )
+            for (i, _, _), mm_prompt in zip(with_images, prepared):
+                encoded[i] = (mm_prompt.prompt_ids, mm_prompt.mm)
+        return [e for e in encoded if e is not None]
+
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         on_update: Callable[[StepUpdate], None] | None = None,
@@ -61,19 +114,22 @@ class LLM:
 
         Every prompt is validated before any runs, so one bad prompt loses no work.
         """
-        batch: list[Prompt] = [prompts] if isinstance(prompts, str) or is_token_ids(prompts) else list(prompts)  # type: ignore[arg-type, list-item]
+        single = isinstance(prompts, (str, dict)) or is_token_ids(prompts)
+        batch: list[PromptInput] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         if params is None:
             params = SamplingParams()
         param_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(param_list) != len(batch):
             raise RequestError(f"got {len(param_list)} SamplingParams for {len(batch)} prompts")
-        encoded = [self.encode(p) for p in batch]
-        for i, (ids, p) in enumerate(zip(encoded, param_list)):
+        begin = time.perf_counter()
+        encoded = self._prepare(batch)
+        prepared = time.perf_counter()
+        for i, ((ids, _), sp) in enumerate(zip(encoded, param_list)):
             try:
-                self.engine.validate(ids, p)
+                self.engine.validate(ids, sp)
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}") from exc
-        seqs = [self.engine.add_request(ids, p) for ids, p in zip(encoded, param_list)]
+        seqs = [self.engine.add_request(ids, sp, mm=mm) for (ids, mm), sp in zip(encoded, param_list)]
         start = time.perf_counter()
         try:
             while any(not s.is_finished for s in seqs):
@@ -84,6 +140,7 @@ class LLM:
             for seq in seqs:
                 if not seq.is_finished:
                     self.engine.abort(seq.request_id)
+        generated = time.perf_counter()
         outputs = []
         for prompt, seq in zip(batch, seqs):
             self.engine.sequences.pop(seq.request_id, None)
@@ -92,7 +149,7 @@ class LLM:
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
-                    prompt=prompt if isinstance(prompt, str) else None,
+                    prompt=prompt if isinstance(prompt, str) else _prompt_text(prompt),
                     prompt_token_ids=seq.prompt_ids,
                     text=seq.detokenizer.text,
                     token_ids=list(seq.output_ids),
@@ -108,4 +165,30 @@ class LLM:
                     },
                 )
             )
+        self.last_profile = self._profile(seqs, begin, prepared, start, generated)
         return outputs
+
+    def _profile(
+        self, seqs: list[Any], begin: float, prepared: float, start: float, generated: float
+    ) -> dict[str, float]:
+        """Seconds spent per stage of the last generate() call (one batch)."""
+        pipeline = self.engine.multimodal
+        vision_s = pipeline.timings.vision_s if pipeline is not None and pipeline.timings.num_images else 0.0
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        decode_start = time.perf_counter()
+        self.tokenizer.batch_decode([s.output_ids for s in seqs], skip_special_tokens=True)
+        decode_s = time.perf_counter() - decode_start
+        tokens = sum(len(s.output_ids) for s in seqs)
+        ttft = (max(firsts) - start) if firsts else 0.0
+        steps_after_first = max((len(s.output_ids) - 1 for s in seqs), default=0)
+        return {
+            "preprocess_s": (prepared - begin) - vision_s,
+            "vision_s": vision_s,
+            "generate_s": generated - start,
+            "time_to_first_token_s": ttft,
+            "per_token_s": (generated - start - ttft) / steps_after_first if steps_after_first > 0 else 0.0,
+            "decode_s": decode_s,
+            "end_to_end_s": generated - begin + decode_s,
+            "num_images": float(pipeline.timings.num_images if pipeline is not None else 0),
+            "generated_tokens": float(tokens),
+        }

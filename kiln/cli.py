@@ -33,6 +33,13 @@ def _add_build(sub: Any) -> None:
         "--no-compile", action="store_true", help="skip Inductor: the engine runs the captured graph op by op"
     )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
+    p.add_argument(
+        "--max-multimodal-len",
+        type=int,
+        default=None,
+        help="vision-language models: image-feature rows the vision engine is sized for over a batch "
+        "(default: one largest image per request)",
+    )
 
 
 def _add_run(sub: Any) -> None:
@@ -56,6 +63,31 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
     _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of streaming text")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="image file or data URL for the prompt (repeatable; the prompt has one image token per image)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="with --image: run the prompt this many times, the images divided evenly among the copies",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the latency per stage: preprocessing, vision encoder, generation, decode",
+    )
+    p.add_argument(
+        "--check-accuracy",
+        action="store_true",
+        help="run transformers on the same inputs and report whether the greedy tokens match",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="for --check-accuracy: the checkpoint (default: the one built from)"
+    )
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -129,6 +161,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         tokens_per_block=args.tokens_per_block,
         compile=not args.no_compile,
         trust_remote_code=args.trust_remote_code,
+        max_multimodal_len=args.max_multimodal_len,
     )
     print(f"engine written to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
@@ -171,8 +204,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for text in args.prompt:
         prompts.append(llm.apply_chat_template([{"role": "user", "content": text}]) if args.chat else text)
     prompts += [_parse_ids(t) for t in args.prompt_ids]
+    prompts = _attach_images(prompts, args.image, args.batch_size)
 
-    stream = not args.json and len(prompts) == 1
+    stream = not args.json and len(prompts) == 1 and not args.image
     if stream:
         shown = args.prompt[0] if args.prompt and not args.chat else ""
         print(shown, end="", flush=True)
@@ -182,6 +216,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     gen_s = time.perf_counter() - gen_start
     generated = sum(len(o.token_ids) for o in outs)
+    accuracy = None
+    if args.check_accuracy:
+        from kiln.accuracy import check_accuracy
+
+        accuracy = check_accuracy(
+            llm.engine.manifest,
+            prompts,
+            [o.prompt_token_ids for o in outs],
+            [o.token_ids for o in outs],
+            checkpoint=args.checkpoint,
+        )
     if args.json:
         print(
             json.dumps(
@@ -203,11 +248,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                         }
                         for o in outs
                     ],
+                    **({"profile": {k: round(v, 6) for k, v in llm.last_profile.items()}} if args.profile else {}),
+                    **(
+                        {
+                            "accuracy": [
+                                {"index": r.index, "match": r.match, "first_difference": r.first_difference}
+                                for r in accuracy
+                            ]
+                        }
+                        if accuracy is not None
+                        else {}
+                    ),
                 },
                 indent=2,
             )
         )
-        return 0
+        return 0 if accuracy is None or all(r.match for r in accuracy) else 1
     if stream:
         print()
     else:
@@ -220,7 +276,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"first token after {ttft * 1000:.0f} ms; engine load {load_s:.1f} s "
         f"({'compiled' if llm.engine.compiled else 'eager'})[/dim]"
     )
+    if args.profile:
+        err.print(_profile_table(llm.last_profile))
+    if accuracy is not None:
+        for r in accuracy:
+            verdict = "match" if r.match else f"DIFFER from token {r.first_difference}"
+            err.print(f"check-accuracy prompt {r.index}: {len(r.kiln_tokens)} greedy tokens vs transformers: {verdict}")
+        if not all(r.match for r in accuracy):
+            return 1
     return 0
+
+
+def _profile_table(profile: dict[str, float]) -> str:
+    ms = {k: v * 1000 for k, v in profile.items() if k.endswith("_s")}
+    return "\n".join(
+        [
+            f"profile ({int(profile['num_images'])} image(s), {int(profile['generated_tokens'])} generated tokens):",
+            f"  preprocessing      {ms['preprocess_s']:9.1f} ms",
+            f"  vision encoder     {ms['vision_s']:9.1f} ms",
+            f"  LLM generate       {ms['generate_s']:9.1f} ms  "
+            f"(time to first token {ms['time_to_first_token_s']:.1f} ms, {ms['per_token_s']:.2f} ms per token)",
+            f"  tokenizer decode   {ms['decode_s']:9.1f} ms",
+            f"  end to end         {ms['end_to_end_s']:9.1f} ms",
+        ]
+    )
+
+
+def _attach_images(prompts: list[Any], images: list[str], batch_size: int | None) -> list[Any]:
+    """With --image: the single prompt, with all images or (--batch-size B) as B copies sharing them out."""
+    if batch_size is not None and batch_size < 1:
+        raise KilnError("--batch-size must be at least 1")
+    if not images:
+        if batch_size is not None:
+            return prompts * batch_size
+        return prompts
+    if len(prompts) != 1:
+        raise KilnError("--image goes with exactly one --prompt (use --batch-size to run it on several images)")
+    copies = batch_size or 1
+    if len(images) % copies:
+        raise KilnError(f"{len(images)} image(s) cannot be shared evenly by --batch-size {copies}")
+    per = len(images) // copies
+    return [{"prompt": prompts[0], "images": images[i * per : (i + 1) * per]} for i in range(copies)]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

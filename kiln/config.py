@@ -53,6 +53,7 @@ class BuildConfig:
     tokens_per_block: int = 16
     compile: bool = True
     trust_remote_code: bool = False
+    max_multimodal_len: int | None = None  # vision-language engines: image-feature rows over a batch (None: auto)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -62,6 +63,8 @@ class BuildConfig:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             if getattr(self, name) is not None or name not in ("max_input_len", "max_seq_len"):
                 _check_int("BuildConfig", name, getattr(self, name), 1)
+        if self.max_multimodal_len is not None:
+            _check_int("BuildConfig", "max_multimodal_len", self.max_multimodal_len, 1)
         if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise KilnError(f"max_input_len ({self.max_input_len}) cannot exceed max_seq_len ({self.max_seq_len})")
         if self.max_num_tokens < self.max_batch_size:

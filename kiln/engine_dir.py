@@ -18,6 +18,9 @@ MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
 COMPILED = "compiled.bin"
 TOKENIZER_DIR = "tokenizer"
+PROCESSOR_DIR = "processor"
+VISION_DIR = "vision"
+VISION_STATE = "state.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -44,6 +47,24 @@ class ModelFacts:
         return cls(**values)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MultimodalFacts:
+    """What the runtime must know about a vision-language engine's two programs."""
+
+    image_token_id: int
+    hidden_size: int  # width of the LLM program's mm_embeds input
+    max_multimodal_len: int  # image-feature rows the vision program is sized for (over a batch)
+    vision_batch_limit: int  # largest size of the vision program's dynamic dimension
+    position_rows: int  # 1, or 3 for M-RoPE
+    bidirectional_images: bool  # the LLM program takes attend_end: image tokens see their whole image
+    vision_compiled: bool
+    family_config: dict[str, Any] = field(default_factory=dict)  # values the family's run-time hooks read
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MultimodalFacts":
+        return cls(**values)
+
+
 def describe_device(device: torch.device) -> dict[str, Any]:
     """The device facts an engine is tied to."""
     if device.type == "cuda":
@@ -63,6 +84,8 @@ class Manifest:
     model: ModelFacts
     compiled: bool
     timings_s: dict[str, float] = field(default_factory=dict)
+    multimodal: MultimodalFacts | None = None  # vision-language engines only
+    source_checkpoint: str | None = None  # where it was built from (for `kiln run --check-accuracy`)
 
     def to_json(self) -> str:
         data = {
@@ -76,6 +99,10 @@ class Manifest:
             "compiled": self.compiled,
             "timings_s": self.timings_s,
         }
+        if self.multimodal is not None:
+            data["multimodal"] = dict(self.multimodal.__dict__)
+        if self.source_checkpoint is not None:
+            data["source_checkpoint"] = self.source_checkpoint
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -91,6 +118,8 @@ class Manifest:
             model=ModelFacts.from_dict(data["model"]),
             compiled=data["compiled"],
             timings_s=data.get("timings_s", {}),
+            multimodal=MultimodalFacts.from_dict(data["multimodal"]) if data.get("multimodal") else None,
+            source_checkpoint=data.get("source_checkpoint"),
         )
 
 

@@ -136,6 +136,12 @@ def build_engine(
 
 
 def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
+    from kiln.models.vlm_loader import checkpoint_recipe
+
+    if checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind == "vision_language":
+        from kiln.compiler.build_vlm import write_vlm_engine
+
+        return write_vlm_engine(checkpoint, output, config, progress)
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype)
     with progress.stage("load", str(checkpoint)):
@@ -189,5 +195,6 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         model=facts,
         compiled=compiled,
         timings_s=dict(progress.timings),
+        source_checkpoint=str(Path(checkpoint).resolve()),
     )
     write_manifest(output, manifest)

@@ -1,3 +1,7 @@
 """kiln's custom operators. Importing this package registers them with torch.library."""
 
-from kiln.kernels import attention_site, paged_attention  # noqa: F401  (registration side effects)
+from kiln.kernels import (  # noqa: F401  (registration side effects)
+    attention_site,
+    paged_attention,
+    paged_attention_limits,  # noqa: F401
+)

@@ -29,6 +29,7 @@ def _masked_softmax_attention(
     scale: float,
     sliding_window: int,
     softcap: float,
+    q_limits: torch.Tensor | None = None,  # [Tq]: exclusive key-position bound per query (default: position + 1)
 ) -> torch.Tensor:
     num_q_heads, num_kv_heads = q.shape[1], keys.shape[1]
     group = num_q_heads // num_kv_heads
@@ -38,7 +39,10 @@ def _masked_softmax_attention(
     scores = torch.einsum("qhd,khd->hqk", q.float(), keys.float()) * scale
     if softcap > 0.0:
         scores = torch.tanh(scores / softcap) * softcap
-    allowed = k_positions[None, :] <= q_positions[:, None]
+    if q_limits is None:
+        allowed = k_positions[None, :] <= q_positions[:, None]
+    else:
+        allowed = k_positions[None, :] < q_limits[:, None]
     if sliding_window > 0:
         allowed = allowed & (k_positions[None, :] > q_positions[:, None] - sliding_window)
     scores = scores.masked_fill(~allowed[None], float("-inf"))
@@ -88,8 +92,13 @@ def paged_attention(
     scale: float,
     sliding_window: int,
     softcap: float,
+    attend_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write the new keys/values into the paged cache, then attend through each block table."""
+    """Write the new keys/values into the paged cache, then attend through each block table.
+
+    `attend_end [T]`, when given, replaces the causal bound: query i sees keys at positions
+    < attend_end[i] (vision-language models whose image tokens see their whole image).
+    """
     write_kv(kv_cache, layer, k, v, slot_mapping)
     block_size = kv_cache.shape[3]
     key_pages, value_pages = kv_cache[layer, 0], kv_cache[layer, 1]
@@ -108,6 +117,14 @@ def paged_attention(
         k_positions = torch.arange(context_len, device=q.device)
         q_positions = k_positions[context_len - num_new :]
         out[begin:end] = _masked_softmax_attention(
-            q[begin:end], keys, values, q_positions, k_positions, scale, sliding_window, softcap
+            q[begin:end],
+            keys,
+            values,
+            q_positions,
+            k_positions,
+            scale,
+            sliding_window,
+            softcap,
+            None if attend_end is None else attend_end[begin:end],
         )
     return out

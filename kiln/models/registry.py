@@ -41,6 +41,18 @@ RECIPES: dict[str, ModelRecipe] = {
 }
 
 
+def _vision_language_recipes() -> dict[str, ModelRecipe]:
+    from kiln.models.vlm import FAMILIES
+
+    return {
+        name: ModelRecipe(architecture=name, kind="vision_language", tested=True, notes=family.notes)
+        for name, family in FAMILIES.items()
+    }
+
+
+RECIPES.update(_vision_language_recipes())
+
+
 def _transformers_causal_lms() -> set[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -22,7 +22,8 @@ from kiln.runtime import prompts
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.mm_runner import make_runner
+from kiln.runtime.multimodal import MultimodalData, load_pipeline
 from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.scheduler import Scheduler
@@ -69,8 +70,11 @@ class Engine:
         self.scheduler = Scheduler(
             self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
         )
-        self.runner = ModelRunner(program, self.kv_cache, self.kv, self.device)
-        if self.device.type == "cuda" and self.runtime.cuda_graphs:
+        self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self.kv, self.device)
+        # Images -> expanded prompt + features, for engines built from a vision-language checkpoint.
+        self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
+        # Decode steps of text engines replay CUDA graphs (a VLM's program also takes the embedding table).
+        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.manifest.multimodal is None:
             with progress.stage("capture CUDA graphs", "decode steps"):
                 graphs = DecodeGraphs(
                     program,
@@ -163,12 +167,22 @@ class Engine:
         if bad:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        mm: MultimodalData | None = None,
+    ) -> Sequence:
+        """Queue a request; `mm` comes from `self.multimodal.prepare(...)` for a prompt with images."""
         self.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params)
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, mm=mm)
+        if mm is not None:  # blocks holding image tokens are cached under the images' content too
+            seq.block_extra_keys = list(mm.block_extra_keys(self.kv.block_size))
         seq.generator = make_generator(params.seed, self.device)
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, params.stop, params.skip_special_tokens, context_ids=prompt_ids[-4:]

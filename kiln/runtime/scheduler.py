@@ -75,7 +75,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = seq.schedulable(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
             while not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
                 if victim is None:
@@ -91,8 +91,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not out.preempted:
             seq = self.waiting[0]
             cached = self.kv.match_prefix(seq.request_id, seq.all_ids, seq.block_extra_keys)
-            n = min(seq.num_tokens - cached, budget)
-            if not self.kv.allocate(seq.request_id, cached + n):
+            n = seq.schedulable(cached, min(seq.num_tokens - cached, budget))
+            if n == 0 or not self.kv.allocate(seq.request_id, cached + n):
                 self.kv.free(seq.request_id)  # gives the attached cached blocks back, still registered
                 break
             seq.num_computed_tokens = cached

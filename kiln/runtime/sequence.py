@@ -33,6 +33,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    mm: Any = None  # kiln.runtime.multimodal.MultimodalData of a prompt with images (its mm_hashes, block keys)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     # Optional per-block extra prefix-cache keys (e.g. hashes of the images whose tokens a block holds).
     block_extra_keys: list[Any] | None = None
@@ -53,6 +54,10 @@ class Sequence:
         if end <= split:
             return self.prompt_ids[start:end]
         return self.prompt_ids[start:] + self.output_ids[: end - split]
+
+    def schedulable(self, start: int, num_tokens: int) -> int:
+        """How many of `num_tokens` tokens from `start` may run as one chunk (an image block is never split)."""
+        return num_tokens if self.mm is None else self.mm.clip_chunk(start, num_tokens)
 
     @property
     def is_finished(self) -> bool:

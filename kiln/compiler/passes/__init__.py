@@ -15,6 +15,7 @@ import torch
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
 from kiln.compiler.passes.context import PassContext
+from kiln.compiler.passes.image_attention_limits import image_attention_limits
 from kiln.compiler.passes.paged_attention import paged_attention
 
 Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
@@ -22,6 +23,7 @@ Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.Export
 PASSES: list[Pass] = [
     check_attention_captured,
     paged_attention,
+    image_attention_limits,
     check_attention_rewritten,
 ]
 

@@ -15,6 +15,7 @@ def check_attention_rewritten(
     graph = program.graph_module.graph
     left = nodes_calling(graph, torch.ops.kiln.attention_site.default)
     paged = nodes_calling(graph, torch.ops.kiln.paged_attention.default)
+    paged += nodes_calling(graph, torch.ops.kiln.paged_attention_limits.default)
     if left or len(paged) != context.num_layers:
         raise RuntimeError(
             f"paged-attention rewrite incomplete: {len(left)} site(s) left, {len(paged)} paged op(s) "

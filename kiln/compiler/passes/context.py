@@ -12,6 +12,7 @@ import torch
 class PassContext:
     architecture: str
     num_layers: int
+    input_names: tuple[str, ...] = ()  # the program's user inputs; empty: the text engine's INPUT_NAMES
 
 
 def copy_graph(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
@@ -19,15 +20,18 @@ def copy_graph(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     return copy.deepcopy(program.graph_module)
 
 
-def user_input_nodes(program: torch.export.ExportedProgram, graph: torch.fx.Graph) -> dict[str, torch.fx.Node]:
+def user_input_nodes(
+    program: torch.export.ExportedProgram, graph: torch.fx.Graph, names: tuple[str, ...] = ()
+) -> dict[str, torch.fx.Node]:
     """The graph's user-input placeholders, keyed by the wrapper's argument names."""
     from kiln.compiler.capture import INPUT_NAMES
 
+    names = names or INPUT_NAMES
     user_inputs = list(program.graph_signature.user_inputs)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    if len(user_inputs) != len(INPUT_NAMES):
-        raise RuntimeError(f"expected {len(INPUT_NAMES)} user inputs, the program has {len(user_inputs)}")
-    return {name: placeholders[spec] for name, spec in zip(INPUT_NAMES, user_inputs)}
+    if len(user_inputs) != len(names):
+        raise RuntimeError(f"expected {len(names)} user inputs, the program has {len(user_inputs)}")
+    return {name: placeholders[spec] for name, spec in zip(names, user_inputs)}
 
 
 def nodes_calling(graph: torch.fx.Graph, target: object) -> list[torch.fx.Node]:

@@ -12,7 +12,7 @@ def paged_attention(program: torch.export.ExportedProgram, context: PassContext)
     """attention_site(q, k, v, layer, ...) -> paged_attention(q, k, v, kv_cache, metadata..., layer, ...)."""
     module = copy_graph(program)
     graph = module.graph
-    inputs = user_input_nodes(program, graph)
+    inputs = user_input_nodes(program, graph, context.input_names)
     for site in nodes_calling(graph, torch.ops.kiln.attention_site.default):
         q, k, v, layer, scale, sliding_window, softcap = site.args
         with graph.inserting_before(site):

@@ -1,0 +1,86 @@
+"""`kiln run --check-accuracy`: transformers' own greedy generation on the same inputs, token by token."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.engine_dir import Manifest
+from kiln.errors import KilnError
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    index: int
+    kiln_tokens: list[int]
+    reference_tokens: list[int]
+
+    @property
+    def match(self) -> bool:
+        return self.kiln_tokens == self.reference_tokens
+
+    @property
+    def first_difference(self) -> int | None:
+        pairs = zip(self.kiln_tokens, self.reference_tokens)
+        at = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if at is None and len(self.kiln_tokens) != len(self.reference_tokens):
+            at = min(len(self.kiln_tokens), len(self.reference_tokens))
+        return at
+
+
+def _reference(manifest: Manifest, checkpoint: Path) -> tuple[Any, Any, Any]:
+    """(model, processor or tokenizer, vision-language family or None) in the engine's dtype and device."""
+    import transformers
+
+    from kiln.config import torch_dtype
+
+    dtype = torch_dtype(manifest.build.dtype)
+    device = manifest.device["type"]
+    arch = manifest.model.architecture
+    if manifest.multimodal is not None:
+        from kiln.models.vlm import family_for
+
+        family = family_for(arch)
+        model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
+        return model.to(device).eval(), family.load_processor(checkpoint), family
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
+    return model.to(device).eval(), None, None
+
+
+@torch.no_grad()
+def check_accuracy(
+    manifest: Manifest,
+    requests: Sequence[Any],
+    prompt_ids: Sequence[list[int]],
+    kiln_tokens: Sequence[list[int]],
+    checkpoint: str | Path | None = None,
+) -> list[AccuracyResult]:
+    """Greedy tokens of transformers for each request (text prompts by their token ids), against kiln's."""
+    from kiln.runtime.images import load_image
+
+    source = Path(checkpoint or manifest.source_checkpoint or "")
+    if not (source / "config.json").is_file():
+        raise KilnError(
+            f"--check-accuracy needs the checkpoint the engine was built from; {source} has no config.json "
+            "(give it with --checkpoint)"
+        )
+    model, processor, family = _reference(manifest, source)
+    device = next(model.parameters()).device
+    results = []
+    for i, (request, ids, ours) in enumerate(zip(requests, prompt_ids, kiln_tokens)):
+        images = request.get("images") if isinstance(request, dict) else None
+        generator = model
+        if images:
+            inputs = processor(text=[request["prompt"]], images=[load_image(im) for im in images], return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+        else:
+            inputs = {"input_ids": torch.tensor([ids], device=device)}
+            if family is not None:
+                generator = family.text_model(model)  # BLIP-2 generates text through its language model
+        out = generator.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
+        results.append(AccuracyResult(i, list(ours), out[0, inputs["input_ids"].shape[1] :].tolist()))
+    return results

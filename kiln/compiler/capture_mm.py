@@ -1,0 +1,127 @@
+"""Capture a vision-language model's two programs: the vision program and the LLM program.
+
+The LLM program has the text signature (`capture.INPUT_NAMES`) plus the prompt-embedding table:
+`mm_embeds [M, hidden]` (M >= 1) and `mm_index [T]` (row of mm_embeds per packed token, -1 for
+text), and for families whose image tokens attend to their whole image, `attend_end [T]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.compiler.capture import INPUT_NAMES, CacheShape, dynamic_shapes, step_inputs
+from kiln.errors import UnsupportedModelError
+
+MM_INPUT_NAMES = ("mm_embeds", "mm_index")
+LIMITS_INPUT = "attend_end"
+
+
+def llm_input_names(bidirectional_images: bool) -> tuple[str, ...]:
+    return INPUT_NAMES + MM_INPUT_NAMES + ((LIMITS_INPUT,) if bidirectional_images else ())
+
+
+class PackedMultimodalLM(nn.Module):
+    """Embeds packed tokens, splices in image-feature rows and calls the model with inputs_embeds."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        logits_indices: torch.Tensor,
+        kv_cache: torch.Tensor,
+        mm_embeds: torch.Tensor,
+        mm_index: torch.Tensor,
+        attend_end: torch.Tensor | None = None,  # read by the paged-attention op, wired in by a pass
+    ) -> torch.Tensor:
+        is_image = mm_index >= 0
+        model: Any = self.model
+        embed = model.get_input_embeddings()
+        embeds = embed(input_ids.masked_fill(is_image, 0))
+        rows = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(embeds.dtype)
+        embeds = torch.where(is_image[:, None], rows, embeds)
+        position_ids = positions[None] if positions.dim() == 1 else positions[:, None]
+        out = self.model(
+            inputs_embeds=embeds[None], position_ids=position_ids, use_cache=False, logits_to_keep=logits_indices
+        )
+        return out.logits[0]
+
+
+def mm_step_inputs(
+    base: tuple[torch.Tensor, ...], hidden: int, position_rows: int, bidirectional: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """The text step's inputs plus image rows for some of its tokens (every third token is an image token)."""
+    gen = torch.Generator().manual_seed(1)
+    positions = base[1]
+    tokens = positions.shape[0]
+    is_image = torch.arange(tokens) % 3 == 1
+    index = torch.where(is_image, is_image.long().cumsum(0) - 1, -1).to(positions.device)
+    rows = max(int(is_image.sum()), 2)
+    embeds = torch.randn(rows, hidden, generator=gen).to(positions.device, dtype)
+    if position_rows > 1:
+        positions = positions[None].expand(position_rows, tokens).contiguous()
+    extra: tuple[torch.Tensor, ...] = ()
+    if bidirectional:
+        extra = (base[1] + 1 + is_image.to(positions.device).long(),)  # image tokens also see the next token
+    return (base[0], positions, *base[2:], embeds, index, *extra)
+
+
+def capture_llm(
+    model: nn.Module,
+    cache: CacheShape,
+    *,
+    hidden: int,
+    position_rows: int,
+    bidirectional: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    max_num_tokens: int,
+    max_batch_size: int,
+    architecture: str,
+) -> torch.export.ExportedProgram:
+    """torch.export of the LLM part with dynamic token, sequence, cache and table sizes."""
+    wrapper = PackedMultimodalLM(model).eval()
+    base = step_inputs(cache, dtype, device, block_size, cached=(0, 0), new=(3, 5))
+    args = mm_step_inputs(base, hidden, position_rows, bidirectional, dtype)
+    shapes = list(dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2)))
+    tokens = shapes[0][0]
+    if position_rows > 1:
+        shapes[1] = {1: tokens}
+    shapes += [{0: torch.export.Dim("mm_rows", min=1)}, {0: tokens}]
+    if bidirectional:
+        shapes.append({0: tokens})
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, args, dynamic_shapes=tuple(shapes))
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not capture the language model of {architecture}: {type(exc).__name__}: {first_line}"
+        ) from exc
+
+
+def capture_vision(
+    module: nn.Module, args: tuple[torch.Tensor, ...], shapes: tuple[Any, ...], architecture: str
+) -> torch.export.ExportedProgram:
+    """torch.export of the vision program with its dynamic image (or patch) dimension."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(module.eval(), args, dynamic_shapes=shapes)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not capture the vision encoder of {architecture}: {type(exc).__name__}: {first_line}"
+        ) from exc

@@ -1,0 +1,32 @@
+"""Give paged attention a per-query key bound where the program takes `attend_end` (Gemma 3 images)."""
+
+from __future__ import annotations
+
+import torch
+
+import kiln.kernels  # noqa: F401
+from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, user_input_nodes
+
+LIMITS_INPUT = "attend_end"
+
+
+def image_attention_limits(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+    """paged_attention(...) -> paged_attention_limits(..., attend_end, ...) when the program has attend_end."""
+    if LIMITS_INPUT not in context.input_names:
+        return program
+    module = copy_graph(program)
+    graph = module.graph
+    limits = user_input_nodes(program, graph, context.input_names)[LIMITS_INPUT]
+    for node in nodes_calling(graph, torch.ops.kiln.paged_attention.default):
+        q, k, v, cache, slots, tables, lens, starts, layer, scale, window, softcap = node.args
+        with graph.inserting_before(node):
+            limited = graph.call_function(
+                torch.ops.kiln.paged_attention_limits.default,
+                (q, k, v, cache, slots, tables, lens, starts, limits, layer, scale, window, softcap),
+            )
+        limited.meta = dict(node.meta)
+        node.replace_all_uses_with(limited)
+        graph.erase_node(node)
+    graph.lint()
+    module.recompile()
+    return program._update(module, program.graph_signature)

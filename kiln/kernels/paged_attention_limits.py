@@ -1,0 +1,54 @@
+"""`kiln::paged_attention_limits`: paged attention whose causal bound is given per query.
+
+Query i attends to keys at positions < attend_end[i] (and inside its sliding window, if any).
+Text tokens pass position + 1, which is plain causal attention; the image tokens of a Gemma 3
+prompt pass the end of their image, so each image's tokens see each other bidirectionally. Every
+key a query may see must be in the cache or among the step's new tokens: the scheduler never
+splits such an image across prefill chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import reference
+
+
+@torch.library.custom_op("kiln::paged_attention_limits", mutates_args=("kv_cache",))
+def paged_attention_limits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    attend_end: torch.Tensor,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    return reference.paged_attention(
+        q,
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        layer,
+        scale,
+        sliding_window,
+        softcap,
+        attend_end=attend_end,
+    )
+
+
+@paged_attention_limits.register_fake
+def _paged_attention_limits_fake(  # type: ignore[no-untyped-def]
+    q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, attend_end, layer, scale, window, softcap
+):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

@@ -1,0 +1,207 @@
+"""Low-level engine building for models kiln has no recipe for (in the manner of Ditto's API).
+
+    build_llm_engine(language_model, "engines/my-vlm", tokenizer=tok, image_token_id=32000,
+                     max_prompt_embedding_table_size=2304)
+    build_multimodal_engine(vision_wrapper, "engines/my-vlm", input_specs=[InputSpec(shape=(-1, 3, 336, 336))])
+
+The language model is a transformers model whose attention goes through the attention interface and
+that takes `inputs_embeds` and `position_ids`; its engine gets the prompt-embedding table inputs. The
+vision wrapper maps a batch of image tensors (dimension 0 dynamic) to features `[batch, tokens, hidden]`.
+Requests then give token ids (or text) with the image token once per image and each image as the
+wrapper's input tensors: `LLM(dir).generate([{"prompt": ids, "images": [tensor]}])`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.compiler import inductor
+from kiln.compiler.build import _check_cache_shape, cache_shape, model_facts, resolve_device
+from kiln.compiler.build_vlm import check_programs_agree, write_vision_program
+from kiln.compiler.capture import mixed_step_inputs
+from kiln.compiler.capture_mm import capture_llm, llm_input_names, mm_step_inputs
+from kiln.compiler.passes import PassContext, run_passes
+from kiln.config import BuildConfig, torch_dtype
+from kiln.engine_dir import (
+    COMPILED,
+    FORMAT_VERSION,
+    PROCESSOR_DIR,
+    PROGRAM,
+    TOKENIZER_DIR,
+    Manifest,
+    MultimodalFacts,
+    describe_device,
+    read_manifest,
+    write_manifest,
+)
+from kiln.errors import KilnError
+from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint
+from kiln.models.registry import ModelRecipe
+from kiln.models.vlm import CUSTOM_ARCHITECTURE, VisionExample
+from kiln.progress import Progress
+from kiln.version import __version__
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """One vision-program input: its shape with -1 for the dynamic batch dimension (dim 0), and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str | None = None  # None: the engine's dtype
+
+    def __post_init__(self) -> None:
+        if not self.shape or self.shape[0] != -1 or any(d < 1 for d in self.shape[1:]):
+            raise KilnError(f"InputSpec.shape must be (-1, positive sizes...) with a dynamic batch first: {self.shape}")
+
+
+def build_llm_engine(
+    language_model: nn.Module,
+    output: str | Path,
+    *,
+    tokenizer: Any,
+    image_token_id: int,
+    max_prompt_embedding_table_size: int,
+    progress: bool = False,
+    **options: Any,
+) -> Path:
+    """The LLM program of a vision-language engine, with its prompt-embedding table inputs.
+
+    `options` are BuildConfig fields (dtype, device, max_batch_size, max_seq_len, compile...).
+    """
+    from kiln.compiler.attention_interface import register_attention
+
+    config = BuildConfig.from_dict({**options, "max_multimodal_len": max_prompt_embedding_table_size})
+    report = Progress(enabled=progress)
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
+    output = Path(output)
+    register_attention()
+    model: Any = language_model
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.to(device=device, dtype=dtype).eval()
+    shape = cache_shape(model.config)
+    recipe = ModelRecipe(architecture=CUSTOM_ARCHITECTURE, kind="vision_language")
+    loaded = LoadedCheckpoint(model, model.config, tokenizer, recipe, getattr(model, "generation_config", None))
+    facts = model_facts(loaded, shape)
+    config = config.resolved(facts.max_position_embeddings)
+    hidden = int(model.config.get_text_config().hidden_size)
+    names = llm_input_names(False)
+    with report.stage("export", "torch.export, language model"):
+        program = capture_llm(
+            model,
+            shape,
+            hidden=hidden,
+            position_rows=1,
+            bidirectional=False,
+            dtype=dtype,
+            device=device,
+            block_size=config.tokens_per_block,
+            max_num_tokens=config.max_num_tokens,
+            max_batch_size=config.max_batch_size,
+            architecture=type(model).__name__,
+        )
+        _check_cache_shape(program, shape, type(model).__name__)
+    with report.stage("passes"):
+        context = PassContext(architecture=type(model).__name__, num_layers=shape.num_layers, input_names=names)
+        program = run_passes(program, context)
+    output.mkdir(parents=True, exist_ok=True)
+    with report.stage("write"):
+        torch.export.save(program, output / PROGRAM)
+        tokenizer.save_pretrained(output / TOKENIZER_DIR)
+        tokenizer.save_pretrained(output / PROCESSOR_DIR)
+    if config.compile:
+        with report.stage("compile", f"Inductor on {device.type}"):
+            inductor.compile_program(program, output / COMPILED)
+        base = mixed_step_inputs(shape, dtype, device, config.tokens_per_block)
+        inputs = mm_step_inputs(base, hidden, 1, False, dtype)
+        check_programs_agree(program, output / COMPILED, inputs, dtype)
+    mm = MultimodalFacts(
+        image_token_id=int(image_token_id),
+        hidden_size=hidden,
+        max_multimodal_len=max_prompt_embedding_table_size,
+        vision_batch_limit=0,
+        position_rows=1,
+        bidirectional_images=False,
+        vision_compiled=False,
+        family_config={"image_token_id": int(image_token_id)},
+    )
+    manifest = Manifest(
+        kiln_version=__version__,
+        torch_version=torch.__version__,
+        transformers_version=__import__("transformers").__version__,
+        format_version=FORMAT_VERSION,
+        device=describe_device(device),
+        build=config,
+        model=facts,
+        compiled=config.compile,
+        timings_s=dict(report.timings),
+        multimodal=mm,
+    )
+    write_manifest(output, manifest)
+    return output
+
+
+def build_multimodal_engine(
+    vision_module: nn.Module,
+    output: str | Path,
+    *,
+    input_specs: Sequence[InputSpec],
+    max_batch_size: int | None = None,
+    compile: bool = True,
+    progress: bool = False,
+) -> Path:
+    """The vision program of an engine whose LLM program `build_llm_engine` wrote into `output`.
+
+    The batch dimension is dynamic up to `max_batch_size` (default: the LLM's max_prompt_embedding_table_size
+    divided by the features per image).
+    """
+    output = Path(output)
+    manifest = read_manifest(output)
+    mm = manifest.multimodal
+    if mm is None or manifest.model.architecture != CUSTOM_ARCHITECTURE:
+        raise KilnError(f"{output} holds no LLM engine from build_llm_engine: build that first")
+    if not input_specs:
+        raise KilnError("build_multimodal_engine needs at least one InputSpec")
+    device, dtype = resolve_device(manifest.device["type"]), torch_dtype(manifest.build.dtype)
+    vision_module = vision_module.to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    args = tuple(
+        torch.randn(2, *spec.shape[1:], generator=gen).to(device, torch_dtype(spec.dtype) if spec.dtype else dtype)
+        for spec in input_specs
+    )
+    with torch.no_grad():
+        features = vision_module(*args)
+    if features.dim() != 3 or features.shape[0] != 2 or features.shape[2] != mm.hidden_size:
+        raise KilnError(
+            f"the vision module must return [batch, tokens, {mm.hidden_size}] (the language model's hidden size); "
+            f"it returned {tuple(features.shape)}"
+        )
+    per_image = int(features.shape[1])
+    limit = max_batch_size or max(1, mm.max_multimodal_len // per_image)
+    batch = torch.export.Dim("images", min=1, max=max(limit, 2))
+    example = VisionExample(args, tuple({0: batch} for _ in args))
+    compiled = write_vision_program(
+        vision_module,
+        example,
+        output,
+        dtype=dtype,
+        device=device,
+        compile=compile,
+        progress=Progress(enabled=progress),
+        architecture=type(vision_module).__name__,
+        limit=limit,
+    )
+    mm = dataclasses.replace(
+        mm,
+        vision_batch_limit=limit,
+        vision_compiled=compiled,
+        family_config={**mm.family_config, "tokens_per_image": per_image},
+    )
+    write_manifest(output, dataclasses.replace(manifest, multimodal=mm))
+    return output

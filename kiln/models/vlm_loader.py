@@ -1,0 +1,76 @@
+"""Load a vision-language checkpoint: kiln's attention for the language model, SDPA for the vision side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import UnsupportedModelError
+from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint, _offline, check_checkpoint_dir, load_config
+from kiln.models.registry import ModelRecipe, recipe_for
+from kiln.models.vlm import VisionLanguageFamily, family_for
+
+VISION_ATTENTION = "sdpa"
+
+
+def attention_choice(config: Any) -> dict[str, str]:
+    """kiln's attention for the top level and the text model; SDPA for every other sub-model (vision, Q-Former)."""
+    choice = {"": ATTENTION_NAME}
+    for name in getattr(config, "sub_configs", {}):
+        choice[name] = ATTENTION_NAME if name == "text_config" else VISION_ATTENTION
+    return choice
+
+
+def checkpoint_recipe(path: str | Path, *, trust_remote_code: bool = False) -> ModelRecipe:
+    path = Path(path)
+    check_checkpoint_dir(path)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    return recipe_for(getattr(config, "architectures", None), trust_remote_code=trust_remote_code)
+
+
+def load_vision_language(
+    path: str | Path, dtype: torch.dtype, device: torch.device
+) -> tuple[LoadedCheckpoint, VisionLanguageFamily, Any]:
+    """(model + config + tokenizer + recipe + generation config, the family, the checkpoint's processor)."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from kiln.compiler.attention_interface import register_attention
+
+    _offline()
+    path = Path(path)
+    check_checkpoint_dir(path)
+    config = load_config(path)
+    recipe = recipe_for(getattr(config, "architectures", None))
+    family = family_for(recipe.architecture)
+    register_attention()
+    model_class = getattr(transformers, family.architecture)
+    try:
+        model = model_class.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attention_choice(config),
+            use_safetensors=True,
+            local_files_only=True,
+            device_map=str(device) if device.type != "cpu" else None,
+        )
+    except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
+        raise UnsupportedModelError(f"transformers could not load {recipe.architecture} from {path}: {exc}") from exc
+    model.eval()
+    if device.type == "cpu":
+        model.to(device)
+    try:
+        processor = family.load_processor(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UnsupportedModelError(
+            f"{path} has no usable processor for {recipe.architecture} ({type(exc).__name__}: {exc}); "
+            "a vision-language checkpoint needs its processor files (preprocessor/processor config, tokenizer)"
+        ) from exc
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        generation_config = None
+    loaded = LoadedCheckpoint(model, config, processor.tokenizer, recipe, generation_config)
+    return loaded, family, processor

@@ -1,0 +1,82 @@
+"""Vision-language families: kiln's batched greedy output against transformers' generate, on CPU in float32.
+
+Each batch mixes prompts with one image, with two images and without images; tokens must be
+identical and the logits close. Images have different sizes and aspect ratios.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_checkpoints import VLM_FAMILIES, make_vlm_checkpoint, random_image
+from vlm_reference import load_vlm_reference, vlm_greedy
+
+from kiln import LLM, SamplingParams, build
+
+NEW_TOKENS = 8
+LIMITS = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
+ARCHITECTURE = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "blip2": "Blip2ForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+}
+IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "blip2": "", "gemma3": "<start_of_image>"}
+
+
+@pytest.fixture(scope="module")
+def vlm_checkpoints(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = make_vlm_checkpoint(family, tmp_path_factory.mktemp(f"vlm-{family}"))
+        return made[family]
+
+    return get
+
+
+def batch_for(family: str) -> list:
+    tok = IMAGE_TOKEN[family]
+    a, b = random_image(0, 40, 60), random_image(1, 64, 30)
+    if not tok:  # the processor prepends the image tokens: one image per prompt
+        return [
+            {"prompt": "The kiln", "images": [a]},
+            "The kiln fires clay",
+            {"prompt": "Paged attention stores", "images": [b]},
+        ]
+    return [
+        {"prompt": f"{tok}\nThe kiln", "images": [a]},
+        "The kiln fires clay",
+        {"prompt": f"Paged {tok} attention {tok} stores", "images": [b, a]},
+    ]
+
+
+def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> None:
+    seen: dict[str, list[torch.Tensor]] = {}
+    llm.engine.logits_hook = lambda seqs, logits: [
+        seen.setdefault(s.request_id, []).append(logits[i].float()) for i, s in enumerate(seqs)
+    ]
+    outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    model, processor = load_vlm_reference(checkpoint, ARCHITECTURE[family])
+    for prompt, out in zip(batch, outs):
+        text, images = (prompt["prompt"], prompt["images"]) if isinstance(prompt, dict) else (prompt, [])
+        ref_tokens, ref_logits = vlm_greedy(model, processor, text, images, NEW_TOKENS)
+        assert out.token_ids == ref_tokens, f"{family}: {text!r}"
+        worst = max(float((a - b).abs().max()) for a, b in zip(seen[out.request_id], ref_logits))
+        assert worst < 1e-3, f"{family}: {text!r}: logits differ by {worst}"
+
+
+@pytest.mark.parametrize("family", list(VLM_FAMILIES))
+def test_vlm_greedy_matches_transformers(family, vlm_checkpoints, tmp_path):
+    checkpoint = vlm_checkpoints(family)
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **LIMITS)
+    check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
+    # 6 tokens a step: each image's 16 feature tokens are spread over several steps.
+    checkpoint = vlm_checkpoints(family)
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **{**LIMITS, "max_num_tokens": 6})
+    check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))

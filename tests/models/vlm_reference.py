@@ -1,0 +1,35 @@
+"""Greedy generation of a vision-language checkpoint with transformers itself, one prompt at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_vlm_reference(checkpoint: Path, architecture: str) -> tuple[Any, Any]:
+    import transformers
+    from transformers import AutoProcessor
+
+    model = getattr(transformers, architecture).from_pretrained(checkpoint, attn_implementation="eager")
+    return model.eval(), AutoProcessor.from_pretrained(checkpoint)
+
+
+@torch.no_grad()
+def vlm_greedy(
+    model: Any, processor: Any, prompt: str, images: list[Any], new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Generated token ids (stopping at EOS like kiln) and each step's logits."""
+    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    if not images and hasattr(model, "qformer"):  # BLIP-2's generate needs an image; text alone is its LM's
+        model = model.language_model
+    out = model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, [step[0].float() for step in out.logits]

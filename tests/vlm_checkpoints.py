@@ -1,0 +1,178 @@
+"""Tiny random-weight vision-language checkpoints (model + processor), saved with save_pretrained.
+
+Each family keeps its real transformers config, model and processor classes; widths, depths and
+image sizes are small so a build and a comparison with transformers take seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tiny_checkpoints import make_tokenizer
+
+TEXT = dict(
+    vocab_size=336,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+
+
+def tokenizer_with(*tokens: str) -> Any:
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(tokens)})
+    return tok
+
+
+def _llava(directory: Path) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration as Model
+
+    tok = tokenizer_with("<image>")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**CLIP, image_size=56, patch_size=14),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return Model(config), processor
+
+
+def _llava_next(directory: Path) -> tuple[Any, Any]:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import LlavaNextForConditionalGeneration as Model
+
+    tok = tokenizer_with("<image>")
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**CLIP, image_size=28, patch_size=7),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return Model(config), processor
+
+
+def _blip2(directory: Path) -> tuple[Any, Any]:
+    from transformers import (
+        Blip2Config,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+    from transformers import Blip2ForConditionalGeneration as Model
+
+    tok = tokenizer_with("<image>")
+    text = OPTConfig(
+        vocab_size=336,
+        max_position_embeddings=512,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**{**CLIP, "image_size": 28, "patch_size": 14}),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32
+        ),
+        text_config=text,
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    images = BlipImageProcessor(size={"height": 28, "width": 28})
+    return Model(config), Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=4)
+
+
+def _gemma3(directory: Path) -> tuple[Any, Any]:
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import Gemma3ForConditionalGeneration as Model
+
+    tok = make_tokenizer()
+    special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok.add_special_tokens({"additional_special_tokens": list(special.values())})
+    tok = type(tok)(tokenizer_object=tok.backend_tokenizer, extra_special_tokens=special, **tok.special_tokens_map)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in special.items()}
+    text = Gemma3TextConfig(
+        **{**TEXT, "num_key_value_heads": 1},
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**{**CLIP, "image_size": 28, "patch_size": 7}),
+        mm_tokens_per_image=4,
+        image_token_index=ids["image_token"],
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+    )
+    images = Gemma3ImageProcessor(size={"height": 28, "width": 28})
+    return Model(config), Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4)
+
+
+VLM_FAMILIES: dict[str, Callable[[Path], tuple[Any, Any]]] = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "blip2": _blip2,
+    "gemma3": _gemma3,
+}
+
+
+def make_vlm_checkpoint(family: str, directory: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model, processor = VLM_FAMILIES[family](directory)
+    model.eval()
+    # Random init leaves some weights at zero or one (norms, projections): give them noise too, so every
+    # weight matters to the comparison.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def random_image(seed: int, height: int, width: int) -> Any:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
