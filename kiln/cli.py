@@ -112,6 +112,26 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     return runtime
 
 
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="measure latency and throughput, side by side with transformers")
+    p.add_argument("engine", help="engine directory written by `kiln build`")
+    p.add_argument("--compare-hf", default=None, metavar="CHECKPOINT", help="also time transformers on this checkpoint")
+    p.add_argument(
+        "--hf-systems",
+        default="eager,static",
+        help="transformers variants: eager and/or static (static cache + compile)",
+    )
+    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes for the latency runs")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (synthetic ids)")
+    p.add_argument("--output-len", type=int, default=256, help="generated tokens per request (EOS ignored)")
+    p.add_argument("--throughput", action="store_true", help="also submit --num-requests requests at once")
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--output-dir", default="bench-results", help="where bench.json and bench.png go")
+    p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps op by op")
+    _add_runtime_options(p)
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve an engine over an OpenAI-compatible HTTP API")
     p.add_argument("engine", help="engine directory written by `kiln build`")
@@ -142,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_run(sub)
     _add_serve(sub)
+    _add_bench(sub)
     return p
 
 
@@ -319,6 +340,33 @@ def _attach_images(prompts: list[Any], images: list[str], batch_size: int | None
     return [{"prompt": prompts[0], "images": images[i * per : (i + 1) * per]} for i in range(copies)]
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kiln.bench.run import BenchOptions, run
+
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError as exc:
+        raise KilnError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from exc
+    runtime = _runtime(args)
+    runtime["cuda_graphs"] = not args.no_cuda_graphs
+    options = BenchOptions(
+        engine=args.engine,
+        batch_sizes=batch_sizes,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        compare_hf=args.compare_hf,
+        hf_systems=tuple(s.strip() for s in args.hf_systems.split(",") if s.strip()),
+        throughput=args.throughput,
+        num_requests=args.num_requests,
+        output_dir=Path(args.output_dir),
+        runtime=runtime,
+    )
+    run(options, args.argv)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -346,9 +394,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
-        return {"build": cmd_build, "run": cmd_run, "serve": cmd_serve}[args.command](args)
+        commands = {"build": cmd_build, "run": cmd_run, "serve": cmd_serve, "bench": cmd_bench}
+        return commands[args.command](args)
     except KilnError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2

@@ -82,6 +82,7 @@ class SamplingParams:
         logprobs: return the sampled token's log-prob and this many top alternatives (0..20);
             None returns none.
         skip_special_tokens: leave special tokens out of the decoded text.
+        detokenize: produce text; False returns token ids only (benchmarks), and allows no stop strings.
     """
 
     max_tokens: int = 16
@@ -98,6 +99,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
 
     FIELD_NAMES: ClassVar[tuple[str, ...]]
 
@@ -150,6 +152,9 @@ class SamplingParams:
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] or null")
         _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_bool("detokenize", self.detokenize)
+        if not self.detokenize and self.stop:
+            raise RequestError("stop strings need detokenize=True: they are matched in the text")
 
     @staticmethod
     def _normalise_stop(stop: object) -> tuple[str, ...]:

@@ -59,6 +59,7 @@ class Engine:
         with progress.stage("load engine", str(self.path)):
             self.tokenizer: Any = self.load_tokenizer()
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
+            self.weight_bytes = 0  # bytes of the program's parameters and buffers, set when it loads
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
@@ -97,6 +98,7 @@ class Engine:
             if not zipfile.is_zipfile(self.path / PROGRAM):  # before torch, which logs a traceback of its own
                 raise ValueError("not a torch.export archive")
             exported = torch.export.load(self.path / PROGRAM)
+            self.weight_bytes = sum(t.numel() * t.element_size() for t in exported.state_dict.values())
             if not self.compiled:
                 return inductor.EagerProgram(exported)
             name = COMPILED
@@ -241,7 +243,7 @@ class Engine:
             seq.first_token_time = now
         params = seq.params
         is_eos = token in self.eos_ids and not params.ignore_eos
-        if not is_eos and token not in params.stop_token_ids:
+        if not is_eos and token not in params.stop_token_ids and params.detokenize:
             update.delta_text = seq.detokenizer.push(token)
         reason: str | None = None
         if is_eos:
@@ -253,7 +255,7 @@ class Engine:
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.build.seq_len:
             reason = "length"
         if reason is not None:
-            if not seq.detokenizer.stopped:
+            if not seq.detokenizer.stopped and params.detokenize:
                 update.delta_text += seq.detokenizer.flush()
             seq.finish_reason = reason
             seq.finish_time = now

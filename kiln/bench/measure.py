@@ -1,0 +1,147 @@
+"""Timed generation runs: kiln's engine, and transformers' eager and static-cache (compiled) decoding."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from kiln.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    system: str
+    batch: int
+    input_len: int
+    output_len: int
+    ttft_ms: float  # time to the first token of the batch
+    ms_per_token: float  # one decode step: every sequence gains one token
+    total_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * 1000.0 / self.ms_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    system: str
+    num_requests: int
+    input_len: int
+    output_len: int
+    total_s: float
+    mean_ttft_s: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_requests * self.output_len / self.total_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return self.num_requests * (self.input_len + self.output_len) / self.total_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "total_tokens_per_s": self.total_tokens_per_s,
+        }
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Synthetic prompts: speed depends on shapes, not on which tokens they are."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, vocab - 1), (count, length), generator=g).tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kiln_latency(llm: Any, batch: int, input_len: int, output_len: int, seed: int = 0) -> LatencyResult:
+    """Greedy, EOS ignored; fresh prompts for the timed run so the prefix cache cannot help it."""
+    engine = llm.engine
+    vocab = engine.manifest.model.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(random_prompts(batch, input_len, vocab, seed + 1000), params)  # warm up every path
+    prompts = random_prompts(batch, input_len, vocab, seed)
+    _sync(engine.device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    _sync(engine.device)
+    total = time.perf_counter() - start
+    ttft = max(o.metrics["time_to_first_token_s"] for o in outs)
+    return LatencyResult(
+        "kiln", batch, input_len, output_len, ttft * 1000, _per_token_ms(total, ttft, output_len), total
+    )
+
+
+def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int, seed: int = 0) -> ThroughputResult:
+    """Every request submitted at once; the scheduler batches them in flight."""
+    engine = llm.engine
+    vocab = engine.manifest.model.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(random_prompts(2, input_len, vocab, seed + 1000), params)
+    prompts = random_prompts(num_requests, input_len, vocab, seed)
+    _sync(engine.device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    _sync(engine.device)
+    total = time.perf_counter() - start
+    ttft = sum(o.metrics["time_to_first_token_s"] for o in outs) / len(outs)
+    return ThroughputResult("kiln", num_requests, input_len, output_len, total, ttft)
+
+
+def _per_token_ms(total_s: float, ttft_s: float, output_len: int) -> float:
+    if output_len < 2:
+        return ttft_s * 1000
+    return (total_s - ttft_s) / (output_len - 1) * 1000
+
+
+class TransformersBaseline:
+    """transformers' own generate on the same checkpoint: eager (dynamic cache) or static cache + compile."""
+
+    def __init__(self, checkpoint: str, dtype: torch.dtype, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.device = device
+        model: Any = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+        self.model = model.to(device)
+        self.model.eval()
+        self.vocab = int(self.model.config.vocab_size)
+
+    def _generate(self, ids: torch.Tensor, new_tokens: int, static: bool) -> None:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "do_sample": False,
+            "pad_token_id": 0,
+        }
+        if static:
+            kwargs["cache_implementation"] = "static"
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    def latency(self, batch: int, input_len: int, output_len: int, static: bool, seed: int = 0) -> LatencyResult:
+        name = "transformers static+compile" if static else "transformers eager"
+        ids = torch.tensor(random_prompts(batch, input_len, self.vocab, seed), device=self.device)
+        self._generate(ids, output_len, static)  # warm up (and, for the static cache, compile)
+        _sync(self.device)
+        start = time.perf_counter()
+        self._generate(ids, 1, static)
+        _sync(self.device)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        self._generate(ids, output_len, static)
+        _sync(self.device)
+        total = time.perf_counter() - start
+        return LatencyResult(
+            name, batch, input_len, output_len, ttft * 1000, _per_token_ms(total, ttft, output_len), total
+        )

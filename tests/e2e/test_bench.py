@@ -1,0 +1,52 @@
+"""`kiln bench` on the CPU: the table, the JSON report and the chart, side by side with transformers."""
+
+from __future__ import annotations
+
+import json
+
+from e2e_helpers import DEMO, kiln
+
+
+def test_bench_reports_kiln_and_transformers_with_ratios(demo_engine, tmp_path):
+    out = tmp_path / "bench"
+    proc = kiln(
+        "bench",
+        str(demo_engine),
+        "--compare-hf",
+        str(DEMO),
+        "--hf-systems",
+        "eager",
+        "--batch-sizes",
+        "1,2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "6",
+        "--throughput",
+        "--num-requests",
+        "6",
+        "--output-dir",
+        str(out),
+    )
+    report = json.loads((out / "bench.json").read_text())
+    systems = [(r["system"], r["batch"]) for r in report["latency"]]
+    assert systems == [("kiln", 1), ("kiln", 2), ("transformers eager", 1), ("transformers eager", 2)]
+    for row in report["latency"]:
+        assert row["ms_per_token"] > 0 and row["ttft_ms"] > 0
+        assert row["tokens_per_s"] == row["batch"] * 1000 / row["ms_per_token"]
+        assert 0 < row["roofline_fraction"] == row["achieved_gb_s"] * 1e9 / (report["copy_gb_s"] * 1e9)
+    kiln_1 = report["latency"][0]
+    assert kiln_1["vs_system"] == "transformers eager"
+    assert kiln_1["vs_transformers"] == report["latency"][2]["ms_per_token"] / kiln_1["ms_per_token"]
+    assert report["weight_bytes"] > 4_000_000  # the demo's 4.3 MB of weights
+    (throughput,) = report["throughput"]
+    assert throughput["num_requests"] == 6 and throughput["output_tokens_per_s"] > 0
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert "vs transformers" in proc.stdout and "output tok/s" in proc.stdout
+
+
+def test_bench_refuses_shapes_the_engine_cannot_hold(demo_engine, tmp_path):
+    proc = kiln("bench", str(demo_engine), "--input-len", "500", "--output-len", "100", check=False)
+    assert proc.returncode == 2 and "does not fit this engine" in proc.stderr
+    proc = kiln("bench", str(demo_engine), "--batch-sizes", "1,x", check=False)
+    assert proc.returncode == 2 and "--batch-sizes" in proc.stderr
