@@ -147,6 +147,9 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body accepted")
     p.add_argument(
+        "--allow-image-urls", action="store_true", help="let clients send http(s) image URLs for the server to download"
+    )
+    p.add_argument(
         "--shutdown-timeout", type=int, default=10, help="seconds in-flight requests get to finish on SIGTERM"
     )
     p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
@@ -381,7 +384,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         raise KilnError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     name = args.served_model_name or Path(args.engine).resolve().name
-    settings = ServeSettings(model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
+    settings = ServeSettings(
+        model_name=name,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+        allow_image_urls=args.allow_image_urls,
+    )
     return serve(
         args.engine,
         host=args.host,

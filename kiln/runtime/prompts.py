@@ -31,3 +31,20 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     except Exception as exc:  # jinja raises its own errors for conversations a template rejects
         raise RequestError(f"the chat template rejected these messages: {exc}") from exc
     return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """A conversation through the chat template as text, for a processor that tokenizes it with images.
+
+    The processor adds the tokenizer's BOS itself, so a BOS the template wrote is dropped here.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
+    try:
+        text = str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    except Exception as exc:  # jinja raises its own errors for conversations a template rejects
+        raise RequestError(f"the chat template rejected these messages: {exc}") from exc
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text

@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.errors import RequestError
-from kiln.runtime.prompts import chat_ids, encode
+from kiln.runtime.prompts import chat_ids, chat_text, encode
 from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerStopping
+from kiln.serve.images import image_sources
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from kiln.serve.responses import ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage
 
@@ -30,6 +32,7 @@ class ServeSettings:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
+    allow_image_urls: bool = False  # let clients have the server download http(s) images
 
 
 class APIError(Exception):
@@ -108,11 +111,13 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
     # The engine thread detokenizes with the engine's tokenizer; requests are tokenized on the event
     # loop with this one (HF fast tokenizers fail when one instance is used from two threads).
     tokenizer = core.load_tokenizer()
+    vision_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-vision")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.shutdown()
+        vision_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kiln", lifespan=lifespan)
     started = int(time.time())
@@ -240,11 +245,24 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_request(body)
+        mm = None
         if body.has_images():
-            raise APIError(
-                400, "this engine takes no images: it was built from a text-only checkpoint", param="messages"
+            pipeline = core.multimodal
+            if pipeline is None:
+                raise APIError(
+                    400, "this engine takes no images: it was built from a text-only checkpoint", param="messages"
+                )
+            sources = await image_sources(
+                body.image_urls(), allow_http=settings.allow_image_urls, max_bytes=settings.max_body_bytes
             )
-        ids = chat_ids(tokenizer, body.template_messages())
+            text = chat_text(tokenizer, body.template_messages(pipeline.image_token))
+            # Images are decoded and encoded on one worker thread of their own (the processor's tokenizer
+            # must not be shared across threads), off the event loop.
+            loop = asyncio.get_running_loop()
+            (prepared,) = await loop.run_in_executor(vision_worker, pipeline.prepare, [(text, sources)])
+            ids, mm = prepared.prompt_ids, prepared.mm
+        else:
+            ids = chat_ids(tokenizer, body.template_messages())
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.requested_logprobs
         jobs = [(i, body.sampling_params(max_tokens_for(requested, ids), top, i)) for i in range(body.n)]
@@ -253,7 +271,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         states = [ChoiceState(i) for i, _ in jobs]
-        runs = [engine.generate(ids, params, f"{request_id}-{i}") for i, params in jobs]
+        runs = [engine.generate(ids, params, f"{request_id}-{i}", mm) for i, params in jobs]
 
         def chunk(state: ChoiceState, delta: Delta) -> dict[str, Any]:
             return chat_chunk(request_id, created, settings.model_name, state, delta, tokenizer, top is not None)

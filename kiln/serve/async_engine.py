@@ -81,14 +81,16 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        """Yield the request's deltas until it finishes. Leaving early (a client gone) aborts it."""
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, mm: Any = None
+    ) -> AsyncIterator[Delta]:
+        """Yield the request's deltas until it finishes (`mm`: a prompt's image data). Leaving early aborts it."""
         if not self._accepting:
             raise ServerStopping("the server is shutting down and takes no new requests")
         self.engine.validate(prompt_ids, params)  # reads only build limits: safe off the engine thread
         stream = _Stream(asyncio.get_running_loop())
         self._in_flight += 1
-        self._send("add", (request_id, prompt_ids, params, stream))
+        self._send("add", (request_id, prompt_ids, params, stream, mm))
         finished = False
         try:
             while True:
@@ -153,9 +155,9 @@ class AsyncEngine:
                 for request_id in list(self._streams):
                     self._abort(request_id, "abort")
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream) -> None:
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream, mm: Any) -> None:
         try:
-            seq = self.engine.add_request(prompt_ids, params, request_id=request_id)
+            seq = self.engine.add_request(prompt_ids, params, request_id=request_id, mm=mm)
         except RequestError as exc:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Delta(error=str(exc)))
             return

@@ -134,16 +134,25 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("top_logprobs needs logprobs=true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as the chat template expects them (text parts joined; images are refused upstream)."""
+    def template_messages(self, image_token: str | None = None) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them: text parts joined, each image as `image_token`."""
         out = []
         for m in self.messages:
             if isinstance(m.content, str):
                 text = m.content
             else:
-                text = "".join(p.text for p in m.content if isinstance(p, TextPart))
+                text = "".join(p.text if isinstance(p, TextPart) else (image_token or "") for p in m.content)
             out.append({"role": m.role, "content": text})
         return out
+
+    def image_urls(self) -> list[str]:
+        return [
+            p.image_url.url
+            for m in self.messages
+            if not isinstance(m.content, str)
+            for p in m.content
+            if isinstance(p, ImagePart)
+        ]
 
     def has_images(self) -> bool:
         return any(

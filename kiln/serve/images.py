@@ -1,0 +1,44 @@
+"""The images of a chat request: base64 data URLs, and http(s) URLs only when the server allows them.
+
+A local path is never accepted from a client: it would let any caller read the server's files.
+"""
+
+from __future__ import annotations
+
+from kiln.errors import RequestError
+
+
+async def image_sources(urls: list[str], *, allow_http: bool, max_bytes: int, timeout_s: float = 10.0) -> list[object]:
+    """What `MultimodalPipeline.prepare` takes for each `image_url`: the data URL itself, or downloaded bytes."""
+    sources: list[object] = []
+    for i, url in enumerate(urls):
+        if url.startswith("data:"):
+            sources.append(url)
+        elif url.startswith(("http://", "https://")):
+            if not allow_http:
+                raise RequestError(
+                    f"image {i}: this server takes images as base64 data URLs; downloading http(s) images "
+                    "needs `kiln serve --allow-image-urls`"
+                )
+            sources.append(await _download(url, i, max_bytes, timeout_s))
+        else:
+            raise RequestError(f"image {i}: an image_url must be a data:image/...;base64 URL (or http(s) if allowed)")
+    return sources
+
+
+async def _download(url: str, index: int, max_bytes: int, timeout_s: float) -> bytes:
+    import httpx
+
+    data = bytearray()
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise RequestError(f"image {index}: {url[:80]} answered HTTP {response.status_code}")
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise RequestError(f"image {index}: {url[:80]} is larger than {max_bytes} bytes")
+    except httpx.HTTPError as exc:
+        raise RequestError(f"image {index}: {url[:80]} could not be downloaded ({type(exc).__name__})") from exc
+    return bytes(data)
