@@ -20,8 +20,15 @@ ARCHITECTURE = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "blip2": "Blip2ForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
-IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "blip2": "", "gemma3": "<start_of_image>"}
+IMAGE_TOKEN = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "blip2": "",
+    "gemma3": "<start_of_image>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +52,14 @@ def batch_for(family: str) -> list:
             "The kiln fires clay",
             {"prompt": "Paged attention stores", "images": [b]},
         ]
-    return [
+    batch = [
         {"prompt": f"{tok}\nThe kiln", "images": [a]},
         "The kiln fires clay",
         {"prompt": f"Paged {tok} attention {tok} stores", "images": [b, a]},
     ]
+    if family == "qwen2_5_vl":  # native resolution: a larger image has several attention windows
+        batch.append({"prompt": f"{tok}{tok} The", "images": [random_image(2, 112, 100), b]})
+    return batch
 
 
 def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> None:
@@ -74,9 +84,9 @@ def test_vlm_greedy_matches_transformers(family, vlm_checkpoints, tmp_path):
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
 def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
-    # 6 tokens a step: each image's 16 feature tokens are spread over several steps.
+    # 6 tokens a step: each image's feature tokens (16; Qwen2.5-VL 6 and 16) are spread over several steps.
     checkpoint = vlm_checkpoints(family)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **{**LIMITS, "max_num_tokens": 6})
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
