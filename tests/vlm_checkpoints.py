@@ -183,9 +183,12 @@ def _qwen2_5_vl(directory: Path) -> tuple[Any, Any]:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:  # the PIL image processor (transformers >= 5.2x names it ...Pil; before, it was the plain class)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Images
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Images
 
-    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    images = Images(min_pixels=56 * 56, max_pixels=112 * 112)
     return Model(config), _SavedTogether(tok, images)
 
 

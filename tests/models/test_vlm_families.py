@@ -90,3 +90,18 @@ def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
     checkpoint = vlm_checkpoints(family)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **{**LIMITS, "max_num_tokens": 6})
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
+
+
+def test_qwen2_5_vl_compiled_engine(vlm_checkpoints, tmp_path):
+    # The vision tower compiled with Inductor (dynamic patch count) as well as the LLM program; a vision batch of
+    # 16 feature rows (64 patches) makes the four prompts' images run in several vision-program calls.
+    checkpoint = vlm_checkpoints("qwen2_5_vl")
+    engine = build(checkpoint, tmp_path / "engine", progress=False, **{**LIMITS, "max_multimodal_len": 16})
+    llm = LLM(engine)
+    facts = llm.engine.manifest.multimodal
+    assert facts.vision_compiled and facts.vision_batch_limit == 64 and facts.position_rows == 3
+    pipeline = llm.engine.multimodal
+    program, calls = pipeline.program, []
+    pipeline.program = lambda *args: calls.append(args[0].shape[0]) or program(*args)  # merged tokens per call
+    check_against_transformers(llm, checkpoint, "qwen2_5_vl", batch_for("qwen2_5_vl"))
+    assert len(calls) >= 3 and max(calls) <= 16 and sum(calls) == 6 + 6 + 6 + 16 + 6

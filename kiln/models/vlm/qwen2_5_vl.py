@@ -86,7 +86,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen2_5VLVision(nn.Module):
-    """(patches [P, C*T*ps*ps], positions [P, 2], image id [P], window id [P]) -> merged features [P/4, hidden].
+    """Patches grouped by merge unit U (U=4): pixels [M, U, C*T*ps*ps], (row, column) [M, U, 2], image id [M, U],
+    window id [M, U] -> features [M, hidden]. The dynamic dimension is M, the merged tokens of the batch (grouping
+    keeps the patch count a multiple of U without a derived dimension, which Inductor cannot take as an input size).
 
     The blocks' own modules (norms, qkv, projection, MLP) and the merger, with attention computed here:
     the rotary embedding from each patch's (row, column), SDPA with a same-segment mask.
@@ -118,6 +120,8 @@ class Qwen2_5VLVision(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor, window_ids: torch.Tensor
     ) -> torch.Tensor:
+        pixel_values = pixel_values.flatten(0, 1)
+        positions, image_ids, window_ids = positions.flatten(0, 1), image_ids.flatten(), window_ids.flatten()
         hidden = self.patch_embed(pixel_values)
         freqs = (positions[..., None].float() * self.inv_freq).reshape(positions.shape[0], -1)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [P, 1, head_dim]: heads broadcast
@@ -164,6 +168,11 @@ def vision_inputs(grids: list[list[int]], merge: int, window: int) -> tuple[torc
         windows.append(win + window_offset)
         window_offset += int(win.max()) + 1
     return torch.cat(positions), torch.cat(images), torch.cat(windows)
+
+
+def group_by_merge_unit(unit: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-patch tensors [P, ...] as [P / unit, unit, ...] (the vision program's input layout)."""
+    return tuple(t.reshape(-1, unit, *t.shape[1:]) for t in tensors)
 
 
 def rope_index(ids: list[int], grids: list[list[int]], image_token_id: int, merge: int) -> tuple[torch.Tensor, int]:
@@ -225,10 +234,9 @@ class Qwen2_5VL(VisionLanguageFamily):
         width = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(positions.shape[0], width, generator=gen).to(device, dtype)
-        merged = torch.export.Dim("merged_patches", min=1, max=max(limit // unit, positions.shape[0] // unit))
-        patches = unit * merged
-        args = (pixels, positions.to(device), images.to(device), windows.to(device))
-        return VisionExample(args, ({0: patches}, {0: patches}, {0: patches}, {0: patches}))
+        merged = torch.export.Dim("merged_tokens", min=1, max=max(limit // unit, positions.shape[0] // unit))
+        args = group_by_merge_unit(unit, pixels, positions.to(device), images.to(device), windows.to(device))
+        return VisionExample(args, ({0: merged}, {0: merged}, {0: merged}, {0: merged}))
 
     def tokens_per_image(self, config: Any) -> int:
         """Feature rows of one image at the image processor's default largest size."""
@@ -287,7 +295,7 @@ class Qwen2_5VL(VisionLanguageFamily):
             device = batch[0].tensors["pixel_values"].device
             extra = vision_inputs(grids, merge, int(config["window"]))
             pixels = torch.cat([item.tensors["pixel_values"] for item in batch])
-            out = program(pixels, *(t.to(device) for t in extra))
+            out = program(*group_by_merge_unit(merge**2, pixels, *(t.to(device) for t in extra)))
             features.extend(torch.split(out, [int(torch.tensor(g).prod()) // merge**2 for g in grids]))
         return features
 
