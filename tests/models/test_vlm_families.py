@@ -62,7 +62,7 @@ def batch_for(family: str) -> list:
     return batch
 
 
-def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> None:
+def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> list:
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
         seen.setdefault(s.request_id, []).append(logits[i].float()) for i, s in enumerate(seqs)
@@ -75,6 +75,7 @@ def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -
         assert out.token_ids == ref_tokens, f"{family}: {text!r}"
         worst = max(float((a - b).abs().max()) for a, b in zip(seen[out.request_id], ref_logits))
         assert worst < 1e-3, f"{family}: {text!r}: logits differ by {worst}"
+    return outs
 
 
 @pytest.mark.parametrize("family", list(VLM_FAMILIES))
@@ -105,3 +106,25 @@ def test_qwen2_5_vl_compiled_engine(vlm_checkpoints, tmp_path):
     pipeline.program = lambda *args: calls.append(args[0].shape[0]) or program(*args)  # merged tokens per call
     check_against_transformers(llm, checkpoint, "qwen2_5_vl", batch_for("qwen2_5_vl"))
     assert len(calls) >= 3 and max(calls) <= 16 and sum(calls) == 6 + 6 + 6 + 16 + 6
+
+
+def test_qwen2_5_vl_prefix_cache_keys_images(vlm_checkpoints, tmp_path):
+    # M-RoPE positions and image features both live in the cached blocks: a repeated prompt reuses them, the same
+    # prompt with another image of the same size (same token ids) reuses only the blocks before the image.
+    checkpoint = vlm_checkpoints("qwen2_5_vl")
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, tokens_per_block=4, **LIMITS)
+    llm = LLM(engine)
+    tok = IMAGE_TOKEN["qwen2_5_vl"]
+    prompt = f"The kiln fires {tok} clay into stone"
+    a, b = random_image(0, 40, 60), random_image(3, 40, 60)
+    llm.generate([{"prompt": prompt, "images": [a]}], SamplingParams(max_tokens=2, temperature=0.0))
+    outs = check_against_transformers(
+        llm, checkpoint, "qwen2_5_vl", [{"prompt": prompt, "images": [a]}, {"prompt": prompt, "images": [b]}]
+    )
+    start = outs[0].prompt_token_ids.index(engine_image_token_id(llm))
+    same, other = (o.metrics["num_cached_tokens"] for o in outs)
+    assert same > start + 6 and other == start // 4 * 4
+
+
+def engine_image_token_id(llm: LLM) -> int:
+    return llm.engine.manifest.multimodal.image_token_id
