@@ -149,11 +149,83 @@ def _gemma3(directory: Path) -> tuple[Any, Any]:
     return Model(config), Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4)
 
 
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen2_5_vl(directory: Path) -> tuple[Any, Any]:
+    """Windows of 2x2 merged tokens (window_size 56), layer 0 windowed and layer 1 full; images of 16-64 patches.
+
+    Saved as tokenizer + image processor: `Qwen2_5_VLProcessor` needs a video processor, which needs torchvision.
+    """
+    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+    tok = tokenizer_with(*QWEN_VL_TOKENS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_TOKENS}
+    text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    try:  # the PIL image processor (transformers >= 5.2x names it ...Pil; before, it was the plain class)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Images
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Images
+
+    images = Images(min_pixels=56 * 56, max_pixels=112 * 112)
+    return Model(config), _SavedTogether(tok, images)
+
+
+class _SavedTogether:
+    """Saves a tokenizer and an image processor into one directory (a checkpoint's processor files)."""
+
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
+
+    def save_pretrained(self, directory: Path) -> None:
+        for part in self.parts:
+            part.save_pretrained(directory)
+
+
+def qwen_vl_reference_processor(checkpoint: Path) -> Any:
+    """transformers' own `Qwen2_5_VLProcessor` from the checkpoint's files, without the video processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+
+    class NoVideo(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return NoVideo(
+        image_processor=AutoImageProcessor.from_pretrained(checkpoint),
+        tokenizer=AutoTokenizer.from_pretrained(checkpoint),
+        video_processor=None,
+    )
+
+
 VLM_FAMILIES: dict[str, Callable[[Path], tuple[Any, Any]]] = {
     "llava": _llava,
     "llava_next": _llava_next,
     "blip2": _blip2,
     "gemma3": _gemma3,
+    "qwen2_5_vl": _qwen2_5_vl,
 }
 
 

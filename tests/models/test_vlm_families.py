@@ -20,8 +20,15 @@ ARCHITECTURE = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "blip2": "Blip2ForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
-IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "blip2": "", "gemma3": "<start_of_image>"}
+IMAGE_TOKEN = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "blip2": "",
+    "gemma3": "<start_of_image>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +52,17 @@ def batch_for(family: str) -> list:
             "The kiln fires clay",
             {"prompt": "Paged attention stores", "images": [b]},
         ]
-    return [
+    batch = [
         {"prompt": f"{tok}\nThe kiln", "images": [a]},
         "The kiln fires clay",
         {"prompt": f"Paged {tok} attention {tok} stores", "images": [b, a]},
     ]
+    if family == "qwen2_5_vl":  # native resolution: a larger image has several attention windows
+        batch.append({"prompt": f"{tok}{tok} The", "images": [random_image(2, 112, 100), b]})
+    return batch
 
 
-def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> None:
+def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> list:
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
         seen.setdefault(s.request_id, []).append(logits[i].float()) for i, s in enumerate(seqs)
@@ -65,6 +75,7 @@ def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -
         assert out.token_ids == ref_tokens, f"{family}: {text!r}"
         worst = max(float((a - b).abs().max()) for a, b in zip(seen[out.request_id], ref_logits))
         assert worst < 1e-3, f"{family}: {text!r}: logits differ by {worst}"
+    return outs
 
 
 @pytest.mark.parametrize("family", list(VLM_FAMILIES))
@@ -74,9 +85,46 @@ def test_vlm_greedy_matches_transformers(family, vlm_checkpoints, tmp_path):
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
 def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
-    # 6 tokens a step: each image's 16 feature tokens are spread over several steps.
+    # 6 tokens a step: each image's feature tokens (16; Qwen2.5-VL 6 and 16) are spread over several steps.
     checkpoint = vlm_checkpoints(family)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **{**LIMITS, "max_num_tokens": 6})
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
+
+
+def test_qwen2_5_vl_compiled_engine(vlm_checkpoints, tmp_path):
+    # The vision tower compiled with Inductor (dynamic patch count) as well as the LLM program; a vision batch of
+    # 16 feature rows (64 patches) makes the four prompts' images run in several vision-program calls.
+    checkpoint = vlm_checkpoints("qwen2_5_vl")
+    engine = build(checkpoint, tmp_path / "engine", progress=False, **{**LIMITS, "max_multimodal_len": 16})
+    llm = LLM(engine)
+    facts = llm.engine.manifest.multimodal
+    assert facts.vision_compiled and facts.vision_batch_limit == 64 and facts.position_rows == 3
+    pipeline = llm.engine.multimodal
+    program, calls = pipeline.program, []
+    pipeline.program = lambda *args: calls.append(args[0].shape[0]) or program(*args)  # merged tokens per call
+    check_against_transformers(llm, checkpoint, "qwen2_5_vl", batch_for("qwen2_5_vl"))
+    assert len(calls) >= 3 and max(calls) <= 16 and sum(calls) == 6 + 6 + 6 + 16 + 6
+
+
+def test_qwen2_5_vl_prefix_cache_keys_images(vlm_checkpoints, tmp_path):
+    # M-RoPE positions and image features both live in the cached blocks: a repeated prompt reuses them, the same
+    # prompt with another image of the same size (same token ids) reuses only the blocks before the image.
+    checkpoint = vlm_checkpoints("qwen2_5_vl")
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, tokens_per_block=4, **LIMITS)
+    llm = LLM(engine)
+    tok = IMAGE_TOKEN["qwen2_5_vl"]
+    prompt = f"The kiln fires {tok} clay into stone"
+    a, b = random_image(0, 40, 60), random_image(3, 40, 60)
+    llm.generate([{"prompt": prompt, "images": [a]}], SamplingParams(max_tokens=2, temperature=0.0))
+    outs = check_against_transformers(
+        llm, checkpoint, "qwen2_5_vl", [{"prompt": prompt, "images": [a]}, {"prompt": prompt, "images": [b]}]
+    )
+    start = outs[0].prompt_token_ids.index(engine_image_token_id(llm))
+    same, other = (o.metrics["num_cached_tokens"] for o in outs)
+    assert same > start + 6 and other == start // 4 * 4
+
+
+def engine_image_token_id(llm: LLM) -> int:
+    return llm.engine.manifest.multimodal.image_token_id

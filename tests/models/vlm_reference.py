@@ -13,6 +13,10 @@ def load_vlm_reference(checkpoint: Path, architecture: str) -> tuple[Any, Any]:
     from transformers import AutoProcessor
 
     model = getattr(transformers, architecture).from_pretrained(checkpoint, attn_implementation="eager")
+    if architecture == "Qwen2_5_VLForConditionalGeneration":  # its AutoProcessor needs torchvision (videos)
+        from vlm_checkpoints import qwen_vl_reference_processor
+
+        return model.eval(), qwen_vl_reference_processor(checkpoint)
     return model.eval(), AutoProcessor.from_pretrained(checkpoint)
 
 
