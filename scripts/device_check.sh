@@ -29,6 +29,25 @@ for step in "${steps[@]}"; do
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 64 \
                   --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 4096 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
               python benchmarks/decode_profile.py "$eng" --batch 1 2>&1 | tail -n 30 | tee "$out/decode_profile_$cfg.log" ;;
+    bench1b|bench8b)
+              cfg=llama-3.2-1b; [ "$step" = bench8b ] && cfg=llama-3.1-8b
+              ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
+              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              b0=$(date +%s)
+              [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size ${BENCH_MAX_BATCH:-64} \
+                  --max-seq-len ${BENCH_MAX_SEQ:-2048} --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
+              echo "build $cfg: $(( $(date +%s) - b0 )) s" | tee -a "$out/steps.txt"
+              python -m kiln bench "$eng" --compare-hf "$ck" --batch-sizes ${BENCH_BATCHES:-1,8,64} --hf-systems ${BENCH_HF:-eager,static} \
+                  --input-len 128 --output-len 256 --output-dir "$out/bench_$cfg" ${BENCH_EXTRA:-} 2>&1 | tail -n 40 | tee "$out/bench_$cfg.log" ;;
+    throughput8b)
+              cfg=llama-3.1-8b; ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
+              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              b0=$(date +%s)
+              [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 256 \
+                  --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 12 | tee "$out/build_tp.log"
+              echo "build $cfg (batch 256): $(( $(date +%s) - b0 )) s" | tee -a "$out/steps.txt"
+              python -m kiln bench "$eng" --batch-sizes 1 --output-len ${TP_OUT:-1000} --input-len ${TP_IN:-1000} --throughput \
+                  --num-requests ${TP_N:-1000} --output-dir "$out/throughput" 2>&1 | tail -n 30 | tee "$out/throughput.log" ;;
     kernels)  python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 5 | tee "$out/kernels.log" ;;
     cpu)      python -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
   esac
