@@ -18,7 +18,7 @@ from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.sequence import Sequence, Status
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScheduledChunk:
     seq: Sequence
     start: int  # tokens already in the cache
@@ -73,7 +73,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = seq.schedulable(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
             while not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
@@ -83,7 +83,7 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-            if seq not in self.running or n == 0:
+            if seq.status is not Status.RUNNING or n == 0:
                 continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             scheduled.add(id(seq))
