@@ -99,6 +99,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="on a GPU, the fraction of free memory (after loading) given to the KV-cache pool",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="never reuse cached blocks of earlier prompts")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, launch decode steps op by op")
 
 
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +107,7 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
         "use_compiled": not args.eager,
         "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "cuda_graphs": not args.no_cuda_graphs,
     }
     if args.num_kv_blocks is not None:
         runtime["num_kv_blocks"] = args.num_kv_blocks
@@ -128,7 +130,6 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--output-dir", default="bench-results", help="where bench.json and bench.png go")
     p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps op by op")
     _add_runtime_options(p)
 
 
@@ -353,7 +354,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise KilnError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from exc
     runtime = _runtime(args)
-    runtime["cuda_graphs"] = not args.no_cuda_graphs
     options = BenchOptions(
         engine=args.engine,
         batch_sizes=batch_sizes,
