@@ -119,6 +119,8 @@ class RuntimeConfig:
     use_compiled: bool = True
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA engines only)
+    # Launch each decode step before reading the previous one's tokens (None: on CUDA only).
+    overlap_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kiln.runtime.in_flight import TokenPatch, apply_patch
+
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16, up to and including max_batch_size."""
@@ -91,8 +93,12 @@ class DecodeGraphs:
         slots: Sequence[int],
         seq_lens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
+        patch: TokenPatch | None = None,
     ) -> torch.Tensor:
-        """Logits [len(input_ids), vocab] of one decode step (one token per sequence)."""
+        """Logits [len(input_ids), vocab] of one decode step (one token per sequence).
+
+        `patch` = (rows, source rows, device tokens): input_ids[rows] come from the device instead.
+        """
         n = len(input_ids)
         b = self.bucket_for(n)
         if b is None or b not in self._graphs:
@@ -112,6 +118,8 @@ class DecodeGraphs:
         self.tokens[:, :b].copy_(host[:, :b], non_blocking=True)
         self.seq_lens[:b].copy_(self._lens_host[:b], non_blocking=True)
         self.block_tables[:n, :width].copy_(self._tables_host[:n, :width], non_blocking=True)
+        if patch is not None and patch[0]:
+            apply_patch(self.tokens[0], patch, patch[0])
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]

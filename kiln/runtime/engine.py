@@ -21,12 +21,13 @@ from kiln.progress import Progress
 from kiln.runtime import prompts
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.mm_runner import make_runner
 from kiln.runtime.multimodal import MultimodalData, load_pipeline
 from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
-from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
 from kiln.sampling_params import SamplingParams
 
@@ -90,6 +91,9 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
+        self._in_flight: InFlightStep | None = None  # a pipelined decode step whose tokens are unread
+        overlap = self.runtime.overlap_decode
+        self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
 
     def _load_program(self) -> inductor.Program:
         """The engine's program, compiled or op by op; a damaged file is a clear rebuild message."""
@@ -197,6 +201,8 @@ class Engine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             seq.finish_reason = "abort"
+            while seq.output_ids and seq.output_ids[-1] == PENDING_TOKEN:
+                seq.output_ids.pop()
             self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
@@ -205,18 +211,38 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[StepUpdate]:
+        """Schedule, run, sample, post-process; with `overlap_decode`, decode steps are pipelined.
+
+        A pipelined decode step is launched before the previous one's tokens are read: its inputs take
+        those tokens straight from the device, each sequence holds a placeholder for its pending token,
+        and the previous step's post-processing (detokenizing, stop checks) runs while the device works.
+        A sequence that finished meanwhile computed one token too many; that token is dropped.
+        """
         plan = self.scheduler.schedule()
+        pending, self._in_flight = self._in_flight, None
+        overlap = self._can_overlap(plan)
+        updates: list[StepUpdate] = []
+        if pending is not None and not overlap:
+            updates = self._resolve(pending)
+            pending = None
+            plan.chunks = [c for c in plan.chunks if not c.seq.is_finished]
         if not plan.chunks:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if not updates and self.scheduler.waiting and not self.scheduler.running:
                 raise KilnError("the KV-cache pool cannot hold the next waiting request; raise num_kv_blocks")
-            return []
+            return updates
+        if overlap:
+            self._in_flight = self._launch(plan.chunks, pending)
+            updates = self._resolve(pending) if pending is not None else []
+            if all(seq.is_finished for seq in self._in_flight.seqs):  # nothing left to read from it
+                self._in_flight = None
+            return updates
         logits, sampled = self.runner.run(plan.chunks)
         for chunk in plan.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.kv.register_computed(seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys)
         if not sampled:
-            return []
+            return updates
         seqs = [plan.chunks[i].seq for i in sampled]
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
@@ -228,15 +254,64 @@ class Engine:
             [s.output_ids for s in seqs],
             [s.generator for s in seqs],
         )
-        updates = []
         now = time.perf_counter()
         for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             updates.append(self._append(seq, token, logprobs[row] if logprobs is not None else None, now))
         return updates
 
-    def _append(self, seq: Sequence, token: int, logprob: Any, now: float) -> StepUpdate:
+    # ---- pipelined decode ---------------------------------------------------------------------------
+
+    def _can_overlap(self, plan: SchedulerOutput) -> bool:
+        """A plan of decode rows only, none of which reads its own history (penalties) or log-probs."""
+        if not self.overlap_decode or not plan.chunks or plan.preempted or self.logits_hook is not None:
+            return False
+        for chunk in plan.chunks:
+            p = chunk.seq.params
+            if chunk.num_tokens != 1 or not chunk.completes or chunk.seq.mm is not None:
+                return False
+            if p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return False
+        return True
+
+    def _launch(self, chunks: list[ScheduledChunk], pending: InFlightStep | None) -> InFlightStep:
+        patch = None
+        if pending is not None:  # inputs still being sampled: take them from the device
+            row_of = {id(seq): row for row, seq in enumerate(pending.seqs)}
+            pairs = [(j, row_of[id(c.seq)]) for j, c in enumerate(chunks) if c.seq.output_ids[-1] == PENDING_TOKEN]
+            patch = ([j for j, _ in pairs], [row for _, row in pairs], pending.tokens)
+        logits, _ = self.runner.run(chunks, patch)
+        seqs = [c.seq for c in chunks]
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        empty: list[tuple[int, ...]] = [() for _ in seqs]
+        tokens, _ = sample(logits, [s.params for s in seqs], empty, empty, [s.generator for s in seqs])
+        indices = []
+        for seq in seqs:
+            indices.append(len(seq.output_ids))
+            seq.output_ids.append(PENDING_TOKEN)
+        return InFlightStep.start(seqs, indices, tokens)
+
+    def _resolve(self, step: InFlightStep) -> list[StepUpdate]:
+        updates = []
+        now = time.perf_counter()
+        for seq, index, token in zip(step.seqs, step.indices, step.host_tokens()):
+            if seq.is_finished:  # ended at an earlier step: this token was computed past its end
+                continue
+            updates.append(self._append(seq, token, None, now, index=index))
+            if not seq.is_finished:
+                self.kv.register_computed(
+                    seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys
+                )
+        return updates
+
+    def _append(self, seq: Sequence, token: int, logprob: Any, now: float, index: int | None = None) -> StepUpdate:
+        """Add a sampled token (or fill the placeholder at `index`) and decide whether the sequence ends."""
         update = StepUpdate(seq, [token])
-        seq.output_ids.append(token)
+        if index is None:
+            seq.output_ids.append(token)
+            index = len(seq.output_ids) - 1
+        else:
+            seq.output_ids[index] = token
         if logprob is not None:
             seq.logprobs.append(logprob)
         if seq.first_token_time is None:
@@ -252,9 +327,10 @@ class Engine:
             reason, seq.stop_reason = "stop", token
         elif seq.detokenizer.stopped:
             reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.build.seq_len:
+        elif index + 1 >= params.max_tokens or len(seq.prompt_ids) + index + 1 >= self.build.seq_len:
             reason = "length"
         if reason is not None:
+            del seq.output_ids[index + 1 :]  # a placeholder of a step still in flight
             if not seq.detokenizer.stopped and params.detokenize:
                 update.delta_text += seq.detokenizer.flush()
             seq.finish_reason = reason

@@ -8,6 +8,7 @@ import torch
 
 from kiln.compiler.inductor import Program
 from kiln.runtime.cuda_graphs import DecodeGraphs
+from kiln.runtime.in_flight import TokenPatch, apply_patch
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.scheduler import ScheduledChunk
 
@@ -70,17 +71,28 @@ class ModelRunner:
         return tensors, sampled
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
-        """Logits [len(sampled), vocab] for the chunks that complete, and those chunks' indices."""
+    def run(self, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Logits [len(sampled), vocab] for the chunks that complete, and those chunks' indices.
+
+        `patch` = (chunk indices, rows, tokens on the device): those decode chunks' input token is
+        `tokens[row]`, sampled by a step whose result the host has not read yet.
+        """
         graphs = self.graphs
         if graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
             if graphs.bucket_for(len(chunks)) is not None:
-                return self._run_decode_graph(graphs, chunks), list(range(len(chunks)))
+                return self._run_decode_graph(graphs, chunks, patch), list(range(len(chunks)))
         inputs, sampled = self.prepare(chunks)
+        if patch:
+            starts = [0]
+            for c in chunks:
+                starts.append(starts[-1] + c.num_tokens)
+            apply_patch(inputs[0], patch, [starts[j + 1] - 1 for j in patch[0]])
         logits = self.program(*inputs)
         return logits[: len(sampled)], sampled
 
-    def _run_decode_graph(self, graphs: DecodeGraphs, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+    def _run_decode_graph(
+        self, graphs: DecodeGraphs, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None
+    ) -> torch.Tensor:
         bs = self.block_size
         ids, positions, slots, lens, tables = [], [], [], [], []
         for chunk in chunks:
@@ -91,4 +103,4 @@ class ModelRunner:
             slots.append(table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             tables.append(table[: p // bs + 1])
-        return graphs.run(ids, positions, slots, lens, tables)
+        return graphs.run(ids, positions, slots, lens, tables, patch)

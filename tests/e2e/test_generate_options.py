@@ -75,3 +75,24 @@ def test_failed_step_releases_every_request(llm, monkeypatch):
         llm.generate(["A kiln is", "Clay is"], SamplingParams(max_tokens=4))
     assert not llm.engine.has_unfinished()
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_pipelined_decode_gives_the_same_results(llm):
+    """Stops, lengths and seeds come out the same when decode steps are pipelined (the CUDA default)."""
+    from kiln import LLM
+
+    pipelined = LLM(llm.engine.path, overlap_decode=True)
+    assert pipelined.engine.overlap_decode and not llm.engine.overlap_decode
+    prompts = ["A kiln is", "The potter", "Clay is", "Glaze", "Fire in the kiln is hot and", "Bisque"]
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, stop=stop)
+        for m, stop in [(5, ()), (40, ()), (17, ("clay",)), (1, ()), (60, ()), (33, ())]
+    ]
+    for want, got in zip(llm.generate(prompts, params), pipelined.generate(prompts, params)):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    seeded = SamplingParams(max_tokens=30, temperature=0.9, seed=3)
+    assert [o.token_ids for o in llm.generate(prompts, seeded)] == [
+        o.token_ids for o in pipelined.generate(prompts, seeded)
+    ]
+    assert pipelined.engine.kv.num_free_blocks == pipelined.engine.kv.num_blocks
+    assert all(-1 not in o.token_ids for o in pipelined.generate(prompts, params))

@@ -72,3 +72,25 @@ def test_prefix_caching_can_be_turned_off(checkpoints, tmp_path):
     llm.generate([prompts()[2]], params)
     outs = llm.generate([prompts()[2]], params)
     assert outs[0].metrics["num_cached_tokens"] == 0 and llm.engine.kv.num_cached_blocks == 0
+
+
+@pytest.mark.parametrize("num_kv_blocks", [None, 17], ids=["roomy", "preempting"])
+def test_pipelined_decode_matches_transformers(checkpoints, tmp_path, reference_tokens, num_kv_blocks):
+    """Decode steps launched before the previous step's tokens are read (the CUDA default), here on CPU."""
+    engine = build_tiny_engine(checkpoints("mistral"), tmp_path / "e", tokens_per_block=4)
+    runtime = {"overlap_decode": True} | ({"num_kv_blocks": num_kv_blocks} if num_kv_blocks else {})
+    llm = LLM(engine, **runtime)
+    launched = []
+    original = llm.engine._launch
+
+    def spy(chunks, pending):
+        launched.append(pending is not None)
+        return original(chunks, pending)
+
+    llm.engine._launch = spy
+    outs = llm.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert sum(launched) >= NEW_TOKENS // 2, "decode steps should have been pipelined"
+    assert [o.token_ids for o in outs] == reference_tokens
+    if num_kv_blocks:
+        assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
