@@ -198,4 +198,12 @@ def test_from_dict_validates_values_and_type() -> None:
 
 def test_field_names_match_dataclass_fields() -> None:
     assert SamplingParams.FIELD_NAMES == tuple(f.name for f in dataclasses.fields(SamplingParams))
-    assert len(SamplingParams.FIELD_NAMES) == 14
+    assert len(SamplingParams.FIELD_NAMES) == 15
+
+
+def test_token_ids_only_allows_no_stop_strings() -> None:
+    assert SamplingParams(detokenize=False, stop_token_ids=(3,)).detokenize is False
+    with pytest.raises(RequestError, match="detokenize"):
+        SamplingParams(detokenize=False, stop=["end"])
+    with pytest.raises(RequestError, match="detokenize"):
+        SamplingParams(detokenize="no")  # type: ignore[arg-type]
