@@ -48,6 +48,10 @@ for step in "${steps[@]}"; do
               echo "build $cfg (batch 256): $(( $(date +%s) - b0 )) s" | tee -a "$out/steps.txt"
               python -m kiln bench "$eng" --batch-sizes 1 --output-len ${TP_OUT:-1000} --input-len ${TP_IN:-1000} --throughput \
                   --num-requests ${TP_N:-1000} --output-dir "$out/throughput" 2>&1 | tail -n 30 | tee "$out/throughput.log" ;;
+    vlm7b)    python benchmarks/vlm_speed.py --workdir /tmp/kiln-vlm --config llava-1.5-7b --device cuda \
+                  --out "$out/vlm_speed.json" 2>&1 | grep -v Warning | tail -n 30 | tee "$out/vlm_speed.log" ;;
+    vlmfamilies) KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16 python -m pytest -q -p no:cacheprovider \
+                  tests/models/test_vlm_families.py -k greedy 2>&1 | tail -n 15 | tee "$out/vlm_families_bf16.log" ;;
     kernels)  python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 5 | tee "$out/kernels.log" ;;
     cpu)      python -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 15 | tee "$out/cpu_suite.log" ;;
   esac

@@ -8,11 +8,14 @@ from typing import Any
 import torch
 
 
-def load_vlm_reference(checkpoint: Path, architecture: str) -> tuple[Any, Any]:
+def load_vlm_reference(
+    checkpoint: Path, architecture: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[Any, Any]:
     import transformers
     from transformers import AutoProcessor
 
-    model = getattr(transformers, architecture).from_pretrained(checkpoint, attn_implementation="eager")
+    model = getattr(transformers, architecture).from_pretrained(checkpoint, attn_implementation="eager", dtype=dtype)
+    model = model.to(device)
     if architecture == "Qwen2_5_VLForConditionalGeneration":  # its AutoProcessor needs torchvision (videos)
         from vlm_checkpoints import qwen_vl_reference_processor
 
@@ -26,6 +29,8 @@ def vlm_greedy(
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Generated token ids (stopping at EOS like kiln) and each step's logits."""
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    param = next(model.parameters())
+    inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     if not images and hasattr(model, "qformer"):  # BLIP-2's generate needs an image; text alone is its LM's
         model = model.language_model
     out = model.generate(
@@ -36,4 +41,4 @@ def vlm_greedy(
         return_dict_in_generate=True,
     )
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return tokens, [step[0].float() for step in out.logits]
+    return tokens, [step[0].float().cpu() for step in out.logits]
