@@ -2,6 +2,7 @@
 
 from kiln.kernels import (  # noqa: F401  (registration side effects)
     attention_site,
+    linear,
     paged_attention,
     paged_attention_limits,  # noqa: F401
 )

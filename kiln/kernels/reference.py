@@ -128,3 +128,11 @@ def paged_attention(
             None if attend_end is None else attend_end[begin:end],
         )
     return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias over x's last dim, computed in fp32 and returned in x's dtype (`kiln::linear`)."""
+    out = x.float() @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

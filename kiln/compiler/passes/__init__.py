@@ -15,8 +15,10 @@ import torch
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
 from kiln.compiler.passes.context import PassContext
+from kiln.compiler.passes.fuse_projections import fuse_projections
 from kiln.compiler.passes.image_attention_limits import image_attention_limits
 from kiln.compiler.passes.paged_attention import paged_attention
+from kiln.compiler.passes.small_batch_linear import small_batch_linear
 
 Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
 
@@ -25,6 +27,8 @@ PASSES: list[Pass] = [
     paged_attention,
     image_attention_limits,
     check_attention_rewritten,
+    fuse_projections,  # before small_batch_linear: it rewrites the fused linears
+    small_batch_linear,
 ]
 
 
