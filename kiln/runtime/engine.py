@@ -60,7 +60,7 @@ class Engine:
         with progress.stage("load engine", str(self.path)):
             self.tokenizer: Any = self.load_tokenizer()
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
-            self.weight_bytes = 0  # bytes of the program's parameters and buffers, set when it loads
+            self.weight_bytes = 0  # bytes of weights a decode step reads, set when the program loads
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
@@ -102,7 +102,9 @@ class Engine:
             if not zipfile.is_zipfile(self.path / PROGRAM):  # before torch, which logs a traceback of its own
                 raise ValueError("not a torch.export archive")
             exported = torch.export.load(self.path / PROGRAM)
-            self.weight_bytes = sum(t.numel() * t.element_size() for t in exported.state_dict.values())
+            from kiln.bench.roofline import decode_weight_bytes
+
+            self.weight_bytes = decode_weight_bytes(exported)
             if not self.compiled:
                 return inductor.EagerProgram(exported)
             name = COMPILED
