@@ -22,14 +22,21 @@ def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
     raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
 
-def chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of a conversation through the checkpoint's chat template, ready for the assistant's turn."""
+def _render(tokenizer: Any, messages: list[dict[str, Any]], tokenize: bool) -> Any:
+    """The checkpoint's chat template applied for the assistant's turn; template errors become RequestError."""
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
     try:
-        ids: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=tokenize, **({"return_dict": False} if tokenize else {})
+        )
     except Exception as exc:  # jinja raises its own errors for conversations a template rejects
         raise RequestError(f"the chat template rejected these messages: {exc}") from exc
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a conversation through the checkpoint's chat template, ready for the assistant's turn."""
+    ids = _render(tokenizer, messages, tokenize=True)
     return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
 
@@ -38,12 +45,7 @@ def chat_text(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
 
     The processor adds the tokenizer's BOS itself, so a BOS the template wrote is dropped here.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise RequestError("this checkpoint's tokenizer has no chat template; give a plain prompt instead")
-    try:
-        text = str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    except Exception as exc:  # jinja raises its own errors for conversations a template rejects
-        raise RequestError(f"the chat template rejected these messages: {exc}") from exc
+    text = str(_render(tokenizer, messages, tokenize=False))
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
         text = text[len(bos) :]
