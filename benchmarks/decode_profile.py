@@ -26,14 +26,30 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 def decode_speed(llm: LLM, batch: list[list[int]], output_len: int) -> dict[str, float]:
     llm.generate(batch, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(batch, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
-    torch.cuda.synchronize()
-    total = time.perf_counter() - start
+    waited = [0.0]
+    real_sync = torch.cuda.Event.synchronize
+
+    def timed_sync(event: torch.cuda.Event) -> None:  # the host's waits for the device
+        t0 = time.perf_counter()
+        real_sync(event)
+        waited[0] += time.perf_counter() - t0
+
+    torch.cuda.Event.synchronize = timed_sync  # type: ignore[method-assign]
+    try:
+        start = time.perf_counter()
+        outs = llm.generate(batch, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    finally:
+        torch.cuda.Event.synchronize = real_sync  # type: ignore[method-assign]
     ttft = max(o.metrics["time_to_first_token_s"] for o in outs)
     step_ms = (total - ttft) / (output_len - 1) * 1000
-    return {"ttft_ms": ttft * 1000, "ms_per_step": step_ms, "tok_s_per_seq": 1000 / step_ms,
-            "tok_s_total": len(batch) * 1000 / step_ms}
+    return {
+        "ttft_ms": ttft * 1000,
+        "ms_per_step": step_ms,
+        "tok_s_per_seq": 1000 / step_ms,
+        "tok_s_total": len(batch) * 1000 / step_ms,
+    }
 
 
 def main() -> None:
@@ -43,6 +59,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--no-graph-run", action="store_true", help="skip the run without CUDA graphs")
+    ap.add_argument("--top", type=int, default=30, help="kernels to list")
     args = ap.parse_args()
     results = {}
     for graphs in (True, False) if not args.no_graph_run else (True,):
@@ -60,18 +77,28 @@ def main() -> None:
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(5):
             engine.step()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - start
     for s in seqs:
         engine.abort(s.request_id)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     device_total = sum(e.self_device_time_total for e in events) or 1.0
     print(f"{'kernel':70s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
         share = e.self_device_time_total / device_total
         print(f"{e.key[:70]:70s} {e.count // 5:6d} {e.self_device_time_total / 5:9.1f} {share:6.1%}")
-    print(f"device time per step: {device_total / 5 / 1000:.3f} ms")
+    waits = sum(
+        e.cpu_time_total
+        for e in prof.key_averages()
+        if e.key in ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync")
+    )
+    kernels = sum(e.count for e in events) / 5
+    print(f"device time per step: {device_total / 5 / 1000:.3f} ms, kernels per step: {kernels:.0f}")
+    host_ms = (wall * 1e6 - waits) / 5 / 1000
+    print(f"host per step (profiled, waits excluded): {host_ms:.3f} ms of {wall / 5 * 1000:.3f} ms")
     print(json.dumps(results))
 
 

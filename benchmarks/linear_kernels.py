@@ -133,6 +133,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--sweep", action="store_true", help="also time other kernel configurations (1B shapes)")
     ap.add_argument("--sweep-m", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument(
+        "--sweep-one-row",
+        nargs="*",
+        choices=sorted(SHAPES),
+        help="time a wide grid of one-row configurations for every projection of these models",
+    )
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -171,6 +177,8 @@ def main() -> None:
             del ws
     if args.sweep:
         sweep(dtype, args.sweep_m)
+    for model in args.sweep_one_row or []:
+        sweep_one_row(dtype, model, copy)
 
 
 def _short(c: GemvConfig) -> str:
@@ -202,6 +210,39 @@ def sweep(dtype: torch.dtype, ms: list[int]) -> None:
             best = min(t for t, _ in results)
             line = "; ".join(f"{'*' if t == best else ''}{t:.2f} {label}" for t, label in results)
             print(f"{name:8s} M={m:2d} cuBLAS {time_cublas(x, ws):.2f} | {line}", flush=True)
+        del ws
+
+
+ONE_ROW_TILES = [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024), (16, 256)]
+
+
+def sweep_one_row(dtype: torch.dtype, model: str, copy: float) -> None:
+    """Every (tile, warps, split) for one row; prints the default's time and the five fastest."""
+    print(f"\none-row sweep ({model}): us per call, fraction of copy bandwidth; default first")
+    for name, k, n in SHAPES[model]:
+        ws = weights(k, n, dtype)
+        mb = ws[0].numel() * ws[0].element_size() / 1e6
+        x = torch.randn(1, k, dtype=dtype, device="cuda")
+        default = default_config(1, n, k, num_sms(x.device))
+        configs = [default] + [
+            GemvConfig(1, bn, bk, split, warps, 1)
+            for bn, bk in ONE_ROW_TILES
+            for warps in (2, 4, 8)
+            for split in ((1, 2, 4) if k >= 8192 else (1,))
+            if bk * split <= k
+        ]
+        results: list[tuple[float, str]] = []
+        for config in configs:
+            try:
+                err = check(x, ws[0], config)
+                t = time_kernel(x, ws, config)
+            except Exception as exc:  # a configuration that does not compile here: report, go on
+                results.append((math.inf, f"{_short(config)}: {type(exc).__name__}"))
+                continue
+            results.append((t, _short(config) + ("" if err < 2e-2 else f" ERROR {err:.2g}")))
+        ranked = sorted(results[1:])[:5]
+        cells = [f"{t:.2f} ({mb * 1e6 / (t * 1e-6) / copy:.2f}) {label}" for t, label in [results[0], *ranked]]
+        print(f"{name:8s} {mb:6.1f} MB | default {cells[0]} | " + "; ".join(cells[1:]), flush=True)
         del ws
 
 

@@ -29,6 +29,19 @@ for step in "${steps[@]}"; do
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 64 \
                   --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 4096 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
               python benchmarks/decode_profile.py "$eng" --batch 1 2>&1 | tail -n 30 | tee "$out/decode_profile_$cfg.log" ;;
+    variants1b) # the 1B decode step, built and run once per variant: VARIANTS="name:VAR=1,VAR2=0 ..."
+              cfg=llama-3.2-1b; ck=/tmp/kiln-bench/$cfg-ckpt
+              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
+                name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
+                [ -d "$eng" ] || env ${vars//,/ } python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda \
+                    --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 2
+                echo "--- variant $name ($vars)"
+                env ${vars//,/ } python benchmarks/decode_profile.py "$eng" --batch 1 --no-graph-run --top ${TOP:-40} 2>&1 \
+                    | grep -v Warning | tail -n 48 | tee "$out/decode_profile_$name.log"
+              done ;;
+    linsweep) python benchmarks/linear_kernels.py --models 1b --m 1 --sweep-one-row ${SWEEP_MODELS:-1b 8b} 2>&1 \
+                  | tail -n 30 | tee "$out/linear_sweep.log" ;;
     bench1b|bench8b)
               cfg=llama-3.2-1b; [ "$step" = bench8b ] && cfg=llama-3.1-8b
               ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine

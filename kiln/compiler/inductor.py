@@ -9,6 +9,7 @@ restores the generated code (and, on GPU, the compiled kernels) instead of compi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +60,22 @@ class CompiledProgram:
         return self.artifact(*self.state, *inputs)[self.output]
 
 
+def _config_patches(fakes: list[Any]) -> dict[str, Any]:
+    """Inductor options for this program: programmatic dependent launch for its Triton kernels
+    on Hopper and newer GPUs (see `kiln.kernels.triton.pdl`), when this torch has the option."""
+    devices = {t.device for t in fakes if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    if not devices or not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        return {}
+    try:
+        from kiln.kernels.triton.pdl import enabled
+    except ImportError:  # no triton
+        return {}
+    patches: dict[str, Any] = {"triton.enable_pdl": all(enabled(d) for d in devices)}
+    if os.environ.get("KILN_COMBO_KERNELS") == "1":
+        patches["combo_kernels"] = True
+    return patches
+
+
 def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """Compile the lifted graph with its symbolic shapes and save the artifact at `path`."""
     from torch._inductor import standalone_compile
@@ -66,7 +83,11 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     graph_module = program.graph_module
     fakes = [n.meta["val"] for n in graph_module.graph.nodes if n.op == "placeholder"]
     fake_mode = next(t.fake_mode for t in fakes if isinstance(t, torch._subclasses.fake_tensor.FakeTensor))
-    with torch.no_grad(), torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+    with (
+        torch.no_grad(),
+        torch._guards.tracing(torch._guards.TracingContext(fake_mode)),
+        torch._inductor.config.patch(_config_patches(fakes)),
+    ):
         artifact = standalone_compile(graph_module, fakes, dynamic_shapes="from_tracing_context", options={})
     artifact.save(path=str(path), format="binary")
 

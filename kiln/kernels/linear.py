@@ -47,16 +47,27 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 @torch.library.custom_op("kiln::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, constant_weight: bool = False
+) -> torch.Tensor:
+    """constant_weight: no kernel ever writes `weight` (a model parameter); the kernel may then read
+    it before the previous kernel has finished (see `kiln.kernels.triton.pdl`)."""
     if use_kernel(x, weight, bias):
         from kiln.kernels.triton.gemv import linear_triton
 
-        out = linear_triton(x.reshape(-1, x.shape[-1]), weight, None if bias is None else bias.contiguous())
+        out = linear_triton(
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            None if bias is None else bias.contiguous(),
+            constant_weight=constant_weight,
+        )
         return out.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
 
 @linear.register_fake
-def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _linear_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, constant_weight: bool = False
+) -> torch.Tensor:
     # Both paths return a new contiguous tensor.
     return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -13,7 +13,9 @@ Per row, in this order:
 1. penalties: repetition penalty (Hugging Face rule) over ``histories[i]``
    (prompt + generated ids), then presence and frequency penalties (OpenAI
    rule) over ``generated[i]`` only;
-2. greedy rows (temperature 0): ``torch.argmax``, so ties go to the lowest id;
+2. greedy rows (temperature 0): ``torch.argmax``, so ties go to the lowest id (a batch of
+   greedy rows with no penalty and no log-probs: `kiln.kernels.argmax`, the same indices
+   from a parallel kernel on CUDA, without the float32 copy);
 3. other rows: divide by the temperature, keep the top-k, then the top-p
    nucleus, then drop tokens below ``min_p`` times the top token's
    probability, and draw with ``torch.multinomial(probs, 1, generator=g)``.
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.kernels.argmax import argmax_rows
 from kiln.sampling_params import SamplingParams
 
 
@@ -115,6 +118,9 @@ def sample(
     device = logits.device
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=device), None
+    if all(_plain_greedy(p) for p in params):
+        # argmax is exact in the logits' own dtype: no float32 copy, one parallel reduction.
+        return argmax_rows(logits), None
 
     scores = logits.to(torch.float32, copy=True)
     _apply_penalties(scores, params, histories, generated)
@@ -146,6 +152,17 @@ def sample(
             tokens.index_copy_(0, index, drawn)
 
     return tokens, _logprobs(scores, tokens, params)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that needs the float32 scores: no penalty, no log-probs."""
+    return (
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+    )
 
 
 def _check_inputs(

@@ -177,6 +177,8 @@ def test_pass_rewrites_only_cuda_half_linears():
     forced = rewrite_linears(program, lambda node: True)
     assert len(nodes_calling(forced.graph, torch.ops.kiln.linear.default)) == 2
     assert not nodes_calling(forced.graph, torch.ops.aten.linear.default)
+    # Both weights are parameters: the kernel may read them before the previous kernel ends.
+    assert [n.args[3] for n in nodes_calling(forced.graph, torch.ops.kiln.linear.default)] == [True, True]
     with torch.no_grad():
         assert torch.equal(forced.module()(x), program.module()(x))
     if ON_GPU:
@@ -187,3 +189,22 @@ def test_pass_rewrites_only_cuda_half_linears():
         assert len(nodes_calling(rewritten.graph, torch.ops.kiln.linear.default)) == 2
         with torch.no_grad():
             assert_close(rewritten.module()(xc), block(xc), torch.bfloat16, "rewritten block")
+
+
+class _ComputedWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight * 2.0)
+
+
+def test_a_computed_weight_is_not_marked_constant():
+    x = torch.randn(1, 16)
+    program = torch.export.export(_ComputedWeight().eval(), (x,))
+    forced = rewrite_linears(program, lambda node: True)
+    (call,) = nodes_calling(forced.graph, torch.ops.kiln.linear.default)
+    assert call.args[3] is False
+    with torch.no_grad():
+        assert torch.equal(forced.module()(x), program.module()(x))

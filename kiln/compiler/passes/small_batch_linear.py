@@ -32,19 +32,32 @@ def pays_off(node: torch.fx.Node) -> bool:
     return wv.is_cuda and wv.dim() == 2 and wv.dtype in KERNEL_DTYPES and xv.dtype == wv.dtype and wv.stride(-1) == 1
 
 
+def constant_inputs(program: torch.export.ExportedProgram) -> set[str]:
+    """Names of the placeholders that hold parameters, unmutated buffers or constants (never written by a kernel)."""
+    signature = program.graph_signature
+    mutated = set(signature.buffers_to_mutate.values())
+    buffers = {name for name, target in signature.inputs_to_buffers.items() if target not in mutated}
+    return {*signature.inputs_to_parameters, *buffers, *signature.inputs_to_lifted_tensor_constants}
+
+
 def rewrite_linears(
     program: torch.export.ExportedProgram, select: Callable[[torch.fx.Node], bool]
 ) -> torch.export.ExportedProgram:
-    """aten.linear(x, w, b) -> kiln.linear(x, w, b) for each linear node that `select` accepts."""
+    """aten.linear(x, w, b) -> kiln.linear(x, w, b, constant_weight) for each linear node that
+    `select` accepts; constant_weight says whether w is a parameter, buffer or constant."""
     if not any(select(n) for n in nodes_calling(program.graph_module.graph, LINEAR)):
         return program
+    constants = constant_inputs(program)
     module = copy_graph(program)
     graph = module.graph
     for node in nodes_calling(graph, LINEAR):
         if not select(node):
             continue
+        x, weight, *rest = node.args
+        bias = rest[0] if rest else node.kwargs.get("bias")
+        constant = isinstance(weight, torch.fx.Node) and weight.op == "placeholder" and weight.name in constants
         with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.kiln.linear.default, tuple(node.args), dict(node.kwargs))
+            call = graph.call_function(torch.ops.kiln.linear.default, (x, weight, bias, constant))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
@@ -62,4 +75,4 @@ def small_batch_linear(program: torch.export.ExportedProgram, context: PassConte
     return rewrite_linears(program, pays_off)
 
 
-__all__ = ["pays_off", "rewrite_linears", "small_batch_linear"]
+__all__ = ["constant_inputs", "pays_off", "rewrite_linears", "small_batch_linear"]

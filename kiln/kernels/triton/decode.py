@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
+from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
 
 MIN_KEYS_PER_SPLIT = 128
@@ -78,7 +80,10 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
+    allow_dependents(PDL)
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -160,7 +165,10 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     NUM_Q_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
+    allow_dependents(PDL)
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -235,6 +243,7 @@ def decode_attention(
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(num_tokens, num_kv_heads, num_splits)](
         out,
         part_acc,
@@ -266,8 +275,10 @@ def decode_attention(
         SOFTCAP=softcap > 0.0,
         IEEE_DOT=q.dtype == torch.float32,
         INTERPRET=interpreting(),
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(pdl),
     )
     if num_splits > 1:
         _merge_kernel[(num_tokens, num_q_heads)](
@@ -279,6 +290,8 @@ def decode_attention(
             NUM_Q_HEADS=num_q_heads,
             NUM_SPLITS=num_splits,
             HEAD_DIM=head_dim,
+            PDL=pdl,
             num_warps=4,
+            **launch_options(pdl),
         )
     return out

@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
+from kiln.kernels.triton.pdl import enabled as pdl_enabled
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -70,6 +73,45 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 @triton.jit
+def _load_w(w_ptrs, n_ok, k_idx, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    if EVEN_K:
+        if EVEN_N:
+            return tl.load(w_ptrs)
+        else:
+            return tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        return tl.load(w_ptrs, mask=n_ok[:, None] & (k_idx < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x(x_ptrs, m_ok, k_idx, K, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    if EVEN_K:
+        return tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+    else:
+        return tl.load(x_ptrs, mask=m_ok[:, None] & (k_idx < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_product(xv, wv, BLOCK_M: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, IEEE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """One K tile's contribution: [BN, BM] (DOT and SWAP), [BM, BN] (DOT), [BN, BK] (one row) or [BM, BN, BK]."""
+    if DOT:
+        if SWAP:
+            if IEEE_DOT:
+                return tl.dot(wv, tl.trans(xv), input_precision="ieee")
+            else:
+                return tl.dot(wv, tl.trans(xv))
+        else:
+            if IEEE_DOT:
+                return tl.dot(xv, tl.trans(wv), input_precision="ieee")
+            else:
+                return tl.dot(xv, tl.trans(wv))
+    elif BLOCK_M == 1:
+        return wv.to(tl.float32) * xv.to(tl.float32)
+    else:
+        return xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
+
+
+@triton.jit
 def _linear_kernel(  # type: ignore[no-untyped-def]
     x,
     w,
@@ -96,10 +138,13 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     EVEN_K: tl.constexpr,  # K == SPLIT * K_PER_SPLIT
     SPLIT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch
+    EARLY_W: tl.constexpr,  # the weight is constant: its first tile may be read before the wait
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
+    allow_dependents(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -114,46 +159,33 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     elif BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K_PER_SPLIT, BLOCK_K):
-        if EVEN_K:
-            xv = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            if EVEN_N:
-                wv = tl.load(w_ptrs)
-            else:
-                wv = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = (k_begin + k + offs_k) < K
-            xv = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wv = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT:
-            if SWAP:
-                if IEEE_DOT:
-                    acc += tl.dot(wv, tl.trans(xv), input_precision="ieee")
-                else:
-                    acc += tl.dot(wv, tl.trans(xv))
-            else:
-                if IEEE_DOT:
-                    acc += tl.dot(xv, tl.trans(wv), input_precision="ieee")
-                else:
-                    acc += tl.dot(xv, tl.trans(wv))
-        elif BLOCK_M == 1:
-            acc2 += wv.to(tl.float32) * xv.to(tl.float32)
-        else:
-            acc3 += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # The weight is read one tile ahead of x (double buffering by hand), starting before the wait
+    # when the weight is constant.
+    if not EARLY_W:
+        wait_for_previous(PDL)
+    wv = _load_w(w_ptrs, n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
+    if EARLY_W:
+        wait_for_previous(PDL)
+    for k in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
+        w_next = _load_w(w_ptrs + k * stride_wk, n_ok, k_begin + k + offs_k, K, EVEN_N, EVEN_K)
+        xv = _load_x(x_ptrs + (k - BLOCK_K) * stride_xk, m_ok, k_begin + k - BLOCK_K + offs_k, K, EVEN_K)
+        acc += _tile_product(xv, wv, BLOCK_M, DOT, SWAP, IEEE_DOT)
+        wv = w_next
+    last = K_PER_SPLIT - BLOCK_K
+    xv = _load_x(x_ptrs + last * stride_xk, m_ok, k_begin + last + offs_k, K, EVEN_K)
+    acc += _tile_product(xv, wv, BLOCK_M, DOT, SWAP, IEEE_DOT)
     if DOT:
         if SWAP:
             result = tl.trans(acc)
         else:
             result = acc
     elif BLOCK_M == 1:
-        result = tl.sum(acc2, axis=1)[None, :]
+        result = tl.sum(acc, axis=1)[None, :]
     else:
-        result = tl.sum(acc3, axis=2)
+        result = tl.sum(acc, axis=2)
     mask = m_ok[:, None] & n_ok[None, :]
     out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT > 1:
@@ -176,7 +208,10 @@ def _sum_splits_kernel(  # type: ignore[no-untyped-def]
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    allow_dependents(PDL)
+    wait_for_previous(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -192,9 +227,16 @@ SUM_BLOCK = 1024
 
 
 def linear_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    constant_weight: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T + bias[N] -> a new contiguous [M, N] in x's dtype."""
+    """x [M, K] @ weight[N, K]^T + bias[N] -> a new contiguous [M, N] in x's dtype.
+
+    constant_weight: no kernel writes the weight (a model parameter), so under PDL its first
+    tile is read before waiting for the previous kernel."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.dtype == x.dtype, (tuple(x.shape), tuple(weight.shape), weight.dtype)
@@ -210,6 +252,7 @@ def linear_triton(
     split = triton.cdiv(k, k_per_split)  # no empty splits
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
+    pdl = pdl_enabled(x.device)
     _linear_kernel[grid](
         x,
         weight,
@@ -236,8 +279,11 @@ def linear_triton(
         EVEN_K=k == split * k_per_split,
         SPLIT=split,
         IEEE_DOT=x.dtype == torch.float32,
+        PDL=pdl,
+        EARLY_W=pdl and constant_weight,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(pdl),
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
@@ -251,7 +297,9 @@ def linear_triton(
             HAS_BIAS=bias is not None,
             SPLIT=split,
             BLOCK=SUM_BLOCK,
+            PDL=pdl,
             num_warps=4,
+            **launch_options(pdl),
         )
     return out
 

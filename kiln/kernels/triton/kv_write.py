@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
+from kiln.kernels.triton.pdl import enabled as pdl_enabled
+
 
 @triton.jit
 def _kv_write_kernel(  # type: ignore[no-untyped-def]
@@ -32,7 +35,10 @@ def _kv_write_kernel(  # type: ignore[no-untyped-def]
     NUM_ELEMENTS: tl.constexpr,  # Hkv * HEAD_DIM
     PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
+    allow_dependents(PDL)
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slot_mapping + token).to(tl.int64)
@@ -55,6 +61,7 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
     num_elements = num_kv_heads * head_dim
     block = min(triton.next_power_of_2(num_elements), 2048)
     grid = (num_tokens, triton.cdiv(num_elements, block))
+    pdl = pdl_enabled(k.device)
     _kv_write_kernel[grid](
         key_cache,
         value_cache,
@@ -68,5 +75,7 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
         NUM_ELEMENTS=num_elements,
         PAGE_SIZE=key_cache.shape[1],
         BLOCK=block,
+        PDL=pdl,
         num_warps=4,
+        **launch_options(pdl),
     )

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
+from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
 
 
@@ -59,7 +61,10 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
+    allow_dependents(PDL)
+    wait_for_previous(PDL)
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (longest key ranges) first
     kv_head = tl.program_id(1)
     seq = find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q, True)
@@ -177,6 +182,7 @@ def prefill_attention(
     assert config.block_m % group_pad == 0, f"BLOCK_M {config.block_m} must hold whole groups of {group_pad} rows"
     block_q = config.block_m // group_pad
     grid = (num_tokens // block_q + num_seqs + 1, num_kv_heads)
+    pdl = pdl_enabled(q.device)
     _prefill_kernel[grid](
         out,
         q,
@@ -205,7 +211,9 @@ def prefill_attention(
         SOFTCAP=softcap > 0.0,
         IEEE_DOT=q.dtype == torch.float32,
         INTERPRET=interpreting(),
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(pdl),
     )
     return out

@@ -1,0 +1,42 @@
+"""Greedy token choice: `torch.argmax(logits, dim=-1)`, with a parallel Triton kernel on CUDA.
+
+The Triton path (`kiln.kernels.triton.argmax`) reads each row at full bandwidth where
+`torch.argmax` reduces a row in one thread block; it gives the same indices (lowest index among
+equal maxima, NaN first). It is taken for CUDA tensors when triton is importable and the
+environment variable KILN_ARGMAX is not `reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value in a [B, V] tensor, as int64 [B] on its device."""
+    if (
+        logits.is_cuda
+        and logits.dim() == 2
+        and logits.stride(1) == 1
+        and logits.shape[1] > 0
+        and os.environ.get("KILN_ARGMAX", "") != "reference"
+        and _triton_importable()
+    ):
+        from kiln.kernels.triton.argmax import argmax_rows as triton_argmax_rows
+
+        return triton_argmax_rows(logits)
+    return torch.argmax(logits, dim=-1)
+
+
+__all__ = ["argmax_rows"]
