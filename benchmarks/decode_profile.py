@@ -49,6 +49,7 @@ def decode_speed(llm: LLM, batch: list[list[int]], output_len: int) -> dict[str,
         "ms_per_step": step_ms,
         "tok_s_per_seq": 1000 / step_ms,
         "tok_s_total": len(batch) * 1000 / step_ms,
+        "host_busy_ms_per_step": (total - waited[0]) / output_len * 1000,
     }
 
 

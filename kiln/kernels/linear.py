@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from kiln.kernels import reference
+
 MAX_ROWS = 16
 MIN_MULTI_ROW_BYTES = 32 << 20
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -46,28 +48,99 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return os.environ.get("KILN_LINEAR", "") != "reference" and _triton_importable()
 
 
-@torch.library.custom_op("kiln::linear", mutates_args=())
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, constant_weight: bool = False
+def _linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    constant_weight: bool,
+    residual: torch.Tensor | None,
+    prologue: str = "none",
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    """constant_weight: no kernel ever writes `weight` (a model parameter); the kernel may then read
-    it before the previous kernel has finished (see `kiln.kernels.triton.pdl`)."""
-    if use_kernel(x, weight, bias):
+    """The three ops' shared body: the Triton kernel when `use_kernel`, else PyTorch."""
+    in_features = weight.shape[1]
+    rows = x.numel() // max(x.shape[-1], 1)
+    flat = x.reshape(rows, x.shape[-1])
+    if use_kernel(flat[:, :in_features], weight, bias) and (residual is None or residual.dtype == x.dtype):
         from kiln.kernels.triton.gemv import linear_triton
 
         out = linear_triton(
-            x.reshape(-1, x.shape[-1]),
+            flat,
             weight,
             None if bias is None else bias.contiguous(),
             constant_weight=constant_weight,
+            prologue=prologue,
+            norm_weight=None if norm_weight is None else norm_weight.contiguous(),
+            eps=eps,
+            residual=None if residual is None else residual.reshape(rows, weight.shape[0]),
         )
         return out.view(*x.shape[:-1], weight.shape[0])
-    return torch.nn.functional.linear(x, weight, bias)
+    if prologue == "silu_mul":
+        x = reference.silu_mul(x)
+    elif prologue == "rms_norm":
+        assert norm_weight is not None
+        x = reference.rms_norm(x, norm_weight, eps)
+    out = torch.nn.functional.linear(x, weight, bias)
+    return out if residual is None else residual + out
+
+
+@torch.library.custom_op("kiln::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    constant_weight: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[residual +] x @ weight.T + bias.
+
+    constant_weight: no kernel ever writes `weight` (a model parameter); the kernel may then read
+    it before the previous kernel has finished (see `kiln.kernels.triton.pdl`). residual: added
+    to the product (rounded to x's dtype first, as `residual + linear(x)` rounds)."""
+    return _linear(x, weight, bias, constant_weight, residual)
+
+
+@torch.library.custom_op("kiln::silu_mul_linear", mutates_args=())
+def silu_mul_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    constant_weight: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[residual +] linear(silu(gate) * up, weight, bias) for gate_up = [gate | up] on the last dim
+    (a gated MLP's down projection, with its activation read straight from the fused gate/up output)."""
+    return _linear(gate_up, weight, bias, constant_weight, residual, prologue="silu_mul")
+
+
+@torch.library.custom_op("kiln::rms_norm_linear", mutates_args=())
+def rms_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    constant_weight: bool = False,
+) -> torch.Tensor:
+    """linear(rms_norm(x) * norm_weight, weight, bias) with Llama's RMSNorm (`reference.rms_norm`)."""
+    return _linear(x, weight, bias, constant_weight, None, prologue="rms_norm", norm_weight=norm_weight, eps=eps)
+
+
+def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])  # every path returns a new contiguous tensor
 
 
 @linear.register_fake
-def _linear_fake(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, constant_weight: bool = False
-) -> torch.Tensor:
-    # Both paths return a new contiguous tensor.
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _linear_fake(x, weight, bias=None, constant_weight=False, residual=None):  # type: ignore[no-untyped-def]
+    return _out_like(x, weight)
+
+
+@silu_mul_linear.register_fake
+def _silu_mul_linear_fake(gate_up, weight, bias=None, constant_weight=False, residual=None):  # type: ignore[no-untyped-def]
+    return _out_like(gate_up, weight)
+
+
+@rms_norm_linear.register_fake
+def _rms_norm_linear_fake(x, norm_weight, eps, weight, bias=None, constant_weight=False):  # type: ignore[no-untyped-def]
+    return _out_like(x, weight)

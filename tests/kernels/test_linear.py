@@ -208,3 +208,45 @@ def test_a_computed_weight_is_not_marked_constant():
     assert call.args[3] is False
     with torch.no_grad():
         assert torch.equal(forced.module()(x), program.module()(x))
+
+
+def _prologue_reference(x, weight, prologue, norm_weight, eps, residual):
+    if prologue == "silu_mul":
+        x = reference.silu_mul(x)
+    elif prologue == "rms_norm":
+        x = reference.rms_norm(x, norm_weight, eps)
+    out = reference.linear(x, weight)
+    return out if residual is None else residual + out
+
+
+@pytest.mark.parametrize("prologue", ["none", "silu_mul", "rms_norm"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(
+    "config", [None, *CONFIGS[:1], *CONFIGS[-2:]], ids=lambda c: "default" if c is None else str(c)
+)
+def test_prologues_and_residual_match_reference(prologue, with_residual, config):
+    dtype = KERNEL_DTYPES[0]
+    g = torch.Generator().manual_seed(11)
+    for m, n, k in SHAPES[:3]:
+        width = 2 * k if prologue == "silu_mul" else k
+        x = (torch.randn(m, width, generator=g) * 2).to(DEVICE, dtype)
+        w = (torch.randn(n, k, generator=g) * k**-0.5).to(DEVICE, dtype)
+        norm_weight = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype) if prologue == "rms_norm" else None
+        residual = torch.randn(m, n, generator=g).to(DEVICE, dtype) if with_residual else None
+        got = linear_triton(x, w, None, config, prologue=prologue, norm_weight=norm_weight, eps=1e-5, residual=residual)
+        want = _prologue_reference(x, w, prologue, norm_weight, 1e-5, residual)
+        assert_close(got, want, dtype, f"{prologue} residual={with_residual} {m}x{n}x{k}")
+
+
+def test_fused_ops_fall_back_to_the_reference_on_cpu():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 16, generator=g)
+    w, res = torch.randn(8, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    got = torch.ops.kiln.silu_mul_linear(x, w, None, True, res)
+    assert torch.allclose(got, res + torch.nn.functional.linear(reference.silu_mul(x), w))
+    norm_w = torch.randn(16, generator=g)
+    w16 = torch.randn(8, 16, generator=g)
+    got = torch.ops.kiln.rms_norm_linear(x, norm_w, 1e-6, w16, None, True)
+    assert torch.allclose(got, torch.nn.functional.linear(reference.rms_norm(x, norm_w, 1e-6), w16))
+    got = torch.ops.kiln.linear(x, w16, None, False, res)
+    assert torch.allclose(got, res + torch.nn.functional.linear(x, w16))

@@ -16,6 +16,9 @@ from kiln.compiler.passes.check_attention_captured import check_attention_captur
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
 from kiln.compiler.passes.context import PassContext
 from kiln.compiler.passes.fuse_projections import fuse_projections
+from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
+from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
+from kiln.compiler.passes.fuse_silu_mul import fuse_silu_mul
 from kiln.compiler.passes.image_attention_limits import image_attention_limits
 from kiln.compiler.passes.paged_attention import paged_attention
 from kiln.compiler.passes.small_batch_linear import small_batch_linear
@@ -29,6 +32,10 @@ PASSES: list[Pass] = [
     check_attention_rewritten,
     fuse_projections,  # before small_batch_linear: it rewrites the fused linears
     small_batch_linear,
+    # The three below rewrite kiln::linear nodes, so CUDA fp16/bf16 programs only:
+    fuse_silu_mul,  # before fuse_residual_add: the down projection takes both
+    fuse_residual_add,
+    fuse_rms_norm,
 ]
 
 

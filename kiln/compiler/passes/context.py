@@ -36,3 +36,34 @@ def user_input_nodes(
 
 def nodes_calling(graph: torch.fx.Graph, target: object) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def with_graph(program: torch.export.ExportedProgram, module: torch.fx.GraphModule) -> torch.export.ExportedProgram:
+    """The program with its graph replaced by `module`'s (dead nodes removed, linted, recompiled);
+    same inputs and weights."""
+    from torch.export.graph_signature import ExportGraphSignature
+
+    from kiln.compiler.passes.fuse_projections import output_specs
+
+    graph = module.graph
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.recompile()
+    signature = ExportGraphSignature(
+        input_specs=list(program.graph_signature.input_specs),
+        output_specs=output_specs(graph, program.graph_signature),
+    )
+    return program._update(module, signature)
+
+
+def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The node's users other than torch.export's `_assert_tensor_metadata` checks."""
+    return [u for u in node.users if u.target != torch.ops.aten._assert_tensor_metadata.default]
+
+
+def drop_metadata_checks(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+    """Erase the `_assert_tensor_metadata` checks on `nodes` (they have side effects, so DCE keeps them)."""
+    for node in nodes:
+        for user in list(node.users):
+            if user.target == torch.ops.aten._assert_tensor_metadata.default:
+                graph.erase_node(user)

@@ -1,0 +1,102 @@
+"""fuse_silu_mul, fuse_residual_add and fuse_rms_norm on a captured tiny Llama (bf16 on CPU).
+
+The passes rewrite `kiln::linear` nodes, which `small_batch_linear` makes only for CUDA half
+programs; here every linear is forced through `kiln::linear` and the fused ops run their PyTorch
+path, which must give the unfused program's outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kiln.kernels  # noqa: F401
+from kiln.compiler.attention_interface import register_attention
+from kiln.compiler.build import cache_shape
+from kiln.compiler.capture import capture, step_inputs
+from kiln.compiler.passes import PASSES, PassContext, run_passes
+from kiln.compiler.passes.context import nodes_calling
+from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
+from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
+from kiln.compiler.passes.fuse_silu_mul import fuse_silu_mul
+from kiln.compiler.passes.small_batch_linear import rewrite_linears
+
+kiln_ops = torch.ops.kiln
+
+
+@pytest.fixture(scope="module", params=[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+def forced(request, checkpoints):
+    """(program with every linear as kiln.linear, shape, context), after the standard passes."""
+    from transformers import AutoModelForCausalLM
+
+    family, architecture = request.param
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(checkpoints(family), attn_implementation="kiln").eval()
+    model = model.to(torch.bfloat16)
+    shape = cache_shape(model.config)
+    program = capture(
+        model,
+        shape,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+        block_size=4,
+        max_num_tokens=64,
+        max_batch_size=4,
+        architecture=architecture,
+    )
+    context = PassContext(architecture=architecture, num_layers=shape.num_layers)
+    program = run_passes(program, context)  # CPU: the fusion passes change nothing yet
+    assert not nodes_calling(program.graph, kiln_ops.linear.default)
+    return rewrite_linears(program, lambda node: True), shape, context
+
+
+def _count(program: torch.export.ExportedProgram, op) -> int:
+    return len(nodes_calling(program.graph, op.default))
+
+
+def _outputs(program: torch.export.ExportedProgram, shape) -> list[torch.Tensor]:
+    outs = []
+    for new in ((3,), (1, 1, 1), (2, 5)):  # prefill, decode rows, a mix
+        inputs = step_inputs(shape, torch.bfloat16, torch.device("cpu"), 4, cached=(2,) * len(new), new=new)
+        with torch.no_grad():
+            outs.append(program.module()(*inputs))
+    return outs
+
+
+def test_each_layer_loses_its_elementwise_and_norm_ops(forced):
+    program, shape, context = forced
+    layers = shape.num_layers
+    silu = fuse_silu_mul(program, context)
+    assert _count(silu, kiln_ops.silu_mul_linear) == layers
+    assert not nodes_calling(silu.graph, torch.ops.aten.silu.default)
+    residual = fuse_residual_add(silu, context)
+    # o_proj and down_proj of every layer add the residual in their epilogue
+    with_residual = [
+        n
+        for n in residual.graph.nodes
+        if n.target in (kiln_ops.linear.default, kiln_ops.silu_mul_linear.default)
+        and len(n.args) > 4
+        and n.args[4] is not None
+    ]
+    assert len(with_residual) == 2 * layers
+    normed = fuse_rms_norm(residual, context)
+    # input_layernorm -> qkv and post_attention_layernorm -> gate_up; the final norm feeds a gather
+    assert _count(normed, kiln_ops.rms_norm_linear) == 2 * layers
+    assert len(nodes_calling(normed.graph, torch.ops.aten.rsqrt.default)) == 1
+
+
+def test_fused_program_gives_the_same_outputs(forced):
+    program, shape, context = forced
+    fused = program
+    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm):
+        fused = graph_pass(fused, context)
+    for want, got in zip(_outputs(program, shape), _outputs(fused, shape)):
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_passes_leave_programs_without_kiln_linears_alone(forced):
+    program, shape, context = forced
+    plain = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm):
+        assert graph_pass(plain, context) is plain
+    assert PASSES[-3:] == [fuse_silu_mul, fuse_residual_add, fuse_rms_norm]
