@@ -34,8 +34,10 @@ def _triton_importable() -> bool:
     return True
 
 
-def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether a call takes the Triton path (device, dtypes, row count, environment)."""
+def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool = False) -> bool:
+    """Whether a call takes the Triton path (device, dtypes, row count, environment). A fused call
+    (prologue or residual) takes it at up to MAX_ROWS rows whatever the weight's size, since its
+    other path runs the fused steps as separate kernels."""
     if not (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype and weight.dim() == 2):
         return False
     if weight.numel() >= 2**31:  # the kernel's offsets are 32-bit
@@ -43,7 +45,8 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1):
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows != 1 and not (1 < rows <= MAX_ROWS and weight.numel() * weight.element_size() >= MIN_MULTI_ROW_BYTES):
+    big = weight.numel() * weight.element_size() >= MIN_MULTI_ROW_BYTES
+    if rows != 1 and not (1 < rows <= MAX_ROWS and (big or fused)):
         return False
     return os.environ.get("KILN_LINEAR", "") != "reference" and _triton_importable()
 
@@ -62,7 +65,8 @@ def _linear(
     in_features = weight.shape[1]
     rows = x.numel() // max(x.shape[-1], 1)
     flat = x.reshape(rows, x.shape[-1])
-    if use_kernel(flat[:, :in_features], weight, bias) and (residual is None or residual.dtype == x.dtype):
+    fused = prologue != "none" or residual is not None
+    if use_kernel(flat[:, :in_features], weight, bias, fused) and (residual is None or residual.dtype == x.dtype):
         from kiln.kernels.triton.gemv import linear_triton
 
         out = linear_triton(
@@ -76,11 +80,19 @@ def _linear(
             residual=None if residual is None else residual.reshape(rows, weight.shape[0]),
         )
         return out.view(*x.shape[:-1], weight.shape[0])
+    # Many rows (prefill, large decode batches), or no kernel: PyTorch. On CUDA with the fused
+    # kernels of torch (rms_norm, addmm's residual), rounding once where transformers rounds twice.
     if prologue == "silu_mul":
         x = reference.silu_mul(x)
     elif prologue == "rms_norm":
         assert norm_weight is not None
-        x = reference.rms_norm(x, norm_weight, eps)
+        if x.is_cuda:
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
+        else:
+            x = reference.rms_norm(x, norm_weight, eps)
+    if residual is not None and x.is_cuda and bias is None:
+        out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, in_features), weight.t())
+        return out.view(*x.shape[:-1], weight.shape[0])
     out = torch.nn.functional.linear(x, weight, bias)
     return out if residual is None else residual + out
 
