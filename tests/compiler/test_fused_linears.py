@@ -14,7 +14,7 @@ import kiln.kernels  # noqa: F401
 from kiln.compiler.attention_interface import register_attention
 from kiln.compiler.build import cache_shape
 from kiln.compiler.capture import capture, step_inputs
-from kiln.compiler.passes import PASSES, PassContext, run_passes
+from kiln.compiler.passes import FUSED_LINEAR_PASSES, PassContext, active_passes, run_passes
 from kiln.compiler.passes.context import nodes_calling
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
@@ -99,4 +99,11 @@ def test_passes_leave_programs_without_kiln_linears_alone(forced):
     plain = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
     for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm):
         assert graph_pass(plain, context) is plain
-    assert PASSES[-3:] == [fuse_silu_mul, fuse_residual_add, fuse_rms_norm]
+    assert FUSED_LINEAR_PASSES == [fuse_silu_mul, fuse_residual_add, fuse_rms_norm]
+
+
+def test_fused_linear_passes_run_only_when_asked(monkeypatch):
+    monkeypatch.delenv("KILN_FUSED_LINEARS", raising=False)
+    assert fuse_rms_norm not in active_passes()
+    monkeypatch.setenv("KILN_FUSED_LINEARS", "1")
+    assert active_passes()[-3:] == FUSED_LINEAR_PASSES

@@ -7,6 +7,7 @@ the order.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -32,15 +33,25 @@ PASSES: list[Pass] = [
     check_attention_rewritten,
     fuse_projections,  # before small_batch_linear: it rewrites the fused linears
     small_batch_linear,
-    # The three below rewrite kiln::linear nodes, so CUDA fp16/bf16 programs only:
+]
+
+# Fused decode linears (norm / activation prologue, residual epilogue). They rewrite kiln::linear
+# nodes, so CUDA fp16/bf16 programs only. Off unless KILN_FUSED_LINEARS=1: -20 µs on the
+# Llama-3.2-1B step, but a Llama-3.1-8B engine built with them failed the build's
+# compiled-vs-captured check (max difference 0.297), not yet explained.
+FUSED_LINEAR_PASSES: list[Pass] = [
     fuse_silu_mul,  # before fuse_residual_add: the down projection takes both
     fuse_residual_add,
     fuse_rms_norm,
 ]
 
 
+def active_passes() -> list[Pass]:
+    return PASSES + (FUSED_LINEAR_PASSES if os.environ.get("KILN_FUSED_LINEARS") == "1" else [])
+
+
 def describe() -> list[str]:
-    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in PASSES]
+    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in active_passes()]
 
 
 def run_passes(
@@ -50,11 +61,11 @@ def run_passes(
 ) -> torch.export.ExportedProgram:
     with warnings.catch_warnings():  # torch's own pytree deprecation notice while programs are copied
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        for graph_pass in PASSES:
+        for graph_pass in active_passes():
             if on_pass is not None:
                 on_pass(graph_pass.__name__)
             program = graph_pass(program, context)
     return program
 
 
-__all__ = ["PASSES", "Pass", "PassContext", "describe", "run_passes"]
+__all__ = ["FUSED_LINEAR_PASSES", "PASSES", "Pass", "PassContext", "active_passes", "describe", "run_passes"]
