@@ -60,13 +60,13 @@ class CompiledProgram:
         return self.artifact(*self.state, *inputs)[self.output]
 
 
-def _config_patches(fakes: list[Any]) -> dict[str, Any]:
-    """Inductor options for a CUDA program: programmatic dependent launch for its Triton kernels on
-    Hopper and newer GPUs (see `kiln.kernels.triton.pdl`), when this torch has the option, and
-    combo kernels only with KILN_COMBO_KERNELS=1 (independent small kernels, such as the rotary
-    embedding of q and of k, launched as one: -15 µs on the Llama-3.2-1B decode step, but a
-    Llama-3.1-8B build with them failed its compiled-vs-captured check, not yet explained)."""
-    devices = {t.device for t in fakes if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+def config_patches(devices: set[torch.device]) -> dict[str, Any]:
+    """Inductor options for a program on `devices`: on CUDA, programmatic dependent launch for its
+    Triton kernels on Hopper and newer GPUs (see `kiln.kernels.triton.pdl`), when this torch has
+    the option, and combo kernels only with KILN_COMBO_KERNELS=1 (independent small kernels, such
+    as the rotary embedding of q and of k, launched as one: -15 µs on the Llama-3.2-1B decode step;
+    not yet checked on a Llama-3.1-8B build)."""
+    devices = {d for d in devices if d.type == "cuda"}
     if not devices or not hasattr(torch._inductor.config.triton, "enable_pdl"):
         return {}
     try:
@@ -89,7 +89,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     with (
         torch.no_grad(),
         torch._guards.tracing(torch._guards.TracingContext(fake_mode)),
-        torch._inductor.config.patch(_config_patches(fakes)),
+        torch._inductor.config.patch(config_patches({t.device for t in fakes if isinstance(t, torch.Tensor)})),
     ):
         artifact = standalone_compile(graph_module, fakes, dynamic_shapes="from_tracing_context", options={})
     artifact.save(path=str(path), format="binary")

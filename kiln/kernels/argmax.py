@@ -8,19 +8,11 @@ environment variable KILN_ARGMAX is not `reference`.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from kiln.kernels.triton_support import triton_importable
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -31,7 +23,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         and logits.stride(1) == 1
         and logits.shape[1] > 0
         and os.environ.get("KILN_ARGMAX", "") != "reference"
-        and _triton_importable()
+        and triton_importable()
     ):
         from kiln.kernels.triton.argmax import argmax_rows as triton_argmax_rows
 

@@ -13,25 +13,16 @@ shapes, dtypes and the device only, so the op can run inside CUDA graphs.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from kiln.kernels import reference
+from kiln.kernels.triton_support import triton_importable
 
 MAX_ROWS = 16
 MIN_MULTI_ROW_BYTES = 32 << 20
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool = False) -> bool:
@@ -48,7 +39,7 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     big = weight.numel() * weight.element_size() >= MIN_MULTI_ROW_BYTES
     if rows != 1 and (fused or not (1 < rows <= MAX_ROWS and big)):
         return False
-    return os.environ.get("KILN_LINEAR", "") != "reference" and _triton_importable()
+    return os.environ.get("KILN_LINEAR", "") != "reference" and triton_importable()
 
 
 def _linear(
@@ -109,7 +100,8 @@ def linear(
 
     constant_weight: no kernel ever writes `weight` (a model parameter); the kernel may then read
     it before the previous kernel has finished (see `kiln.kernels.triton.pdl`). residual: added
-    to the product (rounded to x's dtype first, as `residual + linear(x)` rounds)."""
+    to the product; the Triton kernel and the CPU path round the product to x's dtype first, as
+    `residual + linear(x)` rounds; the CUDA path for many rows (addmm) rounds once."""
     return _linear(x, weight, bias, constant_weight, residual)
 
 

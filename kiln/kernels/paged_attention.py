@@ -13,26 +13,17 @@ kernels do not take (see `kiln.kernels.triton.unsupported_reason`), the PyTorch 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from kiln.kernels import reference
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from kiln.kernels.triton_support import triton_importable
 
 
 def use_triton(q: torch.Tensor) -> bool:
     """Whether the op takes the Triton path for a call whose query is q (its device, the env)."""
-    return q.is_cuda and os.environ.get("KILN_ATTENTION", "") != "reference" and _triton_importable()
+    return q.is_cuda and os.environ.get("KILN_ATTENTION", "") != "reference" and triton_importable()
 
 
 @torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))

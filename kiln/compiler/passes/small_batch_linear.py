@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.export.graph_signature import ExportGraphSignature
 
 import kiln.kernels  # noqa: F401  (registers torch.ops.kiln.linear)
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling
-from kiln.compiler.passes.fuse_projections import output_specs
+from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, with_graph
 from kiln.kernels.linear import KERNEL_DTYPES
 
 LINEAR = torch.ops.aten.linear.default
@@ -61,13 +59,7 @@ def rewrite_linears(
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
-    graph.lint()
-    module.recompile()
-    signature = ExportGraphSignature(
-        input_specs=list(program.graph_signature.input_specs),
-        output_specs=output_specs(graph, program.graph_signature),
-    )
-    return program._update(module, signature)
+    return with_graph(program, module)
 
 
 def small_batch_linear(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
