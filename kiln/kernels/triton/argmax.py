@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
+from kiln.kernels.triton.pdl import handoff, launch_options
 
 CHUNK = 2048
 
@@ -33,8 +33,7 @@ def _chunk_argmax_kernel(  # type: ignore[no-untyped-def]
     CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -62,8 +61,7 @@ def _row_argmax_kernel(  # type: ignore[no-untyped-def]
     BLOCK: tl.constexpr,  # >= num_chunks
     PDL: tl.constexpr,
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < num_chunks

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
+from kiln.kernels.triton.pdl import handoff, launch_options
 from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
 
 MIN_KEYS_PER_SPLIT = 128
@@ -82,8 +82,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -167,8 +166,7 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
+from kiln.kernels.triton.pdl import handoff, launch_options
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,6 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    allow_dependents(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -246,10 +245,10 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     # The weight is read one tile ahead of x (double buffering by hand), starting before the wait
     # when the weight is constant.
     if not EARLY_W:
-        wait_for_previous(PDL)
+        handoff(PDL)
     wv = _load_w(w_ptrs, n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
     if EARLY_W:
-        wait_for_previous(PDL)
+        handoff(PDL)
     if PROLOGUE == 2 and not ONE_TILE:
         inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, SPLIT * K_PER_SPLIT, BLOCK_M, BLOCK_K)
     else:
@@ -310,8 +309,7 @@ def _sum_splits_kernel(  # type: ignore[no-untyped-def]
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
+from kiln.kernels.triton.pdl import handoff, launch_options
 
 
 @triton.jit
@@ -37,8 +37,7 @@ def _kv_write_kernel(  # type: ignore[no-untyped-def]
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     token = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slot_mapping + token).to(tl.int64)

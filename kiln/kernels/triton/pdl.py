@@ -8,9 +8,13 @@ drain, a launch and a ramp-up of the memory pipe. With it, the next kernel's lau
 linear, its first weight loads (weights are constant, so they may be read before the wait)
 overlap the previous kernel's tail. Inside a CUDA graph the launches become programmatic edges.
 
-The rule every kiln kernel follows: nothing that a previous kernel may write, and no store at all,
-happens before `wait`. The kernels signal `launch_dependents` first thing, since the wait, not the
-signal, is what orders memory.
+The rule every kiln kernel follows, through `handoff`: nothing that a previous kernel may write,
+and no store at all, happens before the wait, and the next kernel is released only after it. Both
+halves matter. Inductor's kernels (compiled with `triton.enable_pdl`) wait only when they touch a
+buffer that the kernel just before them wrote, trusting that everything earlier has completed;
+that holds only if no kernel lets its successor start before its own wait has returned. (Signalling
+first, as kiln once did, lets an Inductor kernel read a buffer that a kernel two places back may
+still be writing.)
 
 `enabled(device)` decides for a launch (CUDA, compute capability >= 9, not the interpreter, and
 the environment variable KILN_PDL is not `0`); `launch_options(flag)` gives the launch keyword.
@@ -53,17 +57,12 @@ def launch_options(pdl: bool) -> dict[str, Any]:
 
 
 @triton.jit
-def allow_dependents(PDL: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Let the next kernel in the stream launch (a scheduling hint; it still waits for this one)."""
+def handoff(PDL: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Block until the previous kernel has completed and its writes are visible, then let the next
+    kernel in the stream launch (it still waits for this one before touching what this one writes)."""
     if PDL:
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
 
-@triton.jit
-def wait_for_previous(PDL: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Block until the previous kernel has completed and its writes are visible."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-__all__ = ["allow_dependents", "enabled", "launch_options", "supported", "wait_for_previous"]
+__all__ = ["enabled", "handoff", "launch_options", "supported"]

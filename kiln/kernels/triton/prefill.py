@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.pdl import allow_dependents, launch_options, wait_for_previous
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
+from kiln.kernels.triton.pdl import handoff, launch_options
 from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
 
 
@@ -63,8 +63,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
-    allow_dependents(PDL)
-    wait_for_previous(PDL)
+    handoff(PDL)
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (longest key ranges) first
     kv_head = tl.program_id(1)
     seq = find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q, True)
