@@ -24,16 +24,16 @@ from torch import nn
 
 from kiln.compiler import inductor
 from kiln.compiler.build import _check_cache_shape, cache_shape, model_facts, resolve_device
-from kiln.compiler.build_vlm import check_programs_agree, write_vision_program
+from kiln.compiler.build_vlm import write_vision_program
 from kiln.compiler.capture import mixed_step_inputs
 from kiln.compiler.capture_mm import capture_llm, llm_input_names, mm_step_inputs
 from kiln.compiler.passes import PassContext, run_passes
+from kiln.compiler.verify import check_programs_agree
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine_dir import (
     COMPILED,
     FORMAT_VERSION,
     PROCESSOR_DIR,
-    PROGRAM,
     TOKENIZER_DIR,
     Manifest,
     MultimodalFacts,
@@ -45,6 +45,7 @@ from kiln.errors import KilnError
 from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint
 from kiln.models.registry import ModelRecipe
 from kiln.models.vlm import CUSTOM_ARCHITECTURE, VisionExample
+from kiln.program_files import save_program
 from kiln.progress import Progress
 from kiln.version import __version__
 
@@ -112,7 +113,7 @@ def build_llm_engine(
         program = run_passes(program, context)
     output.mkdir(parents=True, exist_ok=True)
     with report.stage("write"):
-        torch.export.save(program, output / PROGRAM)
+        save_program(program, output)
         tokenizer.save_pretrained(output / TOKENIZER_DIR)
         tokenizer.save_pretrained(output / PROCESSOR_DIR)
     if config.compile:
