@@ -61,21 +61,30 @@ class CompiledProgram:
 
 
 def config_patches(devices: set[torch.device]) -> dict[str, Any]:
-    """Inductor options for a program on `devices`: on CUDA, programmatic dependent launch for its
-    Triton kernels on Hopper and newer GPUs (see `kiln.kernels.triton.pdl`), when this torch has
-    the option, and combo kernels only with KILN_COMBO_KERNELS=1 (independent small kernels, such
-    as the rotary embedding of q and of k, launched as one: -15 µs on the Llama-3.2-1B decode step;
-    not yet checked on a Llama-3.1-8B build)."""
+    """Inductor options for a program on `devices`.
+
+    Everywhere: `emulate_precision_casts`, so that fused elementwise kernels round their fp16/bf16
+    intermediates as the captured program does, instead of carrying them in float32. Without it a
+    Llama-3.1-8B bf16 step (random weights) differed from its captured program by as much as
+    transformers' own bf16 logits differ from its float32 ones (max 0.29 at a logit scale of 5.8:
+    `benchmarks/compile_agreement.py`), and the build's check could not tell that from an error.
+    On CUDA: programmatic dependent launch for the Triton kernels on Hopper and newer GPUs (see
+    `kiln.kernels.triton.pdl`), when this torch has the option, and combo kernels unless
+    KILN_COMBO_KERNELS=0 (independent small kernels, such as the rotary embedding of q and of k,
+    launched as one: -15 µs on the Llama-3.2-1B decode step)."""
+    patches: dict[str, Any] = {}
+    if hasattr(torch._inductor.config, "emulate_precision_casts"):
+        patches["emulate_precision_casts"] = True
     devices = {d for d in devices if d.type == "cuda"}
-    if not devices or not hasattr(torch._inductor.config.triton, "enable_pdl"):
-        return {}
-    try:
-        from kiln.kernels.triton.pdl import enabled
-    except ImportError:  # no triton
-        return {}
-    patches: dict[str, Any] = {"triton.enable_pdl": all(enabled(d) for d in devices)}
-    if os.environ.get("KILN_COMBO_KERNELS", "0") == "1":
-        patches["combo_kernels"] = True
+    if not devices:
+        return patches
+    patches["combo_kernels"] = os.environ.get("KILN_COMBO_KERNELS") != "0"
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):
+        try:
+            from kiln.kernels.triton.pdl import enabled
+        except ImportError:  # no triton
+            return patches
+        patches["triton.enable_pdl"] = all(enabled(d) for d in devices)
     return patches
 
 

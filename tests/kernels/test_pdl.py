@@ -29,13 +29,35 @@ def test_environment_turns_it_off_on_a_capable_device(monkeypatch):
 
 
 def test_inductor_options_follow_the_program_device(monkeypatch):
-    assert config_patches({torch.device("cpu")}) == {}  # CPU programs compile with Inductor's defaults
+    cpu = config_patches({torch.device("cpu")})
+    assert "triton.enable_pdl" not in cpu and "combo_kernels" not in cpu
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):
         pytest.skip("this torch's Inductor has no PDL option")
     monkeypatch.setattr(pdl, "supported", lambda device: device.type == "cuda")
     monkeypatch.delenv("KILN_PDL", raising=False)
     monkeypatch.delenv("KILN_COMBO_KERNELS", raising=False)
-    assert config_patches({CUDA, torch.device("cpu")}) == {"triton.enable_pdl": True}
+    assert config_patches({CUDA, torch.device("cpu")}) == {**cpu, "triton.enable_pdl": True, "combo_kernels": True}
     monkeypatch.setenv("KILN_PDL", "0")
-    monkeypatch.setenv("KILN_COMBO_KERNELS", "1")
-    assert config_patches({CUDA}) == {"triton.enable_pdl": False, "combo_kernels": True}
+    monkeypatch.setenv("KILN_COMBO_KERNELS", "0")
+    assert config_patches({CUDA}) == {**cpu, "triton.enable_pdl": False, "combo_kernels": False}
+
+
+def test_kernels_release_their_successor_only_after_waiting():
+    """Inductor's kernels wait only on the kernel just before them, so no kiln kernel may let the next
+    one start before its own wait: the PDL intrinsics appear only in `pdl.handoff`, wait first."""
+    import inspect
+    from pathlib import Path
+
+    sources = Path(pdl.__file__).parent.glob("*.py")
+    users = [p.name for p in sources if p.name != "pdl.py" and "gdc_" in p.read_text()]
+    assert users == []
+    body = inspect.getsource(pdl.handoff.fn)
+    assert 0 < body.index("gdc_wait()") < body.index("gdc_launch_dependents()")
+    assert not hasattr(pdl, "allow_dependents")
+
+
+def test_compiled_programs_round_like_the_captured_ones():
+    if not hasattr(torch._inductor.config, "emulate_precision_casts"):
+        pytest.skip("this torch's Inductor has no emulate_precision_casts option")
+    for devices in ({torch.device("cpu")}, {CUDA}):
+        assert config_patches(devices)["emulate_precision_casts"] is True
