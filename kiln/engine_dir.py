@@ -16,12 +16,13 @@ from kiln.version import __version__
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
+WEIGHTS = "weights.safetensors"  # the program's weights (kiln.program_files)
 COMPILED = "compiled.bin"
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "processor"
 VISION_DIR = "vision"
 VISION_STATE = "state.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights in weights.safetensors beside program.pt2
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,8 +15,9 @@ import torch
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
 from kiln.compiler import inductor
 from kiln.config import RuntimeConfig, torch_dtype
-from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, check_compatible, read_manifest
+from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, WEIGHTS, check_compatible, read_manifest
 from kiln.errors import EngineMismatchError, KilnError, RequestError
+from kiln.program_files import attach_weights, load_graph
 from kiln.progress import Progress
 from kiln.runtime import prompts
 from kiln.runtime.cuda_graphs import DecodeGraphs
@@ -101,7 +102,9 @@ class Engine:
         try:
             if not zipfile.is_zipfile(self.path / PROGRAM):  # before torch, which logs a traceback of its own
                 raise ValueError("not a torch.export archive")
-            exported = torch.export.load(self.path / PROGRAM)
+            exported = load_graph(self.path / PROGRAM)
+            name = WEIGHTS
+            attach_weights(exported, self.path, self.device)
             from kiln.bench.roofline import decode_weight_bytes
 
             self.weight_bytes = decode_weight_bytes(exported)

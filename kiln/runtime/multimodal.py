@@ -20,10 +20,20 @@ import torch
 
 from kiln.compiler import inductor
 from kiln.config import torch_dtype
-from kiln.engine_dir import COMPILED, PROCESSOR_DIR, PROGRAM, VISION_DIR, VISION_STATE, Manifest, MultimodalFacts
+from kiln.engine_dir import (
+    COMPILED,
+    PROCESSOR_DIR,
+    PROGRAM,
+    VISION_DIR,
+    VISION_STATE,
+    WEIGHTS,
+    Manifest,
+    MultimodalFacts,
+)
 from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.models.vlm import ImageItem, VisionLanguageFamily, family_for
 from kiln.models.vlm.custom import tensor_digest
+from kiln.program_files import attach_weights, load_graph
 from kiln.runtime.images import ImageSource, image_digest, load_image
 
 
@@ -145,7 +155,9 @@ class MultimodalPipeline:
         try:
             if not zipfile.is_zipfile(name):
                 raise ValueError("not a torch.export archive")
-            exported = torch.export.load(name)
+            exported = load_graph(name)
+            name = vision_dir / WEIGHTS
+            attach_weights(exported, vision_dir, self.device)
             if not self.compiled:
                 return inductor.EagerProgram(exported)
             name = vision_dir / COMPILED

@@ -75,7 +75,7 @@ def test_missing_engine_directory(tmp_path):
     assert proc.returncode == 2 and "not a kiln engine directory" in proc.stderr
 
 
-@pytest.mark.parametrize("damaged", ["program.pt2", "compiled.bin"])
+@pytest.mark.parametrize("damaged", ["program.pt2", "weights.safetensors", "compiled.bin"])
 def test_damaged_engine_file_says_rebuild(demo_engine, tmp_path, damaged):
     import shutil
 
