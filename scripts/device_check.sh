@@ -48,9 +48,11 @@ for step in "${steps[@]}"; do
               [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
               b0=$(date +%s)
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size ${BENCH_MAX_BATCH:-64} \
-                  --max-seq-len ${BENCH_MAX_SEQ:-2048} --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
+                  --max-seq-len ${BENCH_MAX_SEQ:-2048} --max-input-len 1024 --max-num-tokens 8192 2>&1 | grep -v -i warn | tail -n 30 | tee "$out/build_$cfg.log"
               echo "build $cfg: $(( $(date +%s) - b0 )) s" | tee -a "$out/steps.txt"
-              python -m kiln bench "$eng" --compare-hf "$ck" --batch-sizes ${BENCH_BATCHES:-1,8,64} --hf-systems ${BENCH_HF:-eager,static} \
+              cp "$eng/manifest.json" "$out/manifest_$cfg.json"
+              hf=(--compare-hf "$ck" --hf-systems "${BENCH_HF:-eager,static}"); [ "${BENCH_HF:-}" = none ] && hf=()
+              python -m kiln bench "$eng" "${hf[@]}" --batch-sizes ${BENCH_BATCHES:-1,8,64} \
                   --input-len 128 --output-len 256 --output-dir "$out/bench_$cfg" ${BENCH_EXTRA:-} 2>&1 | tail -n 40 | tee "$out/bench_$cfg.log" ;;
     throughput8b)
               cfg=llama-3.1-8b; ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
