@@ -37,6 +37,8 @@ class ThroughputResult:
     output_len: int
     total_s: float
     mean_ttft_s: float
+    preemptions: int = 0  # sequences the scheduler preempted (KV pool full) and recomputed
+    kv_cache_tokens: int = 0  # tokens the KV block pool holds
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -96,7 +98,9 @@ def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int
     _sync(engine.device)
     total = time.perf_counter() - start
     ttft = sum(o.metrics["time_to_first_token_s"] for o in outs) / len(outs)
-    return ThroughputResult("kiln", num_requests, input_len, output_len, total, ttft)
+    capacity = engine.kv.num_blocks * engine.kv.block_size
+    preempted = sum(o.metrics["num_preemptions"] for o in outs)
+    return ThroughputResult("kiln", num_requests, input_len, output_len, total, ttft, preempted, capacity)
 
 
 def _per_token_ms(total_s: float, ttft_s: float, output_len: int) -> float:

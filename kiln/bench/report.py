@@ -59,7 +59,8 @@ def print_tables(report: dict[str, Any]) -> None:
         console.print(table)
     if report.get("throughput"):
         table = Table(title="throughput (all requests submitted at once)")
-        for col in ("system", "requests", "input", "output", "seconds", "output tok/s", "total tok/s", "mean TTFT s"):
+        columns = ("system", "requests", "input", "output", "seconds", "output tok/s", "total tok/s", "mean TTFT s")
+        for col in (*columns, "preempted", "KV tokens"):
             table.add_column(col, justify="left" if col == "system" else "right")
         for r in report["throughput"]:
             table.add_row(
@@ -71,6 +72,8 @@ def print_tables(report: dict[str, Any]) -> None:
                 f"{r['output_tokens_per_s']:.0f}",
                 f"{r['total_tokens_per_s']:.0f}",
                 f"{r['mean_ttft_s']:.2f}",
+                str(r.get("preemptions", "")),
+                str(r.get("kv_cache_tokens", "")),
             )
         console.print(table)
 

@@ -41,6 +41,7 @@ def test_bench_reports_kiln_and_transformers_with_ratios(demo_engine, tmp_path):
     assert report["weight_bytes"] > 4_000_000  # the demo's 4.3 MB of weights
     (throughput,) = report["throughput"]
     assert throughput["num_requests"] == 6 and throughput["output_tokens_per_s"] > 0
+    assert throughput["preemptions"] >= 0 and throughput["kv_cache_tokens"] > 0
     assert (out / "bench.png").stat().st_size > 10_000
     assert "vs transformers" in proc.stdout and "output tok/s" in proc.stdout
 
