@@ -56,6 +56,18 @@ def with_graph(program: torch.export.ExportedProgram, module: torch.fx.GraphModu
     return program._update(module, signature)
 
 
+def replace_with_call(
+    graph: torch.fx.Graph, node: torch.fx.Node, target: object, args: tuple[object, ...]
+) -> torch.fx.Node:
+    """Put a call of `target` on `args` where `node` is: same metadata, same users; `node` is erased."""
+    with graph.inserting_before(node):
+        call = graph.call_function(target, args)  # type: ignore[arg-type]
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    return call
+
+
 def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The node's users other than torch.export's `_assert_tensor_metadata` checks."""
     return [u for u in node.users if u.target != torch.ops.aten._assert_tensor_metadata.default]

@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, real_users, with_graph
+from kiln.compiler.passes.context import (
+    PassContext,
+    copy_graph,
+    nodes_calling,
+    real_users,
+    replace_with_call,
+    with_graph,
+)
 
 ADD = torch.ops.aten.add.Tensor
 RESIDUAL_ARG = 4  # kiln.linear / kiln.silu_mul_linear: (x, weight, bias, constant_weight, residual)
@@ -58,11 +65,7 @@ def fuse_residual_add(program: torch.export.ExportedProgram, context: PassContex
         linear, residual = split
         args = list(linear.args)
         args += [None, None, None, False][len(args) : RESIDUAL_ARG]  # bias, constant_weight defaults
-        with graph.inserting_before(add):
-            call = graph.call_function(linear.target, (*args, residual))  # type: ignore[arg-type]
-        call.meta = dict(add.meta)
-        add.replace_all_uses_with(call)
-        graph.erase_node(add)
+        replace_with_call(graph, add, linear.target, (*args, residual))
         graph.erase_node(linear)
     return with_graph(program, module)
 

@@ -25,6 +25,7 @@ from kiln.compiler.passes.context import (
     drop_metadata_checks,
     nodes_calling,
     real_users,
+    replace_with_call,
     with_graph,
 )
 
@@ -130,13 +131,8 @@ def fuse_rms_norm(program: torch.export.ExportedProgram, context: PassContext) -
         _, weight, bias, constant, residual = (list(node.args) + [None, None, None, False, None][len(node.args) :])[:5]
         if residual is not None:
             continue  # the norm's input is ready only after the residual add
-        with graph.inserting_before(node):
-            call = graph.call_function(
-                torch.ops.kiln.rms_norm_linear.default, (norm.x, norm.weight, norm.eps, weight, bias, constant)
-            )
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        fused = (norm.x, norm.weight, norm.eps, weight, bias, constant)
+        replace_with_call(graph, node, torch.ops.kiln.rms_norm_linear.default, fused)
         drop_metadata_checks(graph, list(norm.nodes))
         for dead in reversed(norm.nodes):
             graph.erase_node(dead)

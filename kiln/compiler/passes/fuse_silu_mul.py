@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, real_users, with_graph
+from kiln.compiler.passes.context import (
+    PassContext,
+    copy_graph,
+    nodes_calling,
+    real_users,
+    replace_with_call,
+    with_graph,
+)
 
 SILU = torch.ops.aten.silu.default
 MUL = torch.ops.aten.mul.Tensor
@@ -69,11 +76,7 @@ def fuse_silu_mul(program: torch.export.ExportedProgram, context: PassContext) -
         source = _gate_up(node.args[0])
         assert source is not None
         x, weight, bias, constant, *_ = list(node.args) + [None, False]
-        with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.kiln.silu_mul_linear.default, (source, weight, bias, constant))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        replace_with_call(graph, node, torch.ops.kiln.silu_mul_linear.default, (source, weight, bias, constant))
     return with_graph(program, module)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, user_input_nodes
+from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, replace_with_call, user_input_nodes
 
 LIMITS_INPUT = "attend_end"
 
@@ -19,14 +19,12 @@ def image_attention_limits(program: torch.export.ExportedProgram, context: PassC
     limits = user_input_nodes(program, graph, context.input_names)[LIMITS_INPUT]
     for node in nodes_calling(graph, torch.ops.kiln.paged_attention.default):
         q, k, v, cache, slots, tables, lens, starts, layer, scale, window, softcap = node.args
-        with graph.inserting_before(node):
-            limited = graph.call_function(
-                torch.ops.kiln.paged_attention_limits.default,
-                (q, k, v, cache, slots, tables, lens, starts, limits, layer, scale, window, softcap),
-            )
-        limited.meta = dict(node.meta)
-        node.replace_all_uses_with(limited)
-        graph.erase_node(node)
+        replace_with_call(
+            graph,
+            node,
+            torch.ops.kiln.paged_attention_limits.default,
+            (q, k, v, cache, slots, tables, lens, starts, limits, layer, scale, window, softcap),
+        )
     graph.lint()
     module.recompile()
     return program._update(module, program.graph_signature)

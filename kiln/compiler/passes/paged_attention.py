@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, user_input_nodes
+from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, replace_with_call, user_input_nodes
 
 
 def paged_attention(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
@@ -15,27 +15,15 @@ def paged_attention(program: torch.export.ExportedProgram, context: PassContext)
     inputs = user_input_nodes(program, graph, context.input_names)
     for site in nodes_calling(graph, torch.ops.kiln.attention_site.default):
         q, k, v, layer, scale, sliding_window, softcap = site.args
-        with graph.inserting_before(site):
-            paged = graph.call_function(
-                torch.ops.kiln.paged_attention.default,
-                (
-                    q,
-                    k,
-                    v,
-                    inputs["kv_cache"],
-                    inputs["slot_mapping"],
-                    inputs["block_tables"],
-                    inputs["seq_lens"],
-                    inputs["query_start_loc"],
-                    layer,
-                    scale,
-                    sliding_window,
-                    softcap,
-                ),
-            )
-        paged.meta = dict(site.meta)
-        site.replace_all_uses_with(paged)
-        graph.erase_node(site)
+        metadata = [
+            inputs[name] for name in ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
+        ]
+        replace_with_call(
+            graph,
+            site,
+            torch.ops.kiln.paged_attention.default,
+            (q, k, v, *metadata, layer, scale, sliding_window, softcap),
+        )
     graph.lint()
     module.recompile()
     return program._update(module, program.graph_signature)

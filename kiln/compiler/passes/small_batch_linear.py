@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 import kiln.kernels  # noqa: F401  (registers torch.ops.kiln.linear)
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, with_graph
+from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, replace_with_call, with_graph
 from kiln.kernels.linear import KERNEL_DTYPES
 
 LINEAR = torch.ops.aten.linear.default
@@ -54,11 +54,7 @@ def rewrite_linears(
         x, weight, *rest = node.args
         bias = rest[0] if rest else node.kwargs.get("bias")
         constant = isinstance(weight, torch.fx.Node) and weight.op == "placeholder" and weight.name in constants
-        with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.kiln.linear.default, (x, weight, bias, constant))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        replace_with_call(graph, node, torch.ops.kiln.linear.default, (x, weight, bias, constant))
     return with_graph(program, module)
 
 
