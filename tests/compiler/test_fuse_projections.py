@@ -6,11 +6,10 @@ import io
 
 import pytest
 import torch
+from capture_tiny import capture_tiny
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.attention_interface import register_attention
-from kiln.compiler.build import cache_shape
-from kiln.compiler.capture import capture, example_inputs, mixed_step_inputs, step_inputs
+from kiln.compiler.capture import example_inputs, mixed_step_inputs, step_inputs
 from kiln.compiler.passes import PASSES, PassContext, run_passes
 from kiln.compiler.passes.context import nodes_calling
 from kiln.compiler.passes.fuse_projections import fuse_projections
@@ -19,22 +18,7 @@ LINEAR = torch.ops.aten.linear.default
 
 
 def _capture(checkpoints, family: str, architecture: str):
-    from transformers import AutoModelForCausalLM
-
-    register_attention()
-    model = AutoModelForCausalLM.from_pretrained(checkpoints(family), attn_implementation="kiln").eval()
-    shape = cache_shape(model.config)
-    program = capture(
-        model,
-        shape,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        block_size=4,
-        max_num_tokens=64,
-        max_batch_size=4,
-        architecture=architecture,
-    )
-    return program, shape, PassContext(architecture=architecture, num_layers=shape.num_layers)
+    return capture_tiny(checkpoints(family), architecture)
 
 
 @pytest.fixture(scope="module", params=[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])

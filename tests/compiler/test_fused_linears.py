@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from capture_tiny import capture_tiny
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.attention_interface import register_attention
-from kiln.compiler.build import cache_shape
-from kiln.compiler.capture import capture, step_inputs
-from kiln.compiler.passes import FUSED_LINEAR_PASSES, PassContext, active_passes, run_passes
+from kiln.compiler.capture import step_inputs
+from kiln.compiler.passes import FUSED_LINEAR_PASSES, active_passes, run_passes
 from kiln.compiler.passes.context import nodes_calling
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
@@ -27,24 +26,8 @@ kiln_ops = torch.ops.kiln
 @pytest.fixture(scope="module", params=[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
 def forced(request, checkpoints):
     """(program with every linear as kiln.linear, shape, context), after the standard passes."""
-    from transformers import AutoModelForCausalLM
-
     family, architecture = request.param
-    register_attention()
-    model = AutoModelForCausalLM.from_pretrained(checkpoints(family), attn_implementation="kiln").eval()
-    model = model.to(torch.bfloat16)
-    shape = cache_shape(model.config)
-    program = capture(
-        model,
-        shape,
-        dtype=torch.bfloat16,
-        device=torch.device("cpu"),
-        block_size=4,
-        max_num_tokens=64,
-        max_batch_size=4,
-        architecture=architecture,
-    )
-    context = PassContext(architecture=architecture, num_layers=shape.num_layers)
+    program, shape, context = capture_tiny(checkpoints(family), architecture, torch.bfloat16)
     program = run_passes(program, context)  # CPU: the fusion passes change nothing yet
     assert not nodes_calling(program.graph, kiln_ops.linear.default)
     return rewrite_linears(program, lambda node: True), shape, context

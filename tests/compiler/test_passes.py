@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from capture_tiny import capture_tiny
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.attention_interface import register_attention
-from kiln.compiler.build import cache_shape
-from kiln.compiler.capture import capture
 from kiln.compiler.passes import PASSES, PassContext, active_passes, describe
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
@@ -19,22 +17,7 @@ from kiln.errors import UnsupportedModelError
 
 @pytest.fixture(scope="module")
 def captured(checkpoints):
-    from transformers import AutoModelForCausalLM
-
-    register_attention()
-    model = AutoModelForCausalLM.from_pretrained(checkpoints("gemma2"), attn_implementation="kiln").eval()
-    shape = cache_shape(model.config)
-    program = capture(
-        model,
-        shape,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        block_size=4,
-        max_num_tokens=64,
-        max_batch_size=4,
-        architecture="Gemma2ForCausalLM",
-    )
-    return program, shape, PassContext(architecture="Gemma2ForCausalLM", num_layers=shape.num_layers)
+    return capture_tiny(checkpoints("gemma2"), "Gemma2ForCausalLM")
 
 
 def single_prompt_inputs(shape, n=11, block_size=4):
