@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from kiln.runtime.step_timer import StepTimer
 from kiln.sampling_params import SamplingParams
 
 
@@ -39,6 +40,8 @@ class ThroughputResult:
     mean_ttft_s: float
     preemptions: int = 0  # sequences the scheduler preempted (KV pool full) and recomputed
     kv_cache_tokens: int = 0  # tokens the KV block pool holds
+    steps: dict[str, Any] = field(default_factory=dict)  # StepTimer.summary(): where the time went
+    memory_gib: dict[str, float] = field(default_factory=dict)  # device memory: peak allocated, free at the end
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -93,14 +96,41 @@ def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int
     llm.generate(random_prompts(2, input_len, vocab, seed + 1000), params)
     prompts = random_prompts(num_requests, input_len, vocab, seed)
     _sync(engine.device)
+    engine.step_timer = timer = StepTimer()
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    _sync(engine.device)
+    try:
+        outs = llm.generate(prompts, params)
+        _sync(engine.device)
+    finally:
+        engine.step_timer = None
     total = time.perf_counter() - start
     ttft = sum(o.metrics["time_to_first_token_s"] for o in outs) / len(outs)
     capacity = engine.kv.num_blocks * engine.kv.block_size
     preempted = sum(o.metrics["num_preemptions"] for o in outs)
-    return ThroughputResult("kiln", num_requests, input_len, output_len, total, ttft, preempted, capacity)
+    return ThroughputResult(
+        "kiln",
+        num_requests,
+        input_len,
+        output_len,
+        total,
+        ttft,
+        preempted,
+        capacity,
+        timer.summary(),
+        _memory_gib(engine.device),
+    )
+
+
+def _memory_gib(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "total": total / 2**30,
+        "free": free / 2**30,
+        "peak_allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+        "reserved": torch.cuda.memory_reserved(device) / 2**30,
+    }
 
 
 def _per_token_ms(total_s: float, ttft_s: float, output_len: int) -> float:

@@ -76,6 +76,30 @@ def print_tables(report: dict[str, Any]) -> None:
                 str(r.get("kv_cache_tokens", "")),
             )
         console.print(table)
+        for r in report["throughput"]:
+            if r.get("steps"):
+                console.print(steps_table(r["steps"], f"{r['system']}: where the throughput run's time went"))
+
+
+def steps_table(steps: dict[str, Any], title: str) -> Any:
+    """One row per kind of engine step (`StepTimer.summary()`): count, wall time, batch, device time."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("step kind", "steps", "wall s", "ms/step", "rows/step", "tokens/step", "device ms/step"):
+        table.add_column(col, justify="left" if col == "step kind" else "right")
+    for kind, row in steps.items():
+        device = row.get("device_ms_per_timed_step")
+        table.add_row(
+            kind,
+            str(row["steps"]),
+            f"{row['wall_s']:.1f}",
+            f"{row['ms_per_step']:.2f}",
+            f"{row['rows_per_step']:.1f}",
+            f"{row['tokens_per_step']:.1f}",
+            "" if device is None else f"{device:.2f}",
+        )
+    return table
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from kiln.bench import measure, report, roofline
 from kiln.config import torch_dtype
+from kiln.engine_dir import check_compatible, read_manifest
 from kiln.errors import KilnError
 
 
@@ -43,18 +44,20 @@ class BenchOptions:
 def run(options: BenchOptions, argv: list[str] | None = None) -> dict[str, Any]:
     from kiln.api import LLM
 
-    llm = LLM(options.engine, progress=True, **(options.runtime or {}))
-    engine = llm.engine
-    build, facts = engine.build, engine.manifest.model
+    manifest = read_manifest(Path(options.engine))
+    build, facts = manifest.build, manifest.model
     too_long = options.input_len + options.output_len > build.seq_len or options.input_len > build.input_len
     if too_long:
         raise KilnError(
             f"--input-len {options.input_len} + --output-len {options.output_len} does not fit this engine "
             f"(max_input_len {build.input_len}, max_seq_len {build.seq_len})"
         )
+    # Before the engine loads: its KV pool takes most of the memory the copy's two buffers need.
+    copy_bw = roofline.copy_bandwidth(check_compatible(manifest))
+    llm = LLM(options.engine, progress=True, **(options.runtime or {}))
+    engine = llm.engine
     dtype = torch_dtype(build.dtype)
     kv_token = roofline.kv_bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype.itemsize)
-    copy_bw = roofline.copy_bandwidth(engine.device)
     device_name = (
         torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor() or "cpu"
     )
