@@ -54,15 +54,30 @@ for step in "${steps[@]}"; do
               hf=(--compare-hf "$ck" --hf-systems "${BENCH_HF:-eager,static}"); [ "${BENCH_HF:-}" = none ] && hf=()
               python -m kiln bench "$eng" "${hf[@]}" --batch-sizes ${BENCH_BATCHES:-1,8,64} \
                   --input-len 128 --output-len 256 --output-dir "$out/bench_$cfg" ${BENCH_EXTRA:-} 2>&1 | tail -n 40 | tee "$out/bench_$cfg.log" ;;
-    throughput8b)
+    throughput8b|steps8b)
               cfg=llama-3.1-8b; ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
               [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
               b0=$(date +%s)
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 256 \
-                  --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 12 | tee "$out/build_tp.log"
+                  --max-seq-len 2048 --max-input-len 1024 --max-num-tokens ${TP_TOKENS:-8192} 2>&1 | tail -n 12 | tee "$out/build_tp.log"
               echo "build $cfg (batch 256): $(( $(date +%s) - b0 )) s" | tee -a "$out/steps.txt"
-              python -m kiln bench "$eng" --batch-sizes 1 --output-len ${TP_OUT:-1000} --input-len ${TP_IN:-1000} --throughput \
-                  --num-requests ${TP_N:-1000} --output-dir "$out/throughput" 2>&1 | tail -n 30 | tee "$out/throughput.log" ;;
+              if [ "$step" = steps8b ]; then  # one mixed and one decode step of the throughput run, profiled
+                python benchmarks/step_profile.py "$eng" --json "$out/step_profile.json" ${STEP_ARGS:-} 2>&1 \
+                    | grep -v -i warn | tail -n 60 | tee "$out/step_profile.log"
+              else
+              # TP_VARIANTS="name=[VAR=value ...] [bench options];name2=..." runs the bench once per variant
+              IFS=';' read -ra tp_variants <<< "${TP_VARIANTS:-default=}"
+              for variant in "${tp_variants[@]}"; do
+                name=${variant%%=*}; envs=(); opts=()
+                for word in ${variant#*=}; do
+                  if [[ $word == --* || $word != *=* ]]; then opts+=("$word"); else envs+=("$word"); fi
+                done
+                echo "--- throughput variant $name: ${variant#*=}" | tee -a "$out/steps.txt"
+                env "${envs[@]}" python -m kiln bench "$eng" --batch-sizes ${TP_BATCHES:-1} --output-len ${TP_OUT:-1000} \
+                    --input-len ${TP_IN:-1000} --throughput --num-requests ${TP_N:-1000} --output-dir "$out/throughput_$name" \
+                    "${opts[@]}" 2>&1 | grep -v -i warn | tail -n 30 | tee "$out/throughput_$name.log"
+              done
+              fi ;;
     vlm7b)    python benchmarks/vlm_speed.py --workdir /tmp/kiln-vlm --config llava-1.5-7b --device cuda \
                   --out "$out/vlm_speed.json" 2>&1 | grep -v Warning | tail -n 30 | tee "$out/vlm_speed.log" ;;
     vlmfamilies) KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16 python -m pytest -q -p no:cacheprovider \
