@@ -74,7 +74,7 @@ def _linear(
     # Many rows (prefill, large decode batches), or no kernel: PyTorch. On CUDA with the fused
     # kernels of torch (rms_norm, addmm's residual), rounding once where transformers rounds twice.
     if prologue == "silu_mul":
-        x = reference.silu_mul(x)
+        x = _silu_mul(x)
     elif prologue == "rms_norm":
         assert norm_weight is not None
         if x.is_cuda:
@@ -86,6 +86,16 @@ def _linear(
         return out.view(*x.shape[:-1], weight.shape[0])
     out = torch.nn.functional.linear(x, weight, bias)
     return out if residual is None else residual + out
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one Triton pass on CUDA fp16/bf16 (KILN_LINEAR not `reference`), else PyTorch."""
+    triton_ok = gate_up.is_cuda and gate_up.dtype in KERNEL_DTYPES and os.environ.get("KILN_LINEAR", "") != "reference"
+    if triton_ok and triton_importable():
+        from kiln.kernels.triton.silu_mul import silu_mul
+
+        return silu_mul(gate_up)
+    return reference.silu_mul(gate_up)
 
 
 @torch.library.custom_op("kiln::linear", mutates_args=())
