@@ -95,8 +95,9 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
-        default=0.9,
-        help="on a GPU, the fraction of free memory (after loading) given to the KV-cache pool",
+        default=None,
+        help="on a GPU, the fraction of free memory (after loading) given to the KV-cache pool (default: all "
+        "memory left after one measured step at the build limits, less 2%% of the device)",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="never reuse cached blocks of earlier prompts")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, launch decode steps op by op")

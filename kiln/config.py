@@ -115,7 +115,9 @@ class RuntimeConfig:
     """Choices made when an engine is loaded."""
 
     num_kv_blocks: int | None = None
-    kv_cache_memory_fraction: float = 0.9
+    # On a GPU, the share of free memory after loading given to the KV pool; None: all that is left
+    # after one measured full-size step and a little headroom (kiln.runtime.memory_plan).
+    kv_cache_memory_fraction: float | None = None
     use_compiled: bool = True
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA engines only)
@@ -125,7 +127,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None:
             _check_int("RuntimeConfig", "num_kv_blocks", self.num_kv_blocks, 1)
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+        if self.kv_cache_memory_fraction is not None and not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise KilnError(
                 f"RuntimeConfig.kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )

@@ -19,7 +19,7 @@ from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, WEIGHTS, check_com
 from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.program_files import attach_weights, load_graph
 from kiln.progress import Progress
-from kiln.runtime import prompts
+from kiln.runtime import memory_plan, prompts
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
@@ -30,6 +30,7 @@ from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.step_timer import DECODE, IDLE, MIXED, MIXED_PIPELINED, PIPELINED, StepTimer
 from kiln.sampling_params import SamplingParams
 
 
@@ -44,6 +45,10 @@ class StepUpdate:
     @property
     def finished(self) -> bool:
         return self.seq.is_finished
+
+
+# Share of free memory a vision-language engine's KV pool takes unless told otherwise (see _num_blocks).
+MULTIMODAL_MEMORY_FRACTION = 0.9
 
 
 class Engine:
@@ -65,10 +70,8 @@ class Engine:
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
-        num_blocks = self._num_blocks(dtype)
-        self.kv_cache = torch.zeros(
-            facts.num_layers, 2, num_blocks, bs, facts.num_kv_heads, facts.head_dim, dtype=dtype, device=self.device
-        )
+        num_blocks = self._num_blocks(dtype, program)
+        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
         self.kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
@@ -93,6 +96,9 @@ class Engine:
         # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
         self._in_flight: InFlightStep | None = None  # a pipelined decode step whose tokens are unread
+        self.step_timer: StepTimer | None = None  # set by callers that want step times (the throughput bench)
+        self._last_step: tuple[str, int, int, int] = (IDLE, 0, 0, 0)
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         overlap = self.runtime.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
 
@@ -120,7 +126,11 @@ class Engine:
                 "the engine is damaged or incomplete: rebuild it with `kiln build`"
             ) from exc
 
-    def _num_blocks(self, dtype: torch.dtype) -> int:
+    def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        facts = self.manifest.model
+        return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, facts.num_kv_heads, facts.head_dim)
+
+    def _num_blocks(self, dtype: torch.dtype, program: inductor.Program) -> int:
         facts, build = self.manifest.model, self.build
         blocks_per_seq = -(-build.seq_len // build.tokens_per_block)
         needed = blocks_per_seq * build.max_batch_size
@@ -135,13 +145,24 @@ class Engine:
             # Room for a full batch, twice over so finished prompts stay cached for prefix reuse.
             return 2 * needed
         per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
-        free, _total = torch.cuda.mem_get_info(self.device)
-        fits = int(free * self.runtime.kv_cache_memory_fraction) // per_block
-        if fits < blocks_per_seq:
-            raise KilnError(
-                f"GPU memory left for the KV cache ({free / 2**30:.1f} GiB free) holds {fits} blocks, "
-                f"fewer than one max_seq_len sequence needs ({blocks_per_seq}); lower max_seq_len or free memory"
+        fraction = self.runtime.kv_cache_memory_fraction
+        if fraction is None and self.manifest.multimodal is not None:
+            # The vision program loads after the pool and its activations are not measured: keep a tenth free.
+            fraction = MULTIMODAL_MEMORY_FRACTION
+        if fraction is not None:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            fits = int(free * fraction) // per_block
+        else:
+            step = memory_plan.step_peak_bytes(
+                build,
+                self._cache_shape,
+                dtype,
+                self.device,
+                lambda cache, kv: make_runner(self.manifest.multimodal, program, cache, kv, self.device),
             )
+            free, total = torch.cuda.mem_get_info(self.device)  # the step's memory has gone back
+            fits = memory_plan.pool_blocks(free, total, step, per_block)
+        memory_plan.check_holds_one_sequence(fits, blocks_per_seq, free, free - fits * per_block)
         return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
 
     # ---- requests -------------------------------------------------------------------------------
@@ -218,6 +239,27 @@ class Engine:
     def step(self) -> list[StepUpdate]:
         """Schedule, run, sample, post-process; with `overlap_decode`, decode steps are pipelined.
 
+        See `_step`; this wrapper only times the step when `step_timer` is set.
+        """
+        timer = self.step_timer
+        if timer is None:
+            return self._step()
+        start = time.perf_counter()
+        self._events = None
+        updates = self._step()
+        wall = time.perf_counter() - start
+        device_s = None
+        if self._events is not None:
+            begin, end = self._events
+            end.synchronize()
+            device_s = begin.elapsed_time(end) / 1000
+        kind, rows, tokens, preempted = self._last_step
+        timer.record(kind, wall, rows, tokens, device_s, preempted)
+        return updates
+
+    def _step(self) -> list[StepUpdate]:
+        """Schedule, run, sample, post-process; with `overlap_decode`, decode steps are pipelined.
+
         A pipelined decode step is launched before the previous one's tokens are read: its inputs take
         those tokens straight from the device, each sequence holds a placeholder for its pending token,
         and the previous step's post-processing (detokenizing, stop checks) runs while the device works.
@@ -226,6 +268,8 @@ class Engine:
         plan = self.scheduler.schedule()
         pending, self._in_flight = self._in_flight, None
         overlap = self._can_overlap(plan)
+        if self.step_timer is not None:
+            self._last_step = self._describe(plan, overlap)
         updates: list[StepUpdate] = []
         if pending is not None and not overlap:
             updates = self._resolve(pending)
@@ -241,12 +285,17 @@ class Engine:
             if all(seq.is_finished for seq in self._in_flight.seqs):  # nothing left to read from it
                 self._in_flight = None
             return updates
+        if self.step_timer is not None and self.device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
         logits, sampled = self.runner.run(plan.chunks)
         for chunk in plan.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.kv.register_computed(seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys)
         if not sampled:
+            if self._events is not None:
+                self._events[1].record()
             return updates
         seqs = [plan.chunks[i].seq for i in sampled]
         if self.logits_hook is not None:
@@ -259,10 +308,24 @@ class Engine:
             [s.output_ids for s in seqs],
             [s.generator for s in seqs],
         )
+        if self._events is not None:
+            self._events[1].record()
         now = time.perf_counter()
         for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             updates.append(self._append(seq, token, logprobs[row] if logprobs is not None else None, now))
         return updates
+
+    @staticmethod
+    def _describe(plan: SchedulerOutput, overlap: bool) -> tuple[str, int, int, int]:
+        """(kind, rows, tokens, preempted) of a planned step, for the step timer."""
+        rows, tokens = len(plan.chunks), plan.num_tokens
+        if not plan.chunks:
+            kind = IDLE
+        elif tokens == rows and all(c.completes for c in plan.chunks):
+            kind = PIPELINED if overlap else DECODE
+        else:
+            kind = MIXED_PIPELINED if overlap else MIXED
+        return kind, rows, tokens, len(plan.preempted)
 
     # ---- pipelined decode ---------------------------------------------------------------------------
 

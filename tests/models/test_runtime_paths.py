@@ -94,3 +94,22 @@ def test_pipelined_decode_matches_transformers(checkpoints, tmp_path, reference_
     if num_kv_blocks:
         assert sum(o.metrics["num_preemptions"] for o in outs) > 0
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_the_memory_plans_full_size_step_runs_on_the_engine(checkpoints, tmp_path):
+    """The step the GPU pool sizing measures (max_num_tokens over max_batch_size sequences, all sampled)."""
+    import torch
+
+    from kiln.runtime import memory_plan
+    from kiln.runtime.mm_runner import make_runner
+
+    engine = LLM(build_tiny_engine(checkpoints("mistral"), tmp_path / "e")).engine
+    program = engine.runner.program
+    rows = memory_plan.run_full_step(
+        engine.build,
+        engine._cache_shape,
+        torch.float32,
+        engine.device,
+        lambda cache, kv: make_runner(None, program, cache, kv, engine.device),
+    )
+    assert rows == engine.build.max_batch_size == 4

@@ -1,0 +1,104 @@
+"""How many KV-cache blocks a GPU holds: the memory left after the weights and one measured full-size step.
+
+By default (`RuntimeConfig.kv_cache_memory_fraction` None) the engine runs one step at the build
+limits before it allocates the pool: `max_num_tokens` tokens over up to `max_batch_size` sequences,
+each yielding a sampled token (top-k/top-p sampling, the costliest path). The peak memory that step
+allocates is kept free for every later step, plus `HEADROOM_FRACTION` of the device for allocator
+slack and libraries' workspaces; the pool takes the rest. No later step can need more than that
+step did: the scheduler never exceeds those limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kiln.config import BuildConfig
+from kiln.errors import KilnError
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.sampler import sample
+from kiln.runtime.scheduler import ScheduledChunk
+from kiln.runtime.sequence import Sequence
+from kiln.sampling_params import SamplingParams
+
+HEADROOM_FRACTION = 0.02  # of total device memory, left free beside the measured step
+
+RunnerFactory = Callable[[torch.Tensor, KVCacheManager], ModelRunner]
+
+
+def full_step(build: BuildConfig) -> list[ScheduledChunk]:
+    """The largest step the scheduler can plan: max_num_tokens prompt tokens over up to max_batch_size
+    sequences, every chunk completing its sequence (so every sequence is sampled)."""
+    tokens = build.max_num_tokens
+    seqs = max(1, min(build.max_batch_size, tokens))
+    base, extra = divmod(tokens, seqs)
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_k=50, top_p=0.9, detokenize=False)
+    chunks = []
+    for i in range(seqs):
+        length = base + (1 if i < extra else 0)
+        seq = Sequence(f"memory-plan-{i}", [1] * length, params)
+        chunks.append(ScheduledChunk(seq, 0, length))
+    return chunks
+
+
+def run_full_step(
+    build: BuildConfig,
+    cache_shape: Callable[[int], tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    make_runner: RunnerFactory,
+) -> int:
+    """Run `full_step` on a temporary KV cache just large enough for it; the number of rows sampled.
+
+    `cache_shape(num_blocks)` is the KV-cache tensor's shape; the cache is freed on return.
+    """
+    chunks = full_step(build)
+    bs = build.tokens_per_block
+    num_blocks = sum(-(-c.num_tokens // bs) for c in chunks)
+    kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=False)
+    for chunk in chunks:
+        if not kv.allocate(chunk.seq.request_id, chunk.num_tokens):
+            raise AssertionError("the temporary KV cache is sized to hold the full step")
+    runner = make_runner(torch.zeros(cache_shape(num_blocks), dtype=dtype, device=device), kv)
+    logits, sampled = runner.run(chunks)
+    seqs = [chunks[i].seq for i in sampled]
+    empty: list[tuple[int, ...]] = [() for _ in seqs]
+    tokens, _ = sample(logits, [s.params for s in seqs], empty, empty, [None] * len(seqs))
+    return int(tokens.shape[0])
+
+
+def step_peak_bytes(
+    build: BuildConfig,
+    cache_shape: Callable[[int], tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    make_runner: RunnerFactory,
+) -> int:
+    """Bytes `run_full_step` allocates at its peak beyond what was allocated before, its own cache left out."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    blocks = sum(-(-c.num_tokens // build.tokens_per_block) for c in full_step(build))
+    cache_bytes = torch.Size(cache_shape(blocks)).numel() * dtype.itemsize
+    run_full_step(build, cache_shape, dtype, device, make_runner)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before - cache_bytes
+    torch.cuda.empty_cache()
+    return peak
+
+
+def pool_blocks(free_bytes: int, total_bytes: int, step_bytes: int, block_bytes: int) -> int:
+    """Blocks that fit in `free_bytes` once a step's peak and the headroom are kept free."""
+    headroom = int(HEADROOM_FRACTION * total_bytes)
+    return max(0, free_bytes - step_bytes - headroom) // block_bytes
+
+
+def check_holds_one_sequence(blocks: int, blocks_per_seq: int, free_bytes: int, reserved_bytes: int) -> None:
+    if blocks < blocks_per_seq:
+        raise KilnError(
+            f"GPU memory left for the KV cache ({free_bytes / 2**30:.1f} GiB free, {reserved_bytes / 2**30:.1f} GiB "
+            f"of it kept for a step's activations and headroom) holds {blocks} blocks, fewer than one max_seq_len "
+            f"sequence needs ({blocks_per_seq}); lower max_seq_len or max_num_tokens, or free memory"
+        )
