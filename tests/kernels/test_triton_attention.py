@@ -118,18 +118,37 @@ def test_decode_kernel(dtype, hq, hkv, block_size, window, softcap, splits):
     assert_close(out, reference_output(batch, scale, window, softcap), dtype, f"decode with {splits} splits")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,block_size,window,softcap,splits", DECODE_CASES)
+def test_decode_kernel_storing_the_new_keys(dtype, hq, hkv, block_size, window, softcap, splits):
+    """new_kv: the kernel attends to this step's keys from k/v and stores them, as write_kv would."""
+    batch = make_batch(DECODE, hq, hkv, 32, block_size, dtype, DEVICE, seed=hq * 5 + block_size)
+    expected = written(batch)
+    ref = reference_output(batch, 0.3, window, softcap)
+    out = decode.decode_attention(
+        batch.q, batch.kv_cache, *batch.args()[5:], 0.3, window, softcap, poisoned_out(batch),
+        num_splits=splits, new_kv=(batch.k, batch.v, batch.slot_mapping),
+    )  # fmt: skip
+    assert torch.equal(batch.kv_cache, expected.kv_cache), "the cache differs from write_kv's"
+    assert_close(out, ref, dtype, f"decode storing its keys, {splits} splits")
+
+
 DISPATCH_CASES = {
     "mixed": (MIXED, 0),  # T != B: the prefill kernel
     "decode": (DECODE, 0),  # T == B: the decode kernels
     "uneven, T == B": ([(10, 0), (20, 2), (33, 1)], 0),  # decode kernels with 0 and 2 new tokens
     "padding tokens": ([(40, 3), (7, 1)], 5),  # slots -1 past the last sequence: rows of zeros
     "decode + padding": ([(40, 1), (7, 1)], 0),
+    "T == B with a padding token": ([(10, 0), (5, 1), (3, 1)], 1),
+    "T == B, a prompt of two": ([(0, 2), (9, 0)], 0),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", DISPATCH_CASES)
-def test_dispatcher_writes_then_attends(dtype, name):
+@pytest.mark.parametrize("decode_write", ["fused", "separate"])
+def test_dispatcher_writes_then_attends(dtype, name, decode_write, monkeypatch):
+    monkeypatch.setenv("KILN_DECODE_KV_WRITE", decode_write)
     shapes, padding = DISPATCH_CASES[name]
     batch = make_batch(shapes, 4, 2, 32, 16, dtype, DEVICE, seed=len(name), padding_tokens=padding)
     expected = batch.clone()

@@ -2,12 +2,16 @@
 
 Every choice here is made from shapes and dtypes alone, never from tensor values, so a call
 needs no host synchronisation and can be captured in a CUDA graph. When every sequence could
-have exactly one new token (T == B) the split-K decode kernels run; otherwise the tiled
-prefill kernel, which is correct for any mix of prefill, chunked prefill and decode rows.
-Both kernels are correct for any batch; the choice only affects speed.
+have exactly one new token (T == B) the split-K decode kernels run, and the decode kernel stores
+the new keys and values itself (`KILN_DECODE_KV_WRITE=separate` runs the KV-write kernel first
+instead); otherwise the KV write, then the tiled prefill kernel, which is correct for any mix of
+prefill, chunked prefill and decode rows. Both paths are correct for any batch; the choice only
+affects speed.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -49,9 +53,14 @@ def paged_attention_triton(
     """Same contract as `kiln.kernels.reference.paged_attention`, on the device, without host syncs."""
     reason = unsupported_reason(q, k, v, kv_cache)
     assert reason is None, f"the Triton paged attention cannot run this call: {reason}"
-    write_kv(kv_cache, layer, k, v, slot_mapping)
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
-    attend = decode_attention if q.shape[0] == block_tables.shape[0] else prefill_attention
-    return attend(q, kv_cache, block_tables, seq_lens, query_start_loc, layer, scale, sliding_window, softcap, out)
+    args = (q, kv_cache, block_tables, seq_lens, query_start_loc, layer, scale, sliding_window, softcap, out)
+    if q.shape[0] == block_tables.shape[0]:
+        if os.environ.get("KILN_DECODE_KV_WRITE", "") == "separate":  # a diagnostic: the unfused path
+            write_kv(kv_cache, layer, k, v, slot_mapping)
+            return decode_attention(*args)
+        return decode_attention(*args, new_kv=(k, v, slot_mapping))  # stores the new keys itself
+    write_kv(kv_cache, layer, k, v, slot_mapping)
+    return prefill_attention(*args)

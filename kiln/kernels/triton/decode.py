@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
-from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
+from kiln.kernels.triton.tile import LOG2E, attend_keys, find_sequence, first_key, interpreting, soft_cap
 
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
@@ -42,6 +42,61 @@ def default_config(head_dim: int) -> DecodeConfig:
 
 
 @triton.jit
+def _new_key_step(  # type: ignore[no-untyped-def]
+    acc, m_i, l_i, q_tile, q_pos, pos, j, k_new, v_new, kv_head,
+    stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
+    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax step of one key held in k_new/v_new (row j) at position `pos`, rounded as
+    `attend_keys` rounds a cached key (softmax weights in the value dtype before the product)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    key = tl.load(k_new + j * stride_knt + kv_head * stride_knh + offs_d * stride_knd).to(q_tile.dtype)
+    value = tl.load(v_new + j * stride_vnt + kv_head * stride_vnh + offs_d * stride_vnd).to(q_tile.dtype)
+    s = tl.sum(q_tile.to(tl.float32) * key.to(tl.float32)[None, :], 1)
+    if SOFTCAP:
+        s = soft_cap(s * scale, softcap) * LOG2E
+    else:
+        s = s * (scale * LOG2E)
+    if SLIDING:
+        s = tl.where(pos > q_pos - window, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use)
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p.to(value.dtype).to(tl.float32)[:, None] * value.to(tl.float32)[None, :]
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_new_keys(  # type: ignore[no-untyped-def]
+    acc, m_i, l_i, q_tile, q_pos, first_new, q_begin, new_hi, k_new, v_new, kv_head,
+    stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
+    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Attend to rows q_begin .. new_hi - 1 of k_new/v_new (this step's keys at positions first_new ...).
+
+    A `while` loop under the interpreter, as in `attend_keys`."""
+    if INTERPRET:
+        j = q_begin
+        while j < new_hi:
+            acc, m_i, l_i = _new_key_step(
+                acc, m_i, l_i, q_tile, q_pos, first_new + (j - q_begin), j, k_new, v_new, kv_head,
+                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
+                HEAD_DIM, SLIDING, SOFTCAP,
+            )  # fmt: skip
+            j += 1
+    else:
+        for j in range(q_begin, new_hi):
+            acc, m_i, l_i = _new_key_step(
+                acc, m_i, l_i, q_tile, q_pos, first_new + (j - q_begin), j, k_new, v_new, kv_head,
+                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
+                HEAD_DIM, SLIDING, SOFTCAP,
+            )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_kernel(  # type: ignore[no-untyped-def]
     out,
     part_acc,  # [T, Hq, num_splits, D] fp32
@@ -53,6 +108,9 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     block_tables,
     seq_lens,
     query_start_loc,
+    k_new,  # [T, Hkv, D]: this step's keys (FUSE_WRITE only)
+    v_new,
+    slot_mapping,  # [T]: where they go (-1: nowhere)
     num_seqs,
     num_splits,
     stride_qt,
@@ -66,11 +124,18 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     stride_slot,
     stride_head,
     stride_dim,
+    stride_knt,
+    stride_knh,
+    stride_knd,
+    stride_vnt,
+    stride_vnh,
+    stride_vnd,
     scale,
     softcap,
     window,
     NUM_Q_HEADS: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _merge_kernel
+    FUSE_WRITE: tl.constexpr,  # this step's keys come from k_new/v_new, and are stored into the cache here
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,  # GROUP padded to a power of two, at least 16 (smallest dot)
     BLOCK_N: tl.constexpr,
@@ -91,9 +156,12 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     safe_seq = tl.minimum(seq, num_seqs - 1)
     q_begin = tl.load(query_start_loc + safe_seq)
     q_end = tl.load(query_start_loc + safe_seq + 1)
-    q_pos = tl.load(seq_lens + safe_seq) - (q_end - q_begin) + (token - q_begin)
+    first_new = tl.load(seq_lens + safe_seq) - (q_end - q_begin)  # position of the sequence's first new token
+    q_pos = first_new + (token - q_begin)
 
     k_hi = tl.where(padding, 0, q_pos + 1)
+    if FUSE_WRITE:  # the cache holds the keys before this step's tokens; those come from k_new below
+        k_hi = tl.where(padding, 0, first_new)
     k_lo = tl.where(padding, 0, first_key(q_pos, window, BLOCK_N, SLIDING))
     per_split = tl.cdiv(tl.cdiv(tl.maximum(k_hi - k_lo, 0), num_splits), BLOCK_N) * BLOCK_N
     split_lo = k_lo + split * per_split
@@ -138,6 +206,25 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         IEEE_DOT,
         INTERPRET,
     )
+    if FUSE_WRITE:
+        # The last split also attends to this step's keys of the sequence up to its own token (one
+        # for decode) and stores its token's key and value: no program here reads those cache slots.
+        last = (split == num_splits - 1) & (seq < num_seqs)
+        new_hi = tl.where(last, token + 1, q_begin)
+        acc, m_i, l_i = _attend_new_keys(
+            acc, m_i, l_i, q_tile, q_pos, first_new, q_begin, new_hi, k_new, v_new, kv_head,
+            stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
+            HEAD_DIM, SLIDING, SOFTCAP, INTERPRET,
+        )  # fmt: skip
+        slot = tl.load(slot_mapping + token).to(tl.int64)
+        store = (offs_d < HEAD_DIM) & last & (slot >= 0)
+        safe_slot = tl.maximum(slot, 0)
+        dst = (safe_slot // PAGE_SIZE) * stride_page + (safe_slot % PAGE_SIZE) * stride_slot
+        dst += kv_head.to(tl.int64) * stride_head + offs_d * stride_dim
+        key = tl.load(k_new + token * stride_knt + kv_head * stride_knh + offs_d * stride_knd, mask=store)
+        value = tl.load(v_new + token * stride_vnt + kv_head * stride_vnh + offs_d * stride_vnd, mask=store)
+        tl.store(key_cache + dst, key.to(key_cache.dtype.element_ty), mask=store)
+        tl.store(value_cache + dst, value.to(value_cache.dtype.element_ty), mask=store)
     if not SPLIT:
         result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -217,10 +304,14 @@ def decode_attention(
     out: torch.Tensor,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attend each query token of q [T, Hq, D] to its cached keys; writes and returns out.
 
-    num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
+    With new_kv = (k, v, slot_mapping), this step's keys and values are not in the cache yet: the
+    kernel attends to them from k/v and stores them at slot_mapping itself (what `write_kv` would
+    do first), saving a kernel launch per layer. num_splits (a power of two) and config override
+    the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
     num_kv_heads, page_size = key_cache.shape[2], key_cache.shape[1]
@@ -242,6 +333,7 @@ def decode_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     pdl = pdl_enabled(q.device)
+    k_new, v_new, slot_mapping = new_kv if new_kv is not None else (q, q, seq_lens)  # the latter unused
     _decode_kernel[(num_tokens, num_kv_heads, num_splits)](
         out,
         part_acc,
@@ -253,17 +345,23 @@ def decode_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        k_new,
+        v_new,
+        slot_mapping,
         block_tables.shape[0],
         num_splits,
         *q.stride(),
         *out.stride(),
         block_tables.stride(0),
         *key_cache.stride(),
+        *k_new.stride(),
+        *v_new.stride(),
         scale,
         softcap,
         sliding_window,
         NUM_Q_HEADS=num_q_heads,
         SPLIT=num_splits > 1,
+        FUSE_WRITE=new_kv is not None,
         GROUP=group,
         ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
