@@ -11,6 +11,11 @@ never be reached again.
 Freed blocks stay registered while they sit in the free queue (least recently freed first to be
 reused), so a finished request's prompt can still be hit. Only full, computed blocks are shared;
 a sequence's last (partial) block and every block it still writes to are its own.
+
+Blocks never handed out yet cost nothing: they are the ids from `_next_fresh` on, so a pool of
+millions of blocks (a small model on a large GPU) is as cheap to create as a small one. A block is
+taken from, in order: freed blocks holding nothing reusable, never-used blocks, then registered
+freed blocks, least recently freed first.
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._hash = hash_fn
-        self._blocks = [_Block() for _ in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._blocks: list[_Block] = []  # of the blocks handed out at least once (ids below _next_fresh)
+        self._next_fresh = 0
+        self._free: OrderedDict[int, None] = OrderedDict()  # freed blocks, unregistered ones first
         self._cached: dict[int, int] = {}  # digest -> block id
         self._tables: dict[str, list[int]] = {}
         self._chains: dict[str, _Chain] = {}
@@ -67,7 +73,7 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks no live sequence holds (some may still be registered for reuse)."""
-        return len(self._free)
+        return len(self._free) + self.num_blocks - self._next_fresh
 
     @property
     def num_cached_blocks(self) -> int:
@@ -75,7 +81,7 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -86,11 +92,16 @@ class KVCacheManager:
     def owners(self) -> dict[str, list[int]]:
         return {seq_id: list(table) for seq_id, table in self._tables.items()}
 
+    def _meta(self, block: int) -> _Block:
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} is outside the pool of {self.num_blocks}")
+        return self._blocks[block] if block < self._next_fresh else _Block()
+
     def ref_count(self, block: int) -> int:
-        return self._blocks[block].ref_count
+        return self._meta(block).ref_count
 
     def is_registered(self, block: int) -> bool:
-        return self._blocks[block].key is not None
+        return self._meta(block).key is not None
 
     # ---- allocation -------------------------------------------------------------------------------
 
@@ -127,7 +138,7 @@ class KVCacheManager:
         """Make `seq_id` own enough blocks for `num_tokens` tokens; False (and no change) if the pool is short."""
         table = self._tables.get(seq_id, [])
         missing = self.blocks_for(num_tokens) - len(table)
-        if missing > len(self._free):
+        if missing > self.num_free_blocks:
             return False
         if missing <= 0:
             return True
@@ -138,6 +149,12 @@ class KVCacheManager:
         return True
 
     def _take_free_block(self) -> int:
+        front = next(iter(self._free), None)
+        if (front is None or self._blocks[front].key is not None) and self._next_fresh < self.num_blocks:
+            block = self._next_fresh  # nothing unregistered was freed: a never-used block
+            self._next_fresh += 1
+            self._blocks.append(_Block(ref_count=1, generation=1))
+            return block
         block, _ = self._free.popitem(last=False)
         meta = self._blocks[block]
         if meta.digest is not None:  # evict its old registration: its content is about to change

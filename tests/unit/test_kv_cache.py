@@ -91,7 +91,7 @@ def test_finished_prompts_stay_cached_until_the_pool_needs_their_blocks():
 
 
 def test_a_reused_parent_block_orphans_its_old_children():
-    kv = KVCacheManager(num_blocks=4, block_size=2)
+    kv = KVCacheManager(num_blocks=3, block_size=2)  # no never-used block left once "a" runs
     _compute(kv, "a", [1, 2, 3, 4, 5])  # blocks [1,2] -> [3,4] registered, plus a partial one
     parent, child = kv.block_table("a")[:2]
     kv.free("a")
@@ -176,3 +176,23 @@ def test_thousands_of_random_add_cancel_finish_operations_leak_nothing():
         kv.free(seq)
     assert kv.num_free_blocks == kv.num_blocks and all(kv.ref_count(b) == 0 for b in range(kv.num_blocks))
     assert hits > 100, "the workload should exercise prefix hits"
+
+
+def test_blocks_are_taken_unregistered_first_then_never_used_then_least_recently_freed():
+    kv = KVCacheManager(num_blocks=10_000_000, block_size=2)  # never-used blocks cost nothing
+    assert kv.num_free_blocks == 10_000_000 and kv.usage == 0.0
+    _compute(kv, "a", [1, 2, 3, 4, 5])  # blocks 0, 1 registered; 2 partial
+    _compute(kv, "b", [6, 7, 8])  # 3 registered; 4 partial
+    assert kv.block_table("a") == [0, 1, 2] and kv.block_table("b") == [3, 4]
+    kv.free("a")
+    kv.free("b")
+    assert kv.num_free_blocks == 10_000_000 and kv.ref_count(7_000_000) == 0
+    assert kv.allocate("c", 2 * 3)  # the two unregistered partial blocks, then a never-used one
+    assert kv.block_table("c") == [4, 2, 5]
+    assert kv.match_prefix("d", [1, 2, 3, 4, 9]) == 4  # the registered blocks are still there
+    small = KVCacheManager(num_blocks=3, block_size=2)
+    _compute(small, "a", [1, 2, 3, 4, 5])
+    small.free("a")
+    assert small.allocate("e", 2 * 3) and small.block_table("e") == [2, 1, 0]  # partial, then tail before head
+    with pytest.raises(IndexError):
+        small.ref_count(3)
