@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+M = TypeVar("M")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +58,27 @@ def with_graph(program: torch.export.ExportedProgram, module: torch.fx.GraphModu
         output_specs=output_specs(graph, program.graph_signature),
     )
     return program._update(module, signature)
+
+
+def rewrite_matches(
+    program: torch.export.ExportedProgram,
+    target: object,
+    match: Callable[[torch.fx.Node], M | None],
+    rewrite: Callable[[torch.fx.Graph, torch.fx.Node, M], None],
+) -> torch.export.ExportedProgram:
+    """The common shape of a rewriting pass: on a copy of the program, `rewrite(graph, node, found)`
+    for each node calling `target` for which `match(node)` found something in the original graph
+    (matched again on the copy, as earlier rewrites left it); the program itself when none matched."""
+    targets = {n.name for n in nodes_calling(program.graph_module.graph, target) if match(n) is not None}
+    if not targets:
+        return program
+    module = copy_graph(program)
+    for node in nodes_calling(module.graph, target):
+        if node.name in targets:
+            found = match(node)
+            assert found is not None, f"{node.name} no longer matches after the rewrites before it"
+            rewrite(module.graph, node, found)
+    return with_graph(program, module)
 
 
 def replace_with_call(

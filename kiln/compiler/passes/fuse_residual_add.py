@@ -16,11 +16,9 @@ import torch
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
 from kiln.compiler.passes.context import (
     PassContext,
-    copy_graph,
-    nodes_calling,
     real_users,
     replace_with_call,
-    with_graph,
+    rewrite_matches,
 )
 
 ADD = torch.ops.aten.add.Tensor
@@ -52,22 +50,15 @@ def _split(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
 
 def fuse_residual_add(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
     """residual + kiln.linear(x, W) -> kiln.linear(x, W, residual=residual) (the add in the epilogue)."""
-    targets = [n.name for n in nodes_calling(program.graph_module.graph, ADD) if _split(n) is not None]
-    if not targets:
-        return program
-    module = copy_graph(program)
-    graph = module.graph
-    for add in nodes_calling(graph, ADD):
-        if add.name not in targets:
-            continue
-        split = _split(add)
-        assert split is not None
+
+    def rewrite(graph: torch.fx.Graph, add: torch.fx.Node, split: tuple[torch.fx.Node, torch.fx.Node]) -> None:
         linear, residual = split
         args = list(linear.args)
         args += [None, None, None, False][len(args) : RESIDUAL_ARG]  # bias, constant_weight defaults
         replace_with_call(graph, add, linear.target, (*args, residual))
         graph.erase_node(linear)
-    return with_graph(program, module)
+
+    return rewrite_matches(program, ADD, _split, rewrite)
 
 
 __all__ = ["fuse_residual_add"]

@@ -21,12 +21,10 @@ import torch
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
 from kiln.compiler.passes.context import (
     PassContext,
-    copy_graph,
     drop_metadata_checks,
-    nodes_calling,
     real_users,
     replace_with_call,
-    with_graph,
+    rewrite_matches,
 )
 
 aten = torch.ops.aten
@@ -111,32 +109,27 @@ def match_rms_norm(y: object) -> _Norm | None:
     return None
 
 
-def _fusable(node: torch.fx.Node) -> bool:
-    return not node.kwargs and match_rms_norm(node.args[0]) is not None
+def _match(node: torch.fx.Node) -> _Norm | None:
+    """The RMSNorm a linear without a residual reads, if any (with a residual, the norm's input is
+    ready only after the residual add)."""
+    residual = node.args[4] if len(node.args) > 4 else node.kwargs.get("residual")
+    if node.kwargs or residual is not None:
+        return None
+    return match_rms_norm(node.args[0])
 
 
 def fuse_rms_norm(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
     """kiln.linear(rms_norm(x) * w, W) -> kiln.rms_norm_linear(x, w, eps, W) (no norm kernel)."""
-    linear_op = torch.ops.kiln.linear.default
-    targets = [n.name for n in nodes_calling(program.graph_module.graph, linear_op) if _fusable(n)]
-    if not targets:
-        return program
-    module = copy_graph(program)
-    graph = module.graph
-    for node in nodes_calling(graph, linear_op):
-        if node.name not in targets:
-            continue
-        norm = match_rms_norm(node.args[0])
-        assert norm is not None
-        _, weight, bias, constant, residual = (list(node.args) + [None, None, None, False, None][len(node.args) :])[:5]
-        if residual is not None:
-            continue  # the norm's input is ready only after the residual add
+
+    def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, norm: _Norm) -> None:
+        _, weight, bias, constant = (list(node.args) + [None, None, None, False][len(node.args) :])[:4]
         fused = (norm.x, norm.weight, norm.eps, weight, bias, constant)
         replace_with_call(graph, node, torch.ops.kiln.rms_norm_linear.default, fused)
         drop_metadata_checks(graph, list(norm.nodes))
         for dead in reversed(norm.nodes):
             graph.erase_node(dead)
-    return with_graph(program, module)
+
+    return rewrite_matches(program, torch.ops.kiln.linear.default, _match, rewrite)
 
 
 __all__ = ["fuse_rms_norm", "match_rms_norm"]

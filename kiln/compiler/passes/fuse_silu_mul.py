@@ -13,14 +13,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import (
-    PassContext,
-    copy_graph,
-    nodes_calling,
-    real_users,
-    replace_with_call,
-    with_graph,
-)
+from kiln.compiler.passes.context import PassContext, real_users, replace_with_call, rewrite_matches
 
 SILU = torch.ops.aten.silu.default
 MUL = torch.ops.aten.mul.Tensor
@@ -64,25 +57,18 @@ def _gate_up(mul: object) -> torch.fx.Node | None:
 
 def fuse_silu_mul(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
     """kiln.linear(silu(gate) * up, W) -> kiln.silu_mul_linear([gate | up], W) (no elementwise kernel)."""
-    linear_op = torch.ops.kiln.linear.default
-    targets = [n.name for n in nodes_calling(program.graph_module.graph, linear_op) if _fusable(n)]
-    if not targets:
-        return program
-    module = copy_graph(program)
-    graph = module.graph
-    for node in nodes_calling(graph, linear_op):
-        if node.name not in targets:
-            continue
-        source = _gate_up(node.args[0])
-        assert source is not None
+
+    def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node) -> None:
         x, weight, bias, constant, *_ = list(node.args) + [None, False]
         replace_with_call(graph, node, torch.ops.kiln.silu_mul_linear.default, (source, weight, bias, constant))
-    return with_graph(program, module)
+
+    return rewrite_matches(program, torch.ops.kiln.linear.default, _match, rewrite)
 
 
-def _fusable(node: torch.fx.Node) -> bool:
+def _match(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The fused [gate | up] output a linear without a residual reads through silu * up, if any."""
     residual = node.args[4] if len(node.args) > 4 else node.kwargs.get("residual")
-    return residual is None and _gate_up(node.args[0]) is not None
+    return _gate_up(node.args[0]) if residual is None else None
 
 
 __all__ = ["fuse_silu_mul"]
