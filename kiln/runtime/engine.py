@@ -154,11 +154,13 @@ class Engine:
             fits = int(free * fraction) // per_block
         else:
             step = memory_plan.step_peak_bytes(
-                build,
-                self._cache_shape,
-                dtype,
-                self.device,
-                lambda cache, kv: make_runner(self.manifest.multimodal, program, cache, kv, self.device),
+                memory_plan.StepSetup(
+                    build,
+                    self._cache_shape,
+                    dtype,
+                    self.device,
+                    lambda cache, kv: make_runner(self.manifest.multimodal, program, cache, kv, self.device),
+                )
             )
             free, total = torch.cuda.mem_get_info(self.device)  # the step's memory has gone back
             fits = memory_plan.pool_blocks(free, total, step, per_block)

@@ -11,6 +11,7 @@ step did: the scheduler never exceeds those limits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +29,17 @@ HEADROOM_FRACTION = 0.02  # of total device memory, left free beside the measure
 RunnerFactory = Callable[[torch.Tensor, KVCacheManager], ModelRunner]
 
 
+@dataclass(frozen=True)
+class StepSetup:
+    """What running a step on a temporary cache needs from the engine."""
+
+    build: BuildConfig
+    cache_shape: Callable[[int], tuple[int, ...]]  # num_blocks -> the KV-cache tensor's shape
+    dtype: torch.dtype
+    device: torch.device
+    make_runner: RunnerFactory  # (cache, block manager) -> the engine's model runner on them
+
+
 def full_step(build: BuildConfig) -> list[ScheduledChunk]:
     """The largest step the scheduler can plan: max_num_tokens prompt tokens over up to max_batch_size
     sequences, every chunk completing its sequence (so every sequence is sampled)."""
@@ -43,48 +55,32 @@ def full_step(build: BuildConfig) -> list[ScheduledChunk]:
     return chunks
 
 
-def run_full_step(
-    build: BuildConfig,
-    cache_shape: Callable[[int], tuple[int, ...]],
-    dtype: torch.dtype,
-    device: torch.device,
-    make_runner: RunnerFactory,
-) -> int:
-    """Run `full_step` on a temporary KV cache just large enough for it; the number of rows sampled.
-
-    `cache_shape(num_blocks)` is the KV-cache tensor's shape; the cache is freed on return.
-    """
-    chunks = full_step(build)
-    bs = build.tokens_per_block
+def run_full_step(setup: StepSetup) -> tuple[int, int]:
+    """Run `full_step` on a temporary KV cache just large enough for it (freed on return):
+    (rows sampled, bytes of that cache)."""
+    chunks = full_step(setup.build)
+    bs = setup.build.tokens_per_block
     num_blocks = sum(-(-c.num_tokens // bs) for c in chunks)
     kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=False)
     for chunk in chunks:
         if not kv.allocate(chunk.seq.request_id, chunk.num_tokens):
             raise AssertionError("the temporary KV cache is sized to hold the full step")
-    runner = make_runner(torch.zeros(cache_shape(num_blocks), dtype=dtype, device=device), kv)
-    logits, sampled = runner.run(chunks)
+    cache = torch.zeros(setup.cache_shape(num_blocks), dtype=setup.dtype, device=setup.device)
+    logits, sampled = setup.make_runner(cache, kv).run(chunks)
     seqs = [chunks[i].seq for i in sampled]
     empty: list[tuple[int, ...]] = [() for _ in seqs]
     tokens, _ = sample(logits, [s.params for s in seqs], empty, empty, [None] * len(seqs))
-    return int(tokens.shape[0])
+    return int(tokens.shape[0]), cache.numel() * cache.element_size()
 
 
-def step_peak_bytes(
-    build: BuildConfig,
-    cache_shape: Callable[[int], tuple[int, ...]],
-    dtype: torch.dtype,
-    device: torch.device,
-    make_runner: RunnerFactory,
-) -> int:
+def step_peak_bytes(setup: StepSetup) -> int:
     """Bytes `run_full_step` allocates at its peak beyond what was allocated before, its own cache left out."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    blocks = sum(-(-c.num_tokens // build.tokens_per_block) for c in full_step(build))
-    cache_bytes = torch.Size(cache_shape(blocks)).numel() * dtype.itemsize
-    run_full_step(build, cache_shape, dtype, device, make_runner)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before - cache_bytes
+    torch.cuda.synchronize(setup.device)
+    torch.cuda.reset_peak_memory_stats(setup.device)
+    before = torch.cuda.memory_allocated(setup.device)
+    _, cache_bytes = run_full_step(setup)
+    torch.cuda.synchronize(setup.device)
+    peak = torch.cuda.max_memory_allocated(setup.device) - before - cache_bytes
     torch.cuda.empty_cache()
     return peak
 

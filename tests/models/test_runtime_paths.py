@@ -105,11 +105,29 @@ def test_the_memory_plans_full_size_step_runs_on_the_engine(checkpoints, tmp_pat
 
     engine = LLM(build_tiny_engine(checkpoints("mistral"), tmp_path / "e")).engine
     program = engine.runner.program
-    rows = memory_plan.run_full_step(
+    setup = memory_plan.StepSetup(
         engine.build,
         engine._cache_shape,
         torch.float32,
         engine.device,
         lambda cache, kv: make_runner(None, program, cache, kv, engine.device),
     )
+    rows, cache_bytes = memory_plan.run_full_step(setup)
     assert rows == engine.build.max_batch_size == 4
+    blocks = -(-engine.build.max_num_tokens // (4 * engine.build.tokens_per_block)) * 4
+    assert cache_bytes == torch.Size(engine._cache_shape(blocks)).numel() * 4  # float32
+
+    # The measurement around it (CUDA's counters faked here): the step's peak less its own cache.
+    calls = []
+    fake = {
+        "synchronize": lambda device=None: calls.append("sync"),
+        "reset_peak_memory_stats": lambda device=None: calls.append("reset"),
+        "memory_allocated": lambda device=None: 1_000,
+        "max_memory_allocated": lambda device=None: 1_000 + cache_bytes + 777,
+        "empty_cache": lambda: calls.append("empty"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, function in fake.items():
+            patch.setattr(torch.cuda, name, function)
+        assert memory_plan.step_peak_bytes(setup) == 777
+    assert calls == ["sync", "reset", "sync", "empty"]
