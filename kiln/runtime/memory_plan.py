@@ -95,6 +95,6 @@ def check_holds_one_sequence(blocks: int, blocks_per_seq: int, free_bytes: int, 
     if blocks < blocks_per_seq:
         raise KilnError(
             f"GPU memory left for the KV cache ({free_bytes / 2**30:.1f} GiB free, {reserved_bytes / 2**30:.1f} GiB "
-            f"of it kept for a step's activations and headroom) holds {blocks} blocks, fewer than one max_seq_len "
+            f"of it kept free for the steps) holds {blocks} blocks, fewer than one max_seq_len "
             f"sequence needs ({blocks_per_seq}); lower max_seq_len or max_num_tokens, or free memory"
         )
