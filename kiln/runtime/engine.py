@@ -247,14 +247,16 @@ class Engine:
         if timer is None:
             return self._step()
         start = time.perf_counter()
-        self._events = None
-        updates = self._step()
-        wall = time.perf_counter() - start
-        device_s = None
-        if self._events is not None:
-            begin, end = self._events
-            end.synchronize()
-            device_s = begin.elapsed_time(end) / 1000
+        try:
+            updates = self._step()
+            wall = time.perf_counter() - start
+            device_s = None
+            if self._events is not None:
+                begin, end = self._events
+                end.synchronize()
+                device_s = begin.elapsed_time(end) / 1000
+        finally:  # untimed steps never see these events (they only exist while a timer is set)
+            self._events = None
         kind, rows, tokens, preempted = self._last_step
         timer.record(kind, wall, rows, tokens, device_s, preempted)
         return updates
