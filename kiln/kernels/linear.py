@@ -90,8 +90,7 @@ def _linear(
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: one Triton pass on CUDA fp16/bf16 (KILN_LINEAR not `reference`), else PyTorch."""
-    triton_ok = gate_up.is_cuda and gate_up.dtype in KERNEL_DTYPES and os.environ.get("KILN_LINEAR", "") != "reference"
-    if triton_ok and triton_importable():
+    if gate_up.is_cuda and gate_up.dtype in KERNEL_DTYPES and _triton_elementwise_ok():
         from kiln.kernels.triton.silu_mul import silu_mul
 
         return silu_mul(gate_up)
@@ -141,6 +140,58 @@ def rms_norm_linear(
     return _linear(x, weight, bias, constant_weight, None, prologue="rms_norm", norm_weight=norm_weight, eps=eps)
 
 
+@torch.library.custom_op("kiln::linear_rope", mutates_args=())
+def linear_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    constant_weight: bool,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rope_width: int,
+) -> torch.Tensor:
+    """A fused q/k/v projection with its rotary embedding: linear([rms_norm(x) * norm_weight | x], weight,
+    bias), then the first rope_width output columns (the query and key heads) rotated with cos/sin
+    (one row of head_dim values per token of x: [..., head_dim]) as `reference.rope` rotates them.
+
+    At one row the rotation is the projection kernel's epilogue; otherwise the projection as
+    `kiln::linear` / `kiln::rms_norm_linear` runs it, then one rotary pass (Triton on CUDA)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    head_dim = cos.shape[-1]
+    cos2, sin2 = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
+    prologue = "none" if norm_weight is None else "rms_norm"
+    flat = x.reshape(rows, x.shape[-1])
+    tables_ok = cos.dtype == sin.dtype == x.dtype and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0
+    if tables_ok and use_kernel(flat, weight, bias, fused=True):
+        from kiln.kernels.triton.gemv import linear_triton
+
+        out = linear_triton(
+            flat,
+            weight,
+            None if bias is None else bias.contiguous(),
+            constant_weight=constant_weight,
+            prologue=prologue,
+            norm_weight=None if norm_weight is None else norm_weight.contiguous(),
+            eps=eps,
+            rope=(cos2.contiguous(), sin2.contiguous(), rope_width),
+        )
+        return out.view(*x.shape[:-1], weight.shape[0])
+    out = _linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps)
+    out2 = out.reshape(rows, weight.shape[0])
+    if tables_ok and out2.is_cuda and out2.dtype in KERNEL_DTYPES and _triton_elementwise_ok():
+        from kiln.kernels.triton.rope import rope_
+
+        rope_(out2, cos2.contiguous(), sin2.contiguous(), rope_width)  # out is this call's own tensor
+        return out
+    return reference.rope(out2, cos2, sin2, rope_width).view(out.shape)
+
+
+def _triton_elementwise_ok() -> bool:
+    return os.environ.get("KILN_LINEAR", "") != "reference" and triton_importable()
+
+
 def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])  # every path returns a new contiguous tensor
 
@@ -157,4 +208,9 @@ def _silu_mul_linear_fake(gate_up, weight, bias=None, constant_weight=False, res
 
 @rms_norm_linear.register_fake
 def _rms_norm_linear_fake(x, norm_weight, eps, weight, bias=None, constant_weight=False):  # type: ignore[no-untyped-def]
+    return _out_like(x, weight)
+
+
+@linear_rope.register_fake
+def _linear_rope_fake(x, weight, bias, constant_weight, norm_weight, eps, cos, sin, rope_width):  # type: ignore[no-untyped-def]
     return _out_like(x, weight)

@@ -149,3 +149,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_width: int) -> torch.Tensor:
+    """Rotary embedding of the first `rope_width` columns of x [R, N], as heads of head_dim = cos.shape[-1]:
+    each head h becomes h * cos + rotate_half(h) * sin with cos/sin [R, head_dim] (Llama's
+    `apply_rotary_pos_emb`, rotate_half(h) = [-h2, h1]), rounded op by op as transformers rounds it;
+    the other columns are returned unchanged. A new tensor."""
+    rows, head_dim = x.shape[0], cos.shape[-1]
+    half = head_dim // 2
+    heads = x[:, :rope_width].reshape(rows, rope_width // head_dim, head_dim)
+    rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
+    roped = heads * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat((roped.reshape(rows, rope_width), x[:, rope_width:]), dim=-1)

@@ -1,4 +1,4 @@
-"""fuse_silu_mul, fuse_residual_add and fuse_rms_norm on a captured tiny Llama (bf16 on CPU).
+"""fuse_silu_mul, fuse_residual_add, fuse_rms_norm and fuse_rope on captured tiny checkpoints (bf16 on CPU).
 
 The passes rewrite `kiln::linear` nodes, which `small_batch_linear` makes only for CUDA half
 programs; here every linear is forced through `kiln::linear` and the fused ops run their PyTorch
@@ -17,6 +17,7 @@ from kiln.compiler.passes import FUSED_LINEAR_PASSES, active_passes, run_passes
 from kiln.compiler.passes.context import nodes_calling
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
+from kiln.compiler.passes.fuse_rope import fuse_rope
 from kiln.compiler.passes.fuse_silu_mul import fuse_silu_mul
 from kiln.compiler.passes.small_batch_linear import rewrite_linears
 
@@ -66,13 +67,21 @@ def test_each_layer_loses_its_elementwise_and_norm_ops(forced):
     # input_layernorm -> qkv and post_attention_layernorm -> gate_up; the final norm feeds a gather
     assert _count(normed, kiln_ops.rms_norm_linear) == 2 * layers
     assert len(nodes_calling(normed.graph, torch.ops.aten.rsqrt.default)) == 1
+    assert len(nodes_calling(normed.graph, torch.ops.aten.neg.default)) == 2 * layers  # rotate_half of q and k
+    roped = fuse_rope(normed, context)
+    # each layer's normed q/k/v projection rotates its q and k heads itself
+    assert _count(roped, kiln_ops.linear_rope) == layers
+    assert _count(roped, kiln_ops.rms_norm_linear) == layers
+    assert all(call.args[4] is not None for call in nodes_calling(roped.graph, kiln_ops.linear_rope.default))
+    assert not nodes_calling(roped.graph, torch.ops.aten.neg.default)
 
 
 def test_fused_program_gives_the_same_outputs(forced):
     program, shape, context = forced
     fused = program
-    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm):
+    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope):
         fused = graph_pass(fused, context)
+    assert _count(fused, kiln_ops.linear_rope) == shape.num_layers
     for want, got in zip(_outputs(program, shape), _outputs(fused, shape)):
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
 
@@ -80,13 +89,32 @@ def test_fused_program_gives_the_same_outputs(forced):
 def test_passes_leave_programs_without_kiln_linears_alone(forced):
     program, shape, context = forced
     plain = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
-    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm):
+    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope):
         assert graph_pass(plain, context) is plain
-    assert FUSED_LINEAR_PASSES == [fuse_silu_mul, fuse_residual_add, fuse_rms_norm]
+    assert FUSED_LINEAR_PASSES == [fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope]
 
 
 def test_fused_linear_passes_run_unless_turned_off(monkeypatch):
     monkeypatch.delenv("KILN_FUSED_LINEARS", raising=False)
-    assert active_passes()[-3:] == FUSED_LINEAR_PASSES
+    assert active_passes()[-4:] == FUSED_LINEAR_PASSES
     monkeypatch.setenv("KILN_FUSED_LINEARS", "0")
     assert not set(FUSED_LINEAR_PASSES) & set(active_passes())
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture", "rotated"),
+    [
+        ("gemma2", "Gemma2ForCausalLM", True),  # Gemma's norm is not Llama's: the rotation fuses into kiln.linear
+        ("qwen3", "Qwen3ForCausalLM", False),  # q/k are normalised per head before the rotation
+        ("phi3", "Phi3ForCausalLM", False),  # partial rotary: part of each head passes through
+    ],
+)
+def test_fuse_rope_takes_only_the_full_rotate_half_pattern(checkpoints, family, architecture, rotated):
+    program, shape, context = capture_tiny(checkpoints(family), architecture, torch.bfloat16)
+    forced = rewrite_linears(run_passes(program, context), lambda node: True)
+    fused = forced
+    for graph_pass in FUSED_LINEAR_PASSES:
+        fused = graph_pass(fused, context)
+    assert _count(fused, kiln_ops.linear_rope) == (shape.num_layers if rotated else 0)
+    for want, got in zip(_outputs(forced, shape), _outputs(fused, shape)):
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()

@@ -19,6 +19,7 @@ from kiln.compiler.passes.context import PassContext
 from kiln.compiler.passes.fuse_projections import fuse_projections
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
+from kiln.compiler.passes.fuse_rope import fuse_rope
 from kiln.compiler.passes.fuse_silu_mul import fuse_silu_mul
 from kiln.compiler.passes.image_attention_limits import image_attention_limits
 from kiln.compiler.passes.paged_attention import paged_attention
@@ -35,13 +36,14 @@ PASSES: list[Pass] = [
     small_batch_linear,
 ]
 
-# Fused decode linears (norm / activation prologue, residual epilogue): 64 fewer kernels per
-# Llama-3.2-1B decode step. They rewrite kiln::linear nodes, so CUDA fp16/bf16 programs only.
+# Fused decode linears (norm / activation prologue, residual / rotary epilogue): 96 fewer kernels
+# per Llama-3.2-1B decode step. They rewrite kiln::linear nodes, so CUDA fp16/bf16 programs only.
 # KILN_FUSED_LINEARS=0 at build time leaves them out.
 FUSED_LINEAR_PASSES: list[Pass] = [
     fuse_silu_mul,  # before fuse_residual_add: the down projection takes both
     fuse_residual_add,
     fuse_rms_norm,
+    fuse_rope,  # after fuse_rms_norm: it takes the normed q/k/v projection as it is
 ]
 
 

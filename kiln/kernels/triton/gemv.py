@@ -185,6 +185,23 @@ def _tile_product(xv, wv, BLOCK_M: tl.constexpr, DOT: tl.constexpr, SWAP: tl.con
 
 
 @triton.jit
+def _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Rotary embedding of [BLOCK_M, 2] columns (d, d + HALF_D) of one head: x * cos + rotate_half(x) * sin,
+    each product rounded to the output dtype and then their sum (as `kiln.kernels.reference.rope`)."""
+    j = tl.arange(0, 2)[None, :]
+    value = result.to(tl.float32)
+    first = tl.sum(tl.where(j == 0, value, 0.0), axis=1)[:, None]
+    second = tl.sum(tl.where(j == 1, value, 0.0), axis=1)[:, None]
+    rotated = tl.where(j == 0, -second, first)  # rotate_half: [-x2, x1]
+    d = (offs_n % (2 * HALF_D))[None, :]
+    c = tl.load(cos + offs_m[:, None] * stride_cm + d, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    s = tl.load(sin + offs_m[:, None] * stride_sm + d, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    a = (value * c).to(result.dtype).to(tl.float32)
+    b = (rotated * s).to(result.dtype).to(tl.float32)
+    return (a + b).to(result.dtype)
+
+
+@triton.jit
 def _linear_kernel(  # type: ignore[no-untyped-def]
     x,
     w,
@@ -205,6 +222,11 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     stride_rn,
     norm_w,  # [K] RMSNorm weight (PROLOGUE_RMS_NORM)
     eps,
+    cos,  # [M, 2 * HALF_D] rotary tables (ROPE)
+    sin,
+    stride_cm,
+    stride_sm,
+    rope_pairs,  # ROPE: programs 0 .. rope_pairs - 1 each hold columns d and d + HALF_D of one head
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K (a constant trip count; one compile per weight width)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -221,12 +243,19 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     PROLOGUE: tl.constexpr,  # PROLOGUE_*: what x goes through before the product
     RESIDUAL: tl.constexpr,  # out = residual + x @ w.T (each rounded to out's dtype, as two ops would)
     ONE_TILE: tl.constexpr,  # SPLIT == 1 and K_PER_SPLIT == BLOCK_K: one tile holds a whole row of x
+    ROPE: tl.constexpr,  # rotary embedding of the first 2 * rope_pairs columns (BLOCK_N == 2, SPLIT == 1)
+    HALF_D: tl.constexpr,  # ROPE: half the head dim
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:  # a rotated pair (d, d + HALF_D) of one head per program, then plain pairs of columns
+        pair = (pid_n // HALF_D) * (2 * HALF_D) + pid_n % HALF_D + tl.arange(0, BLOCK_N) * HALF_D
+        plain = 2 * rope_pairs + (pid_n - rope_pairs) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = tl.where(pid_n < rope_pairs, pair, plain)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_begin = pid_k * K_PER_SPLIT
     m_ok = offs_m < M
@@ -285,6 +314,9 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
         if HAS_BIAS:
             result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         result = result.to(out.dtype.element_ty)
+        if ROPE:
+            if pid_n < rope_pairs:
+                result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
         if RESIDUAL:
             res = tl.load(residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
             result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
@@ -338,6 +370,7 @@ def linear_triton(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """[residual +] prologue(x) [M, K] @ weight[N, K]^T + bias[N] -> a new contiguous [M, N] in x's dtype.
 
@@ -345,7 +378,10 @@ def linear_triton(
     (rms_norm(x, eps) * norm_weight[K]). Each step is rounded to x's dtype as transformers'
     eager modules round it, and so is the residual sum.
     constant_weight: no kernel writes the weight (a model parameter), so under PDL its first
-    tile is read before waiting for the previous kernel."""
+    tile is read before waiting for the previous kernel.
+    rope = (cos, sin, rope_width): the first rope_width output columns are heads of head_dim =
+    cos.shape[-1] that get rotary embedding with cos/sin [M, head_dim] (`reference.rope`); one row
+    only (2-column tiles pairing d with d + head_dim / 2), without a residual."""
     m, k = x.shape
     n = weight.shape[0]
     code = PROLOGUES[prologue]
@@ -358,6 +394,13 @@ def linear_triton(
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
     config = config or prologue_config(code, m, n, k, num_sms(x.device))
+    if rope is not None:
+        cos, sin, rope_width = rope
+        half = cos.shape[-1] // 2
+        assert m == 1 and residual is None, "rope is fused at one row without a residual"
+        assert cos.shape == sin.shape == (m, 2 * half) and half > 0 and half & (half - 1) == 0, tuple(cos.shape)
+        assert cos.stride(-1) == sin.stride(-1) == 1 and rope_width % (2 * half) == 0 and rope_width <= n
+        config = replace(config, block_m=1, block_n=2, split_k=1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -389,6 +432,11 @@ def linear_triton(
         residual.stride(1) if residual is not None else 0,
         norm_weight if norm_weight is not None else weight,
         eps,
+        rope[0] if rope is not None else weight,
+        rope[1] if rope is not None else weight,
+        rope[0].stride(0) if rope is not None else 0,
+        rope[1].stride(0) if rope is not None else 0,
+        rope[2] // 2 if rope is not None else 0,
         K_PER_SPLIT=k_per_split,
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m,
@@ -405,6 +453,8 @@ def linear_triton(
         PROLOGUE=code,
         RESIDUAL=residual is not None and split == 1,
         ONE_TILE=split == 1 and k_per_split == config.block_k,
+        ROPE=rope is not None,
+        HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(pdl),
