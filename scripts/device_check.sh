@@ -40,6 +40,21 @@ for step in "${steps[@]}"; do
                 env ${vars//,/ } python benchmarks/decode_profile.py "$eng" --batch 1 --no-graph-run --top ${TOP:-40} 2>&1 \
                     | grep -v Warning | tail -n 48 | tee "$out/decode_profile_$name.log"
               done ;;
+    abbench1b) # kiln bench at batch 1, one engine per variant built and run on this machine: VARIANTS="name:VAR=1,VAR2=0 ..."
+              cfg=llama-3.2-1b; ck=/tmp/kiln-bench/$cfg-ckpt
+              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
+                name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
+                [ -d "$eng" ] || env ${vars//,/ } python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda \
+                    --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 1
+              done
+              for round in 1 2; do
+                for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
+                  name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
+                  env ${vars//,/ } python -m kiln bench "$eng" --batch-sizes 1 --input-len 128 --output-len 256 \
+                      --output-dir "$out/ab_${name}_$round" 2>&1 | grep "ms/token" | sed "s/^/[$name round $round] /" | tee -a "$out/ab1b.log"
+                done
+              done ;;
     linsweep) python benchmarks/linear_kernels.py --models 1b --m 1 --sweep-one-row ${SWEEP_MODELS:-1b 8b} 2>&1 \
                   | tail -n 30 | tee "$out/linear_sweep.log" ;;
     bench1b|bench8b)

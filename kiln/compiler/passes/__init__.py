@@ -48,7 +48,12 @@ FUSED_LINEAR_PASSES: list[Pass] = [
 
 
 def active_passes() -> list[Pass]:
-    return PASSES + ([] if os.environ.get("KILN_FUSED_LINEARS") == "0" else FUSED_LINEAR_PASSES)
+    """PASSES, then FUSED_LINEAR_PASSES unless KILN_FUSED_LINEARS=0 (KILN_FUSE_ROPE=0 leaves out
+    only `fuse_rope`: a diagnostic, to time its kernels against Inductor's)."""
+    if os.environ.get("KILN_FUSED_LINEARS") == "0":
+        return list(PASSES)
+    fused = [p for p in FUSED_LINEAR_PASSES if p is not fuse_rope or os.environ.get("KILN_FUSE_ROPE") != "0"]
+    return PASSES + fused
 
 
 def describe() -> list[str]:
