@@ -188,6 +188,41 @@ def linear_rope(
     return reference.rope(out2, cos2, sin2, rope_width).view(out.shape)
 
 
+@torch.library.custom_op("kiln::linear_silu_mul", mutates_args=())
+def linear_silu_mul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    constant_weight: bool,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """A gated MLP's fused gate/up projection with its activation: silu(gate) * up of
+    linear([rms_norm(x) * norm_weight | x], weight = [gate | up], bias) -> [..., N / 2].
+
+    At one row the kernel pairs each gate column with its up column and writes only the product
+    (the down projection then reads half as much and recomputes nothing); otherwise the projection
+    as `kiln::linear` / `kiln::rms_norm_linear` runs it, then one silu-mul pass."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    prologue = "none" if norm_weight is None else "rms_norm"
+    flat = x.reshape(rows, x.shape[-1])
+    if weight.shape[0] % 2 == 0 and x.shape[-1] > 0 and use_kernel(flat, weight, bias, fused=True):
+        from kiln.kernels.triton.gemv import linear_triton
+
+        out = linear_triton(
+            flat,
+            weight,
+            None if bias is None else bias.contiguous(),
+            constant_weight=constant_weight,
+            prologue=prologue,
+            norm_weight=None if norm_weight is None else norm_weight.contiguous(),
+            eps=eps,
+            gated=True,
+        )
+        return out.view(*x.shape[:-1], weight.shape[0] // 2)
+    return _silu_mul(_linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps))
+
+
 def _triton_elementwise_ok() -> bool:
     return os.environ.get("KILN_LINEAR", "") != "reference" and triton_importable()
 
@@ -214,3 +249,8 @@ def _rms_norm_linear_fake(x, norm_weight, eps, weight, bias=None, constant_weigh
 @linear_rope.register_fake
 def _linear_rope_fake(x, weight, bias, constant_weight, norm_weight, eps, cos, sin, rope_width):  # type: ignore[no-untyped-def]
     return _out_like(x, weight)
+
+
+@linear_silu_mul.register_fake
+def _linear_silu_mul_fake(x, weight, bias, constant_weight, norm_weight, eps):  # type: ignore[no-untyped-def]
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)

@@ -15,6 +15,7 @@ import kiln.kernels  # noqa: F401
 from kiln.compiler.capture import step_inputs
 from kiln.compiler.passes import FUSED_LINEAR_PASSES, active_passes, run_passes
 from kiln.compiler.passes.context import nodes_calling
+from kiln.compiler.passes.fuse_gated_activation import fuse_gated_activation
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
 from kiln.compiler.passes.fuse_rope import fuse_rope
@@ -74,14 +75,24 @@ def test_each_layer_loses_its_elementwise_and_norm_ops(forced):
     assert _count(roped, kiln_ops.rms_norm_linear) == layers
     assert all(call.args[4] is not None for call in nodes_calling(roped.graph, kiln_ops.linear_rope.default))
     assert not nodes_calling(roped.graph, torch.ops.aten.neg.default)
+    gated = fuse_gated_activation(roped, context)
+    # each layer's gate/up projection writes silu(gate) * up, and its down projection is plain again
+    assert _count(gated, kiln_ops.linear_silu_mul) == layers
+    assert _count(gated, kiln_ops.silu_mul_linear) == 0
+    downs = [
+        n
+        for n in nodes_calling(gated.graph, kiln_ops.linear.default)
+        if n.args[0].target == kiln_ops.linear_silu_mul.default
+    ]
+    assert len(downs) == layers and all(n.args[4] is not None for n in downs)  # the residual stays with it
 
 
 def test_fused_program_gives_the_same_outputs(forced):
     program, shape, context = forced
     fused = program
-    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope):
+    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope, fuse_gated_activation):
         fused = graph_pass(fused, context)
-    assert _count(fused, kiln_ops.linear_rope) == shape.num_layers
+    assert _count(fused, kiln_ops.linear_rope) == _count(fused, kiln_ops.linear_silu_mul) == shape.num_layers
     for want, got in zip(_outputs(program, shape), _outputs(fused, shape)):
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
 
@@ -89,14 +100,15 @@ def test_fused_program_gives_the_same_outputs(forced):
 def test_passes_leave_programs_without_kiln_linears_alone(forced):
     program, shape, context = forced
     plain = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
-    for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope):
+    passes = [fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope, fuse_gated_activation]
+    for graph_pass in passes:
         assert graph_pass(plain, context) is plain
-    assert FUSED_LINEAR_PASSES == [fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope]
+    assert FUSED_LINEAR_PASSES == passes
 
 
 def test_fused_linear_passes_run_unless_turned_off(monkeypatch):
     monkeypatch.delenv("KILN_FUSED_LINEARS", raising=False)
-    assert active_passes()[-4:] == FUSED_LINEAR_PASSES
+    assert active_passes()[-len(FUSED_LINEAR_PASSES) :] == FUSED_LINEAR_PASSES
     monkeypatch.setenv("KILN_FUSED_LINEARS", "0")
     assert not set(FUSED_LINEAR_PASSES) & set(active_passes())
 

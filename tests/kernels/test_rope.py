@@ -70,33 +70,49 @@ def test_rope_pass_takes_rows_further_apart_and_no_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("prologue", ["none", "rms_norm"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_projection_epilogue_rotates_as_the_reference(dtype, layout, prologue, bias):
-    """One row: the kernel's rotated output equals the reference rotation of its own unrotated output
-    (same tiles, so the same products), for the q/k columns, and the v columns are that output."""
+def test_projection_epilogue_rotates_bit_for_bit(dtype, layout, bias):
+    """One row whose x picks one weight column (a one-hot x: every sum is exact): the kernel's q/k
+    columns are exactly the reference rotation of that column (+ bias), its v columns the column."""
     head_dim, q_heads, kv_heads, hidden = layout
     g = torch.Generator().manual_seed(hidden + head_dim + bias)
     n = (q_heads + 2 * kv_heads) * head_dim
+    w = (3 * torch.randn(n, hidden, generator=g)).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    cos, sin = tables(1, head_dim, dtype, g)
+    rope_width = (q_heads + kv_heads) * head_dim
+    for column in (0, hidden // 3, hidden - 1):
+        x = torch.zeros(1, hidden, dtype=dtype, device=DEVICE)
+        x[0, column] = 1.0
+        projected = w[:, column][None] if b is None else (w[:, column] + b)[None]
+        got = linear_triton(x, w, b, rope=(cos, sin, rope_width), constant_weight=True)
+        assert torch.equal(got, reference.rope(projected, cos, sin, rope_width)), column
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("prologue", ["none", "rms_norm"])
+def test_projection_epilogue_matches_the_reference_projection(dtype, layout, prologue):
+    """A random row, with and without the RMSNorm prologue: the rotated projection is the reference
+    projection rotated, within the projection's tolerance (its sums are rounded differently)."""
+    head_dim, q_heads, kv_heads, hidden = layout
+    g = torch.Generator().manual_seed(hidden + head_dim)
+    n = (q_heads + 2 * kv_heads) * head_dim
     x = (2 * torch.randn(1, hidden, generator=g)).to(dtype).to(DEVICE)
     w = (torch.randn(n, hidden, generator=g) * hidden**-0.5).to(dtype).to(DEVICE)
-    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
     norm = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(DEVICE) if prologue == "rms_norm" else None
     cos, sin = tables(1, head_dim, dtype, g)
     rope_width = (q_heads + kv_heads) * head_dim
-    kwargs = dict(prologue=prologue, norm_weight=norm, eps=1e-5, constant_weight=True)
-    plain = linear_triton(x, w, b, **kwargs)
-    got = linear_triton(x, w, b, rope=(cos, sin, rope_width), **kwargs)
-    assert torch.equal(got, reference.rope(plain, cos, sin, rope_width))
-    # and the unrotated output is the projection itself
-    ref_in = x if norm is None else reference.rms_norm(x, norm, 1e-5)
-    want = reference.linear(ref_in, w, b).float()
-    assert (plain.float() - want).abs().max() <= 2e-2 * (1 + want.abs().max())
+    got = linear_triton(x, w, None, prologue=prologue, norm_weight=norm, eps=1e-5, rope=(cos, sin, rope_width))
+    normed = x if norm is None else reference.rms_norm(x, norm, 1e-5)
+    want = reference.rope(reference.linear(normed, w), cos, sin, rope_width).float()
+    assert (got.float() - want).abs().max() <= 2e-2 * (1 + want.abs().max())
 
 
 def test_the_op_rotates_every_row_count_like_the_reference():
-    """kiln::linear_rope: the kernel at one row, the projection then the rotary pass at more rows
-    (on the CPU: the reference), equal to linear then `reference.rope`."""
+    """kiln::linear_rope: at more than one row the projection (as kiln::rms_norm_linear runs it),
+    then the rotary pass (on the CPU: the reference), bit for bit; at one row on CUDA the kernel's
+    epilogue, within the projection's tolerance."""
     head_dim, q_heads, kv_heads, hidden = LAYOUTS[0]
     dtype = DTYPES[0]
     g = torch.Generator().manual_seed(5)
@@ -111,4 +127,7 @@ def test_the_op_rotates_every_row_count_like_the_reference():
         projected = torch.ops.kiln.rms_norm_linear(x, norm, 1e-5, w, None, True)
         want = reference.rope(projected.reshape(rows, n), cos, sin, rope_width).view(1, rows, n)
         assert got.shape == (1, rows, n)
-        assert torch.equal(got, want), rows
+        if rows == 1 and ON_GPU:
+            assert (got.float() - want.float()).abs().max() <= 2e-2 * (1 + want.float().abs().max())
+        else:
+            assert torch.equal(got, want), rows

@@ -120,8 +120,11 @@ def test_decode_kernel(dtype, hq, hkv, block_size, window, softcap, splits):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,block_size,window,softcap,splits", DECODE_CASES)
-def test_decode_kernel_storing_the_new_keys(dtype, hq, hkv, block_size, window, softcap, splits):
-    """new_kv: the kernel attends to this step's keys from k/v and stores them, as write_kv would."""
+@pytest.mark.parametrize("early", ["1", "0"])
+def test_decode_kernel_storing_the_new_keys(dtype, hq, hkv, block_size, window, softcap, splits, early, monkeypatch):
+    """new_kv: the kernel attends to this step's keys from k/v and stores them, as write_kv would
+    (with its first key tile read before the wait, and after it)."""
+    monkeypatch.setenv("KILN_DECODE_EARLY_KEYS", early)
     batch = make_batch(DECODE, hq, hkv, 32, block_size, dtype, DEVICE, seed=hq * 5 + block_size)
     expected = written(batch)
     ref = reference_output(batch, 0.3, window, softcap)

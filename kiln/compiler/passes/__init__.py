@@ -16,6 +16,7 @@ import torch
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
 from kiln.compiler.passes.context import PassContext
+from kiln.compiler.passes.fuse_gated_activation import fuse_gated_activation
 from kiln.compiler.passes.fuse_projections import fuse_projections
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
@@ -44,6 +45,7 @@ FUSED_LINEAR_PASSES: list[Pass] = [
     fuse_residual_add,
     fuse_rms_norm,
     fuse_rope,  # after fuse_rms_norm: it takes the normed q/k/v projection as it is
+    fuse_gated_activation,  # after fuse_silu_mul and fuse_rms_norm: moves the activation into gate/up
 ]
 
 

@@ -14,6 +14,7 @@ for decode, where each sequence has exactly one new token.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,19 @@ import triton.language as tl
 
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
-from kiln.kernels.triton.tile import LOG2E, attend_keys, find_sequence, first_key, interpreting, soft_cap
+from kiln.kernels.triton.tile import (
+    LOG2E,
+    accumulate_values,
+    attend_keys,
+    find_sequence,
+    first_key,
+    interpreting,
+    load_keys,
+    load_values,
+    score_tile,
+    soft_cap,
+    tile_offsets,
+)
 
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
@@ -136,6 +149,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     NUM_Q_HEADS: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _merge_kernel
     FUSE_WRITE: tl.constexpr,  # this step's keys come from k_new/v_new, and are stored into the cache here
+    EARLY: tl.constexpr,  # FUSE_WRITE only: the first key tile is read before waiting for the previous kernel
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,  # GROUP padded to a power of two, at least 16 (smallest dot)
     BLOCK_N: tl.constexpr,
@@ -147,10 +161,11 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
-    handoff(PDL)
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if not EARLY:
+        handoff(PDL)
     seq = find_sequence(query_start_loc, token, num_seqs, 1, False)
     padding = seq == num_seqs
     safe_seq = tl.minimum(seq, num_seqs - 1)
@@ -166,6 +181,18 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     per_split = tl.cdiv(tl.cdiv(tl.maximum(k_hi - k_lo, 0), num_splits), BLOCK_N) * BLOCK_N
     split_lo = k_lo + split * per_split
     split_hi = tl.minimum(split_lo + per_split, k_hi)
+    table_row = block_tables + safe_seq.to(tl.int64) * stride_table
+    if EARLY:
+        # Until here the program read only the step's inputs, and it reads its first key tile too
+        # before waiting for the kernel before it: keys of earlier steps, which no kernel of this
+        # step writes. At batch 1 with a short context that is every load but the query's.
+        first_off, first_pos, first_in = tile_offsets(
+            split_lo, split_hi, table_row, kv_head.to(tl.int64) * stride_head, stride_page, stride_slot,
+            BLOCK_N, PAGE_SIZE,
+        )  # fmt: skip
+        first_k = load_keys(key_cache, first_off, first_in, stride_dim, HEAD_DIM)
+        first_v = load_values(value_cache, first_off, first_in, stride_dim, HEAD_DIM)
+        handoff(PDL)
 
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -176,20 +203,28 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         mask=row_ok[:, None],
         other=0.0,
     ).to(key_cache.dtype.element_ty)
+    q_rows = tl.zeros([ROWS], dtype=tl.int32) + q_pos
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
+    rest_lo = split_lo
+    if EARLY:  # the tile loaded before the wait (nothing when the split is empty)
+        p, alpha, m_i, l_i = score_tile(
+            m_i, l_i, q_tile, q_rows, first_k, first_pos, first_in, scale, softcap, window, SLIDING, SOFTCAP, IEEE_DOT
+        )  # fmt: skip
+        acc = accumulate_values(acc, p, alpha, first_v, IEEE_DOT)
+        rest_lo = split_lo + BLOCK_N
     acc, m_i, l_i = attend_keys(
         acc,
         m_i,
         l_i,
         q_tile,
-        tl.zeros([ROWS], dtype=tl.int32) + q_pos,
-        split_lo,
+        q_rows,
+        rest_lo,
         split_hi,
         key_cache,
         value_cache,
-        block_tables + safe_seq.to(tl.int64) * stride_table,
+        table_row,
         kv_head,
         stride_page,
         stride_slot,
@@ -310,8 +345,11 @@ def decode_attention(
 
     With new_kv = (k, v, slot_mapping), this step's keys and values are not in the cache yet: the
     kernel attends to them from k/v and stores them at slot_mapping itself (what `write_kv` would
-    do first), saving a kernel launch per layer. num_splits (a power of two) and config override
-    the shape-based choices (tests, benchmarks)."""
+    do first), saving a kernel launch per layer. Every key it then reads from the cache was written
+    by an earlier step, so under PDL each program loads its first key tile (block table, keys,
+    values) before waiting for the kernel that computes q, k and v, taking those dependent loads
+    off the step's critical path (`KILN_DECODE_EARLY_KEYS=0` waits first: a diagnostic).
+    num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
     num_kv_heads, page_size = key_cache.shape[2], key_cache.shape[1]
@@ -362,6 +400,7 @@ def decode_attention(
         NUM_Q_HEADS=num_q_heads,
         SPLIT=num_splits > 1,
         FUSE_WRITE=new_kv is not None,
+        EARLY=new_kv is not None and os.environ.get("KILN_DECODE_EARLY_KEYS", "") != "0",
         GROUP=group,
         ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,

@@ -202,6 +202,18 @@ def _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, H
 
 
 @triton.jit
+def _silu_times_up(result):  # type: ignore[no-untyped-def]
+    """silu(gate) * up of [BLOCK_M, 2] = (gate, up) columns -> [BLOCK_M], rounded as
+    `kiln.kernels.reference.silu_mul` (silu in float32 rounded to the dtype, then the product)."""
+    j = tl.arange(0, 2)[None, :]
+    value = result.to(tl.float32)
+    gate = tl.sum(tl.where(j == 0, value, 0.0), axis=1)
+    up = tl.sum(tl.where(j == 1, value, 0.0), axis=1)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(result.dtype)
+    return (silu.to(tl.float32) * up).to(result.dtype)
+
+
+@triton.jit
 def _linear_kernel(  # type: ignore[no-untyped-def]
     x,
     w,
@@ -227,6 +239,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     stride_cm,
     stride_sm,
     rope_pairs,  # ROPE: programs 0 .. rope_pairs - 1 each hold columns d and d + HALF_D of one head
+    half_n,  # GATED: N // 2, the gate columns' count
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K (a constant trip count; one compile per weight width)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -245,6 +258,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     ONE_TILE: tl.constexpr,  # SPLIT == 1 and K_PER_SPLIT == BLOCK_K: one tile holds a whole row of x
     ROPE: tl.constexpr,  # rotary embedding of the first 2 * rope_pairs columns (BLOCK_N == 2, SPLIT == 1)
     HALF_D: tl.constexpr,  # ROPE: half the head dim
+    GATED: tl.constexpr,  # out[:, j] = silu(column j) * column half_n + j (BLOCK_N == 2, SPLIT == 1)
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -254,6 +268,8 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
         pair = (pid_n // HALF_D) * (2 * HALF_D) + pid_n % HALF_D + tl.arange(0, BLOCK_N) * HALF_D
         plain = 2 * rope_pairs + (pid_n - rope_pairs) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_n = tl.where(pid_n < rope_pairs, pair, plain)
+    elif GATED:  # gate column pid_n and its up column
+        offs_n = pid_n + tl.arange(0, BLOCK_N) * half_n
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -320,7 +336,10 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
         if RESIDUAL:
             res = tl.load(residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
             result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
-        tl.store(out_ptrs, result, mask=mask)
+        if GATED:
+            tl.store(out + offs_m * stride_om + pid_n * stride_on, _silu_times_up(result), mask=m_ok)
+        else:
+            tl.store(out_ptrs, result, mask=mask)
 
 
 @triton.jit
@@ -371,6 +390,7 @@ def linear_triton(
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """[residual +] prologue(x) [M, K] @ weight[N, K]^T + bias[N] -> a new contiguous [M, N] in x's dtype.
 
@@ -381,7 +401,9 @@ def linear_triton(
     tile is read before waiting for the previous kernel.
     rope = (cos, sin, rope_width): the first rope_width output columns are heads of head_dim =
     cos.shape[-1] that get rotary embedding with cos/sin [M, head_dim] (`reference.rope`); one row
-    only (2-column tiles pairing d with d + head_dim / 2), without a residual."""
+    only (2-column tiles pairing d with d + head_dim / 2), without a residual.
+    gated: the weight is [gate | up] (N = 2 * width): returns silu(gate) * up [M, width] instead
+    (`reference.silu_mul` of the product), one row only (2-column tiles pairing j with width + j)."""
     m, k = x.shape
     n = weight.shape[0]
     code = PROLOGUES[prologue]
@@ -397,11 +419,14 @@ def linear_triton(
     if rope is not None:
         cos, sin, rope_width = rope
         half = cos.shape[-1] // 2
-        assert m == 1 and residual is None, "rope is fused at one row without a residual"
+        assert m == 1 and residual is None and k > 0, "rope is fused at one row without a residual"
         assert cos.shape == sin.shape == (m, 2 * half) and half > 0 and half & (half - 1) == 0, tuple(cos.shape)
         assert cos.stride(-1) == sin.stride(-1) == 1 and rope_width % (2 * half) == 0 and rope_width <= n
         config = replace(config, block_m=1, block_n=2, split_k=1)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if gated:
+        assert m == 1 and residual is None and rope is None and n % 2 == 0 and k > 0, "gated: one row, [gate | up]"
+        config = replace(config, block_m=1, block_n=2, split_k=1)
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -437,6 +462,7 @@ def linear_triton(
         rope[0].stride(0) if rope is not None else 0,
         rope[1].stride(0) if rope is not None else 0,
         rope[2] // 2 if rope is not None else 0,
+        n // 2,
         K_PER_SPLIT=k_per_split,
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m,
@@ -455,8 +481,12 @@ def linear_triton(
         ONE_TILE=split == 1 and k_per_split == config.block_k,
         ROPE=rope is not None,
         HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
+        GATED=gated,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        # the rotary epilogue rounds each product and the sum as the reference does: no contraction
+        # (see kiln.kernels.triton.rope); the product's own sums are then multiply-adds rounded apart
+        enable_fp_fusion=rope is None,
         **launch_options(pdl),
     )
     if split > 1:

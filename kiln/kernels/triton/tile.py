@@ -45,6 +45,69 @@ def soft_cap(s, cap):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def tile_offsets(  # type: ignore[no-untyped-def]
+    start, k_hi, table_row, head_off, stride_page, stride_slot, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr
+):
+    """Cache offsets (through the block table) of the keys at positions start .. start + BLOCK_N - 1,
+    their positions, and which of them exist (< k_hi)."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    in_range = k_pos < k_hi
+    page = tl.load(table_row + k_pos // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
+    key_off = page * stride_page + (k_pos % PAGE_SIZE).to(tl.int64) * stride_slot + head_off
+    return key_off, k_pos, in_range
+
+
+@triton.jit
+def load_keys(key_cache, key_off, in_range, stride_dim, HEAD_DIM: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Keys [HEAD_DIM, BLOCK_N] at `tile_offsets`, zeros where they do not exist."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(key_cache + key_off[None, :] + offs_d[:, None] * stride_dim, mask=in_range[None, :], other=0.0)
+
+
+@triton.jit
+def load_values(value_cache, key_off, in_range, stride_dim, HEAD_DIM: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Values [BLOCK_N, HEAD_DIM] at `tile_offsets`, zeros where they do not exist."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(value_cache + key_off[:, None] + offs_d[None, :] * stride_dim, mask=in_range[:, None], other=0.0)
+
+
+@triton.jit
+def score_tile(  # type: ignore[no-untyped-def]
+    m_i, l_i, q, q_pos, k, k_pos, in_range, scale, softcap, window,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
+):  # fmt: skip
+    """The online softmax's first half for one key tile: (weights p, rescale alpha, new max, new sum)."""
+    if IEEE_DOT:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    if SOFTCAP:
+        s = soft_cap(s * scale, softcap) * LOG2E
+    else:
+        s = s * (scale * LOG2E)
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & in_range[None, :]
+    if SLIDING:
+        allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def accumulate_values(acc, p, alpha, v, IEEE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The online softmax's second half: acc * alpha + p @ v (p rounded to the values' dtype)."""
+    if IEEE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _key_tile(  # type: ignore[no-untyped-def]
     acc,
     m_i,
@@ -70,38 +133,17 @@ def _key_tile(  # type: ignore[no-untyped-def]
     SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
-    """One step of the online softmax: the keys at positions start .. start + BLOCK_N - 1."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_pos = start + offs_n
-    in_range = k_pos < k_hi
-    page = tl.load(table_row + k_pos // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
-    key_off = page * stride_page + (k_pos % PAGE_SIZE).to(tl.int64) * stride_slot + head_off
-    k = tl.load(key_cache + key_off[None, :] + offs_d[:, None] * stride_dim, mask=in_range[None, :], other=0.0)
-    if IEEE_DOT:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    if SOFTCAP:
-        s = soft_cap(s * scale, softcap) * LOG2E
-    else:
-        s = s * (scale * LOG2E)
-    allowed = (k_pos[None, :] <= q_pos[:, None]) & in_range[None, :]
-    if SLIDING:
-        allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-    s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(value_cache + key_off[:, None] + offs_d[None, :] * stride_dim, mask=in_range[:, None], other=0.0)
-    if IEEE_DOT:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
+    """One step of the online softmax: the keys at positions start .. start + BLOCK_N - 1 (the
+    values are loaded once the scores are computed)."""
+    key_off, k_pos, in_range = tile_offsets(
+        start, k_hi, table_row, head_off, stride_page, stride_slot, BLOCK_N, PAGE_SIZE
+    )
+    k = load_keys(key_cache, key_off, in_range, stride_dim, HEAD_DIM)
+    p, alpha, m_new, l_i = score_tile(
+        m_i, l_i, q, q_pos, k, k_pos, in_range, scale, softcap, window, SLIDING, SOFTCAP, IEEE_DOT
+    )  # fmt: skip
+    v = load_values(value_cache, key_off, in_range, stride_dim, HEAD_DIM)
+    return accumulate_values(acc, p, alpha, v, IEEE_DOT), m_new, l_i
 
 
 @triton.jit
