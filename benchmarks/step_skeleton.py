@@ -109,7 +109,10 @@ class Step:
         weights = sum(lay[name.split()[0]].numel() * 2.0 for lay in self.layers)
         return weights, lambda: [calls[name](lay) for lay in self.layers]
 
-    def run(self, attention: bool, rope: bool, gated: bool = False) -> torch.Tensor:
+    def run(self, attention: bool, rope: bool, gated: bool = False, table_width: int | None = None) -> torch.Tensor:
+        """One step; table_width: pass only that many block-table columns (the decode kernel's
+        split count comes from the table's width, so a narrower table means fewer splits)."""
+        tables = self.block_tables if table_width is None else self.block_tables[:, :table_width]
         x = self.x
         q_width, rope_width = self.hq * self.d, (self.hq + self.hkv) * self.d
         for i, lay in enumerate(self.layers):
@@ -127,7 +130,7 @@ class Step:
                     v,
                     self.kv_cache,
                     self.slot_mapping,
-                    self.block_tables,
+                    tables,
                     self.seq_lens,
                     self.query_start_loc,
                     i,
@@ -197,6 +200,16 @@ def main() -> None:
             for key, value in saved.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         rows.append({"variant": name, "us_per_step": us, "of_roofline": roofline_us / us})
+    from kiln.kernels.triton.decode import choose_splits
+
+    page = step.kv_cache.shape[3]
+    width = -(-args.context // page)
+    while width <= step.block_tables.shape[1]:  # narrower block tables: fewer splits at this context
+        splits = choose_splits(1, step.hkv, width * page, torch.device("cuda"))
+        us = graph_time_us(lambda w=width: step.run(True, True, True, w))
+        label = f"  table of {width * page} tokens: {splits} split(s)"
+        rows.append({"variant": label, "us_per_step": us, "of_roofline": roofline_us / us})
+        width *= 2
     projections = ("qkv", "o", "gate_up", "down", "gate_up (silu epilogue)", "down (plain)", "lm_head")
     for name in projections:
         nbytes, fn = step.projection(name)

@@ -65,14 +65,15 @@ def test_each_layer_loses_its_elementwise_and_norm_ops(forced):
     ]
     assert len(with_residual) == 2 * layers
     normed = fuse_rms_norm(residual, context)
-    # input_layernorm -> qkv and post_attention_layernorm -> gate_up; the final norm feeds a gather
-    assert _count(normed, kiln_ops.rms_norm_linear) == 2 * layers
-    assert len(nodes_calling(normed.graph, torch.ops.aten.rsqrt.default)) == 1
+    # input_layernorm -> qkv, post_attention_layernorm -> gate_up, and the final norm (on the
+    # logits rows, picked before it by gather_before_norm) -> lm_head
+    assert _count(normed, kiln_ops.rms_norm_linear) == 2 * layers + 1
+    assert not nodes_calling(normed.graph, torch.ops.aten.rsqrt.default)
     assert len(nodes_calling(normed.graph, torch.ops.aten.neg.default)) == 2 * layers  # rotate_half of q and k
     roped = fuse_rope(normed, context)
     # each layer's normed q/k/v projection rotates its q and k heads itself
     assert _count(roped, kiln_ops.linear_rope) == layers
-    assert _count(roped, kiln_ops.rms_norm_linear) == layers
+    assert _count(roped, kiln_ops.rms_norm_linear) == layers + 1
     assert all(call.args[4] is not None for call in nodes_calling(roped.graph, kiln_ops.linear_rope.default))
     assert not nodes_calling(roped.graph, torch.ops.aten.neg.default)
     gated = fuse_gated_activation(roped, context)

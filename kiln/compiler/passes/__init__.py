@@ -22,7 +22,9 @@ from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
 from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
 from kiln.compiler.passes.fuse_rope import fuse_rope
 from kiln.compiler.passes.fuse_silu_mul import fuse_silu_mul
+from kiln.compiler.passes.gather_before_norm import gather_before_norm
 from kiln.compiler.passes.image_attention_limits import image_attention_limits
+from kiln.compiler.passes.outer_products import outer_products
 from kiln.compiler.passes.paged_attention import paged_attention
 from kiln.compiler.passes.small_batch_linear import small_batch_linear
 
@@ -34,6 +36,8 @@ PASSES: list[Pass] = [
     image_attention_limits,
     check_attention_rewritten,
     fuse_projections,  # before small_batch_linear: it rewrites the fused linears
+    gather_before_norm,  # the final norm on the logits rows only, right before lm_head
+    outer_products,
     small_batch_linear,
 ]
 

@@ -81,6 +81,24 @@ def rewrite_matches(
     return with_graph(program, module)
 
 
+def refresh_values(nodes: list[torch.fx.Node]) -> None:
+    """Recompute the fake `val` of call nodes (in order) from their inputs' vals, after a rewrite
+    changed their shapes."""
+    for node in nodes:
+        values = [a.meta.get("val") for a in node.all_input_nodes]
+        fake = next((v for v in values if isinstance(v, torch._subclasses.fake_tensor.FakeTensor)), None)
+        if fake is None:
+            continue
+
+        def value_of(arg: object) -> object:
+            return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+        args = torch.fx.node.map_aggregate(node.args, value_of)  # type: ignore[arg-type]
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, value_of)  # type: ignore[arg-type]
+        with fake.fake_mode:
+            node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
+
+
 def replace_with_call(
     graph: torch.fx.Graph, node: torch.fx.Node, target: object, args: tuple[object, ...]
 ) -> torch.fx.Node:
