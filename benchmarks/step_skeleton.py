@@ -137,6 +137,7 @@ class Step:
                     self.scale,
                     0,
                     0.0,
+                    lay["o"],  # prefetch, as prefetch_output_weights sets it
                 ).view(1, q_width)
             else:
                 attn = qkv[:, :q_width]
@@ -191,6 +192,7 @@ def main() -> None:
         ("linears + attention, rope fused", True, True, False, {}),
         ("  + silu in gate/up (engine default)", True, True, True, {}),
         ("  the same, keys read after the wait", True, True, True, {"KILN_DECODE_EARLY_KEYS": "0"}),
+        ("  the same, no L2 prefetch of W_o", True, True, True, {"KILN_PREFETCH": "0"}),
     ):
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)  # read when the kernels launch, i.e. when the graph is captured

@@ -40,7 +40,11 @@ def paged_attention(
     scale: float,
     sliding_window: int,
     softcap: float,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """prefetch: a constant weight read right after this op (the output projection's): on the
+    decode kernels' path, spare programs pull its first bytes into the L2 cache while attention's
+    dependent loads leave the memory bus idle (a hint: values never change)."""
     if use_triton(q):
         from kiln.kernels.triton import paged_attention_triton, unsupported_reason
 
@@ -58,6 +62,7 @@ def paged_attention(
                 scale,
                 sliding_window,
                 softcap,
+                prefetch,
             )
     return reference.paged_attention(
         q,
@@ -77,7 +82,19 @@ def paged_attention(
 
 @paged_attention.register_fake
 def _paged_attention_fake(  # type: ignore[no-untyped-def]
-    q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, layer, scale, sliding_window, softcap
+    q,
+    k,
+    v,
+    kv_cache,
+    slot_mapping,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    layer,
+    scale,
+    sliding_window,
+    softcap,
+    prefetch=None,
 ):
     # Same shape and (contiguous) strides as the real implementation's output.
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

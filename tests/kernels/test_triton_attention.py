@@ -136,6 +136,33 @@ def test_decode_kernel_storing_the_new_keys(dtype, hq, hkv, block_size, window, 
     assert_close(out, ref, dtype, f"decode storing its keys, {splits} splits")
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits):
+    """prefetch: the merge kernel's programs first ask for a weight's lines in L2 (a hint on CUDA,
+    nothing under the interpreter): the attention output and the cache must not change."""
+    batch = make_batch(DECODE, 8, 2, 32, 16, DTYPES[0], DEVICE, seed=splits)
+    weight = torch.randn(300, 64, dtype=DTYPES[0], device=DEVICE)
+    outs = []
+    for prefetch in (None, weight):
+        copy = batch.clone()
+        outs.append(
+            decode.decode_attention(
+                copy.q,
+                copy.kv_cache,
+                *copy.args()[5:],
+                0.3,
+                -1,
+                0.0,
+                poisoned_out(copy),
+                num_splits=splits,
+                new_kv=(copy.k, copy.v, copy.slot_mapping),
+                prefetch=prefetch,
+            )  # fmt: skip
+        )
+        outs.append(copy.kv_cache)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
 DISPATCH_CASES = {
     "mixed": (MIXED, 0),  # T != B: the prefill kernel
     "decode": (DECODE, 0),  # T == B: the decode kernels

@@ -26,6 +26,7 @@ from kiln.compiler.passes.gather_before_norm import gather_before_norm
 from kiln.compiler.passes.image_attention_limits import image_attention_limits
 from kiln.compiler.passes.outer_products import outer_products
 from kiln.compiler.passes.paged_attention import paged_attention
+from kiln.compiler.passes.prefetch_output_weights import prefetch_output_weights
 from kiln.compiler.passes.small_batch_linear import small_batch_linear
 
 Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
@@ -39,6 +40,7 @@ PASSES: list[Pass] = [
     gather_before_norm,  # the final norm on the logits rows only, right before lm_head
     outer_products,
     small_batch_linear,
+    prefetch_output_weights,  # after small_batch_linear: it looks for kiln.linear
 ]
 
 # Fused decode linears (norm / activation prologue, residual / rotary epilogue): 96 fewer kernels

@@ -49,8 +49,10 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int,
     softcap: float,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `kiln.kernels.reference.paged_attention`, on the device, without host syncs."""
+    """Same contract as `kiln.kernels.reference.paged_attention`, on the device, without host syncs;
+    prefetch: a constant weight the decode kernels pull into L2 (see `decode.decode_attention`)."""
     reason = unsupported_reason(q, k, v, kv_cache)
     assert reason is None, f"the Triton paged attention cannot run this call: {reason}"
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
@@ -60,7 +62,7 @@ def paged_attention_triton(
     if q.shape[0] == block_tables.shape[0]:
         if os.environ.get("KILN_DECODE_KV_WRITE", "") == "separate":  # a diagnostic: the unfused path
             write_kv(kv_cache, layer, k, v, slot_mapping)
-            return decode_attention(*args)
-        return decode_attention(*args, new_kv=(k, v, slot_mapping))  # stores the new keys itself
+            return decode_attention(*args, prefetch=prefetch)
+        return decode_attention(*args, new_kv=(k, v, slot_mapping), prefetch=prefetch)  # stores the new keys itself
     write_kv(kv_cache, layer, k, v, slot_mapping)
     return prefill_attention(*args)

@@ -39,6 +39,7 @@ from kiln.kernels.triton.tile import (
 
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
+PREFETCH_BYTES = 16 << 20  # at most this much of the next weight goes to L2 (of the H100's 50 MB)
 
 
 @dataclass(frozen=True)
@@ -275,22 +276,50 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _prefetch_to_l2(weight, lines, program, programs, LINE: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Program `program` of `programs` asks for its share of the first `lines` cache lines (LINE
+    elements each) of `weight` to be brought into L2 (`prefetch.global.L2`: nothing is returned or
+    waited for, so the program moves on at once)."""
+    per = tl.cdiv(lines, programs)
+    end = tl.minimum((program + 1) * per, lines)
+    offs = tl.arange(0, BLOCK)
+    for first in range(program * per, end, BLOCK):
+        line = tl.minimum(first + offs, end - 1)
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
+            "=r,l",
+            [weight + line.to(tl.int64) * LINE],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
 def _merge_kernel(  # type: ignore[no-untyped-def]
     out,
     part_acc,
     part_m,
     part_l,
+    prefetch,  # PREFETCH: a constant weight whose first prefetch_lines cache lines go to L2
+    prefetch_lines,
     stride_ot,
     stride_oh,
     stride_od,
     NUM_Q_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    LINE: tl.constexpr,  # elements of `prefetch` per 128-byte line
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
-    handoff(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
+    if PREFETCH:  # before the wait: launched early, these programs would otherwise idle while decode runs
+        _prefetch_to_l2(
+            prefetch, prefetch_lines, token * NUM_Q_HEADS + head, tl.num_programs(0) * NUM_Q_HEADS, LINE, 512
+        )
+    handoff(PDL)
     splits = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
     part = (token * NUM_Q_HEADS + head).to(tl.int64) * NUM_SPLITS + splits
@@ -340,6 +369,7 @@ def decode_attention(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend each query token of q [T, Hq, D] to its cached keys; writes and returns out.
 
@@ -349,6 +379,11 @@ def decode_attention(
     by an earlier step, so under PDL each program loads its first key tile (block table, keys,
     values) before waiting for the kernel that computes q, k and v, taking those dependent loads
     off the step's critical path (`KILN_DECODE_EARLY_KEYS=0` waits first: a diagnostic).
+    prefetch: a constant weight (the output projection's) read right after this call. When the
+    splits are merged by a second kernel, that kernel is launched early (PDL) and waits for this
+    one while attention's chain of dependent loads leaves the memory bus idle; its programs first
+    ask for up to PREFETCH_BYTES of the weight to be brought into L2, so the projection starts
+    from cache (`KILN_PREFETCH=0` turns that off: a diagnostic).
     num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
@@ -416,15 +451,30 @@ def decode_attention(
         **launch_options(pdl),
     )
     if num_splits > 1:
+        use_prefetch = (
+            prefetch is not None
+            and prefetch.is_cuda
+            and prefetch.is_contiguous()
+            and not interpreting()
+            and os.environ.get("KILN_PREFETCH", "") != "0"
+        )
+        line, lines = 128, 0
+        if use_prefetch and prefetch is not None:
+            line = 128 // prefetch.element_size()
+            lines = min(PREFETCH_BYTES, prefetch.numel() * prefetch.element_size()) // 128
         _merge_kernel[(num_tokens, num_q_heads)](
             out,
             part_acc,
             part_m,
             part_l,
+            prefetch if lines > 0 else out,
+            lines,
             *out.stride(),
             NUM_Q_HEADS=num_q_heads,
             NUM_SPLITS=num_splits,
             HEAD_DIM=head_dim,
+            PREFETCH=lines > 0,
+            LINE=max(line, 1),
             PDL=pdl,
             num_warps=4,
             **launch_options(pdl),
