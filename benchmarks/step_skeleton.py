@@ -137,7 +137,8 @@ class Step:
                     self.scale,
                     0,
                     0.0,
-                    lay["o"],  # prefetch, as prefetch_output_weights sets it
+                    lay["o"],  # prefetch and prefetch_next, as prefetch_output_weights sets them
+                    lay["gate_up"],
                 ).view(1, q_width)
             else:
                 attn = qkv[:, :q_width]

@@ -41,10 +41,12 @@ def paged_attention(
     sliding_window: int,
     softcap: float,
     prefetch: torch.Tensor | None = None,
+    prefetch_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """prefetch: a constant weight read right after this op (the output projection's): on the
-    decode kernels' path, spare programs pull its first bytes into the L2 cache while attention's
-    dependent loads leave the memory bus idle (a hint: values never change)."""
+    """prefetch, prefetch_next: constant weights read right after this op (the output projection's,
+    then the next projection's): on the decode kernels' path, spare programs pull their first bytes
+    into the L2 cache while attention's dependent loads leave the memory bus idle (a hint: values
+    never change)."""
     if use_triton(q):
         from kiln.kernels.triton import paged_attention_triton, unsupported_reason
 
@@ -62,7 +64,7 @@ def paged_attention(
                 scale,
                 sliding_window,
                 softcap,
-                prefetch,
+                tuple(w for w in (prefetch, prefetch_next) if w is not None),
             )
     return reference.paged_attention(
         q,
@@ -95,6 +97,7 @@ def _paged_attention_fake(  # type: ignore[no-untyped-def]
     sliding_window,
     softcap,
     prefetch=None,
+    prefetch_next=None,
 ):
     # Same shape and (contiguous) strides as the real implementation's output.
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

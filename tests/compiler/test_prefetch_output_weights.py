@@ -21,8 +21,9 @@ def test_each_attention_call_gets_its_layers_output_weight(checkpoints):
     rewritten = prefetch_output_weights(forced, context)
     calls = nodes_calling(rewritten.graph, torch.ops.kiln.paged_attention.default)
     assert len(calls) == shape.num_layers
-    for layer, call in enumerate(calls):
-        assert call.args[-1].name == f"p_model_model_layers_{layer}_self_attn_o_proj_weight"
+    for layer, call in enumerate(calls):  # its output projection, then the (fused) gate/up projection
+        assert call.args[-2].name == f"p_model_model_layers_{layer}_self_attn_o_proj_weight"
+        assert call.args[-1].name == f"p_model_model_layers_{layer}_mlp_fused_gate_proj_up_proj_weight"
     for new in ((3,), (1, 1)):
         inputs = step_inputs(shape, torch.bfloat16, torch.device("cpu"), 4, cached=(2,) * len(new), new=new)
         with torch.no_grad():

@@ -141,9 +141,12 @@ def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits):
     """prefetch: the merge kernel's programs first ask for a weight's lines in L2 (a hint on CUDA,
     nothing under the interpreter): the attention output and the cache must not change."""
     batch = make_batch(DECODE, 8, 2, 32, 16, DTYPES[0], DEVICE, seed=splits)
-    weight = torch.randn(300, 64, dtype=DTYPES[0], device=DEVICE)
+    weights = (
+        torch.randn(300, 64, dtype=DTYPES[0], device=DEVICE),
+        torch.randn(70, 33, dtype=DTYPES[0], device=DEVICE),
+    )
     outs = []
-    for prefetch in (None, weight):
+    for prefetch in ((), weights):
         copy = batch.clone()
         outs.append(
             decode.decode_attention(

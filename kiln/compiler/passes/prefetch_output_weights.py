@@ -1,7 +1,8 @@
 """Tell each paged-attention call which weight is read right after it, so it can prefetch it.
 
     attn = kiln.paged_attention(q, k, v, ...);  o = kiln.linear(attn.reshape(...), W_o, ...)
-      -> attn = kiln.paged_attention(q, k, v, ..., prefetch=W_o)
+    ... the next kiln.linear in the graph: (..., W_next, ...)
+      -> attn = kiln.paged_attention(q, k, v, ..., prefetch=W_o, prefetch_next=W_next)
 
 At decode, attention is a short chain of dependent loads that leaves the memory bus idle for
 microseconds while the output projection waits; given the projection's weight (a constant), the
@@ -20,11 +21,29 @@ from kiln.compiler.passes.context import PassContext, real_users, rewrite_matche
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten._unsafe_view.default)
 PREFETCH_ARG = 12  # kiln.paged_attention(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens,
-#                                          query_start_loc, layer, scale, sliding_window, softcap, prefetch)
+#                                 query_start_loc, layer, scale, sliding_window, softcap, prefetch, prefetch_next)
 
 
-def _next_weight(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The constant weight of the kiln.linear that reads this attention call's output through views."""
+def _constant_weight(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The weight of a kiln.linear call when it is marked constant."""
+    args = list(node.args) + [None, False][len(node.args) - 2 :]
+    weight, constant = args[1], args[3]
+    return weight if isinstance(weight, torch.fx.Node) and constant is True else None
+
+
+def _following_weight(linear: torch.fx.Node) -> torch.fx.Node | None:
+    """The constant weight of the first kiln.linear after `linear` in the graph (the next one to run)."""
+    node = linear.next
+    while node.op != "root":
+        if node.op == "call_function" and node.target == torch.ops.kiln.linear.default:
+            return _constant_weight(node)
+        node = node.next
+    return None
+
+
+def _next_weights(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None] | None:
+    """The constant weight of the kiln.linear that reads this attention call's output through views,
+    and the next projection's."""
     if node.kwargs or len(node.args) > PREFETCH_ARG:
         return None
     current = node
@@ -38,20 +57,21 @@ def _next_weight(node: torch.fx.Node) -> torch.fx.Node | None:
             continue
         if user.target != torch.ops.kiln.linear.default or user.args[0] is not current:
             return None
-        args = list(user.args) + [None, False][len(user.args) - 2 :]
-        weight, constant = args[1], args[3]
-        return weight if isinstance(weight, torch.fx.Node) and constant is True else None
+        weight = _constant_weight(user)
+        return None if weight is None else (weight, _following_weight(user))
 
 
 def prefetch_output_weights(
     program: torch.export.ExportedProgram, context: PassContext
 ) -> torch.export.ExportedProgram:
-    """kiln.paged_attention(...) -> kiln.paged_attention(..., prefetch=<the next projection's weight>)."""
+    """kiln.paged_attention(...) -> kiln.paged_attention(..., prefetch=W_o, prefetch_next=W_next)."""
 
-    def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node) -> None:
-        node.args = (*node.args, weight)
+    def rewrite(
+        graph: torch.fx.Graph, node: torch.fx.Node, weights: tuple[torch.fx.Node, torch.fx.Node | None]
+    ) -> None:
+        node.args = (*node.args, *weights)
 
-    return rewrite_matches(program, torch.ops.kiln.paged_attention.default, _next_weight, rewrite)
+    return rewrite_matches(program, torch.ops.kiln.paged_attention.default, _next_weights, rewrite)
 
 
 __all__ = ["prefetch_output_weights"]

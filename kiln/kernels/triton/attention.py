@@ -49,10 +49,10 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int,
     softcap: float,
-    prefetch: torch.Tensor | None = None,
+    prefetch: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """Same contract as `kiln.kernels.reference.paged_attention`, on the device, without host syncs;
-    prefetch: a constant weight the decode kernels pull into L2 (see `decode.decode_attention`)."""
+    prefetch: constant weights the decode kernels pull into L2 (see `decode.decode_attention`)."""
     reason = unsupported_reason(q, k, v, kv_cache)
     assert reason is None, f"the Triton paged attention cannot run this call: {reason}"
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)

@@ -276,22 +276,21 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _prefetch_to_l2(weight, lines, program, programs, LINE: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Program `program` of `programs` asks for its share of the first `lines` cache lines (LINE
-    elements each) of `weight` to be brought into L2 (`prefetch.global.L2`: nothing is returned or
-    waited for, so the program moves on at once)."""
+def _prefetch_to_l2(  # type: ignore[no-untyped-def]
+    first_weight, first_lines, second_weight, lines, program, programs, LINE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Program `program` of `programs` asks for its share of `lines` cache lines (LINE elements
+    each: the first `first_lines` of first_weight, then second_weight's) to be brought into L2
+    (`prefetch.global.L2`: nothing is returned or waited for, so the program moves on at once)."""
     per = tl.cdiv(lines, programs)
     end = tl.minimum((program + 1) * per, lines)
     offs = tl.arange(0, BLOCK)
-    for first in range(program * per, end, BLOCK):
-        line = tl.minimum(first + offs, end - 1)
+    for begin in range(program * per, end, BLOCK):
+        line = tl.minimum(begin + offs, end - 1).to(tl.int64)
+        in_first = line < first_lines
+        address = tl.where(in_first, first_weight + line * LINE, second_weight + (line - first_lines) * LINE)
         tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
-            "=r,l",
-            [weight + line.to(tl.int64) * LINE],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [address], dtype=tl.int32, is_pure=False, pack=1
         )
 
 
@@ -301,7 +300,9 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     part_acc,
     part_m,
     part_l,
-    prefetch,  # PREFETCH: a constant weight whose first prefetch_lines cache lines go to L2
+    prefetch,  # PREFETCH: constant weights whose first cache lines go to L2: prefetch_first of this one,
+    prefetch_second,  # then this one's, prefetch_lines in all
+    prefetch_first,
     prefetch_lines,
     stride_ot,
     stride_oh,
@@ -317,8 +318,9 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     head = tl.program_id(1)
     if PREFETCH:  # before the wait: launched early, these programs would otherwise idle while decode runs
         _prefetch_to_l2(
-            prefetch, prefetch_lines, token * NUM_Q_HEADS + head, tl.num_programs(0) * NUM_Q_HEADS, LINE, 512
-        )
+            prefetch, prefetch_first, prefetch_second, prefetch_lines,
+            token * NUM_Q_HEADS + head, tl.num_programs(0) * NUM_Q_HEADS, LINE, 512,
+        )  # fmt: skip
     handoff(PDL)
     splits = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -369,7 +371,7 @@ def decode_attention(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    prefetch: torch.Tensor | None = None,
+    prefetch: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """Attend each query token of q [T, Hq, D] to its cached keys; writes and returns out.
 
@@ -379,11 +381,12 @@ def decode_attention(
     by an earlier step, so under PDL each program loads its first key tile (block table, keys,
     values) before waiting for the kernel that computes q, k and v, taking those dependent loads
     off the step's critical path (`KILN_DECODE_EARLY_KEYS=0` waits first: a diagnostic).
-    prefetch: a constant weight (the output projection's) read right after this call. When the
-    splits are merged by a second kernel, that kernel is launched early (PDL) and waits for this
-    one while attention's chain of dependent loads leaves the memory bus idle; its programs first
-    ask for up to PREFETCH_BYTES of the weight to be brought into L2, so the projection starts
-    from cache (`KILN_PREFETCH=0` turns that off: a diagnostic).
+    prefetch: constant weights read right after this call, in order (the output projection's, then
+    the next one's). When the splits are merged by a second kernel, that kernel is launched early
+    (PDL) and waits for this one while attention's chain of dependent loads leaves the memory bus
+    idle; its programs first ask for up to PREFETCH_BYTES of the weights (the first one first; at
+    most two) to be brought into L2, so the projections start from cache (`KILN_PREFETCH=0` turns
+    that off: a diagnostic).
     num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
@@ -451,23 +454,21 @@ def decode_attention(
         **launch_options(pdl),
     )
     if num_splits > 1:
-        use_prefetch = (
-            prefetch is not None
-            and prefetch.is_cuda
-            and prefetch.is_contiguous()
-            and not interpreting()
-            and os.environ.get("KILN_PREFETCH", "") != "0"
-        )
-        line, lines = 128, 0
-        if use_prefetch and prefetch is not None:
-            line = 128 // prefetch.element_size()
-            lines = min(PREFETCH_BYTES, prefetch.numel() * prefetch.element_size()) // 128
+        weights = [w for w in prefetch[:2] if w.is_cuda and w.is_contiguous() and w.dtype == out.dtype]
+        if interpreting() or os.environ.get("KILN_PREFETCH", "") == "0" or len(weights) != len(prefetch[:2]):
+            weights = []
+        line = 128 // out.element_size()
+        sizes = [w.numel() * w.element_size() // 128 for w in weights]
+        first_lines = min(sizes[0], PREFETCH_BYTES // 128) if weights else 0
+        lines = first_lines + (min(sizes[1], PREFETCH_BYTES // 128 - first_lines) if len(weights) > 1 else 0)
         _merge_kernel[(num_tokens, num_q_heads)](
             out,
             part_acc,
             part_m,
             part_l,
-            prefetch if lines > 0 else out,
+            weights[0] if weights else out,
+            weights[-1] if weights else out,
+            first_lines,
             lines,
             *out.stride(),
             NUM_Q_HEADS=num_q_heads,
