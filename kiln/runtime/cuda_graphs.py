@@ -40,14 +40,15 @@ class DecodeGraphs:
         self.buckets = bucket_sizes(max_batch_size)
         self.max_blocks = max(2, max_blocks_per_seq)
         n = max_batch_size
-        # Static inputs: ids, positions and slots in one int64 buffer; lengths and tables in int32.
-        self.tokens = torch.zeros(3, n, dtype=torch.int64, device=device)
+        # Static inputs: ids, positions and slots in one int64 buffer (with two more rows for the
+        # positions and source rows of tokens patched in from the device); lengths and tables in int32.
+        self.tokens = torch.zeros(5, n, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
         # Host staging, pinned so the copies are asynchronous.
-        self._tokens_host = torch.zeros(3, n, dtype=torch.int64).pin_memory()
+        self._tokens_host = torch.zeros(5, n, dtype=torch.int64).pin_memory()
         self._lens_host = torch.ones(n, dtype=torch.int32).pin_memory()
         self._tables_host = torch.zeros(n, self.max_blocks, dtype=torch.int32).pin_memory()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -110,6 +111,10 @@ class DecodeGraphs:
         host[0, :n] = torch.tensor(input_ids, dtype=torch.int64)
         host[1, :n] = torch.tensor(positions, dtype=torch.int64)
         host[2, :n] = torch.tensor(slots, dtype=torch.int64)
+        patched = len(patch[1]) if patch is not None else 0
+        if patch is not None and patched:  # where the device's tokens go, and which of them: copied with the rest
+            host[3, :patched] = torch.tensor(patch[0], dtype=torch.int64)
+            host[4, :patched] = torch.tensor(patch[1], dtype=torch.int64)
         self._lens_host[:b] = 1
         self._lens_host[:n] = torch.tensor(seq_lens, dtype=torch.int32)
         width = max(len(t) for t in block_tables)
@@ -118,8 +123,8 @@ class DecodeGraphs:
         self.tokens[:, :b].copy_(host[:, :b], non_blocking=True)
         self.seq_lens[:b].copy_(self._lens_host[:b], non_blocking=True)
         self.block_tables[:n, :width].copy_(self._tables_host[:n, :width], non_blocking=True)
-        if patch is not None and patch[0]:
-            apply_patch(self.tokens[0], patch, patch[0])
+        if patch is not None and patched:
+            apply_patch(self.tokens[0], patch, patch[0], indices=self.tokens[3:5, :patched])
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]
