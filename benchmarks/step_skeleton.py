@@ -193,7 +193,10 @@ def main() -> None:
         ("linears + attention, rope fused", True, True, False, {}),
         ("  + silu in gate/up (engine default)", True, True, True, {}),
         ("  the same, keys read after the wait", True, True, True, {"KILN_DECODE_EARLY_KEYS": "0"}),
-        ("  the same, no L2 prefetch of W_o", True, True, True, {"KILN_PREFETCH": "0"}),
+        ("  the same, no L2 prefetch", True, True, True, {"KILN_PREFETCH": "0"}),
+        ("  the same, prefetch 8 MB", True, True, True, {"KILN_PREFETCH_MB": "8"}),
+        ("  the same, prefetch 24 MB", True, True, True, {"KILN_PREFETCH_MB": "24"}),
+        ("  the same, prefetch 32 MB", True, True, True, {"KILN_PREFETCH_MB": "32"}),
     ):
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)  # read when the kernels launch, i.e. when the graph is captured
@@ -203,6 +206,20 @@ def main() -> None:
             for key, value in saved.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         rows.append({"variant": name, "us_per_step": us, "of_roofline": roofline_us / us})
+    from kiln.kernels.triton import gemv
+
+    default_config = gemv.prologue_config
+    for warps in (4, 8):  # one-row projections without a prologue at K <= 2048 (o_proj) on `warps` warps
+        gemv.prologue_config = lambda code, m, n, k, sms=132, w=warps: (  # type: ignore[misc]
+            gemv.replace(default_config(code, m, n, k, sms), num_warps=w)
+            if m <= 1 and code == gemv.PROLOGUE_NONE and k <= 2048
+            else default_config(code, m, n, k, sms)
+        )
+        try:
+            us = graph_time_us(lambda: step.run(True, True, True))
+        finally:
+            gemv.prologue_config = default_config
+        rows.append({"variant": f"  o_proj on {warps} warps", "us_per_step": us, "of_roofline": roofline_us / us})
     from kiln.kernels.triton.decode import choose_splits
 
     page = step.kv_cache.shape[3]

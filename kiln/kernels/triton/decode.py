@@ -386,7 +386,7 @@ def decode_attention(
     (PDL) and waits for this one while attention's chain of dependent loads leaves the memory bus
     idle; its programs first ask for up to PREFETCH_BYTES of the weights (the first one first; at
     most two) to be brought into L2, so the projections start from cache (`KILN_PREFETCH=0` turns
-    that off: a diagnostic).
+    that off, and KILN_PREFETCH_MB sets the budget: diagnostics).
     num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
@@ -459,8 +459,9 @@ def decode_attention(
             weights = []
         line = 128 // out.element_size()
         sizes = [w.numel() * w.element_size() // 128 for w in weights]
-        first_lines = min(sizes[0], PREFETCH_BYTES // 128) if weights else 0
-        lines = first_lines + (min(sizes[1], PREFETCH_BYTES // 128 - first_lines) if len(weights) > 1 else 0)
+        budget = int(os.environ.get("KILN_PREFETCH_MB", PREFETCH_BYTES >> 20)) << 20
+        first_lines = min(sizes[0], budget // 128) if weights else 0
+        lines = first_lines + (min(sizes[1], budget // 128 - first_lines) if len(weights) > 1 else 0)
         _merge_kernel[(num_tokens, num_q_heads)](
             out,
             part_acc,
