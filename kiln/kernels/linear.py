@@ -14,6 +14,7 @@ shapes, dtypes and the device only, so the op can run inside CUDA graphs.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -58,18 +59,8 @@ def _linear(
     flat = x.reshape(rows, x.shape[-1])
     fused = prologue != "none" or residual is not None
     if use_kernel(flat[:, :in_features], weight, bias, fused) and (residual is None or residual.dtype == x.dtype):
-        from kiln.kernels.triton.gemv import linear_triton
-
-        out = linear_triton(
-            flat,
-            weight,
-            None if bias is None else bias.contiguous(),
-            constant_weight=constant_weight,
-            prologue=prologue,
-            norm_weight=None if norm_weight is None else norm_weight.contiguous(),
-            eps=eps,
-            residual=None if residual is None else residual.reshape(rows, weight.shape[0]),
-        )
+        residual_rows = None if residual is None else residual.reshape(rows, weight.shape[0])
+        out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, residual=residual_rows)
         return out.view(*x.shape[:-1], weight.shape[0])
     # Many rows (prefill, large decode batches), or no kernel: PyTorch. On CUDA with the fused
     # kernels of torch (rms_norm, addmm's residual), rounding once where transformers rounds twice.
@@ -86,6 +77,32 @@ def _linear(
         return out.view(*x.shape[:-1], weight.shape[0])
     out = torch.nn.functional.linear(x, weight, bias)
     return out if residual is None else residual + out
+
+
+def _kernel(
+    flat: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    constant_weight: bool,
+    prologue: str,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    **epilogue: Any,
+) -> torch.Tensor:
+    """The Triton kernel on x's rows [M, K] (`kiln.kernels.triton.gemv.linear_triton`; epilogue: its
+    residual / rope / gated keywords)."""
+    from kiln.kernels.triton.gemv import linear_triton
+
+    return linear_triton(
+        flat,
+        weight,
+        None if bias is None else bias.contiguous(),
+        constant_weight=constant_weight,
+        prologue=prologue,
+        norm_weight=None if norm_weight is None else norm_weight.contiguous(),
+        eps=eps,
+        **epilogue,
+    )
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -165,18 +182,8 @@ def linear_rope(
     flat = x.reshape(rows, x.shape[-1])
     tables_ok = cos.dtype == sin.dtype == x.dtype and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0
     if tables_ok and use_kernel(flat, weight, bias, fused=True):
-        from kiln.kernels.triton.gemv import linear_triton
-
-        out = linear_triton(
-            flat,
-            weight,
-            None if bias is None else bias.contiguous(),
-            constant_weight=constant_weight,
-            prologue=prologue,
-            norm_weight=None if norm_weight is None else norm_weight.contiguous(),
-            eps=eps,
-            rope=(cos2.contiguous(), sin2.contiguous(), rope_width),
-        )
+        rope = (cos2.contiguous(), sin2.contiguous(), rope_width)
+        out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, rope=rope)
         return out.view(*x.shape[:-1], weight.shape[0])
     out = _linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps)
     out2 = out.reshape(rows, weight.shape[0])
@@ -207,18 +214,7 @@ def linear_silu_mul(
     prologue = "none" if norm_weight is None else "rms_norm"
     flat = x.reshape(rows, x.shape[-1])
     if weight.shape[0] % 2 == 0 and x.shape[-1] > 0 and use_kernel(flat, weight, bias, fused=True):
-        from kiln.kernels.triton.gemv import linear_triton
-
-        out = linear_triton(
-            flat,
-            weight,
-            None if bias is None else bias.contiguous(),
-            constant_weight=constant_weight,
-            prologue=prologue,
-            norm_weight=None if norm_weight is None else norm_weight.contiguous(),
-            eps=eps,
-            gated=True,
-        )
+        out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, gated=True)
         return out.view(*x.shape[:-1], weight.shape[0] // 2)
     return _silu_mul(_linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps))
 

@@ -166,6 +166,16 @@ def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits):
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
+def test_a_bad_prefetch_budget_is_named(monkeypatch):
+    monkeypatch.setenv("KILN_PREFETCH_MB", "lots")
+    with pytest.raises(ValueError, match="KILN_PREFETCH_MB must be a whole number"):
+        decode._prefetch_budget()
+    monkeypatch.setenv("KILN_PREFETCH_MB", "3")
+    assert decode._prefetch_budget() == 3 << 20
+    monkeypatch.delenv("KILN_PREFETCH_MB")
+    assert decode._prefetch_budget() == decode.PREFETCH_BYTES
+
+
 DISPATCH_CASES = {
     "mixed": (MIXED, 0),  # T != B: the prefill kernel
     "decode": (DECODE, 0),  # T == B: the decode kernels

@@ -81,6 +81,16 @@ def rewrite_matches(
     return with_graph(program, module)
 
 
+def projection_args(node: torch.fx.Node) -> tuple[object, ...]:
+    """(x, weight, bias, constant_weight, norm_weight, eps) of a kiln.linear (no norm: None, 0.0) or a
+    kiln.rms_norm_linear call, defaults filled in: the leading arguments of the ops with an epilogue."""
+    if node.target == torch.ops.kiln.rms_norm_linear.default:
+        x, norm_weight, eps, weight, bias, constant = (list(node.args) + [None, False][len(node.args) - 4 :])[:6]
+        return (x, weight, bias, constant, norm_weight, eps)
+    x, weight, bias, constant = (list(node.args) + [None, False][len(node.args) - 2 :])[:4]
+    return (x, weight, bias, constant, None, 0.0)
+
+
 def refresh_values(nodes: list[torch.fx.Node]) -> None:
     """Recompute the fake `val` of call nodes (in order) from their inputs' vals, after a rewrite
     changed their shapes."""

@@ -19,7 +19,13 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, real_users, replace_with_call, rewrite_matches
+from kiln.compiler.passes.context import (
+    PassContext,
+    projection_args,
+    real_users,
+    replace_with_call,
+    rewrite_matches,
+)
 
 RESIDUAL_ARG = 4  # kiln.silu_mul_linear: (gate_up, weight, bias, constant_weight, residual)
 
@@ -36,22 +42,12 @@ def _projection(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def _activation_args(gate_up: torch.fx.Node) -> tuple[object, ...]:
-    """kiln.linear_silu_mul's arguments for a kiln.linear or kiln.rms_norm_linear node."""
-    if gate_up.target == torch.ops.kiln.rms_norm_linear.default:
-        x, norm_weight, eps, weight, bias, constant = (list(gate_up.args) + [None, False][len(gate_up.args) - 4 :])[:6]
-    else:
-        x, weight, bias, constant = (list(gate_up.args) + [None, False][len(gate_up.args) - 2 :])[:4]
-        norm_weight, eps = None, 0.0
-    return (x, weight, bias, constant, norm_weight, eps)
-
-
 def fuse_gated_activation(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
     """kiln.silu_mul_linear(kiln.linear(x, W1), W2) -> kiln.linear(kiln.linear_silu_mul(x, W1), W2)."""
 
     def rewrite(graph: torch.fx.Graph, down: torch.fx.Node, gate_up: torch.fx.Node) -> None:
         with graph.inserting_before(gate_up):
-            act = graph.call_function(torch.ops.kiln.linear_silu_mul.default, _activation_args(gate_up))  # type: ignore[arg-type]
+            act = graph.call_function(torch.ops.kiln.linear_silu_mul.default, projection_args(gate_up))  # type: ignore[arg-type]
         value = gate_up.meta.get("val")
         act.meta = dict(gate_up.meta)
         if isinstance(value, torch.Tensor):

@@ -26,7 +26,13 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, real_users, replace_with_call, rewrite_matches
+from kiln.compiler.passes.context import (
+    PassContext,
+    projection_args,
+    real_users,
+    replace_with_call,
+    rewrite_matches,
+)
 
 aten = torch.ops.aten
 BIG = 2**62  # a slice's open end is a huge int in exported graphs
@@ -191,22 +197,13 @@ def _match(node: torch.fx.Node) -> _Found | None:
     return _Found(rotations=tuple(rotations), rope_width=width)
 
 
-def _call_args(node: torch.fx.Node, found: _Found) -> tuple[object, ...]:
-    """kiln.linear_rope's arguments for a kiln.linear or kiln.rms_norm_linear node."""
-    cos, sin = found.rotations[0].cos, found.rotations[0].sin
-    if node.target == torch.ops.kiln.rms_norm_linear.default:
-        x, norm_weight, eps, weight, bias, constant = (list(node.args) + [None, False][len(node.args) - 4 :])[:6]
-    else:
-        x, weight, bias, constant = (list(node.args) + [None, False][len(node.args) - 2 :])[:4]
-        norm_weight, eps = None, 0.0
-    return (x, weight, bias, constant, norm_weight, eps, cos, sin, found.rope_width)
-
-
 def fuse_rope(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
     """rope(kiln.[rms_norm_]linear(x, W)) -> kiln.linear_rope(x, W, ..., cos, sin) (no rotary kernels)."""
 
     def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, found: _Found) -> None:
-        replace_with_call(graph, node, torch.ops.kiln.linear_rope.default, _call_args(node, found))
+        rotation = found.rotations[0]
+        args = (*projection_args(node), rotation.cos, rotation.sin, found.rope_width)
+        replace_with_call(graph, node, torch.ops.kiln.linear_rope.default, args)
         for rotation in found.rotations:  # the heads now read rotated columns; the rotation dies
             rotation.output.replace_all_uses_with(rotation.heads)
 

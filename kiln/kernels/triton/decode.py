@@ -336,6 +336,16 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     tl.store(out + token * stride_ot + head * stride_oh + offs_d * stride_od, result.to(out.dtype.element_ty))
 
 
+def _prefetch_budget() -> int:
+    """Bytes the merge kernel may prefetch: PREFETCH_BYTES, or KILN_PREFETCH_MB megabytes (a diagnostic)."""
+    value = os.environ.get("KILN_PREFETCH_MB")
+    if value is None:
+        return PREFETCH_BYTES
+    if not value.isdigit():
+        raise ValueError(f"KILN_PREFETCH_MB must be a whole number of megabytes, got {value!r}")
+    return int(value) << 20
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
@@ -459,7 +469,7 @@ def decode_attention(
             weights = []
         line = 128 // out.element_size()
         sizes = [w.numel() * w.element_size() // 128 for w in weights]
-        budget = int(os.environ.get("KILN_PREFETCH_MB", PREFETCH_BYTES >> 20)) << 20
+        budget = _prefetch_budget()
         first_lines = min(sizes[0], budget // 128) if weights else 0
         lines = first_lines + (min(sizes[1], budget // 128 - first_lines) if len(weights) > 1 else 0)
         _merge_kernel[(num_tokens, num_q_heads)](
