@@ -250,3 +250,35 @@ def test_fused_ops_fall_back_to_the_reference_on_cpu():
     assert torch.allclose(got, torch.nn.functional.linear(reference.rms_norm(x, norm_w, 1e-6), w16))
     got = torch.ops.kiln.linear(x, w16, None, False, res)
     assert torch.allclose(got, res + torch.nn.functional.linear(x, w16))
+
+
+def test_every_op_takes_the_kernel_path_where_its_rows_allow(monkeypatch):
+    """The five ops' Triton path (forced on the CPU under the interpreter; natively on CUDA) against
+    their PyTorch path on one row: the same inputs reach the kernel, the outputs keep their shapes."""
+    import kiln.kernels.linear as ops
+
+    dtype = KERNEL_DTYPES[0]
+    g = torch.Generator().manual_seed(8)
+    k, n, head_dim = (64, 48, 16) if not ON_GPU else (2048, 3072, 64)
+    x = torch.randn(1, 1, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(DEVICE, dtype)
+    w_down = (torch.randn(n, k // 2, generator=g) * k**-0.5).to(DEVICE, dtype)
+    norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    res = torch.randn(1, 1, n, generator=g).to(DEVICE, dtype)
+    cos, sin = (
+        torch.rand(1, 1, head_dim, generator=g).to(DEVICE, dtype),
+        torch.rand(1, 1, head_dim, generator=g).to(DEVICE, dtype),
+    )
+    calls = {
+        "linear": lambda: torch.ops.kiln.linear(x, w, None, True, res),
+        "silu_mul_linear": lambda: torch.ops.kiln.silu_mul_linear(x, w_down, None, True, res),
+        "rms_norm_linear": lambda: torch.ops.kiln.rms_norm_linear(x, norm, 1e-5, w, None, True),
+        "linear_rope": lambda: torch.ops.kiln.linear_rope(x, w, None, True, norm, 1e-5, cos, sin, 2 * head_dim),
+        "linear_silu_mul": lambda: torch.ops.kiln.linear_silu_mul(x, w, None, True, norm, 1e-5),
+    }
+    for name, call in calls.items():
+        monkeypatch.setattr(ops, "use_kernel", lambda *a, **kw: False)
+        want = call()
+        monkeypatch.setattr(ops, "use_kernel", lambda *a, **kw: True)
+        got = call()
+        assert_close(got, want, dtype, name)
