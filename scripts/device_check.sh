@@ -11,6 +11,13 @@ import torch, transformers, triton
 print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__,
       torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 PY
+checkpoint() {  # a random-weight checkpoint of config $1 at $2, unless one is there
+  [ -d "$2" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$1', Path('$2'))"
+}
+variant_engine() {  # a 1B engine built with the environment $1 (VAR=1,VAR2=0) at $2, unless there
+  [ -d "$2" ] || env ${1//,/ } python -m kiln build /tmp/kiln-bench/llama-3.2-1b-ckpt -o "$2" --dtype bfloat16 --device cuda \
+      --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 2
+}
 for step in "${steps[@]}"; do
   start=$(date +%s)
   case $step in
@@ -25,28 +32,26 @@ for step in "${steps[@]}"; do
     decode1b|decode8b)
               cfg=llama-3.2-1b; [ "$step" = decode8b ] && cfg=llama-3.1-8b
               ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
-              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              checkpoint "$cfg" "$ck"
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 64 \
                   --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 4096 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
               python benchmarks/decode_profile.py "$eng" --batch 1 2>&1 | tail -n 30 | tee "$out/decode_profile_$cfg.log" ;;
     variants1b) # the 1B decode step, built and run once per variant: VARIANTS="name:VAR=1,VAR2=0 ..."
               cfg=llama-3.2-1b; ck=/tmp/kiln-bench/$cfg-ckpt
-              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              checkpoint "$cfg" "$ck"
               for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
                 name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
-                [ -d "$eng" ] || env ${vars//,/ } python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda \
-                    --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 2
+                variant_engine "$vars" "$eng"
                 echo "--- variant $name ($vars)"
                 env ${vars//,/ } python benchmarks/decode_profile.py "$eng" --batch 1 --no-graph-run --top ${TOP:-40} 2>&1 \
                     | grep -v Warning | tail -n 48 | tee "$out/decode_profile_$name.log"
               done ;;
     abbench1b) # kiln bench at batch 1, one engine per variant built and run on this machine: VARIANTS="name:VAR=1,VAR2=0 ..."
               cfg=llama-3.2-1b; ck=/tmp/kiln-bench/$cfg-ckpt
-              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              checkpoint "$cfg" "$ck"
               for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
                 name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
-                [ -d "$eng" ] || env ${vars//,/ } python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda \
-                    --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 1
+                variant_engine "$vars" "$eng"
               done
               for round in 1 2; do
                 for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
@@ -60,7 +65,7 @@ for step in "${steps[@]}"; do
     bench1b|bench8b)
               cfg=llama-3.2-1b; [ "$step" = bench8b ] && cfg=llama-3.1-8b
               ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
-              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              checkpoint "$cfg" "$ck"
               b0=$(date +%s)
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size ${BENCH_MAX_BATCH:-64} \
                   --max-seq-len ${BENCH_MAX_SEQ:-2048} --max-input-len 1024 --max-num-tokens 8192 2>&1 | grep -v -i warn | tail -n 30 | tee "$out/build_$cfg.log"
@@ -71,7 +76,7 @@ for step in "${steps[@]}"; do
                   --input-len 128 --output-len 256 --output-dir "$out/bench_$cfg" ${BENCH_EXTRA:-} 2>&1 | tail -n 40 | tee "$out/bench_$cfg.log" ;;
     throughput8b|steps8b)
               cfg=llama-3.1-8b; ck=/tmp/kiln-bench/$cfg-ckpt; eng=/tmp/kiln-bench/$cfg-engine
-              [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$cfg', Path('$ck'))"
+              checkpoint "$cfg" "$ck"
               b0=$(date +%s)
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 256 \
                   --max-seq-len 2048 --max-input-len 1024 --max-num-tokens ${TP_TOKENS:-8192} 2>&1 | tail -n 12 | tee "$out/build_tp.log"
