@@ -25,6 +25,8 @@ import triton.language as tl
 
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
+from kiln.kernels.triton.rope import rotate_rounded
+from kiln.kernels.triton.silu_mul import silu_times
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,7 @@ def _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, H
     d = (offs_n % (2 * HALF_D))[None, :]
     c = tl.load(cos + offs_m[:, None] * stride_cm + d, mask=m_ok[:, None], other=0.0).to(tl.float32)
     s = tl.load(sin + offs_m[:, None] * stride_sm + d, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    a = (value * c).to(result.dtype).to(tl.float32)
-    b = (rotated * s).to(result.dtype).to(tl.float32)
-    return (a + b).to(result.dtype)
+    return rotate_rounded(value, rotated, c, s, result)
 
 
 @triton.jit
@@ -213,8 +213,7 @@ def _silu_times_up(result):  # type: ignore[no-untyped-def]
     value = result.to(tl.float32)
     gate = tl.sum(tl.where(j == 0, value, 0.0), axis=1)
     up = tl.sum(tl.where(j == 1, value, 0.0), axis=1)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(result.dtype)
-    return (silu.to(tl.float32) * up).to(result.dtype)
+    return silu_times(gate, up, result)
 
 
 @triton.jit

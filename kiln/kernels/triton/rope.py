@@ -24,6 +24,15 @@ HEADS_PER_PROGRAM = 8
 
 
 @triton.jit
+def rotate_rounded(x, rotated, c, s, like):  # type: ignore[no-untyped-def]
+    """x * c + rotated * s in like's dtype, for float32 operands holding values of that dtype: each
+    product rounded to it, then the sum (transformers' `apply_rotary_pos_emb`, op by op)."""
+    a = (x * c).to(like.dtype).to(tl.float32)
+    b = (rotated * s).to(like.dtype).to(tl.float32)
+    return (a + b).to(like.dtype)
+
+
+@triton.jit
 def _rope_kernel(  # type: ignore[no-untyped-def]
     x,  # [rows, N], last dim contiguous: rotated in place
     cos,  # [rows, HEAD_DIM], last dim contiguous
@@ -49,9 +58,7 @@ def _rope_kernel(  # type: ignore[no-untyped-def]
     rotated = tl.where(offs[None, :] < half, -other, other)  # rotate_half: [-x2, x1]
     c = tl.load(cos + row * stride_cr + offs).to(tl.float32)[None, :]
     s = tl.load(sin + row * stride_sr + offs).to(tl.float32)[None, :]
-    a = (value.to(tl.float32) * c).to(value.dtype).to(tl.float32)
-    b = (rotated * s).to(value.dtype).to(tl.float32)
-    tl.store(base + offs[None, :], (a + b).to(value.dtype), mask=ok)
+    tl.store(base + offs[None, :], rotate_rounded(value.to(tl.float32), rotated, c, s, value), mask=ok)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_width: int) -> torch.Tensor:

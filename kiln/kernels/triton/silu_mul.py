@@ -20,6 +20,14 @@ BLOCK = 1024
 
 
 @triton.jit
+def silu_times(gate, up, like):  # type: ignore[no-untyped-def]
+    """silu(gate) * up in like's dtype, for float32 operands holding values of that dtype: silu in
+    float32 rounded to the dtype, then the product rounded again (`reference.silu_mul`)."""
+    silu = (gate / (1.0 + tl.exp(-gate))).to(like.dtype)
+    return (silu.to(tl.float32) * up).to(like.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(  # type: ignore[no-untyped-def]
     gate_up,  # [rows, 2 * width], last dim contiguous
     out,  # [rows, width], contiguous
@@ -35,10 +43,7 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]
     base = gate_up + row * stride_row
     gate = tl.load(base + offs, mask=ok, other=0.0)
     up = tl.load(base + width + offs, mask=ok, other=0.0)
-    g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    product = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-    tl.store(out + row * width + offs, product, mask=ok)
+    tl.store(out + row * width + offs, silu_times(gate.to(tl.float32), up.to(tl.float32), gate), mask=ok)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
