@@ -4,7 +4,7 @@
 
 transformers' rotary embedding computes its angles as `inv_freq[:, None] @ positions[None, :]`,
 an outer product, which torch 2.11 exports as a batched matrix product: one cuBLAS SGEMM launch
-per step (3.4 us of a Llama-3.2-1B decode step on an H100) that Inductor cannot fuse. A product over
+per step (3.4 us in a profile of a Llama-3.2-1B decode step on an H100) that Inductor cannot fuse. A product over
 one term is that term, rounded once either way, so the values are identical; as a multiplication
 Inductor folds it into the kernel computing cos and sin.
 """
