@@ -166,6 +166,15 @@ def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits):
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
+def test_prefetch_takes_the_first_weight_first_within_the_budget():
+    mb = 1 << 20
+    assert decode.prefetch_lines([], 16 * mb) == (0, 0)
+    assert decode.prefetch_lines([8 * mb], 16 * mb) == (8 * mb // 128, 8 * mb // 128)
+    assert decode.prefetch_lines([8 * mb, 64 * mb], 16 * mb) == (8 * mb // 128, 16 * mb // 128)  # o, then gate/up
+    assert decode.prefetch_lines([32 * mb, 64 * mb], 16 * mb) == (16 * mb // 128, 16 * mb // 128)  # o alone
+    assert decode.prefetch_lines([300, 4620], 16 * mb) == (2, 2 + 36)  # whole lines only
+
+
 def test_a_bad_prefetch_budget_is_named(monkeypatch):
     monkeypatch.setenv("KILN_PREFETCH_MB", "lots")
     with pytest.raises(ValueError, match="KILN_PREFETCH_MB must be a whole number"):

@@ -7,8 +7,9 @@ The norm works row by row, so both orders give the same values; picking first no
 rows whose logits are wanted (one per sequence, not every prompt token) and puts the norm right
 before lm_head, where `fuse_rms_norm` moves it into the projection's kernel: at decode that removes
 Inductor's reduction and pointwise kernels for the norm (6.5 + 1.6 us in a profile of a
-Llama-3.2-1B step on an H100; with `outer_products` the step went from 1.078 to 1.073 ms). Matched as `fuse_rms_norm` matches the norm (Llama's RMSNorm), with the norm's output read
-only by an `aten.index.Tensor` on the token dimension.
+Llama-3.2-1B step on an H100; with `outer_products` the step went from 1.078 to 1.073 ms).
+Matched as `fuse_rms_norm` matches the norm (Llama's RMSNorm), with the norm's output read only by
+an `aten.index.Tensor` on the token dimension.
 """
 
 from __future__ import annotations

@@ -336,6 +336,14 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     tl.store(out + token * stride_ot + head * stride_oh + offs_d * stride_od, result.to(out.dtype.element_ty))
 
 
+def prefetch_lines(sizes: list[int], budget: int) -> tuple[int, int]:
+    """(lines of the first weight, lines in all): whole 128-byte lines of weights of `sizes` bytes, in
+    order, the first one first, at most two weights and `budget` bytes."""
+    first = min(sizes[0], budget) // 128 if sizes else 0
+    second = min(sizes[1] // 128, budget // 128 - first) if len(sizes) > 1 else 0
+    return first, first + second
+
+
 def _prefetch_budget() -> int:
     """Bytes the merge kernel may prefetch: PREFETCH_BYTES, or KILN_PREFETCH_MB megabytes (a diagnostic)."""
     value = os.environ.get("KILN_PREFETCH_MB")
@@ -468,10 +476,7 @@ def decode_attention(
         if interpreting() or os.environ.get("KILN_PREFETCH", "") == "0" or len(weights) != len(prefetch[:2]):
             weights = []
         line = 128 // out.element_size()
-        sizes = [w.numel() * w.element_size() // 128 for w in weights]
-        budget = _prefetch_budget()
-        first_lines = min(sizes[0], budget // 128) if weights else 0
-        lines = first_lines + (min(sizes[1], budget // 128 - first_lines) if len(weights) > 1 else 0)
+        first_lines, lines = prefetch_lines([w.numel() * w.element_size() for w in weights], _prefetch_budget())
         _merge_kernel[(num_tokens, num_q_heads)](
             out,
             part_acc,
