@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from unittest import mock
 
 import torch
 
@@ -198,13 +199,8 @@ def main() -> None:
         ("  the same, prefetch 24 MB", True, True, True, {"KILN_PREFETCH_MB": "24"}),
         ("  the same, prefetch 32 MB", True, True, True, {"KILN_PREFETCH_MB": "32"}),
     ):
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)  # read when the kernels launch, i.e. when the graph is captured
-        try:
+        with mock.patch.dict(os.environ, env):  # read when the kernels launch, i.e. when the graph is captured
             us = graph_time_us(lambda a=attention, r=rope, gt=gated: step.run(a, r, gt))
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         rows.append({"variant": name, "us_per_step": us, "of_roofline": roofline_us / us})
     from kiln.kernels.triton import gemv
 
