@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes, from kiln's own ops replayed in one CUDA graph.
 
-    PYTHONPATH=. python benchmarks/step_skeleton.py [--config llama-3.2-1b] [--context 256]
+    PYTHONPATH=. python benchmarks/step_skeleton.py [--config llama-3.2-1b] [--context 256] [--sweep [NAMES]]
 
 Builds a Llama decoder's decode step at one token from kiln's custom ops with random weights of
 the real shapes (every layer its own weights, so they stream from HBM) and times variants of it,
@@ -11,6 +11,8 @@ each a CUDA graph replayed many times:
   + attention  the same with paged decode attention (and its merge) at `--context` keys
   + rope       the q/k/v projection with the rotary embedding in its epilogue (kiln::linear_rope)
   only X       one projection of every layer back to back (its own fraction of the roofline)
+  --sweep      each named projection (all without names) at 1/2/4/8 column tiles per program on
+               4 and 8 warps, then the step with the fastest launch of each
 
 Each is reported in microseconds per step and as a fraction of the roofline (weight bytes /
 measured copy bandwidth), so the gap of each piece shows: what the projections lose to the
@@ -21,6 +23,8 @@ samples and runs a few small Inductor kernels (not here).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 from unittest import mock
@@ -34,7 +38,29 @@ CONFIGS = {  # hidden, intermediate, layers, q heads, kv heads, head dim, vocab
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128, 128256),
 }
 kiln = torch.ops.kiln
-SWEEP = [(1, 2048, 4), (2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8), (8, 512, 4), (16, 512, 8)]
+TILES = (1, 2, 4, 8)  # column tiles per program in the sweep
+
+
+@contextlib.contextmanager
+def one_row_launch(overrides: dict[tuple[int, int], tuple[int, int]]):  # type: ignore[no-untyped-def]
+    """One-row projections of weight shape (N, K) in `overrides` launch with (tiles, warps) instead
+    of their defaults, while the context is open (the launch is chosen when a graph is captured)."""
+    from kiln.kernels.triton import gemv
+
+    default = gemv.prologue_config
+
+    def chosen(code: int, m: int, n: int, k: int, sms: int = 132) -> gemv.GemvConfig:
+        config = default(code, m, n, k, sms)
+        if m <= 1 and (n, k) in overrides:
+            tiles, warps = overrides[(n, k)]
+            config = gemv.replace(config, tiles=tiles, num_warps=warps)
+        return config
+
+    gemv.prologue_config = chosen  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        gemv.prologue_config = default
 
 
 def copy_bandwidth() -> float:
@@ -110,6 +136,11 @@ class Step:
         weights = sum(lay[name.split()[0]].numel() * 2.0 for lay in self.layers)
         return weights, lambda: [calls[name](lay) for lay in self.layers]
 
+    def shape_of(self, name: str) -> tuple[int, int]:
+        """(N, K) of the weight of projection `name`."""
+        weight = self.lm_head if name == "lm_head" else self.layers[0][name.split()[0]]
+        return tuple(weight.shape)  # type: ignore[return-value]
+
     def run(self, attention: bool, rope: bool, gated: bool = False, table_width: int | None = None) -> torch.Tensor:
         """One step; table_width: pass only that many block-table columns (the decode kernel's
         split count comes from the table's width, so a narrower table means fewer splits)."""
@@ -182,7 +213,12 @@ def main() -> None:
     ap.add_argument("--config", default="llama-3.2-1b", choices=sorted(CONFIGS))
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--json")
-    ap.add_argument("--sweep", action="store_true", help="time other one-row launches of two projections")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const="qkv,o,gate_up (silu epilogue),down (plain),lm_head",
+        help="time other one-row launches of these projections (comma-separated; all without a value)",
+    )
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     step = Step(args.config, args.context)
@@ -197,25 +233,10 @@ def main() -> None:
         ("  the same, no L2 prefetch", True, True, True, {"KILN_PREFETCH": "0"}),
         ("  the same, prefetch 8 MB", True, True, True, {"KILN_PREFETCH_MB": "8"}),
         ("  the same, prefetch 24 MB", True, True, True, {"KILN_PREFETCH_MB": "24"}),
-        ("  the same, prefetch 32 MB", True, True, True, {"KILN_PREFETCH_MB": "32"}),
     ):
         with mock.patch.dict(os.environ, env):  # read when the kernels launch, i.e. when the graph is captured
             us = graph_time_us(lambda a=attention, r=rope, gt=gated: step.run(a, r, gt))
         rows.append({"variant": name, "us_per_step": us, "of_roofline": roofline_us / us})
-    from kiln.kernels.triton import gemv
-
-    default_config = gemv.prologue_config
-    for warps in (4, 8):  # one-row projections without a prologue at K <= 2048 (o_proj) on `warps` warps
-        gemv.prologue_config = lambda code, m, n, k, sms=132, w=warps: (  # type: ignore[misc]
-            gemv.replace(default_config(code, m, n, k, sms), num_warps=w)
-            if m <= 1 and code == gemv.PROLOGUE_NONE and k <= 2048
-            else default_config(code, m, n, k, sms)
-        )
-        try:
-            us = graph_time_us(lambda: step.run(True, True, True))
-        finally:
-            gemv.prologue_config = default_config
-        rows.append({"variant": f"  o_proj on {warps} warps", "us_per_step": us, "of_roofline": roofline_us / us})
     from kiln.kernels.triton.decode import choose_splits
 
     page = step.kv_cache.shape[3]
@@ -231,22 +252,23 @@ def main() -> None:
         nbytes, fn = step.projection(name)
         us = graph_time_us(fn)
         rows.append({"variant": f"only {name}", "us_per_step": us, "of_roofline": nbytes / bandwidth * 1e6 / us})
-    if args.sweep:  # one-row launch configurations of the small projections, in place of the defaults
-        from kiln.kernels.triton import gemv
-
-        default = gemv.prologue_config
-        for block_n, block_k, warps in SWEEP:
-            gemv.prologue_config = lambda *a, bn=block_n, bk=block_k, w=warps, **kw: (  # type: ignore[misc]
-                gemv.GemvConfig(1, bn, bk, 1, w, 1) if a[1] <= 1 else default(*a, **kw)
-            )
-            try:
-                for name in ("o", "down (plain)"):
-                    nbytes, fn = step.projection(name)
+    if args.sweep:  # one-row launches of each projection: column tiles per program x warps
+        picks = {}
+        for name in args.sweep.split(","):
+            nbytes, fn = step.projection(name)
+            shape = step.shape_of(name)
+            timed = []
+            for tiles, warps in itertools.product(TILES, (4, 8)):
+                with one_row_launch({shape: (tiles, warps)}):
                     us = graph_time_us(fn)
-                    label = f"only {name} {block_n}x{block_k} {warps}w"
-                    rows.append({"variant": label, "us_per_step": us, "of_roofline": nbytes / bandwidth * 1e6 / us})
-            finally:
-                gemv.prologue_config = default
+                timed.append((us, tiles, warps))
+                label = f"only {name}, {tiles} tile(s), {warps} warps"
+                rows.append({"variant": label, "us_per_step": us, "of_roofline": nbytes / bandwidth * 1e6 / us})
+            picks[shape] = min(timed)[1:]
+        with one_row_launch(picks):
+            us = graph_time_us(lambda: step.run(True, True, True))
+        label = "  with the fastest of each: " + ", ".join(f"{t}t{w}w" for t, w in picks.values())
+        rows.append({"variant": label, "us_per_step": us, "of_roofline": roofline_us / us})
     print(
         f"{args.config}: {step.weight_bytes / 1e9:.3f} GB of weights, copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
         f"roofline {roofline_us:.1f} us, context {args.context}"

@@ -3,13 +3,15 @@ reference on fresh random inputs. Native on CUDA; without a GPU under triton's C
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kiln.kernels import reference  # noqa: E402
-from kiln.kernels.triton.gemv import linear_triton  # noqa: E402
+from kiln.kernels.triton.gemv import linear_triton, prologue_config  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -35,7 +37,8 @@ def close_to_reference(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [False, True])
-def test_epilogue_is_silu_mul_of_the_projection(dtype, shape, bias):
+@pytest.mark.parametrize("tiles", [1, 7])
+def test_epilogue_is_silu_mul_of_the_projection(dtype, shape, bias, tiles):
     """A one-hot x picks one weight column exactly, so the kernel's output must be the reference
     silu_mul of that column (+ bias): the pairing and the roundings, free of the product's sums."""
     hidden, inter = shape
@@ -46,7 +49,8 @@ def test_epilogue_is_silu_mul_of_the_projection(dtype, shape, bias):
         x = torch.zeros(1, hidden, dtype=dtype, device=DEVICE)
         x[0, column] = 1.0
         projected = w[:, column][None] if b is None else (w[:, column] + b)[None]
-        got = linear_triton(x, w, b, gated=True, constant_weight=True)
+        config = replace(prologue_config(0, 1, 2 * inter, hidden), tiles=tiles)  # 7: the last program is partly past N
+        got = linear_triton(x, w, b, config, gated=True, constant_weight=True)
         close_to_reference(got, reference.silu_mul(projected))
 
 

@@ -44,6 +44,8 @@ CONFIGS = [
     GemvConfig(16, 16, 32, 1, 4, 2),
     GemvConfig(16, 64, 16, 3, 4, 3, swap=True),
     GemvConfig(16, 32, 64, 4, 4, 2, swap=True),
+    GemvConfig(1, 8, 32, 1, 4, 1, tiles=3),  # column tiles in turn, the last program's partly past N
+    GemvConfig(16, 16, 32, 2, 4, 2, tiles=2),
 ]
 KERNEL_DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16]
 
@@ -73,7 +75,9 @@ def test_default_config_matches_reference(shape, bias):
         assert_close(linear_triton(x, w, b), reference.linear(x, w, b), dtype, f"{dtype} default")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}{c.swap}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}{c.swap}t{c.tiles}"
+)
 def test_every_kernel_variant_matches_reference(config):
     dtypes = [KERNEL_DTYPES[0]] if config.dot or ON_GPU else [torch.float32]
     for i, shape in enumerate(SHAPES):  # with and without bias, by turns
@@ -99,6 +103,19 @@ def test_default_config_follows_shapes():
     assert few.dot and few.split_k > 1  # 32 weight tiles alone would leave most SMs idle
     assert default_config(16, 16384, 2048).split_k == 1
     assert default_config(16, 3072, 2048).split_k == 1  # K = 2048: splitting lost to cuBLAS
+
+
+def test_one_row_launch_follows_the_projection():
+    """prologue_config: two column tiles per program behind a norm and for long rows, o_proj-like
+    rows on 4 warps, and nothing of that beyond one row."""
+    from kiln.kernels.triton.gemv import PROLOGUE_NONE, PROLOGUE_RMS_NORM, prologue_config
+
+    qkv = prologue_config(PROLOGUE_RMS_NORM, 1, 3072, 2048)
+    assert (qkv.tiles, qkv.block_k) == (2, 2048)  # the whole normalised row in one tile, used twice
+    o_proj = prologue_config(PROLOGUE_NONE, 1, 4096, 4096)
+    assert (o_proj.tiles, o_proj.num_warps) == (1, 4)
+    assert prologue_config(PROLOGUE_NONE, 1, 2048, 8192).tiles == 2
+    assert prologue_config(PROLOGUE_RMS_NORM, 4, 3072, 2048).tiles == 1
 
 
 def test_op_takes_the_kernel_only_for_few_cuda_rows(monkeypatch):
@@ -222,7 +239,7 @@ def _prologue_reference(x, weight, prologue, norm_weight, eps, residual):
 @pytest.mark.parametrize("prologue", ["none", "silu_mul", "rms_norm"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize(
-    "config", [None, *CONFIGS[:1], *CONFIGS[-2:]], ids=lambda c: "default" if c is None else str(c)
+    "config", [None, *CONFIGS[:1], *CONFIGS[4:6], CONFIGS[6]], ids=lambda c: "default" if c is None else str(c)
 )
 def test_prologues_and_residual_match_reference(prologue, with_residual, config):
     dtype = KERNEL_DTYPES[0]

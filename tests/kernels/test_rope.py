@@ -8,13 +8,15 @@ interpreter (set by this folder's conftest).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kiln.kernels import reference  # noqa: E402
-from kiln.kernels.triton.gemv import linear_triton  # noqa: E402
+from kiln.kernels.triton.gemv import linear_triton, prologue_config  # noqa: E402
 from kiln.kernels.triton.rope import rope_  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 
@@ -71,7 +73,8 @@ def test_rope_pass_takes_rows_further_apart_and_no_rows():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [False, True])
-def test_projection_epilogue_rotates_bit_for_bit(dtype, layout, bias):
+@pytest.mark.parametrize("tiles", [1, 7])
+def test_projection_epilogue_rotates_bit_for_bit(dtype, layout, bias, tiles):
     """One row whose x picks one weight column (a one-hot x: every sum is exact): the kernel's q/k
     columns are exactly the reference rotation of that column (+ bias), its v columns the column."""
     head_dim, q_heads, kv_heads, hidden = layout
@@ -85,7 +88,9 @@ def test_projection_epilogue_rotates_bit_for_bit(dtype, layout, bias):
         x = torch.zeros(1, hidden, dtype=dtype, device=DEVICE)
         x[0, column] = 1.0
         projected = w[:, column][None] if b is None else (w[:, column] + b)[None]
-        got = linear_triton(x, w, b, rope=(cos, sin, rope_width), constant_weight=True)
+        # 7 tiles: programs straddle heads, and the last one is partly past N
+        config = replace(prologue_config(0, 1, n, hidden), tiles=tiles)
+        got = linear_triton(x, w, b, config, rope=(cos, sin, rope_width), constant_weight=True)
         assert torch.equal(got, reference.rope(projected, cos, sin, rope_width)), column
 
 

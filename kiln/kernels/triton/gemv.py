@@ -38,6 +38,7 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     swap: bool = False  # tl.dot with the weight tile as the left operand
+    tiles: int = 1  # column tiles (of block_n weight rows) per program, read one after another
 
     @property
     def dot(self) -> bool:
@@ -84,18 +85,23 @@ PROLOGUES = {"none": PROLOGUE_NONE, "silu_mul": PROLOGUE_SILU_MUL, "rms_norm": P
 
 
 def prologue_config(prologue: int, m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
-    """`default_config`, adjusted at one row so that a prologue reads x from L2 as little as possible:
-    every program reads the whole x row, so the norm's row fits one tile (its statistics come from
-    the tile itself) and the activation's 2K-wide input is shared by 4 weight rows. Without a
-    prologue, a narrow row (K <= 2048) runs on 4 warps: 2.6 us faster per Llama-3.2-1B step, in the
-    step and back to back (`benchmarks/step_skeleton.py`, H100)."""
+    """`default_config`, adjusted at one row from a sweep of each Llama-3.2-1B and Llama-3.1-8B
+    projection in its step (`benchmarks/step_skeleton.py --sweep`, H100):
+
+    - a norm prologue: the row fits one tile (its statistics come from the tile itself), and each
+      program takes two column tiles in turn, normalising x once for both (q/k/v: 108 -> 88 us per
+      1B step, 610 -> 576 us per 8B step; gate/up 384 -> 368 us per 1B step);
+    - no prologue, K <= 4096 (o_proj): 4 warps, one tile (1B 66 -> 64 us, 8B 394 -> 364 us);
+    - no prologue, longer rows (down_proj): two column tiles (1B 192 -> 185 us; 8B within 1%);
+    - the activation prologue: 4 weight rows share its 2K-wide input.
+    More column tiles per program lost everywhere (4: up to 1.3x slower, 8: up to 2.4x)."""
     config = default_config(m, n, k, sms)
     if m > 1:
         return config
-    if prologue == PROLOGUE_NONE and k <= 2048:  # Llama-3.2-1B's o_proj: 63 vs 66 us per step on 4 warps
-        return replace(config, num_warps=4)
+    if prologue == PROLOGUE_NONE:
+        return replace(config, num_warps=4) if k <= 4096 else replace(config, tiles=2)
     if prologue == PROLOGUE_RMS_NORM:
-        return replace(config, block_k=min(4096, max(64, triton.next_power_of_2(k))))
+        return replace(config, block_k=min(4096, max(64, triton.next_power_of_2(k))), tiles=2)
     if prologue == PROLOGUE_SILU_MUL:
         return replace(config, block_n=4)
     return config
@@ -217,6 +223,28 @@ def _silu_times_up(result):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _tile_columns(  # type: ignore[no-untyped-def]
+    tile, rope_pairs, half_n, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, GATED: tl.constexpr, HALF_D: tl.constexpr
+):
+    """The output columns of column tile `tile`: BLOCK_N consecutive ones; with ROPE, tiles below
+    rope_pairs hold a rotated pair (d, d + HALF_D) of one head and the rest plain pairs after them;
+    GATED, gate column `tile` and its up column half_n + tile."""
+    if ROPE:
+        pair = (tile // HALF_D) * (2 * HALF_D) + tile % HALF_D + tl.arange(0, BLOCK_N) * HALF_D
+        plain = 2 * rope_pairs + (tile - rope_pairs) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return tl.where(tile < rope_pairs, pair, plain)
+    elif GATED:
+        return tile + tl.arange(0, BLOCK_N) * half_n
+    else:
+        return tile * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _w_tile(w, offs_n, k_idx, stride_wn, stride_wk):  # type: ignore[no-untyped-def]
+    return w + offs_n[:, None] * stride_wn + k_idx[None, :] * stride_wk
+
+
+@triton.jit
 def _linear_kernel(  # type: ignore[no-untyped-def]
     x,
     w,
@@ -243,6 +271,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     stride_sm,
     rope_pairs,  # ROPE: programs 0 .. rope_pairs - 1 each hold columns d and d + HALF_D of one head
     half_n,  # GATED: N // 2, the gate columns' count
+    n_tiles,  # column tiles in all (see _tile_columns); a program holds TILES of them
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K (a constant trip count; one compile per weight width)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -250,7 +279,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     BLOCK_K: tl.constexpr,
     DOT: tl.constexpr,
     SWAP: tl.constexpr,
-    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
+    EVEN_N: tl.constexpr,  # every column tile of every program is whole (no column masks)
     EVEN_K: tl.constexpr,  # K == SPLIT * K_PER_SPLIT
     SPLIT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
@@ -262,87 +291,104 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     ROPE: tl.constexpr,  # rotary embedding of the first 2 * rope_pairs columns (BLOCK_N == 2, SPLIT == 1)
     HALF_D: tl.constexpr,  # ROPE: half the head dim
     GATED: tl.constexpr,  # out[:, j] = silu(column j) * column half_n + j (BLOCK_N == 2, SPLIT == 1)
+    TILES: tl.constexpr,  # column tiles per program, in turn, each one's first weight tile read during the one before
 ):
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ROPE:  # a rotated pair (d, d + HALF_D) of one head per program, then plain pairs of columns
-        pair = (pid_n // HALF_D) * (2 * HALF_D) + pid_n % HALF_D + tl.arange(0, BLOCK_N) * HALF_D
-        plain = 2 * rope_pairs + (pid_n - rope_pairs) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_n = tl.where(pid_n < rope_pairs, pair, plain)
-    elif GATED:  # gate column pid_n and its up column
-        offs_n = pid_n + tl.arange(0, BLOCK_N) * half_n
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_begin = pid_k * K_PER_SPLIT
     m_ok = offs_m < M
-    n_ok = offs_n < N
     x_ptrs = x + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
-    w_ptrs = w + offs_n[:, None] * stride_wn + (k_begin + offs_k)[None, :] * stride_wk
-    if DOT:
-        if SWAP:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    elif BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    first = tl.program_id(0) * TILES  # this program's column tiles: first .. first + TILES - 1
+    offs_n = _tile_columns(first, rope_pairs, half_n, BLOCK_N, ROPE, GATED, HALF_D)
+    n_ok = (offs_n < N) & (first < n_tiles)
     # The weight is read one tile ahead of x (double buffering by hand), starting before the wait
     # when the weight is constant.
     if not EARLY_W:
         handoff(PDL)
-    wv = _load_w(w_ptrs, n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
+    wv = _load_w(_w_tile(w, offs_n, k_begin + offs_k, stride_wn, stride_wk), n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
     if EARLY_W:
         handoff(PDL)
     if PROLOGUE == 2 and not ONE_TILE:
         inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, SPLIT * K_PER_SPLIT, BLOCK_M, BLOCK_K)
     else:
         inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
-        w_next = _load_w(w_ptrs + k * stride_wk, n_ok, k_begin + k + offs_k, K, EVEN_N, EVEN_K)
-        k_idx = k_begin + k - BLOCK_K + offs_k
-        xv = _load_x(x_ptrs + (k - BLOCK_K) * stride_xk, m_ok, k_idx, K, EVEN_K)
-        x_tile = x_ptrs + (k - BLOCK_K) * stride_xk
-        xv = _prologue(xv, x_tile, m_ok, k_idx, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, ONE_TILE)
+    if ONE_TILE:  # x is one tile, the same for every column tile: read (and through its prologue) once
+        k_idx = k_begin + offs_k
+        x_whole = _load_x(x_ptrs, m_ok, k_idx, K, EVEN_K)
+        x_whole = _prologue(
+            x_whole, x_ptrs, m_ok, k_idx, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, ONE_TILE
+        )
+    for t in tl.static_range(TILES):
+        tile = first + t
+        w_ptrs = _w_tile(w, offs_n, k_begin + offs_k, stride_wn, stride_wk)
+        if DOT:
+            if SWAP:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        elif BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
+            w_next = _load_w(w_ptrs + k * stride_wk, n_ok, k_begin + k + offs_k, K, EVEN_N, EVEN_K)
+            k_idx = k_begin + k - BLOCK_K + offs_k
+            xv = _load_x(x_ptrs + (k - BLOCK_K) * stride_xk, m_ok, k_idx, K, EVEN_K)
+            x_tile = x_ptrs + (k - BLOCK_K) * stride_xk
+            xv = _prologue(xv, x_tile, m_ok, k_idx, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, ONE_TILE)
+            acc += _tile_product(xv, wv, BLOCK_M, DOT, SWAP, IEEE_DOT)
+            wv = w_next
+        if t + 1 < TILES:  # the next column tile's first weight tile, read while this one finishes
+            next_n = _tile_columns(tile + 1, rope_pairs, half_n, BLOCK_N, ROPE, GATED, HALF_D)
+            next_ok = (next_n < N) & (tile + 1 < n_tiles)
+            w_following = _load_w(
+                _w_tile(w, next_n, k_begin + offs_k, stride_wn, stride_wk), next_ok, k_begin + offs_k, K, EVEN_N, EVEN_K
+            )
+        if ONE_TILE:
+            xv = x_whole
+        else:
+            last = K_PER_SPLIT - BLOCK_K
+            k_idx = k_begin + last + offs_k
+            xv = _load_x(x_ptrs + last * stride_xk, m_ok, k_idx, K, EVEN_K)
+            x_tile = x_ptrs + last * stride_xk
+            xv = _prologue(xv, x_tile, m_ok, k_idx, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, ONE_TILE)
         acc += _tile_product(xv, wv, BLOCK_M, DOT, SWAP, IEEE_DOT)
-        wv = w_next
-    last = K_PER_SPLIT - BLOCK_K
-    k_idx = k_begin + last + offs_k
-    xv = _load_x(x_ptrs + last * stride_xk, m_ok, k_idx, K, EVEN_K)
-    xv = _prologue(
-        xv, x_ptrs + last * stride_xk, m_ok, k_idx, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, ONE_TILE
-    )
-    acc += _tile_product(xv, wv, BLOCK_M, DOT, SWAP, IEEE_DOT)
-    if DOT:
-        if SWAP:
-            result = tl.trans(acc)
+        if DOT:
+            if SWAP:
+                result = tl.trans(acc)
+            else:
+                result = acc
+        elif BLOCK_M == 1:
+            result = tl.sum(acc, axis=1)[None, :]
         else:
-            result = acc
-    elif BLOCK_M == 1:
-        result = tl.sum(acc, axis=1)[None, :]
-    else:
-        result = tl.sum(acc, axis=2)
-    mask = m_ok[:, None] & n_ok[None, :]
-    out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT > 1:
-        tl.store(out_ptrs + pid_k * stride_os, result, mask=mask)
-    else:
-        if HAS_BIAS:
-            result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        result = result.to(out.dtype.element_ty)
-        if ROPE:
-            if pid_n < rope_pairs:
-                result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
-        if RESIDUAL:
-            res = tl.load(residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-            result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
-        if GATED:
-            tl.store(out + offs_m * stride_om + pid_n * stride_on, _silu_times_up(result), mask=m_ok)
+            result = tl.sum(acc, axis=2)
+        mask = m_ok[:, None] & n_ok[None, :]
+        out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        if SPLIT > 1:
+            tl.store(out_ptrs + pid_k * stride_os, result, mask=mask)
         else:
-            tl.store(out_ptrs, result, mask=mask)
+            if HAS_BIAS:
+                result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            result = result.to(out.dtype.element_ty)
+            if ROPE:
+                if tile < rope_pairs:
+                    result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
+            if RESIDUAL:
+                res = tl.load(
+                    residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0
+                )
+                result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
+            if GATED:
+                gated_ptrs = out + offs_m * stride_om + tile * stride_on
+                tl.store(gated_ptrs, _silu_times_up(result), mask=m_ok & (tile < n_tiles))
+            else:
+                tl.store(out_ptrs, result, mask=mask)
+        if t + 1 < TILES:
+            wv = w_following
+            offs_n = next_n
+            n_ok = next_ok
 
 
 @triton.jit
@@ -438,7 +484,14 @@ def linear_triton(
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
     split = triton.cdiv(k, k_per_split)  # no empty splits
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
+    if rope is not None:
+        n_tiles = rope[2] // 2 + triton.cdiv(n - rope[2], config.block_n)
+    elif gated:
+        n_tiles = n // 2
+    else:
+        n_tiles = triton.cdiv(n, config.block_n)
+    tiles = max(1, min(config.tiles, n_tiles))
+    grid = (triton.cdiv(n_tiles, tiles), triton.cdiv(m, config.block_m), split)
     pdl = pdl_enabled(x.device)
     _linear_kernel[grid](
         x,
@@ -466,6 +519,7 @@ def linear_triton(
         rope[1].stride(0) if rope is not None else 0,
         rope[2] // 2 if rope is not None else 0,
         n // 2,
+        n_tiles,
         K_PER_SPLIT=k_per_split,
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m,
@@ -473,7 +527,7 @@ def linear_triton(
         BLOCK_K=config.block_k,
         DOT=config.dot,
         SWAP=config.swap,
-        EVEN_N=n % config.block_n == 0,
+        EVEN_N=n % config.block_n == 0 and n_tiles % tiles == 0,
         EVEN_K=k == split * k_per_split,
         SPLIT=split,
         IEEE_DOT=x.dtype == torch.float32,
@@ -485,6 +539,7 @@ def linear_triton(
         ROPE=rope is not None,
         HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
         GATED=gated,
+        TILES=tiles,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         # the rotary epilogue rounds each product and the sum as the reference does: no contraction
