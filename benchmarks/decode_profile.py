@@ -53,6 +53,29 @@ def decode_speed(llm: LLM, batch: list[list[int]], output_len: int) -> dict[str,
     }
 
 
+def print_critical_path(prof: torch.profiler.profile, top: int, steps: int = 5) -> None:
+    """Device time attributed along the timeline: each kernel or copy is charged for how far it moved
+    the end of the device's work (including any idle gap before it), so kernels that overlap under
+    PDL are charged only what they added, and the charges add up to the span of the profiled steps."""
+    events = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    if not events:
+        return
+    charged: dict[str, float] = {}
+    frontier = events[0].time_range.start
+    for e in events:
+        added = max(0.0, e.time_range.end - frontier)
+        frontier = max(frontier, e.time_range.end)
+        charged[e.name[:70]] = charged.get(e.name[:70], 0.0) + added
+    span = sum(charged.values()) or 1.0
+    print(f"\ncritical path of {steps} steps: {span / steps / 1000:.3f} ms per step")
+    print(f"{'kernel or copy':70s} {'us/step':>9s} {'share':>6s}")
+    for name, us in sorted(charged.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{name:70s} {us / steps:9.1f} {us / span:6.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine")
@@ -100,6 +123,7 @@ def main() -> None:
     print(f"device time per step: {device_total / 5 / 1000:.3f} ms, kernels per step: {kernels:.0f}")
     host_ms = (wall * 1e6 - waits) / 5 / 1000
     print(f"host per step (profiled, waits excluded): {host_ms:.3f} ms of {wall / 5 * 1000:.3f} ms")
+    print_critical_path(prof, args.top)
     print(json.dumps(results))
 
 
