@@ -11,7 +11,7 @@ each a CUDA graph replayed many times:
   + attention  the same with paged decode attention (and its merge) at `--context` keys
   + rope       the q/k/v projection with the rotary embedding in its epilogue (kiln::linear_rope)
   only X       one projection of every layer back to back (its own fraction of the roofline)
-  --sweep      each named projection (all without names) at 1/2/4/8 column tiles per program on
+  --sweep      each named projection (all without names) at 1-4 column tiles per program on
                4 and 8 warps, then the step with the fastest launch of each
 
 Each is reported in microseconds per step and as a fraction of the roofline (weight bytes /
@@ -38,7 +38,7 @@ CONFIGS = {  # hidden, intermediate, layers, q heads, kv heads, head dim, vocab
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128, 128256),
 }
 kiln = torch.ops.kiln
-TILES = (1, 2, 4, 8)  # column tiles per program in the sweep
+TILES = (1, 2, 3, 4)  # column tiles per program in the sweep (8 lost everywhere)
 
 
 @contextlib.contextmanager

@@ -15,9 +15,8 @@ import torch
 from kiln.kernels.triton_support import triton_importable
 
 
-def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The index of each row's largest value in a [B, V] tensor, as int64 [B] on its device
-    (written into `out`, a contiguous int64 [B], when given)."""
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value in a [B, V] tensor, as int64 [B] on its device."""
     if (
         logits.is_cuda
         and logits.dim() == 2
@@ -28,10 +27,8 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     ):
         from kiln.kernels.triton.argmax import argmax_rows as triton_argmax_rows
 
-        return triton_argmax_rows(logits, out)
-    if out is None:
-        return torch.argmax(logits, dim=-1)
-    return torch.argmax(logits, dim=-1, out=out)
+        return triton_argmax_rows(logits)
+    return torch.argmax(logits, dim=-1)
 
 
 __all__ = ["argmax_rows"]

@@ -162,8 +162,3 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_width: int)
     rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
     roped = heads * cos[:, None, :] + rotated * sin[:, None, :]
     return torch.cat((roped.reshape(rows, rope_width), x[:, rope_width:]), dim=-1)
-
-
-def take_sampled(ids: torch.Tensor, sources: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    """ids with ids[i] replaced by sampled[sources[i]] where sources[i] >= 0 (a new tensor)."""
-    return torch.where(sources >= 0, sampled[sources.clamp(min=0)], ids)

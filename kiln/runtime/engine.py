@@ -311,7 +311,6 @@ class Engine:
             [s.all_ids if s.params.repetition_penalty != 1.0 else () for s in seqs],
             [s.output_ids for s in seqs],
             [s.generator for s in seqs],
-            argmax=self.runner.argmax,
         )
         if self._events is not None:
             self._events[1].record()
@@ -357,8 +356,7 @@ class Engine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         empty: list[tuple[int, ...]] = [() for _ in seqs]
-        params = [s.params for s in seqs]
-        tokens, _ = sample(logits, params, empty, empty, [s.generator for s in seqs], argmax=self.runner.argmax)
+        tokens, _ = sample(logits, [s.params for s in seqs], empty, empty, [s.generator for s in seqs])
         indices = []
         for seq in seqs:
             indices.append(len(seq.output_ids))

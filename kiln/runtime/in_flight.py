@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.kernels import reference
-from kiln.kernels.triton_support import triton_importable
 from kiln.runtime.sequence import Sequence
 
 # Stands in a sequence's output for a token still being sampled (never a real id: ids are >= 0).
@@ -42,22 +40,21 @@ class InFlightStep:
 TokenPatch = tuple[list[int], list[int], torch.Tensor]
 
 
-def apply_patch(input_ids: torch.Tensor, patch: TokenPatch, positions: list[int]) -> None:
-    """input_ids[positions[i]] = tokens[rows[i]], on the device, without reading the tokens on the host."""
+def apply_patch(
+    input_ids: torch.Tensor, patch: TokenPatch, positions: list[int], indices: torch.Tensor | None = None
+) -> None:
+    """input_ids[positions[i]] = tokens[rows[i]], on the device, without reading the tokens on the host.
+
+    indices: [2, len(rows)] int64 on input_ids' device holding (positions, rows) already, copied
+    there by the caller with its other inputs (saves two small host-to-device copies per step)."""
     _, rows, tokens = patch
     if not rows:
         return
-    dev = input_ids.device
-    dst = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-    src = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    if indices is None:
+        dev = input_ids.device
+        dst = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        src = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    else:
+        assert indices.shape == (2, len(rows)), (tuple(indices.shape), len(rows))
+        dst, src = indices[0], indices[1]
     input_ids.index_copy_(0, dst, tokens.index_select(0, src).to(input_ids.dtype))
-
-
-def take_sampled_(ids: torch.Tensor, sources: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    """ids[i] = sampled[sources[i]] where sources[i] >= 0, in place, on the device (one Triton kernel on
-    CUDA, `kiln.kernels.reference.take_sampled` elsewhere). Returns ids."""
-    if ids.is_cuda and triton_importable():
-        from kiln.kernels.triton.take_tokens import take_sampled_ as triton_take
-
-        return triton_take(ids, sources, sampled)
-    return ids.copy_(reference.take_sampled(ids, sources, sampled))

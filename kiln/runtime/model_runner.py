@@ -27,8 +27,6 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA: replayed for decode steps
-        # After `run`: each logits row's argmax on the device when a decode graph computed it, else None.
-        self.argmax: torch.Tensor | None = None
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
         """Packed inputs for `chunks`, and the chunk indices whose logits the program returns."""
@@ -80,12 +78,9 @@ class ModelRunner:
         `tokens[row]`, sampled by a step whose result the host has not read yet.
         """
         graphs = self.graphs
-        self.argmax = None
         if graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
             if graphs.bucket_for(len(chunks)) is not None:
-                logits = self._run_decode_graph(graphs, chunks, patch)
-                self.argmax = graphs.sampled[: len(chunks)]
-                return logits, list(range(len(chunks)))
+                return self._run_decode_graph(graphs, chunks, patch), list(range(len(chunks)))
         inputs, sampled = self.prepare(chunks)
         if patch:
             starts = [0]

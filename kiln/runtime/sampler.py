@@ -87,7 +87,6 @@ def sample(
     histories: Sequence[Sequence[int]],
     generated: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
-    argmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[TokenLogprobs | None] | None]:
     """Pick the next token of each row of ``logits``.
 
@@ -101,9 +100,6 @@ def sample(
             and frequency penalties).
         generators: per row, the request's generator from `make_generator` (on
             the logits' device), or None to use torch's global RNG.
-        argmax: ``[B]`` int64, each row's argmax already computed on the logits'
-            device (a decode graph computes it with the logits): returned as the
-            tokens when every row is greedy with no penalty and no log-probs.
 
     Returns:
         ``(tokens, logprobs)``: ``tokens`` is a ``[B]`` int64 tensor on the
@@ -123,10 +119,6 @@ def sample(
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=device), None
     if all(_plain_greedy(p) for p in params):
-        if argmax is not None:
-            if argmax.shape != (batch,) or argmax.device != device:
-                raise ValueError(f"argmax must be [{batch}] on {device}, got {tuple(argmax.shape)} on {argmax.device}")
-            return argmax, None
         # argmax is exact in the logits' own dtype: no float32 copy, one parallel reduction.
         return argmax_rows(logits), None
 

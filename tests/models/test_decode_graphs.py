@@ -1,7 +1,6 @@
-"""Decode steps replayed as CUDA graphs give exactly the tokens of plain eager steps: the graphs take
-a pipelined step's ids from the tokens sampled on the device and end with the greedy choice, which a
-greedy batch uses as its tokens; a sampled batch's tokens are brought to the graphs' buffer first.
-Needs a GPU (CUDA graphs); the CPU suite covers the packed inputs (tests/unit/test_decode_staging.py)."""
+"""Decode steps replayed as CUDA graphs, pipelined (launched before the step before's tokens are read,
+taking them from the device), give exactly the tokens of plain eager steps, greedy and sampled, while
+the batch shrinks across graph buckets. Needs a GPU (CUDA graphs)."""
 
 from __future__ import annotations
 

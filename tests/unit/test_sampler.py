@@ -63,22 +63,6 @@ def test_greedy_ties_take_the_first_index() -> None:
     assert tokens.tolist() == [0, 2, 4] == torch.argmax(logits, dim=-1).tolist()
 
 
-def test_a_precomputed_argmax_serves_plain_greedy_rows_only() -> None:
-    """`argmax` (a decode graph's own greedy choice) is the answer when every row is plain greedy; a
-    sampled row, a penalty or log-probs need the logits, and a mis-shaped argmax is refused."""
-    torch.manual_seed(2)
-    logits = torch.randn(3, 200)
-    marker = torch.tensor([7, 8, 9])  # not the argmax: shows which path answered
-    greedy = repeat(SamplingParams(temperature=0), 3)
-    tokens, _ = sample(logits, greedy, [[]] * 3, [[]] * 3, [None] * 3, argmax=marker)
-    assert tokens is marker
-    for other in (SamplingParams(seed=1), SamplingParams(temperature=0, repetition_penalty=1.3)):
-        tokens, _ = sample(logits, [*greedy[:2], other], [[1]] * 3, [[1]] * 3, [None] * 3, argmax=marker)
-        assert not torch.equal(tokens, marker) and torch.equal(tokens[:2], torch.argmax(logits, dim=-1)[:2])
-    with pytest.raises(ValueError, match="argmax must be"):
-        sample(logits, greedy, [[]] * 3, [[]] * 3, [None] * 3, argmax=marker[:2])
-
-
 def test_mixed_batch_keeps_greedy_rows_exact() -> None:
     torch.manual_seed(1)
     logits = torch.randn(8, 500)

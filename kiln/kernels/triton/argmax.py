@@ -75,14 +75,11 @@ def _row_argmax_kernel(  # type: ignore[no-untyped-def]
     tl.store(out + row, result.to(tl.int64))
 
 
-def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.argmax(logits, dim=-1) for a [B, V] tensor whose last dim is contiguous -> [B] int64
-    (`out`, contiguous int64 [B] on the logits' device, when given)."""
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) for a [B, V] tensor whose last dim is contiguous -> [B] int64."""
     assert logits.dim() == 2 and logits.stride(1) == 1, (tuple(logits.shape), logits.stride())
     rows, vocab = logits.shape
-    if out is None:
-        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    assert out.shape == (rows,) and out.dtype == torch.int64 and out.is_contiguous(), (tuple(out.shape), out.dtype)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
     assert vocab > 0, "argmax of an empty row"
