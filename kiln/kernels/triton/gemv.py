@@ -17,7 +17,6 @@ synchronisation and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -293,7 +292,6 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     HALF_D: tl.constexpr,  # ROPE: half the head dim
     GATED: tl.constexpr,  # out[:, j] = silu(column j) * column half_n + j (BLOCK_N == 2, SPLIT == 1)
     TILES: tl.constexpr,  # column tiles per program, in turn, each one's first weight tile read during the one before
-    SECOND_EARLY: tl.constexpr,  # EARLY_W, ONE_TILE and TILES > 1: the second tile's weight is read before the wait
 ):
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -310,12 +308,6 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     if not EARLY_W:
         handoff(PDL)
     wv = _load_w(_w_tile(w, offs_n, k_begin + offs_k, stride_wn, stride_wk), n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
-    if SECOND_EARLY:  # the second column tile's weight (a whole row of K) is read before the wait too
-        next_n = _tile_columns(first + 1, rope_pairs, half_n, BLOCK_N, ROPE, GATED, HALF_D)
-        next_ok = (next_n < N) & (first + 1 < n_tiles)
-        w_following = _load_w(
-            _w_tile(w, next_n, k_begin + offs_k, stride_wn, stride_wk), next_ok, k_begin + offs_k, K, EVEN_N, EVEN_K
-        )
     if EARLY_W:
         handoff(PDL)
     if PROLOGUE == 2 and not ONE_TILE:
@@ -348,7 +340,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
             xv = _prologue(xv, x_tile, m_ok, k_idx, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, ONE_TILE)
             acc += _tile_product(xv, wv, BLOCK_M, DOT, SWAP, IEEE_DOT)
             wv = w_next
-        if t + 1 < TILES and not (t == 0 and SECOND_EARLY):  # the next tile's first weight tile, read meanwhile
+        if t + 1 < TILES:  # the next column tile's first weight tile, read while this one finishes
             next_n = _tile_columns(tile + 1, rope_pairs, half_n, BLOCK_N, ROPE, GATED, HALF_D)
             next_ok = (next_n < N) & (tile + 1 < n_tiles)
             w_following = _load_w(
@@ -548,12 +540,6 @@ def linear_triton(
         HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
         GATED=gated,
         TILES=tiles,
-        SECOND_EARLY=pdl
-        and constant_weight
-        and tiles > 1
-        and split == 1
-        and k_per_split == config.block_k
-        and os.environ.get("KILN_LINEAR_SECOND_EARLY", "") != "0",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         # the rotary epilogue rounds each product and the sum as the reference does: no contraction
