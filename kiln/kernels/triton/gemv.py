@@ -1,8 +1,8 @@
 """Triton kernel: `x @ weight.T (+ bias)` for a few rows of x, streaming the weight once.
 
 At decode a linear has M = 1..16 rows and is bound by reading its weight [N, K]. Programs are
-(block of BLOCK_N weight rows, block of BLOCK_M x rows, split of K): each reads its weight rows
-once, contiguous along K, and keeps the few x rows (from L2) beside them.
+(TILES blocks of BLOCK_N weight rows, block of BLOCK_M x rows, split of K): each reads its weight
+rows once, contiguous along K, block after block, and keeps the few x rows (from L2) beside them.
 
 Two ways to multiply a tile: DOT=False multiplies on the CUDA cores into a [BM, BN, BK] fp32
 accumulator reduced once at the end (for one row); DOT=True pads the rows to 16 and
@@ -269,7 +269,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     sin,
     stride_cm,
     stride_sm,
-    rope_pairs,  # ROPE: programs 0 .. rope_pairs - 1 each hold columns d and d + HALF_D of one head
+    rope_pairs,  # ROPE: column tiles 0 .. rope_pairs - 1 each hold columns d and d + HALF_D of one head
     half_n,  # GATED: N // 2, the gate columns' count
     n_tiles,  # column tiles in all (see _tile_columns); a program holds TILES of them
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K (a constant trip count; one compile per weight width)
