@@ -60,6 +60,10 @@ class Engine:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
         self.device = check_compatible(self.manifest)
+        self._held_before = 0  # bytes of GPU tensors this process held before this engine (for error messages)
+        if self.device.type == "cuda":
+            memory_plan.reclaim(self.device)  # a dropped engine in a reference cycle must not hold the GPU
+            self._held_before = torch.cuda.memory_allocated(self.device)
         self.build = self.manifest.build
         facts = self.manifest.model
         self.eos_ids = frozenset(facts.eos_token_ids)
@@ -144,6 +148,7 @@ class Engine:
         if self.device.type != "cuda":
             # Room for a full batch, twice over so finished prompts stay cached for prefix reuse.
             return 2 * needed
+        memory_plan.reclaim(self.device)  # loading's temporaries, cached by the allocator, count as free
         per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
         fraction = self.runtime.kv_cache_memory_fraction
         if fraction is None and self.manifest.multimodal is not None:
@@ -164,7 +169,9 @@ class Engine:
             )
             free, total = torch.cuda.mem_get_info(self.device)  # the step's memory has gone back
             fits = memory_plan.pool_blocks(free, total, step, per_block)
-        memory_plan.check_holds_one_sequence(fits, blocks_per_seq, free, free - fits * per_block)
+        memory_plan.check_holds_one_sequence(
+            fits, blocks_per_seq, free, free - fits * per_block, other_bytes=self._held_before
+        )
         return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
 
     # ---- requests -------------------------------------------------------------------------------

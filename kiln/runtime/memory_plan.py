@@ -6,10 +6,15 @@ each yielding a sampled token (top-k/top-p sampling, the costliest path). The pe
 allocates is kept free for every later step, plus `HEADROOM_FRACTION` of the device for allocator
 slack and libraries' workspaces; the pool takes the rest. No later step can need more than that
 step did: the scheduler never exceeds those limits.
+
+Before any of that the engine calls `reclaim`: an engine the program has dropped but that sits in a
+reference cycle (a method patched onto its own instance is enough) keeps its weights and its pool on
+the GPU until Python's cycle collector happens to run, and the new engine would find no memory left.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +43,15 @@ class StepSetup:
     dtype: torch.dtype
     device: torch.device
     make_runner: RunnerFactory  # (cache, block manager) -> the engine's model runner on them
+
+
+def reclaim(device: torch.device) -> None:
+    """Free what this process no longer uses: objects reachable only through reference cycles (a dropped
+    engine's weights and KV pool among them), then, on CUDA, the allocator's cached blocks, so that the
+    driver's free-memory count includes both."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def full_step(build: BuildConfig) -> list[ScheduledChunk]:
@@ -91,10 +105,22 @@ def pool_blocks(free_bytes: int, total_bytes: int, step_bytes: int, block_bytes:
     return max(0, free_bytes - step_bytes - headroom) // block_bytes
 
 
-def check_holds_one_sequence(blocks: int, blocks_per_seq: int, free_bytes: int, reserved_bytes: int) -> None:
+def check_holds_one_sequence(
+    blocks: int, blocks_per_seq: int, free_bytes: int, reserved_bytes: int, other_bytes: int = 0
+) -> None:
+    """Raise a clear error when the pool cannot hold one sequence of max_seq_len.
+
+    other_bytes: GPU memory that live tensors of this process held before the engine began to load
+    (another engine still referenced, say); the message names it when it is 1 GiB or more."""
     if blocks < blocks_per_seq:
+        hint = (
+            f"; this process held {other_bytes / 2**30:.1f} GiB of GPU tensors before this engine loaded "
+            "(another engine still loaded? drop every reference to it first)"
+            if other_bytes >= 2**30
+            else ""
+        )
         raise KilnError(
             f"GPU memory left for the KV cache ({free_bytes / 2**30:.1f} GiB free, {reserved_bytes / 2**30:.1f} GiB "
             f"of it kept free for the steps) holds {blocks} blocks, fewer than one max_seq_len "
-            f"sequence needs ({blocks_per_seq}); lower max_seq_len or max_num_tokens, or free memory"
+            f"sequence needs ({blocks_per_seq}); lower max_seq_len or max_num_tokens, or free memory{hint}"
         )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
+import torch
 
 from kiln.config import BuildConfig
 from kiln.runtime import memory_plan
@@ -34,6 +38,28 @@ def test_pool_keeps_the_step_and_the_headroom_free():
 
 
 def test_too_little_memory_for_one_sequence_is_a_clear_error():
-    with pytest.raises(Exception, match="fewer than one max_seq_len sequence needs"):
-        memory_plan.check_holds_one_sequence(3, 4, 2**30, 2**29)
-    memory_plan.check_holds_one_sequence(4, 4, 2**30, 2**29)
+    with pytest.raises(Exception, match="fewer than one max_seq_len sequence needs") as small:
+        memory_plan.check_holds_one_sequence(3, 4, 2**30, 2**29, other_bytes=2**29)
+    assert "another engine" not in str(small.value)  # under 1 GiB held beforehand: not worth a hint
+    with pytest.raises(Exception, match=r"this process held 3\.0 GiB of GPU tensors before .*another engine"):
+        memory_plan.check_holds_one_sequence(3, 4, 2**30, 2**29, other_bytes=3 * 2**30)
+    memory_plan.check_holds_one_sequence(4, 4, 2**30, 2**29, other_bytes=3 * 2**30)
+
+
+class _Holder:
+    def __init__(self) -> None:
+        self.tensor = torch.ones(4)
+        self.me = self  # a reference cycle: plain reference counting never frees it
+
+
+def test_reclaim_frees_what_only_a_reference_cycle_keeps():
+    enabled = gc.isenabled()
+    gc.disable()  # the collector must not run by chance before reclaim does
+    try:
+        holder = weakref.ref(_Holder())
+        assert holder() is not None
+        memory_plan.reclaim(torch.device("cpu"))
+        assert holder() is None
+    finally:
+        if enabled:
+            gc.enable()
