@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from launch_spy import record_launches
 from test_families import prompts
 from tiny_checkpoints import build_tiny_engine
 
@@ -27,14 +28,7 @@ def test_graph_steps_give_the_tokens_of_eager_steps(checkpoints, tmp_path, tempe
     del plain
     fast = LLM(engine)
     assert fast.engine.runner.graphs is not None and fast.engine.overlap_decode
-    launched = []
-    original = fast.engine._launch
-
-    def spy(chunks, pending):
-        launched.append(pending is not None)
-        return original(chunks, pending)
-
-    fast.engine._launch = spy
+    launched = record_launches(fast.engine)
     got = [o.token_ids for o in fast.generate(prompts(), params)]
     assert sum(launched) >= 10, "decode steps should have been pipelined"
     assert got == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hf_reference import greedy, load_reference
+from launch_spy import record_launches
 from test_families import NEW_TOKENS, prompts
 from tiny_checkpoints import build_tiny_engine
 
@@ -80,14 +81,7 @@ def test_pipelined_decode_matches_transformers(checkpoints, tmp_path, reference_
     engine = build_tiny_engine(checkpoints("mistral"), tmp_path / "e", tokens_per_block=4)
     runtime = {"overlap_decode": True} | ({"num_kv_blocks": num_kv_blocks} if num_kv_blocks else {})
     llm = LLM(engine, **runtime)
-    launched = []
-    original = llm.engine._launch
-
-    def spy(chunks, pending):
-        launched.append(pending is not None)
-        return original(chunks, pending)
-
-    llm.engine._launch = spy
+    launched = record_launches(llm.engine)
     outs = llm.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert sum(launched) >= NEW_TOKENS // 2, "decode steps should have been pipelined"
     assert [o.token_ids for o in outs] == reference_tokens
