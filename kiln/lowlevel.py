@@ -9,10 +9,14 @@ that takes `inputs_embeds` and `position_ids`; its engine gets the prompt-embedd
 vision wrapper maps a batch of image tensors (dimension 0 dynamic) to features `[batch, tokens, hidden]`.
 Requests then give token ids (or text) with the image token once per image and each image as the
 wrapper's input tensors: `LLM(dir).generate([{"prompt": ids, "images": [tensor]}])`.
+
+Both builders work on a copy of the module they are given: the caller's module keeps its device,
+dtype and attention implementation (so it can still serve as the reference to check the engine).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +87,7 @@ def build_llm_engine(
     device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
     output = Path(output)
     register_attention()
-    model: Any = language_model
+    model: Any = copy.deepcopy(language_model)  # the caller's module keeps its device, dtype and attention
     model.set_attn_implementation(ATTENTION_NAME)
     model.to(device=device, dtype=dtype).eval()
     shape = cache_shape(model.config)
@@ -170,7 +174,7 @@ def build_multimodal_engine(
     if not input_specs:
         raise KilnError("build_multimodal_engine needs at least one InputSpec")
     device, dtype = resolve_device(manifest.device["type"]), torch_dtype(manifest.build.dtype)
-    vision_module = vision_module.to(device=device, dtype=dtype).eval()
+    vision_module = copy.deepcopy(vision_module).to(device=device, dtype=dtype).eval()  # the caller's stays as it was
     gen = torch.Generator().manual_seed(0)
     args = tuple(
         torch.randn(2, *spec.shape[1:], generator=gen).to(device, torch_dtype(spec.dtype) if spec.dtype else dtype)
