@@ -24,11 +24,11 @@ def test_a_failed_step_fails_its_requests_frees_their_blocks_and_serving_goes_on
     real_run = core.runner.run
     calls = {"n": 0}
 
-    def flaky(chunks):
+    def flaky(chunks, *patch):  # a pipelined decode step (CUDA) also passes the tokens to patch in
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated device fault")
-        return real_run(chunks)
+        return real_run(chunks, *patch)
 
     core.runner.run = flaky
 

@@ -46,8 +46,12 @@ def test_bench_reports_kiln_and_transformers_with_ratios(demo_engine, tmp_path):
     assert throughput["preemptions"] >= 0 and throughput["kv_cache_tokens"] > 0
     steps = throughput["steps"]  # each request: 8 prompt tokens, then 5 decode steps (the 6th token ends it)
     computed = sum(row["tokens"] for row in steps.values())
-    assert computed >= 6 * (8 + 5) and (computed == 6 * (8 + 5) or throughput["preemptions"] > 0)
-    assert steps["mixed"]["steps"] >= 1 and steps["decode"]["rows"] >= 6
+    # On a GPU decode steps are pipelined: a request that ended meanwhile computed one token past its end.
+    pipelined = "decode, pipelined" in steps
+    extra = computed - 6 * (8 + 5)
+    assert extra >= 0 and (extra <= (6 if pipelined else 0) or throughput["preemptions"] > 0)
+    decode_rows = sum(row["rows"] for kind, row in steps.items() if kind.startswith("decode"))
+    assert steps["mixed"]["steps"] >= 1 and decode_rows >= 6
     assert sum(row["wall_s"] for row in steps.values()) <= throughput["total_s"]
     assert "where the throughput run's time went" in proc.stdout
     assert (out / "bench.png").stat().st_size > 10_000
