@@ -9,6 +9,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo" / "tiny-kiln"
 
+# On a GPU an engine's KV pool takes all the memory it finds free; tests hold a server and an engine in
+# this process (or two engines) at once, so each takes a quarter of what is free. CPU engines ignore it.
+SHARED_GPU = {"kv_cache_memory_fraction": 0.25}
+SHARED_GPU_ARGS = ("--kv-cache-memory-fraction", "0.25")
+
 
 def kiln(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True, cwd=REPO)
@@ -40,7 +45,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln", "serve", str(engine), "--port", str(self.port), *args],
+            [sys.executable, "-m", "kiln", "serve", str(engine), "--port", str(self.port), *SHARED_GPU_ARGS, *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from e2e_helpers import SHARED_GPU
 
 from kiln import LLM, RequestError, SamplingParams, build
 
@@ -17,7 +18,7 @@ def llm(tmp_path_factory) -> LLM:
     engine = build(
         DEMO, tmp_path_factory.mktemp("demo") / "e", max_seq_len=256, max_input_len=128, compile=False, progress=False
     )
-    return LLM(engine)
+    return LLM(engine, overlap_decode=False, **SHARED_GPU)  # pipelined decode is the next engine's
 
 
 def test_max_tokens_ends_with_length(llm):
@@ -81,7 +82,7 @@ def test_pipelined_decode_gives_the_same_results(llm):
     """Stops, lengths and seeds come out the same when decode steps are pipelined (the CUDA default)."""
     from kiln import LLM
 
-    pipelined = LLM(llm.engine.path, overlap_decode=True)
+    pipelined = LLM(llm.engine.path, overlap_decode=True, **SHARED_GPU)
     assert pipelined.engine.overlap_decode and not llm.engine.overlap_decode
     prompts = ["A kiln is", "The potter", "Clay is", "Glaze", "Fire in the kiln is hot and", "Bisque"]
     params = [

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from e2e_helpers import ServerProcess
+from e2e_helpers import SHARED_GPU, ServerProcess
 
 from kiln import LLM, SamplingParams
 
@@ -43,7 +43,7 @@ def test_models_and_health(server):
 
 
 def test_completion_options_match_offline_generate(server, demo_engine):
-    llm = LLM(demo_engine)
+    llm = LLM(demo_engine, **SHARED_GPU)
     offline = llm.generate(
         ["A kiln is", "The potter"],
         SamplingParams(max_tokens=10, temperature=0.0, stop=["clay"], logprobs=3),
@@ -95,7 +95,7 @@ def test_n_choices_with_a_seed_are_reproducible_and_differ(server):
 
 
 def test_chat_streams_openai_chunks_with_usage(server, demo_engine):
-    llm = LLM(demo_engine)
+    llm = LLM(demo_engine, **SHARED_GPU)
     ids = llm.apply_chat_template([{"role": "user", "content": "What is a kiln?"}])
     want = llm.generate([ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
     body = {

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from e2e_helpers import ServerProcess
+from e2e_helpers import SHARED_GPU, ServerProcess
 
 from kiln import LLM, SamplingParams
 
@@ -79,7 +79,7 @@ async def send(client: openai.AsyncOpenAI, p: dict) -> dict:
 @pytest.fixture(scope="module")
 def offline(demo_engine) -> dict[tuple[str, str, int], tuple[str, str]]:
     """(api, prompt, max_tokens) -> (text, finish_reason) from the offline LLM.generate path."""
-    llm = LLM(demo_engine)
+    llm = LLM(demo_engine, **SHARED_GPU)
     keys, prompts, params = [], [], []
     for i in range(NUM_REQUESTS):
         p = plan(i)

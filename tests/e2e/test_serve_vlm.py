@@ -7,7 +7,7 @@ import io
 
 import httpx
 import pytest
-from e2e_helpers import ServerProcess
+from e2e_helpers import SHARED_GPU, ServerProcess
 from vlm_checkpoints import make_vlm_checkpoint, random_image
 
 from kiln import LLM, SamplingParams, build
@@ -61,7 +61,7 @@ def test_image_chat_matches_offline_generate(server, engine):
     ]
     r = chat(server, content)
     assert r.status_code == 200, r.text
-    llm = LLM(engine)
+    llm = LLM(engine, **SHARED_GPU)
     prompt = chat_text(llm.tokenizer, [{"role": "user", "content": "<image> and <image> compared"}])
     want = llm.generate([{"prompt": prompt, "images": images}], SamplingParams(max_tokens=6, temperature=0.0))[0]
     body = r.json()

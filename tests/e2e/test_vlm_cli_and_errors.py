@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import SHARED_GPU
 from vlm_checkpoints import make_vlm_checkpoint, random_image
 
 from kiln import LLM, RequestError, SamplingParams, build
@@ -37,7 +38,8 @@ def llava(tmp_path_factory):
 @pytest.fixture(scope="module")
 def eager_llm(llava, tmp_path_factory):
     _, checkpoint = llava
-    return LLM(build(checkpoint, tmp_path_factory.mktemp("e") / "engine", compile=False, progress=False, **LIMITS))
+    engine = build(checkpoint, tmp_path_factory.mktemp("e") / "engine", compile=False, progress=False, **LIMITS)
+    return LLM(engine, **SHARED_GPU)
 
 
 def test_compiled_engine_from_the_command_line(llava, tmp_path):
@@ -116,7 +118,7 @@ def test_clear_errors(llava, eager_llm, request_, message):
 def test_images_given_to_a_text_only_engine(checkpoints, tmp_path, llava):
     from tiny_checkpoints import build_tiny_engine
 
-    llm = LLM(build_tiny_engine(checkpoints("llama"), tmp_path / "text"))
+    llm = LLM(build_tiny_engine(checkpoints("llama"), tmp_path / "text"), **SHARED_GPU)
     with pytest.raises(RequestError, match="text-only checkpoint and takes no images"):
         llm.generate({"prompt": "<image> x", "images": [str(llava[0] / "a.png")]})
 
