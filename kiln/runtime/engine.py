@@ -60,10 +60,10 @@ class Engine:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
         self.device = check_compatible(self.manifest)
-        self._held_before = 0  # bytes of GPU tensors this process held before this engine (for error messages)
+        held_before = 0  # bytes of GPU tensors this process held before this engine (for the out-of-memory error)
         if self.device.type == "cuda":
             memory_plan.reclaim(self.device)  # a dropped engine in a reference cycle must not hold the GPU
-            self._held_before = torch.cuda.memory_allocated(self.device)
+            held_before = torch.cuda.memory_allocated(self.device)
         self.build = self.manifest.build
         facts = self.manifest.model
         self.eos_ids = frozenset(facts.eos_token_ids)
@@ -74,7 +74,7 @@ class Engine:
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
-        num_blocks = self._num_blocks(dtype, program)
+        num_blocks = self._num_blocks(dtype, program, held_before)
         self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
         self.kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -134,7 +134,7 @@ class Engine:
         facts = self.manifest.model
         return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, facts.num_kv_heads, facts.head_dim)
 
-    def _num_blocks(self, dtype: torch.dtype, program: inductor.Program) -> int:
+    def _num_blocks(self, dtype: torch.dtype, program: inductor.Program, held_before: int) -> int:
         facts, build = self.manifest.model, self.build
         blocks_per_seq = -(-build.seq_len // build.tokens_per_block)
         needed = blocks_per_seq * build.max_batch_size
@@ -170,7 +170,7 @@ class Engine:
             free, total = torch.cuda.mem_get_info(self.device)  # the step's memory has gone back
             fits = memory_plan.pool_blocks(free, total, step, per_block)
         memory_plan.check_holds_one_sequence(
-            fits, blocks_per_seq, free, free - fits * per_block, other_bytes=self._held_before
+            fits, blocks_per_seq, free, free - fits * per_block, other_bytes=held_before
         )
         return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
 
