@@ -66,6 +66,18 @@ class InputSpec:
             raise KilnError(f"InputSpec.shape must be (-1, positive sizes...) with a dynamic batch first: {self.shape}")
 
 
+def _working_copy(module: nn.Module, name: str) -> nn.Module:
+    """A deep copy to build from, so that the caller's module keeps its device, dtype and attention."""
+    try:
+        return copy.deepcopy(module)
+    except Exception as exc:
+        raise KilnError(
+            f"{name} ({type(module).__name__}) cannot be copied for the build ({type(exc).__name__}: {exc}); "
+            "the builders work on a copy so that your module stays as it was: keep objects that cannot be "
+            "deep-copied (locks, open files, clients) out of the module's attributes"
+        ) from exc
+
+
 def build_llm_engine(
     language_model: nn.Module,
     output: str | Path,
@@ -87,7 +99,7 @@ def build_llm_engine(
     device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
     output = Path(output)
     register_attention()
-    model: Any = copy.deepcopy(language_model)  # the caller's module keeps its device, dtype and attention
+    model: Any = _working_copy(language_model, "language_model")
     model.set_attn_implementation(ATTENTION_NAME)
     model.to(device=device, dtype=dtype).eval()
     shape = cache_shape(model.config)
@@ -174,7 +186,7 @@ def build_multimodal_engine(
     if not input_specs:
         raise KilnError("build_multimodal_engine needs at least one InputSpec")
     device, dtype = resolve_device(manifest.device["type"]), torch_dtype(manifest.build.dtype)
-    vision_module = copy.deepcopy(vision_module).to(device=device, dtype=dtype).eval()  # the caller's stays as it was
+    vision_module = _working_copy(vision_module, "vision_module").to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(0)
     args = tuple(
         torch.randn(2, *spec.shape[1:], generator=gen).to(device, torch_dtype(spec.dtype) if spec.dtype else dtype)

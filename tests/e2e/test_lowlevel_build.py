@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 from e2e_helpers import DEMO
 from torch import nn
 
-from kiln import InputSpec, build_llm_engine, build_multimodal_engine
+from kiln import InputSpec, KilnError, build_llm_engine, build_multimodal_engine
 
 
 class Patches(nn.Module):
@@ -38,3 +41,16 @@ def test_building_leaves_the_callers_modules_as_they_were(tmp_path):
     assert all(torch.equal(p, weights[name]) for name, p in lm.named_parameters())
     assert all(p.dtype == torch.float32 for p in vision.parameters())
     assert (out / "manifest.json").is_file()
+
+
+def test_a_module_that_cannot_be_copied_is_a_clear_error(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(DEMO).eval()
+    lm.lock = threading.Lock()  # cannot be deep-copied
+    with pytest.raises(KilnError, match=r"language_model \(\w+\) cannot be copied for the build"):
+        build_llm_engine(
+            lm, tmp_path / "e", tokenizer=AutoTokenizer.from_pretrained(DEMO), image_token_id=0,
+            max_prompt_embedding_table_size=8, device="cpu", compile=False,
+        )  # fmt: skip
+    assert not (tmp_path / "e").exists()  # refused before anything was written
