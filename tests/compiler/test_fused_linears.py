@@ -7,6 +7,8 @@ path, which must give the unfused program's outputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from capture_tiny import capture_tiny
@@ -136,3 +138,12 @@ def test_fuse_rope_takes_only_the_full_rotate_half_pattern(checkpoints, family, 
     assert _count(fused, kiln_ops.linear_rope) == (shape.num_layers if rotated else 0)
     for want, got in zip(_outputs(forced, shape), _outputs(fused, shape)):
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_run_passes_follows_the_build_config_of_its_context(checkpoints):
+    program, _, context = capture_tiny(checkpoints("llama"), "LlamaForCausalLM")
+    assert context.build == BuildConfig()
+    for build in (BuildConfig(), BuildConfig(fused_linears=False), BuildConfig(fuse_rope=False)):
+        names: list[str] = []
+        run_passes(program, dataclasses.replace(context, build=build), on_pass=names.append)
+        assert names == [p.__name__ for p in active_passes(build)]
