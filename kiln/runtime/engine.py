@@ -60,8 +60,8 @@ class Engine:
         self.path = Path(engine_dir)
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
-        select(from_configs(self.runtime, self.manifest.build))  # the kernels every op runs, from here on
         self.device = check_compatible(self.manifest)
+        select(from_configs(self.runtime, self.manifest.build))  # the kernels every op runs, from here on
         held_before = 0  # bytes of GPU tensors this process held before this engine (for the out-of-memory error)
         if self.device.type == "cuda":
             memory_plan.reclaim(self.device)  # a dropped engine in a reference cycle must not hold the GPU

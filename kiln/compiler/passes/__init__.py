@@ -2,7 +2,7 @@
 
 Each pass lives in its own module and is a pure function `(ExportedProgram, PassContext) ->
 ExportedProgram`: it rewrites a copy of the graph and shares the weights. Which passes run
-depends on the BuildConfig (`active_passes`); `describe()` prints them in order.
+depends on the BuildConfig (`active_passes`); `describe(build)` prints them in order.
 """
 
 from __future__ import annotations
