@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 
 import kiln.kernels  # noqa: F401  (registers torch.ops.kiln.paged_attention)
+from kiln.kernels.selection import selected
 
 
 def make_step(
@@ -62,12 +62,10 @@ def make_step(
 
 
 def op_time_ms(step: tuple[torch.Tensor, ...], scale: float, backend: str) -> float:
-    os.environ["KILN_ATTENTION"] = backend
-    try:
+    """The op's time with the kernel selection's `attention` = backend ("auto": Triton, or "reference")."""
+    with selected(attention=backend):
         call = lambda: torch.ops.kiln.paged_attention(*step, 0, scale, -1, 0.0)  # noqa: E731
         return float(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median"))
-    finally:
-        os.environ.pop("KILN_ATTENTION", None)
 
 
 def graph_time_ms(step: tuple[torch.Tensor, ...], layers: int, scale: float) -> float:
@@ -185,7 +183,7 @@ def main() -> None:
             kv_bytes = batch * context * args.kv_heads * args.head_dim * 2 * elem
             step, layers = make_step([(context - 1, 1)] * batch, args, layers_for(kv_bytes, budget))
             ref = float("nan") if args.skip_reference else op_time_ms(step, scale, "reference")
-            eager = op_time_ms(step, scale, "triton")
+            eager = op_time_ms(step, scale, "auto")
             graph = graph_time_ms(step, layers, scale)
             gbps = kv_bytes / (graph * 1e-3) / 1e9
             rows.append((f"decode B={batch} ctx={context}", ref, eager, graph, f"{gbps:8.0f} GB/s", layers))
@@ -196,7 +194,7 @@ def main() -> None:
         step, layers = make_step([(0, tokens)] * batch, args, layers_for(kv_bytes, budget // 4))
         flops = 4 * args.heads * args.head_dim * batch * tokens * (tokens + 1) / 2
         ref = float("nan") if args.skip_reference else op_time_ms(step, scale, "reference")
-        eager = op_time_ms(step, scale, "triton")
+        eager = op_time_ms(step, scale, "auto")
         graph = graph_time_ms(step, layers, scale)
         rows.append((f"prefill {batch}x{tokens}", ref, eager, graph, f"{flops / graph / 1e9:6.0f} TFLOP/s", layers))
         del step

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
-import os
 from unittest import mock
 
 import torch
@@ -184,6 +184,19 @@ class Step:
         return kiln.rms_norm_linear(x, self.norm_f, 1e-5, self.lm_head, None, True)
 
 
+@contextlib.contextmanager
+def decode_keywords(**options: object):  # type: ignore[no-untyped-def]
+    """Within the block, the paged-attention op calls the decode kernels with these keywords of
+    `decode_attention` (the diagnostics early_keys and prefetch_bytes)."""
+    if not options:
+        yield
+        return
+    from kiln.kernels.triton import attention
+
+    with mock.patch.object(attention, "decode_attention", functools.partial(attention.decode_attention, **options)):
+        yield
+
+
 def graph_time_us(fn, replays: int = 200) -> float:  # type: ignore[no-untyped-def]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -224,17 +237,17 @@ def main() -> None:
     step = Step(args.config, args.context)
     roofline_us = step.weight_bytes / bandwidth * 1e6
     rows = []
-    for name, attention, rope, gated, env in (
+    for name, attention, rope, gated, decode_options in (
         ("linears", False, True, True, {}),
         ("linears + attention", True, False, False, {}),
         ("linears + attention, rope fused", True, True, False, {}),
         ("  + silu in gate/up (engine default)", True, True, True, {}),
-        ("  the same, keys read after the wait", True, True, True, {"KILN_DECODE_EARLY_KEYS": "0"}),
-        ("  the same, no L2 prefetch", True, True, True, {"KILN_PREFETCH": "0"}),
-        ("  the same, prefetch 8 MB", True, True, True, {"KILN_PREFETCH_MB": "8"}),
-        ("  the same, prefetch 24 MB", True, True, True, {"KILN_PREFETCH_MB": "24"}),
+        ("  the same, keys read after the wait", True, True, True, {"early_keys": False}),
+        ("  the same, no L2 prefetch", True, True, True, {"prefetch_bytes": 0}),
+        ("  the same, prefetch 8 MB", True, True, True, {"prefetch_bytes": 8 << 20}),
+        ("  the same, prefetch 24 MB", True, True, True, {"prefetch_bytes": 24 << 20}),
     ):
-        with mock.patch.dict(os.environ, env):  # read when the kernels launch, i.e. when the graph is captured
+        with decode_keywords(**decode_options):  # taken when the kernels launch, i.e. when the graph is captured
             us = graph_time_us(lambda a=attention, r=rope, gt=gated: step.run(a, r, gt))
         rows.append({"variant": name, "us_per_step": us, "of_roofline": roofline_us / us})
     from kiln.kernels.triton.decode import choose_splits

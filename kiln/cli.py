@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from kiln.cli_options import add_options, values
+from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import KilnError
 
 
@@ -17,29 +19,7 @@ def _add_build(sub: Any) -> None:
     p = sub.add_parser("build", help="build an engine directory from a Hugging Face checkpoint directory")
     p.add_argument("checkpoint", help="local checkpoint directory (config.json, *.safetensors, tokenizer files)")
     p.add_argument("-o", "--output", required=True, help="engine directory to write")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: min(1024, max-seq-len))")
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=None,
-        help="longest prompt + generated tokens (default: min(2048, the model's max_position_embeddings))",
-    )
-    p.add_argument("--max-num-tokens", type=int, default=2048, help="most tokens computed in one step")
-    p.add_argument("--tokens-per-block", type=int, default=16, help="KV-cache block size in tokens")
-    p.add_argument(
-        "--no-compile", action="store_true", help="skip Inductor: the engine runs the captured graph op by op"
-    )
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
-    p.add_argument(
-        "--max-multimodal-len",
-        type=int,
-        default=None,
-        help="vision-language models: image-feature rows the vision engine is sized for over a batch "
-        "(default: one largest image per request)",
-    )
+    add_options(p, BuildConfig)
 
 
 def _add_run(sub: Any) -> None:
@@ -60,7 +40,6 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
     _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of streaming text")
     p.add_argument(
@@ -91,28 +70,11 @@ def _add_run(sub: Any) -> None:
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
-    p.add_argument(
-        "--kv-cache-memory-fraction",
-        type=float,
-        default=None,
-        help="on a GPU, the fraction of free memory (after loading) given to the KV-cache pool (default: all "
-        "memory left after one measured step at the build limits, less 2%% of the device)",
-    )
-    p.add_argument("--no-prefix-caching", action="store_true", help="never reuse cached blocks of earlier prompts")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, launch decode steps op by op")
+    add_options(p, RuntimeConfig)
 
 
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    runtime: dict[str, Any] = {
-        "use_compiled": not args.eager,
-        "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "cuda_graphs": not args.no_cuda_graphs,
-    }
-    if args.num_kv_blocks is not None:
-        runtime["num_kv_blocks"] = args.num_kv_blocks
-    return runtime
+    return values(args, RuntimeConfig)
 
 
 def _add_bench(sub: Any) -> None:
@@ -130,7 +92,6 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--throughput", action="store_true", help="also submit --num-requests requests at once")
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--output-dir", default="bench-results", help="where bench.json and bench.png go")
-    p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
     _add_runtime_options(p)
 
 
@@ -154,7 +115,6 @@ def _add_serve(sub: Any) -> None:
     p.add_argument(
         "--shutdown-timeout", type=int, default=10, help="seconds in-flight requests get to finish on SIGTERM"
     )
-    p.add_argument("--eager", action="store_true", help="run the captured graph op by op instead of the compiled one")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_runtime_options(p)
 
@@ -175,20 +135,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from kiln.api import build
 
     start = time.perf_counter()
-    out = build(
-        args.checkpoint,
-        args.output,
-        dtype=args.dtype,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_input_len=args.max_input_len,
-        max_seq_len=args.max_seq_len,
-        max_num_tokens=args.max_num_tokens,
-        tokens_per_block=args.tokens_per_block,
-        compile=not args.no_compile,
-        trust_remote_code=args.trust_remote_code,
-        max_multimodal_len=args.max_multimodal_len,
-    )
+    out = build(args.checkpoint, args.output, **values(args, BuildConfig))
     print(f"engine written to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
@@ -374,7 +321,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kiln.config import RuntimeConfig
     from kiln.serve.app import ServeSettings
     from kiln.serve.server import serve
 

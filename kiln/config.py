@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
 DEVICES = ("auto", "cpu", "cuda")
+KERNEL_CHOICES = ("auto", "reference")  # auto: the Triton kernels where they apply
 
 T = TypeVar("T")
 
@@ -35,6 +36,18 @@ def _from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
     return cls(**values)
 
 
+def _check_bools(config: object) -> None:
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if f.type in ("bool", "bool | None") and not (isinstance(value, bool) or (value is None and "None" in f.type)):
+            raise KilnError(f"{type(config).__name__}.{f.name} must be true or false, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise KilnError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+
+
 def _check_int(owner: str, name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise KilnError(f"{owner}.{name} must be an integer >= {low}, got {value!r}")
@@ -44,22 +57,50 @@ def _check_int(owner: str, name: str, value: object, low: int) -> None:
 class BuildConfig:
     """Limits and choices fixed when an engine is built."""
 
-    dtype: str = "float32"
-    device: str = "auto"
-    max_batch_size: int = 8
-    max_input_len: int | None = None  # None: min(1024, max_seq_len)
-    max_seq_len: int | None = None  # None: min(2048, the model's max_position_embeddings)
-    max_num_tokens: int = 2048
-    tokens_per_block: int = 16
-    compile: bool = True
-    trust_remote_code: bool = False
-    max_multimodal_len: int | None = None  # vision-language engines: image-feature rows over a batch (None: auto)
+    dtype: str = field(default="float32", metadata={"choices": DTYPES, "help": "weight and activation dtype"})
+    device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto: cuda when available"})
+    max_batch_size: int = field(default=8, metadata={"help": "most sequences in one step"})
+    max_input_len: int | None = field(
+        default=None, metadata={"help": "longest prompt (default: min(1024, max-seq-len))"}
+    )
+    max_seq_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "longest prompt + generated tokens (default: min(2048, the model's max_position_embeddings))"
+        },
+    )
+    max_num_tokens: int = field(default=2048, metadata={"help": "most tokens computed in one step"})
+    tokens_per_block: int = field(default=16, metadata={"help": "KV-cache block size in tokens"})
+    compile: bool = field(
+        default=True,
+        metadata={"help": "compile with Inductor (--no-compile: the engine runs the captured graph op by op)"},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own Python code to run"})
+    max_multimodal_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "vision-language models: image-feature rows the vision engine is sized for over a batch "
+            "(default: one largest image per request)"
+        },
+    )
+    fused_linears: bool = field(
+        default=True,
+        metadata={"help": "fuse norms, activations, residual adds and rotary embeddings into the decode linears"},
+    )
+    fuse_rope: bool = field(
+        default=True, metadata={"help": "with fused linears, also fuse the rotary embedding into the q/k/v projection"}
+    )
+    combo_kernels: bool = field(
+        default=True, metadata={"help": "CUDA: Inductor launches independent small kernels as one"}
+    )
+    pdl: bool = field(
+        default=True,
+        metadata={"help": "CUDA, compute capability 9+: kernels launch with programmatic dependent launch"},
+    )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise KilnError(f"BuildConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise KilnError(f"BuildConfig.device must be one of {DEVICES}, got {self.device!r}")
+        _check_choice("BuildConfig", "dtype", self.dtype, DTYPES)
+        _check_choice("BuildConfig", "device", self.device, DEVICES)
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             if getattr(self, name) is not None or name not in ("max_input_len", "max_seq_len"):
                 _check_int("BuildConfig", name, getattr(self, name), 1)
@@ -74,6 +115,7 @@ class BuildConfig:
             )
         if self.tokens_per_block & (self.tokens_per_block - 1):
             raise KilnError(f"tokens_per_block must be a power of two, got {self.tokens_per_block}")
+        _check_bools(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BuildConfig":
@@ -114,15 +156,46 @@ class BuildConfig:
 class RuntimeConfig:
     """Choices made when an engine is loaded."""
 
-    num_kv_blocks: int | None = None
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "KV-cache blocks (default: sized from memory)"})
     # On a GPU, the share of free memory after loading given to the KV pool; None: all that is left
     # after one measured full-size step and a little headroom (kiln.runtime.memory_plan).
-    kv_cache_memory_fraction: float | None = None
-    use_compiled: bool = True
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA engines only)
-    # Launch each decode step before reading the previous one's tokens (None: on CUDA only).
-    overlap_decode: bool | None = None
+    kv_cache_memory_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "on a GPU, the fraction of free memory (after loading) given to the KV-cache pool (default: all "
+            "memory left after one measured step at the build limits, less 2% of the device)"
+        },
+    )
+    use_compiled: bool = field(
+        default=True,
+        metadata={
+            "flag": "eager",
+            "inverted": True,
+            "help": "run the captured graph op by op instead of the compiled one",
+        },
+    )
+    enable_prefix_caching: bool = field(
+        default=True, metadata={"flag": "prefix-caching", "help": "reuse cached blocks of earlier prompts"}
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "on CUDA, decode steps replay CUDA graphs (--no-cuda-graphs: op by op)"}
+    )
+    overlap_decode: bool | None = field(
+        default=None,
+        metadata={"help": "launch each decode step before reading the previous one's tokens (default: on CUDA only)"},
+    )
+    attention_kernel: str = field(
+        default="auto",
+        metadata={"choices": KERNEL_CHOICES, "help": "paged attention: Triton on CUDA (auto) or the PyTorch reference"},
+    )
+    linear_kernel: str = field(
+        default="auto",
+        metadata={"choices": KERNEL_CHOICES, "help": "decode linears: Triton where it is faster (auto) or PyTorch"},
+    )
+    argmax_kernel: str = field(
+        default="auto",
+        metadata={"choices": KERNEL_CHOICES, "help": "greedy sampling: Triton on CUDA (auto) or torch.argmax"},
+    )
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None:
@@ -131,6 +204,9 @@ class RuntimeConfig:
             raise KilnError(
                 f"RuntimeConfig.kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+        for name in ("attention_kernel", "linear_kernel", "argmax_kernel"):
+            _check_choice("RuntimeConfig", name, getattr(self, name), KERNEL_CHOICES)
+        _check_bools(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RuntimeConfig":

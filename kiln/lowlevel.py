@@ -46,6 +46,7 @@ from kiln.engine_dir import (
     write_manifest,
 )
 from kiln.errors import KilnError
+from kiln.kernels.selection import selected
 from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint
 from kiln.models.registry import ModelRecipe
 from kiln.models.vlm import CUSTOM_ARCHITECTURE, VisionExample
@@ -125,7 +126,9 @@ def build_llm_engine(
         )
         _check_cache_shape(program, shape, type(model).__name__)
     with report.stage("passes"):
-        context = PassContext(architecture=type(model).__name__, num_layers=shape.num_layers, input_names=names)
+        context = PassContext(
+            architecture=type(model).__name__, num_layers=shape.num_layers, input_names=names, build=config
+        )
         program = run_passes(program, context)
     output.mkdir(parents=True, exist_ok=True)
     with report.stage("write"):
@@ -133,11 +136,12 @@ def build_llm_engine(
         tokenizer.save_pretrained(output / TOKENIZER_DIR)
         tokenizer.save_pretrained(output / PROCESSOR_DIR)
     if config.compile:
-        with report.stage("compile", f"Inductor on {device.type}"):
-            inductor.compile_program(program, output / COMPILED)
-        base = mixed_step_inputs(shape, dtype, device, config.tokens_per_block)
-        inputs = mm_step_inputs(base, hidden, 1, False, dtype)
-        check_programs_agree(program, output / COMPILED, inputs, dtype)
+        with selected(pdl=config.pdl):  # the compile and verify steps launch kernels as the engine will
+            with report.stage("compile", f"Inductor on {device.type}"):
+                inductor.compile_program(program, output / COMPILED, combo_kernels=config.combo_kernels)
+            base = mixed_step_inputs(shape, dtype, device, config.tokens_per_block)
+            inputs = mm_step_inputs(base, hidden, 1, False, dtype)
+            check_programs_agree(program, output / COMPILED, inputs, dtype)
     mm = MultimodalFacts(
         image_token_id=int(image_token_id),
         hidden_size=hidden,
@@ -203,17 +207,19 @@ def build_multimodal_engine(
     limit = max_batch_size or max(1, mm.max_multimodal_len // per_image)
     batch = torch.export.Dim("images", min=1, max=max(limit, 2))
     example = VisionExample(args, tuple({0: batch} for _ in args))
-    compiled = write_vision_program(
-        vision_module,
-        example,
-        output,
-        dtype=dtype,
-        device=device,
-        compile=compile,
-        progress=Progress(enabled=progress),
-        architecture=type(vision_module).__name__,
-        limit=limit,
-    )
+    with selected(pdl=manifest.build.pdl):
+        compiled = write_vision_program(
+            vision_module,
+            example,
+            output,
+            dtype=dtype,
+            device=device,
+            compile=compile,
+            progress=Progress(enabled=progress),
+            architecture=type(vision_module).__name__,
+            limit=limit,
+            combo_kernels=manifest.build.combo_kernels,
+        )
     mm = dataclasses.replace(
         mm,
         vision_batch_limit=limit,

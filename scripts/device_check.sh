@@ -14,9 +14,9 @@ PY
 checkpoint() {  # a random-weight checkpoint of config $1 at $2, unless one is there
   [ -d "$2" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from load_time import make_checkpoint; make_checkpoint('$1', Path('$2'))"
 }
-variant_engine() {  # a 1B engine built with the environment $1 (VAR=1,VAR2=0) at $2, unless there
-  [ -d "$2" ] || env ${1//,/ } python -m kiln build /tmp/kiln-bench/llama-3.2-1b-ckpt -o "$2" --dtype bfloat16 --device cuda \
-      --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 2>&1 | tail -n 2
+variant_engine() {  # a 1B engine built with the extra `kiln build` flags $1 (--no-pdl,--no-fuse-rope) at $2, unless there
+  [ -d "$2" ] || python -m kiln build /tmp/kiln-bench/llama-3.2-1b-ckpt -o "$2" --dtype bfloat16 --device cuda \
+      --max-batch-size 64 --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 ${1//,/ } 2>&1 | tail -n 2
 }
 for step in "${steps[@]}"; do
   start=$(date +%s)
@@ -36,27 +36,27 @@ for step in "${steps[@]}"; do
               [ -d "$eng" ] || python -m kiln build "$ck" -o "$eng" --dtype bfloat16 --device cuda --max-batch-size 64 \
                   --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 4096 2>&1 | tail -n 12 | tee "$out/build_$cfg.log"
               python benchmarks/decode_profile.py "$eng" --batch 1 2>&1 | tail -n 30 | tee "$out/decode_profile_$cfg.log" ;;
-    variants1b) # the 1B decode step, built and run once per variant: VARIANTS="name:VAR=1,VAR2=0 ..."
+    variants1b) # the 1B decode step, built and run once per variant: VARIANTS="name:--build-flag,--build-flag2 ..."
               cfg=llama-3.2-1b; ck=/tmp/kiln-bench/$cfg-ckpt
               checkpoint "$cfg" "$ck"
-              for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
+              for variant in ${VARIANTS:-pdl:--pdl nopdl:--no-pdl}; do
                 name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
                 variant_engine "$vars" "$eng"
                 echo "--- variant $name ($vars)"
-                env ${vars//,/ } python benchmarks/decode_profile.py "$eng" --batch 1 --no-graph-run --top ${TOP:-40} 2>&1 \
+                python benchmarks/decode_profile.py "$eng" --batch 1 --no-graph-run --top ${TOP:-40} 2>&1 \
                     | grep -v Warning | tail -n 48 | tee "$out/decode_profile_$name.log"
               done ;;
-    abbench1b) # kiln bench at batch 1, one engine per variant built and run on this machine: VARIANTS="name:VAR=1,VAR2=0 ..."
+    abbench1b) # kiln bench at batch 1, one engine per variant built and run on this machine: VARIANTS="name:--build-flag,... ..."
               cfg=llama-3.2-1b; ck=/tmp/kiln-bench/$cfg-ckpt
               checkpoint "$cfg" "$ck"
-              for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
+              for variant in ${VARIANTS:-pdl:--pdl nopdl:--no-pdl}; do
                 name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
                 variant_engine "$vars" "$eng"
               done
               for round in 1 2; do
-                for variant in ${VARIANTS:-pdl:KILN_PDL=1 nopdl:KILN_PDL=0}; do
-                  name=${variant%%:*}; vars=${variant#*:}; eng=/tmp/kiln-bench/$cfg-engine-$name
-                  env ${vars//,/ } python -m kiln bench "$eng" --batch-sizes 1 --input-len 128 --output-len 256 \
+                for variant in ${VARIANTS:-pdl:--pdl nopdl:--no-pdl}; do
+                  name=${variant%%:*}; eng=/tmp/kiln-bench/$cfg-engine-$name
+                  python -m kiln bench "$eng" --batch-sizes 1 --input-len 128 --output-len 256 \
                       --output-dir "$out/ab_${name}_$round" 2>&1 | grep "ms/token" | sed "s/^/[$name round $round] /" | tee -a "$out/ab1b.log"
                 done
               done ;;

@@ -24,6 +24,7 @@ from kiln.engine_dir import (
     write_manifest,
 )
 from kiln.errors import KilnError, UnsupportedModelError
+from kiln.kernels.selection import selected
 from kiln.models.loader import load_checkpoint
 from kiln.program_files import ProgramWrite
 from kiln.progress import Progress
@@ -101,7 +102,8 @@ def build_engine(
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _write_engine(checkpoint, staging, config, progress)
+        with selected(pdl=config.pdl):  # the kernels of the compile and verify steps launch as the engine's will
+            _write_engine(checkpoint, staging, config, progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -144,7 +146,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     with progress.stage("passes"):
         program = run_passes(
             program,
-            PassContext(architecture=facts.architecture, num_layers=shape.num_layers),
+            PassContext(architecture=facts.architecture, num_layers=shape.num_layers, build=config),
             on_pass=lambda name: progress.note(f"pass {name}"),
         )
     del loaded.model
@@ -156,7 +158,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     with writing:
         if config.compile:
             with progress.stage("compile", f"Inductor on {device.type}"):
-                inductor.compile_program(program, output / COMPILED)
+                inductor.compile_program(program, output / COMPILED, combo_kernels=config.combo_kernels)
             with progress.stage("verify", "compiled vs captured program"):
                 inputs = mixed_step_inputs(shape, dtype, device, config.tokens_per_block)
                 progress.note(str(check_programs_agree(program, output / COMPILED, inputs, dtype)))

@@ -44,6 +44,7 @@ def write_vision(
     compile: bool,
     progress: Progress,
     architecture: str,
+    combo_kernels: bool = True,
 ) -> bool:
     """Export, save and (optionally) compile a family's vision program; returns whether it was compiled."""
     example = family.vision_example(model.config, dtype, device, limit)
@@ -63,6 +64,7 @@ def write_vision(
         progress=progress,
         architecture=architecture,
         limit=limit,
+        combo_kernels=combo_kernels,
     )
 
 
@@ -77,6 +79,7 @@ def write_vision_program(
     progress: Progress,
     architecture: str,
     limit: int,
+    combo_kernels: bool = True,
 ) -> bool:
     """Export `module` on `example` (dynamic dimension up to `limit`) into output/vision/; compile and verify it."""
     vision_dir = output / VISION_DIR
@@ -87,7 +90,7 @@ def write_vision_program(
     if not compile:
         return False
     with progress.stage("compile vision", f"Inductor on {device.type}"):
-        inductor.compile_program(program, vision_dir / COMPILED)
+        inductor.compile_program(program, vision_dir / COMPILED, combo_kernels=combo_kernels)
     with progress.stage("verify vision", "compiled vs captured vision program"):
         progress.note(str(check_programs_agree(program, vision_dir / COMPILED, example.args, dtype)))
     return True
@@ -118,6 +121,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         compile=config.compile,
         progress=progress,
         architecture=facts.architecture,
+        combo_kernels=config.combo_kernels,
     )
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
@@ -140,7 +144,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     with progress.stage("passes"):
         program = run_passes(
             program,
-            PassContext(architecture=facts.architecture, num_layers=shape.num_layers, input_names=names),
+            PassContext(architecture=facts.architecture, num_layers=shape.num_layers, input_names=names, build=config),
             on_pass=lambda name: progress.note(f"pass {name}"),
         )
     del loaded.model
@@ -152,7 +156,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     with writing:
         if config.compile:
             with progress.stage("compile", f"Inductor on {device.type}"):
-                inductor.compile_program(program, output / COMPILED)
+                inductor.compile_program(program, output / COMPILED, combo_kernels=config.combo_kernels)
             with progress.stage("verify", "compiled vs captured program"):
                 inputs = _llm_check_inputs(shape, dtype, device, config.tokens_per_block, hidden, family)
                 progress.note(str(check_programs_agree(program, output / COMPILED, inputs, dtype)))

@@ -9,7 +9,6 @@ restores the generated code (and, on GPU, the compiled kernels) instead of compi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +59,7 @@ class CompiledProgram:
         return self.artifact(*self.state, *inputs)[self.output]
 
 
-def config_patches(devices: set[torch.device]) -> dict[str, Any]:
+def config_patches(devices: set[torch.device], *, combo_kernels: bool = True) -> dict[str, Any]:
     """Inductor options for a program on `devices`.
 
     Everywhere: `emulate_precision_casts`, so that fused elementwise kernels round their fp16/bf16
@@ -69,16 +68,16 @@ def config_patches(devices: set[torch.device]) -> dict[str, Any]:
     transformers' own bf16 logits differ from its float32 ones (max 0.29 at a logit scale of 5.8:
     `benchmarks/compile_agreement.py`), and the build's check could not tell that from an error.
     On CUDA: programmatic dependent launch for the Triton kernels on Hopper and newer GPUs (see
-    `kiln.kernels.triton.pdl`), when this torch has the option, and combo kernels unless
-    KILN_COMBO_KERNELS=0 (independent small kernels, such as the rotary embedding of q and of k,
-    launched as one: -15 µs on the Llama-3.2-1B decode step)."""
+    `kiln.kernels.triton.pdl`; on when the kernel selection's `pdl` is), when this torch has the
+    option, and, with `combo_kernels`, combo kernels (independent small kernels, such as the rotary
+    embedding of q and of k, launched as one: -15 µs on the Llama-3.2-1B decode step)."""
     patches: dict[str, Any] = {}
     if hasattr(torch._inductor.config, "emulate_precision_casts"):
         patches["emulate_precision_casts"] = True
     devices = {d for d in devices if d.type == "cuda"}
     if not devices:
         return patches
-    patches["combo_kernels"] = os.environ.get("KILN_COMBO_KERNELS") != "0"
+    patches["combo_kernels"] = combo_kernels
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
         try:
             from kiln.kernels.triton.pdl import enabled
@@ -88,8 +87,9 @@ def config_patches(devices: set[torch.device]) -> dict[str, Any]:
     return patches
 
 
-def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """Compile the lifted graph with its symbolic shapes and save the artifact at `path`."""
+def compile_program(program: torch.export.ExportedProgram, path: Path, *, combo_kernels: bool = True) -> None:
+    """Compile the lifted graph with its symbolic shapes and save the artifact at `path`
+    (`combo_kernels`: BuildConfig.combo_kernels; PDL follows the current kernel selection)."""
     from torch._inductor import standalone_compile
 
     graph_module = program.graph_module
@@ -98,7 +98,9 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     with (
         torch.no_grad(),
         torch._guards.tracing(torch._guards.TracingContext(fake_mode)),
-        torch._inductor.config.patch(config_patches({t.device for t in fakes if isinstance(t, torch.Tensor)})),
+        torch._inductor.config.patch(
+            config_patches({t.device for t in fakes if isinstance(t, torch.Tensor)}, combo_kernels=combo_kernels)
+        ),
     ):
         artifact = standalone_compile(graph_module, fakes, dynamic_shapes="from_tracing_context", options={})
     artifact.save(path=str(path), format="binary")

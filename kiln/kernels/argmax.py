@@ -3,15 +3,14 @@
 The Triton path (`kiln.kernels.triton.argmax`) reads each row at full bandwidth where
 `torch.argmax` reduces a row in one thread block; it gives the same indices (lowest index among
 equal maxima, NaN first). It is taken for CUDA tensors when triton is importable and the
-environment variable KILN_ARGMAX is not `reference`.
+kernel selection's `argmax` is not `reference` (`kiln.kernels.selection`).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
 
 
@@ -22,7 +21,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         and logits.dim() == 2
         and logits.stride(1) == 1
         and logits.shape[1] > 0
-        and os.environ.get("KILN_ARGMAX", "") != "reference"
+        and current().argmax != "reference"
         and triton_importable()
     ):
         from kiln.kernels.triton.argmax import argmax_rows as triton_argmax_rows

@@ -6,19 +6,19 @@ that path for CUDA fp16/bf16 inputs with one row (all of x's dims but the last),
 `MAX_ROWS` rows when the weight has at least `MIN_MULTI_ROW_BYTES` (on an H100 the kernel beat
 cuBLAS at one row for every Llama-3.2-1B / 3.1-8B projection, and at 4 and 16 rows only for
 weights of 32 MiB and more: benchmarks/linear_kernels.py), when triton is importable and the
-environment variable KILN_LINEAR is not `reference`; everything else (prefill, CPU, fp32,
+kernel selection's `linear` is not `reference` (`kiln.kernels.selection`); everything else (prefill, CPU, fp32,
 small weights at 2..16 rows) is `torch.nn.functional.linear`. The choice depends on
 shapes, dtypes and the device only, so the op can run inside CUDA graphs.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from kiln.kernels import reference
+from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
 
 MAX_ROWS = 16
@@ -27,7 +27,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool = False) -> bool:
-    """Whether a call takes the Triton path (device, dtypes, row count, environment). A fused call
+    """Whether a call takes the Triton path (device, dtypes, row count, kernel selection). A fused call
     (prologue or residual) takes it at one row only: at 8 rows the fused tl.dot tiles ran the
     Llama-3.2-1B step 1.6x slower than cuBLAS with torch's rms_norm and addmm (H100)."""
     if not (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype and weight.dim() == 2):
@@ -40,7 +40,7 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     big = weight.numel() * weight.element_size() >= MIN_MULTI_ROW_BYTES
     if rows != 1 and (fused or not (1 < rows <= MAX_ROWS and big)):
         return False
-    return os.environ.get("KILN_LINEAR", "") != "reference" and triton_importable()
+    return current().linear != "reference" and triton_importable()
 
 
 def _linear(
@@ -106,7 +106,7 @@ def _kernel(
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: one Triton pass on CUDA fp16/bf16 (KILN_LINEAR not `reference`), else PyTorch."""
+    """silu(gate) * up: one Triton pass on CUDA fp16/bf16 (the selection's `linear` not `reference`), else PyTorch."""
     if gate_up.is_cuda and gate_up.dtype in KERNEL_DTYPES and _triton_elementwise_ok():
         from kiln.kernels.triton.silu_mul import silu_mul
 
@@ -220,7 +220,7 @@ def linear_silu_mul(
 
 
 def _triton_elementwise_ok() -> bool:
-    return os.environ.get("KILN_LINEAR", "") != "reference" and triton_importable()
+    return current().linear != "reference" and triton_importable()
 
 
 def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -7,23 +7,22 @@ and Inductor keeps as an in-place call.
 
 On CUDA tensors the op runs the Triton kernels of `kiln.kernels.triton` (no host
 synchronisation, so it can sit inside CUDA graphs) when triton is importable and the
-environment variable KILN_ATTENTION is not `reference`; everywhere else, and for inputs those
+kernel selection's `attention` is not `reference` (`kiln.kernels.selection`); everywhere else, and for inputs those
 kernels do not take (see `kiln.kernels.triton.unsupported_reason`), the PyTorch reference.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from kiln.kernels import reference
+from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
 
 
 def use_triton(q: torch.Tensor) -> bool:
-    """Whether the op takes the Triton path for a call whose query is q (its device, the env)."""
-    return q.is_cuda and os.environ.get("KILN_ATTENTION", "") != "reference" and triton_importable()
+    """Whether the op takes the Triton path for a call whose query is q (its device, the kernel selection)."""
+    return q.is_cuda and current().attention != "reference" and triton_importable()
 
 
 @torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))

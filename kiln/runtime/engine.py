@@ -17,6 +17,7 @@ from kiln.compiler import inductor
 from kiln.config import RuntimeConfig, torch_dtype
 from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, WEIGHTS, check_compatible, read_manifest
 from kiln.errors import EngineMismatchError, KilnError, RequestError
+from kiln.kernels.selection import from_configs, select
 from kiln.program_files import attach_weights, load_graph
 from kiln.progress import Progress
 from kiln.runtime import memory_plan, prompts
@@ -60,6 +61,7 @@ class Engine:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
         self.device = check_compatible(self.manifest)
+        select(from_configs(self.runtime, self.manifest.build))  # the kernels every op runs, from here on
         held_before = 0  # bytes of GPU tensors this process held before this engine (for the out-of-memory error)
         if self.device.type == "cuda":
             memory_plan.reclaim(self.device)  # a dropped engine in a reference cycle must not hold the GPU

@@ -7,13 +7,15 @@ path, which must give the unfused program's outputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from capture_tiny import capture_tiny
 
 import kiln.kernels  # noqa: F401
 from kiln.compiler.capture import step_inputs
-from kiln.compiler.passes import FUSED_LINEAR_PASSES, active_passes, run_passes
+from kiln.compiler.passes import FUSED_LINEAR_PASSES, PASSES, active_passes, run_passes
 from kiln.compiler.passes.context import nodes_calling
 from kiln.compiler.passes.fuse_gated_activation import fuse_gated_activation
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
@@ -21,6 +23,7 @@ from kiln.compiler.passes.fuse_rms_norm import fuse_rms_norm
 from kiln.compiler.passes.fuse_rope import fuse_rope
 from kiln.compiler.passes.fuse_silu_mul import fuse_silu_mul
 from kiln.compiler.passes.small_batch_linear import rewrite_linears
+from kiln.config import BuildConfig
 
 kiln_ops = torch.ops.kiln
 
@@ -107,11 +110,15 @@ def test_passes_leave_programs_without_kiln_linears_alone(forced):
     assert FUSED_LINEAR_PASSES == passes
 
 
-def test_fused_linear_passes_run_unless_turned_off(monkeypatch):
-    monkeypatch.delenv("KILN_FUSED_LINEARS", raising=False)
-    assert active_passes()[-len(FUSED_LINEAR_PASSES) :] == FUSED_LINEAR_PASSES
-    monkeypatch.setenv("KILN_FUSED_LINEARS", "0")
-    assert not set(FUSED_LINEAR_PASSES) & set(active_passes())
+def test_fused_linear_passes_run_unless_turned_off():
+    assert active_passes(BuildConfig())[-len(FUSED_LINEAR_PASSES) :] == FUSED_LINEAR_PASSES
+    assert active_passes(BuildConfig())[: len(PASSES)] == PASSES
+    assert not set(FUSED_LINEAR_PASSES) & set(active_passes(BuildConfig(fused_linears=False)))
+    assert active_passes(BuildConfig(fused_linears=False)) == PASSES
+    without_rope = active_passes(BuildConfig(fuse_rope=False))
+    assert fuse_rope not in without_rope
+    assert without_rope[len(PASSES) :] == [p for p in FUSED_LINEAR_PASSES if p is not fuse_rope]
+    assert fuse_rope not in active_passes(BuildConfig(fused_linears=False, fuse_rope=True))
 
 
 @pytest.mark.parametrize(
@@ -131,3 +138,12 @@ def test_fuse_rope_takes_only_the_full_rotate_half_pattern(checkpoints, family, 
     assert _count(fused, kiln_ops.linear_rope) == (shape.num_layers if rotated else 0)
     for want, got in zip(_outputs(forced, shape), _outputs(fused, shape)):
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_run_passes_follows_the_build_config_of_its_context(checkpoints):
+    program, _, context = capture_tiny(checkpoints("llama"), "LlamaForCausalLM")
+    assert context.build == BuildConfig()
+    for build in (BuildConfig(), BuildConfig(fused_linears=False), BuildConfig(fuse_rope=False)):
+        names: list[str] = []
+        run_passes(program, dataclasses.replace(context, build=build), on_pass=names.append)
+        assert names == [p.__name__ for p in active_passes(build)]

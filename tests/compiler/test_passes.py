@@ -12,6 +12,7 @@ from kiln.compiler.passes.check_attention_captured import check_attention_captur
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
 from kiln.compiler.passes.context import nodes_calling
 from kiln.compiler.passes.paged_attention import paged_attention
+from kiln.config import BuildConfig
 from kiln.errors import UnsupportedModelError
 
 
@@ -38,8 +39,9 @@ def single_prompt_inputs(shape, n=11, block_size=4):
 
 
 def test_pass_order_is_printable():
-    assert [line.split(":")[0] for line in describe()] == [p.__name__ for p in active_passes()]
-    assert active_passes()[: len(PASSES)] == PASSES
+    for build in (BuildConfig(), BuildConfig(fused_linears=False)):
+        assert [line.split(":")[0] for line in describe(build)] == [p.__name__ for p in active_passes(build)]
+        assert active_passes(build)[: len(PASSES)] == PASSES
 
 
 def test_paged_attention_pass_preserves_outputs_and_fills_the_cache(captured):

@@ -11,6 +11,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kiln.kernels.argmax import argmax_rows  # noqa: E402
+from kiln.kernels.selection import selected  # noqa: E402
 from kiln.kernels.triton.argmax import CHUNK  # noqa: E402
 from kiln.kernels.triton.argmax import argmax_rows as triton_argmax_rows  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
@@ -74,6 +75,6 @@ def test_dispatcher_takes_triton_only_on_cuda(monkeypatch):
         monkeypatch.setattr(module, "argmax_rows", lambda x: calls.append(1) or real(x))
         assert torch.equal(argmax_rows(logits.cuda()).cpu(), torch.argmax(logits, dim=-1))
         assert calls == [1]
-        monkeypatch.setenv("KILN_ARGMAX", "reference")
-        assert torch.equal(argmax_rows(logits.cuda()).cpu(), torch.argmax(logits, dim=-1))
+        with selected(argmax="reference"):
+            assert torch.equal(argmax_rows(logits.cuda()).cpu(), torch.argmax(logits, dim=-1))
         assert calls == [1]

@@ -18,6 +18,7 @@ from kiln.compiler.passes.context import nodes_calling  # noqa: E402
 from kiln.compiler.passes.small_batch_linear import rewrite_linears, small_batch_linear  # noqa: E402
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels.linear import MAX_ROWS, MIN_MULTI_ROW_BYTES, use_kernel  # noqa: E402
+from kiln.kernels.selection import selected  # noqa: E402
 from kiln.kernels.triton.gemv import GemvConfig, default_config, linear_triton  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_one_row_launch_follows_the_projection():
     assert prologue_config(PROLOGUE_RMS_NORM, 4, 3072, 2048).tiles == 1
 
 
-def test_op_takes_the_kernel_only_for_few_cuda_rows(monkeypatch):
+def test_op_takes_the_kernel_only_for_few_cuda_rows():
     w = torch.randn(8, 4)
     assert not use_kernel(torch.randn(1, 4), w, None)  # CPU
     if ON_GPU:
@@ -129,8 +130,8 @@ def test_op_takes_the_kernel_only_for_few_cuda_rows(monkeypatch):
         assert use_kernel(torch.randn(1, 3, 4, device="cuda", dtype=torch.bfloat16), big, None)
         assert not use_kernel(torch.randn(1, MAX_ROWS + 1, 4, device="cuda", dtype=torch.bfloat16), big, None)
         assert not use_kernel(torch.randn(2, 4, device="cuda"), wc.float(), None)  # fp32: cuBLAS
-        monkeypatch.setenv("KILN_LINEAR", "reference")
-        assert not use_kernel(torch.randn(1, 4, device="cuda", dtype=torch.bfloat16), wc, None)
+        with selected(linear="reference"):
+            assert not use_kernel(torch.randn(1, 4, device="cuda", dtype=torch.bfloat16), wc, None)
 
 
 @pytest.mark.parametrize("rows", [1, 5, MAX_ROWS, 40])

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kiln.kernels import paged_attention as op_module  # noqa: E402
 from kiln.kernels import reference  # noqa: E402
+from kiln.kernels.selection import selected  # noqa: E402
 from kiln.kernels.triton import attention, decode, kv_write, prefill  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 
@@ -120,26 +121,27 @@ def test_decode_kernel(dtype, hq, hkv, block_size, window, softcap, splits):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,block_size,window,softcap,splits", DECODE_CASES)
-@pytest.mark.parametrize("early", ["1", "0"])
-def test_decode_kernel_storing_the_new_keys(dtype, hq, hkv, block_size, window, softcap, splits, early, monkeypatch):
+@pytest.mark.parametrize("early", [True, False])
+def test_decode_kernel_storing_the_new_keys(dtype, hq, hkv, block_size, window, softcap, splits, early):
     """new_kv: the kernel attends to this step's keys from k/v and stores them, as write_kv would
     (with its first key tile read before the wait, and after it)."""
-    monkeypatch.setenv("KILN_DECODE_EARLY_KEYS", early)
     batch = make_batch(DECODE, hq, hkv, 32, block_size, dtype, DEVICE, seed=hq * 5 + block_size)
     expected = written(batch)
     ref = reference_output(batch, 0.3, window, softcap)
     out = decode.decode_attention(
         batch.q, batch.kv_cache, *batch.args()[5:], 0.3, window, softcap, poisoned_out(batch),
-        num_splits=splits, new_kv=(batch.k, batch.v, batch.slot_mapping),
+        num_splits=splits, new_kv=(batch.k, batch.v, batch.slot_mapping), early_keys=early,
     )  # fmt: skip
     assert torch.equal(batch.kv_cache, expected.kv_cache), "the cache differs from write_kv's"
     assert_close(out, ref, dtype, f"decode storing its keys, {splits} splits")
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits):
-    """prefetch: the merge kernel's programs first ask for a weight's lines in L2 (a hint on CUDA,
-    nothing under the interpreter): the attention output and the cache must not change."""
+@pytest.mark.parametrize("budget", [decode.PREFETCH_BYTES, 0, 8 << 20])
+def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits, budget):
+    """prefetch: the merge kernel's programs first ask for up to `prefetch_bytes` of a weight's lines
+    in L2 (a hint on CUDA, nothing under the interpreter): the attention output and the cache must
+    not change."""
     batch = make_batch(DECODE, 8, 2, 32, 16, DTYPES[0], DEVICE, seed=splits)
     weights = (
         torch.randn(300, 64, dtype=DTYPES[0], device=DEVICE),
@@ -160,6 +162,7 @@ def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits):
                 num_splits=splits,
                 new_kv=(copy.k, copy.v, copy.slot_mapping),
                 prefetch=prefetch,
+                prefetch_bytes=budget,
             )  # fmt: skip
         )
         outs.append(copy.kv_cache)
@@ -175,16 +178,6 @@ def test_prefetch_takes_the_first_weight_first_within_the_budget():
     assert decode.prefetch_lines([300, 4620], 16 * mb) == (2, 2 + 36)  # whole lines only
 
 
-def test_a_bad_prefetch_budget_is_named(monkeypatch):
-    monkeypatch.setenv("KILN_PREFETCH_MB", "lots")
-    with pytest.raises(ValueError, match="KILN_PREFETCH_MB must be a whole number"):
-        decode._prefetch_budget()
-    monkeypatch.setenv("KILN_PREFETCH_MB", "3")
-    assert decode._prefetch_budget() == 3 << 20
-    monkeypatch.delenv("KILN_PREFETCH_MB")
-    assert decode._prefetch_budget() == decode.PREFETCH_BYTES
-
-
 DISPATCH_CASES = {
     "mixed": (MIXED, 0),  # T != B: the prefill kernel
     "decode": (DECODE, 0),  # T == B: the decode kernels
@@ -198,9 +191,7 @@ DISPATCH_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", DISPATCH_CASES)
-@pytest.mark.parametrize("decode_write", ["fused", "separate"])
-def test_dispatcher_writes_then_attends(dtype, name, decode_write, monkeypatch):
-    monkeypatch.setenv("KILN_DECODE_KV_WRITE", decode_write)
+def test_dispatcher_writes_then_attends(dtype, name):
     shapes, padding = DISPATCH_CASES[name]
     batch = make_batch(shapes, 4, 2, 32, 16, dtype, DEVICE, seed=len(name), padding_tokens=padding)
     expected = batch.clone()
@@ -240,13 +231,12 @@ def test_unsupported_inputs_are_named():
         )  # fmt: skip
 
 
-def test_op_routes_by_device_and_env(monkeypatch):
-    monkeypatch.delenv("KILN_ATTENTION", raising=False)
+def test_op_routes_by_device_and_kernel_selection():
     assert not op_module.use_triton(torch.randn(1, 1, 16))  # CPU tensors: the reference
     if ON_GPU:
         assert op_module.use_triton(torch.randn(1, 1, 16, device="cuda"))
-        monkeypatch.setenv("KILN_ATTENTION", "reference")
-        assert not op_module.use_triton(torch.randn(1, 1, 16, device="cuda"))
+        with selected(attention="reference"):
+            assert not op_module.use_triton(torch.randn(1, 1, 16, device="cuda"))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the op takes the Triton path on CUDA tensors only")

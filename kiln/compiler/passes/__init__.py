@@ -1,13 +1,12 @@
 """Graph passes over the captured program, applied in the order of `PASSES`.
 
 Each pass lives in its own module and is a pure function `(ExportedProgram, PassContext) ->
-ExportedProgram`: it rewrites a copy of the graph and shares the weights. `describe()` prints
-the order.
+ExportedProgram`: it rewrites a copy of the graph and shares the weights. Which passes run
+depends on the BuildConfig (`active_passes`); `describe(build)` prints them in order.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ from kiln.compiler.passes.outer_products import outer_products
 from kiln.compiler.passes.paged_attention import paged_attention
 from kiln.compiler.passes.prefetch_output_weights import prefetch_output_weights
 from kiln.compiler.passes.small_batch_linear import small_batch_linear
+from kiln.config import BuildConfig
 
 Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
 
@@ -45,7 +45,7 @@ PASSES: list[Pass] = [
 
 # Fused decode linears (norm / activation prologue, residual / rotary epilogue): 96 fewer kernels
 # per Llama-3.2-1B decode step. They rewrite kiln::linear nodes, so CUDA fp16/bf16 programs only.
-# KILN_FUSED_LINEARS=0 at build time leaves them out.
+# BuildConfig.fused_linears=False leaves them out.
 FUSED_LINEAR_PASSES: list[Pass] = [
     fuse_silu_mul,  # before fuse_residual_add: the down projection takes both
     fuse_residual_add,
@@ -55,17 +55,16 @@ FUSED_LINEAR_PASSES: list[Pass] = [
 ]
 
 
-def active_passes() -> list[Pass]:
-    """PASSES, then FUSED_LINEAR_PASSES unless KILN_FUSED_LINEARS=0 (KILN_FUSE_ROPE=0 leaves out
-    only `fuse_rope`: a diagnostic, to time its kernels against Inductor's)."""
-    if os.environ.get("KILN_FUSED_LINEARS") == "0":
+def active_passes(build: BuildConfig) -> list[Pass]:
+    """PASSES, then FUSED_LINEAR_PASSES when `build.fused_linears` (all but `fuse_rope` when
+    `build.fuse_rope` is false: to time its kernels against Inductor's)."""
+    if not build.fused_linears:
         return list(PASSES)
-    fused = [p for p in FUSED_LINEAR_PASSES if p is not fuse_rope or os.environ.get("KILN_FUSE_ROPE") != "0"]
-    return PASSES + fused
+    return PASSES + [p for p in FUSED_LINEAR_PASSES if p is not fuse_rope or build.fuse_rope]
 
 
-def describe() -> list[str]:
-    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in active_passes()]
+def describe(build: BuildConfig) -> list[str]:
+    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in active_passes(build)]
 
 
 def run_passes(
@@ -75,7 +74,7 @@ def run_passes(
 ) -> torch.export.ExportedProgram:
     with warnings.catch_warnings():  # torch's own pytree deprecation notice while programs are copied
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        for graph_pass in active_passes():
+        for graph_pass in active_passes(context.build):
             if on_pass is not None:
                 on_pass(graph_pass.__name__)
             program = graph_pass(program, context)

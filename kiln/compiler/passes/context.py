@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import torch
 
+from kiln.config import BuildConfig
+
 M = TypeVar("M")
 
 
@@ -17,6 +19,7 @@ class PassContext:
     architecture: str
     num_layers: int
     input_names: tuple[str, ...] = ()  # the program's user inputs; empty: the text engine's INPUT_NAMES
+    build: BuildConfig = BuildConfig()
 
 
 def copy_graph(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -3,15 +3,12 @@
 Every choice here is made from shapes and dtypes alone, never from tensor values, so a call
 needs no host synchronisation and can be captured in a CUDA graph. When every sequence could
 have exactly one new token (T == B) the split-K decode kernels run, and the decode kernel stores
-the new keys and values itself (`KILN_DECODE_KV_WRITE=separate` runs the KV-write kernel first
-instead); otherwise the KV write, then the tiled prefill kernel, which is correct for any mix of
+the new keys and values itself; otherwise the KV write, then the tiled prefill kernel, which is correct for any mix of
 prefill, chunked prefill and decode rows. Both paths are correct for any batch; the choice only
 affects speed.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -60,9 +57,6 @@ def paged_attention_triton(
         return out
     args = (q, kv_cache, block_tables, seq_lens, query_start_loc, layer, scale, sliding_window, softcap, out)
     if q.shape[0] == block_tables.shape[0]:
-        if os.environ.get("KILN_DECODE_KV_WRITE", "") == "separate":  # a diagnostic: the unfused path
-            write_kv(kv_cache, layer, k, v, slot_mapping)
-            return decode_attention(*args, prefetch=prefetch)
         return decode_attention(*args, new_kv=(k, v, slot_mapping), prefetch=prefetch)  # stores the new keys itself
     write_kv(kv_cache, layer, k, v, slot_mapping)
     return prefill_attention(*args)

@@ -14,7 +14,6 @@ for decode, where each sequence has exactly one new token.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -344,16 +343,6 @@ def prefetch_lines(sizes: list[int], budget: int) -> tuple[int, int]:
     return first, first + second
 
 
-def _prefetch_budget() -> int:
-    """Bytes the merge kernel may prefetch: PREFETCH_BYTES, or KILN_PREFETCH_MB megabytes (a diagnostic)."""
-    value = os.environ.get("KILN_PREFETCH_MB")
-    if value is None:
-        return PREFETCH_BYTES
-    if not value.isdigit():
-        raise ValueError(f"KILN_PREFETCH_MB must be a whole number of megabytes, got {value!r}")
-    return int(value) << 20
-
-
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
@@ -390,6 +379,8 @@ def decode_attention(
     config: DecodeConfig | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     prefetch: tuple[torch.Tensor, ...] = (),
+    early_keys: bool = True,
+    prefetch_bytes: int = PREFETCH_BYTES,
 ) -> torch.Tensor:
     """Attend each query token of q [T, Hq, D] to its cached keys; writes and returns out.
 
@@ -398,13 +389,13 @@ def decode_attention(
     do first), saving a kernel launch per layer. Every key it then reads from the cache was written
     by an earlier step, so under PDL each program loads its first key tile (block table, keys,
     values) before waiting for the kernel that computes q, k and v, taking those dependent loads
-    off the step's critical path (`KILN_DECODE_EARLY_KEYS=0` waits first: a diagnostic).
+    off the step's critical path (`early_keys=False` waits first: a diagnostic).
     prefetch: constant weights read right after this call, in order (the output projection's, then
     the next one's). When the splits are merged by a second kernel, that kernel is launched early
     (PDL) and waits for this one while attention's chain of dependent loads leaves the memory bus
-    idle; its programs first ask for up to PREFETCH_BYTES of the weights (the first one first; at
-    most two) to be brought into L2, so the projections start from cache (`KILN_PREFETCH=0` turns
-    that off, and KILN_PREFETCH_MB sets the budget: diagnostics).
+    idle; its programs first ask for up to `prefetch_bytes` of the weights (the first one first; at
+    most two) to be brought into L2, so the projections start from cache (`prefetch_bytes=0`
+    turns that off: a diagnostic).
     num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
@@ -456,7 +447,7 @@ def decode_attention(
         NUM_Q_HEADS=num_q_heads,
         SPLIT=num_splits > 1,
         FUSE_WRITE=new_kv is not None,
-        EARLY=new_kv is not None and os.environ.get("KILN_DECODE_EARLY_KEYS", "") != "0",
+        EARLY=new_kv is not None and early_keys,
         GROUP=group,
         ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
@@ -473,10 +464,10 @@ def decode_attention(
     )
     if num_splits > 1:
         weights = [w for w in prefetch[:2] if w.is_cuda and w.is_contiguous() and w.dtype == out.dtype]
-        if interpreting() or os.environ.get("KILN_PREFETCH", "") == "0" or len(weights) != len(prefetch[:2]):
+        if interpreting() or len(weights) != len(prefetch[:2]):
             weights = []
         line = 128 // out.element_size()
-        first_lines, lines = prefetch_lines([w.numel() * w.element_size() for w in weights], _prefetch_budget())
+        first_lines, lines = prefetch_lines([w.numel() * w.element_size() for w in weights], prefetch_bytes)
         _merge_kernel[(num_tokens, num_q_heads)](
             out,
             part_acc,

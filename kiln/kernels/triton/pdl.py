@@ -17,18 +17,19 @@ first, as kiln once did, lets an Inductor kernel read a buffer that a kernel two
 still be writing.)
 
 `enabled(device)` decides for a launch (CUDA, compute capability >= 9, not the interpreter, and
-the environment variable KILN_PDL is not `0`); `launch_options(flag)` gives the launch keyword.
+the kernel selection's `pdl`: `kiln.kernels.selection`); `launch_options(flag)` gives the launch keyword.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels.selection import current
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,8 +47,8 @@ def supported(device: torch.device) -> bool:
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether kiln's kernels on `device` launch with PDL (supported, and KILN_PDL is not `0`)."""
-    return os.environ.get("KILN_PDL", "1") != "0" and supported(device)
+    """Whether kiln's kernels on `device` launch with PDL (supported, and selected)."""
+    return current().pdl and supported(device)
 
 
 def launch_options(pdl: bool) -> dict[str, Any]:
