@@ -199,6 +199,7 @@ class Engine:
         observer = self.step_observer
         if observer is not None:
             observer.step_started()
+        finished = self._scheduler.num_finished
         plan = self._scheduler.schedule()
         pending, self._in_flight = self._in_flight, None
         overlap = self._can_overlap(plan)
@@ -217,9 +218,10 @@ class Engine:
             updates += self._run(plan.chunks)
         elif not updates and self._scheduler.waiting and not self._scheduler.running:
             raise KilnError("the KV-cache pool cannot hold the next waiting request; raise num_kv_blocks")
-        for update in updates:
-            if update.seq.is_finished:  # the caller holds the sequence; the engine forgets it
-                self._requests.pop(update.seq.request_id, None)
+        if self._scheduler.num_finished != finished:  # the callers hold the sequences; the engine forgets them
+            for update in updates:
+                if update.finished:
+                    self._requests.pop(update.seq.request_id, None)
         if observer is not None and info is not None:
             observer.step_finished(info)
         return updates

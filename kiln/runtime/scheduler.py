@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from kiln.runtime.kv_cache import KVCacheManager
@@ -84,6 +85,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.prefix_query_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of those, tokens whose KV was already cached
+        self.num_finished = 0  # sequences finished or aborted so far
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -154,13 +156,20 @@ class Scheduler:
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.kv.register_computed(seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys)
         placed = []
-        for row, (seq, token) in enumerate(zip(out.seqs, out.tokens)):
-            if seq.is_finished:
+        finished = Status.FINISHED
+        logprobs = repeat(None) if out.logprobs is None else out.logprobs
+        if out.indices is None:
+            for seq, token, logprob in zip(out.seqs, out.tokens, logprobs):
+                if seq.status is not finished:
+                    self._place(seq, token, None, logprob, now, stop_string)
+                    placed.append((seq, token))
+            return placed
+        for seq, token, index, logprob in zip(out.seqs, out.tokens, out.indices, logprobs):
+            if seq.status is finished:
                 continue
-            index = None if out.indices is None else out.indices[row]
-            self._place(seq, token, index, None if out.logprobs is None else out.logprobs[row], now, stop_string)
+            self._place(seq, token, index, logprob, now, stop_string)
             placed.append((seq, token))
-            if out.indices is not None and not seq.is_finished:
+            if seq.status is not finished:  # its last computed token is known now
                 self.kv.register_computed(
                     seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys
                 )
@@ -214,3 +223,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        self.num_finished += 1
