@@ -95,7 +95,8 @@ def main() -> None:
         else:
             del llm
     engine = profile_llm.engine
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)) for p in batch]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(engine.validate(p, params)) for p in batch]
     for _ in range(4):  # prefill and a few decode steps before the profiled ones
         engine.step()
     torch.cuda.synchronize()

@@ -4,9 +4,10 @@ decode step at a large batch, timed with CUDA events and profiled by kernel grou
     python benchmarks/step_profile.py ENGINE [--decode-rows 211] [--context 1500]
         [--prompts 6] [--prompt-len 1000] [--json OUT]
 
-The steps are built directly (no scheduler): `--decode-rows` sequences of `--context` cached
-tokens each gain one token, and `--prompts` new prompts of `--prompt-len` tokens are computed in
-the same step. The KV cache holds whatever the pool holds (speed does not depend on values).
+The steps are built directly (no scheduler: blocks come from the model runner's block manager):
+`--decode-rows` sequences of `--context` cached tokens each gain one token, and `--prompts` new
+prompts of `--prompt-len` tokens are computed in the same step. The KV cache holds whatever the
+pool holds (speed does not depend on values).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def make_chunks(llm: LLM, decode_rows: int, context: int, prompts: int, prompt_l
         decode = i < decode_rows
         length = context + 1 if decode else prompt_len
         seq = Sequence(f"profile-{i}", torch.randint(10, vocab - 1, (length,), generator=g).tolist(), params)
-        if not engine.kv.allocate(seq.request_id, length):
+        if not engine.runner.kv.allocate(seq.request_id, length):
             raise SystemExit(f"the KV pool cannot hold {decode_rows} x {context} + {prompts} x {prompt_len} tokens")
         chunks.append(ScheduledChunk(seq, context, 1) if decode else ScheduledChunk(seq, 0, prompt_len))
     return chunks
@@ -129,7 +130,7 @@ def main() -> None:
         finally:
             engine.runner.graphs = graphs
             for c in chunks:
-                engine.kv.free(c.seq.request_id)
+                engine.runner.kv.free(c.seq.request_id)
         tokens = sum(c.num_tokens for c in chunks)
         report[name] = {"rows": len(chunks), "tokens": tokens, "median_ms": times[len(times) // 2], **profile}
         print(f"\n{name}: {len(chunks)} rows, {tokens} tokens, median {times[len(times) // 2]:.2f} ms")

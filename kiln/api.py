@@ -11,8 +11,9 @@ from typing import Any
 from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import RequestError
 from kiln.progress import Progress
-from kiln.runtime.engine import Engine, StepUpdate
+from kiln.runtime.engine import Engine
 from kiln.runtime.multimodal import MultimodalData, PipelineTimings
+from kiln.runtime.output_processor import StepUpdate
 from kiln.runtime.prompts import Prompt, is_token_ids
 from kiln.sampling_params import SamplingParams
 
@@ -112,7 +113,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt in one batch; outputs come back in prompt order.
 
-        Every prompt is validated before any runs, so one bad prompt loses no work.
+        Every prompt is validated (once) before any runs, so one bad prompt loses no work.
         """
         single = isinstance(prompts, (str, dict)) or is_token_ids(prompts)
         batch: list[PromptInput] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
@@ -124,12 +125,13 @@ class LLM:
         begin = time.perf_counter()
         encoded = self._prepare(batch)
         prepared = time.perf_counter()
-        for i, ((ids, _), sp) in enumerate(zip(encoded, param_list)):
+        requests = []
+        for i, ((ids, mm), sp) in enumerate(zip(encoded, param_list)):
             try:
-                self.engine.validate(ids, sp)
+                requests.append(self.engine.validate(ids, sp, mm))
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}") from exc
-        seqs = [self.engine.add_request(ids, sp, mm=mm) for (ids, mm), sp in zip(encoded, param_list)]
+        seqs = [self.engine.add_request(request) for request in requests]
         start = time.perf_counter()
         try:
             while any(not s.is_finished for s in seqs):
@@ -143,7 +145,6 @@ class LLM:
         generated = time.perf_counter()
         outputs = []
         for prompt, seq in zip(batch, seqs):
-            self.engine.sequences.pop(seq.request_id, None)
             first = seq.first_token_time or start
             end = seq.finish_time or time.perf_counter()
             outputs.append(

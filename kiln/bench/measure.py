@@ -96,16 +96,16 @@ def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int
     llm.generate(random_prompts(2, input_len, vocab, seed + 1000), params)
     prompts = random_prompts(num_requests, input_len, vocab, seed)
     _sync(engine.device)
-    engine.step_timer = timer = StepTimer()
+    engine.step_observer = timer = StepTimer(engine.device)
     start = time.perf_counter()
     try:
         outs = llm.generate(prompts, params)
         _sync(engine.device)
     finally:
-        engine.step_timer = None
+        engine.step_observer = None
     total = time.perf_counter() - start
     ttft = sum(o.metrics["time_to_first_token_s"] for o in outs) / len(outs)
-    capacity = engine.kv.num_blocks * engine.kv.block_size
+    capacity = engine.stats().kv_tokens
     preempted = sum(o.metrics["num_preemptions"] for o in outs)
     return ThroughputResult(
         "kiln",

@@ -1,4 +1,4 @@
-"""The runtime engine: load an engine directory, then step() = schedule, run, sample, post-process."""
+"""The runtime engine: load an engine directory, then step() = schedule, run, sample, update, process outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import itertools
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +19,23 @@ from kiln.errors import EngineMismatchError, KilnError, RequestError
 from kiln.kernels.selection import from_configs, select
 from kiln.program_files import attach_weights, load_graph
 from kiln.progress import Progress
-from kiln.runtime import memory_plan, prompts
+from kiln.runtime import memory_plan, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
-from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.mm_runner import make_runner
 from kiln.runtime.multimodal import MultimodalData, load_pipeline
+from kiln.runtime.output_processor import OutputProcessor, StepUpdate
 from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
-from kiln.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from kiln.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, StepOutput
 from kiln.runtime.sequence import Sequence
-from kiln.runtime.step_timer import DECODE, IDLE, MIXED, MIXED_PIPELINED, PIPELINED, StepTimer
+from kiln.runtime.stats import EngineStats
+from kiln.runtime.step_observer import StepObserver, describe
+from kiln.runtime.validation import Request
 from kiln.sampling_params import SamplingParams
 
-
-@dataclass
-class StepUpdate:
-    """What one step did for one request: tokens added, text that became final, and whether it ended."""
-
-    seq: Sequence
-    new_token_ids: list[int] = field(default_factory=list)
-    delta_text: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.seq.is_finished
-
-
-# Share of free memory a vision-language engine's KV pool takes unless told otherwise (see _num_blocks).
-MULTIMODAL_MEMORY_FRACTION = 0.9
+__all__ = ["Engine", "EngineStats", "Request", "StepUpdate"]
 
 
 class Engine:
@@ -76,13 +62,27 @@ class Engine:
             program = self._load_program()
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
-        num_blocks = self._num_blocks(dtype, program, held_before)
-        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
-        self.kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
+        mm_spec = self.manifest.multimodal
+        setup = memory_plan.StepSetup(
+            self.build,
+            self._cache_shape,
+            dtype,
+            self.device,
+            lambda cache, kv: make_runner(mm_spec, program, cache, kv, self.device),
         )
-        self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self.kv, self.device)
+        num_blocks = memory_plan.num_blocks(
+            setup, facts, self.runtime, multimodal=mm_spec is not None, held_before=held_before
+        )
+        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
+        self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
+        self._scheduler = Scheduler(
+            self._kv,
+            max_batch_size=self.build.max_batch_size,
+            max_num_tokens=self.build.max_num_tokens,
+            eos_ids=self.eos_ids,
+            max_seq_len=self.build.seq_len,
+        )
+        self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self._kv, self.device)
         # Images -> expanded prompt + features, for engines built from a vision-language checkpoint.
         self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
         # Decode steps of text engines replay CUDA graphs (a VLM's program also takes the embedding table).
@@ -97,14 +97,14 @@ class Engine:
                 )
                 graphs.capture()
             self.runner.graphs = graphs
+        self.limits = validation.RequestLimits(self.build.input_len, self.build.seq_len, facts.vocab_size)
+        self._outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
-        self.sequences: dict[str, Sequence] = {}
+        self._requests: dict[str, Sequence] = {}  # added, not yet finished or aborted
         # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
         self._in_flight: InFlightStep | None = None  # a pipelined decode step whose tokens are unread
-        self.step_timer: StepTimer | None = None  # set by callers that want step times (the throughput bench)
-        self._last_step: tuple[str, int, int, int] = (IDLE, 0, 0, 0)
-        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self.step_observer: StepObserver | None = None  # told about each step (the throughput bench's StepTimer)
         overlap = self.runtime.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
 
@@ -136,46 +136,6 @@ class Engine:
         facts = self.manifest.model
         return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, facts.num_kv_heads, facts.head_dim)
 
-    def _num_blocks(self, dtype: torch.dtype, program: inductor.Program, held_before: int) -> int:
-        facts, build = self.manifest.model, self.build
-        blocks_per_seq = -(-build.seq_len // build.tokens_per_block)
-        needed = blocks_per_seq * build.max_batch_size
-        if self.runtime.num_kv_blocks is not None:
-            if self.runtime.num_kv_blocks < blocks_per_seq:
-                raise KilnError(
-                    f"num_kv_blocks={self.runtime.num_kv_blocks} cannot hold one sequence of max_seq_len "
-                    f"{build.seq_len} ({blocks_per_seq} blocks of {build.tokens_per_block} tokens)"
-                )
-            return self.runtime.num_kv_blocks
-        if self.device.type != "cuda":
-            # Room for a full batch, twice over so finished prompts stay cached for prefix reuse.
-            return 2 * needed
-        memory_plan.reclaim(self.device)  # loading's temporaries, cached by the allocator, count as free
-        per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
-        fraction = self.runtime.kv_cache_memory_fraction
-        if fraction is None and self.manifest.multimodal is not None:
-            # The vision program loads after the pool and its activations are not measured: keep a tenth free.
-            fraction = MULTIMODAL_MEMORY_FRACTION
-        if fraction is not None:
-            free, _total = torch.cuda.mem_get_info(self.device)
-            fits = int(free * fraction) // per_block
-        else:
-            step = memory_plan.step_peak_bytes(
-                memory_plan.StepSetup(
-                    build,
-                    self._cache_shape,
-                    dtype,
-                    self.device,
-                    lambda cache, kv: make_runner(self.manifest.multimodal, program, cache, kv, self.device),
-                )
-            )
-            free, total = torch.cuda.mem_get_info(self.device)  # the step's memory has gone back
-            fits = memory_plan.pool_blocks(free, total, step, per_block)
-        memory_plan.check_holds_one_sequence(
-            fits, blocks_per_seq, free, free - fits * per_block, other_bytes=held_before
-        )
-        return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse
-
     # ---- requests -------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -192,125 +152,93 @@ class Engine:
 
         return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        build, vocab = self.build, self.manifest.model.vocab_size
-        if not prompt_ids:
-            raise RequestError("the prompt is empty: give at least one token")
-        if len(prompt_ids) > build.input_len:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens, more than this engine's max_input_len "
-                f"({build.input_len}); shorten it or rebuild with a larger --max-input-len"
-            )
-        if len(prompt_ids) + params.max_tokens > build.seq_len:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this engine's "
-                f"max_seq_len ({build.seq_len}); lower max_tokens to at most {build.seq_len - len(prompt_ids)}"
-            )
-        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    def validate(self, prompt_ids: list[int], params: SamplingParams, mm: MultimodalData | None = None) -> Request:
+        """The request checked against this engine's limits (reads only them: safe on any thread)."""
+        return validation.validate(prompt_ids, params, self.limits, mm)
 
-    def add_request(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        *,
-        mm: MultimodalData | None = None,
-    ) -> Sequence:
-        """Queue a request; `mm` comes from `self.multimodal.prepare(...)` for a prompt with images."""
-        self.validate(prompt_ids, params)
+    def add_request(self, request: Request, request_id: str | None = None) -> Sequence:
+        """Queue a request that `validate` returned; its `mm` comes from `self.multimodal.prepare(...)`."""
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.sequences:
+        if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, mm=mm)
+        params, mm = request.params, request.mm
+        seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), params=params, mm=mm)
         if mm is not None:  # blocks holding image tokens are cached under the images' content too
-            seq.block_extra_keys = list(mm.block_extra_keys(self.kv.block_size))
+            seq.block_extra_keys = list(mm.block_extra_keys(self._kv.block_size))
         seq.generator = make_generator(params.seed, self.device)
-        seq.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, params.stop, params.skip_special_tokens, context_ids=prompt_ids[-4:]
-        )
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        self._outputs.add(seq)
+        self._requests[request_id] = seq
+        self._scheduler.add(seq)
         return seq
 
-    def abort(self, request_id: str) -> None:
-        seq = self.sequences.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            seq.finish_reason = "abort"
-            while seq.output_ids and seq.output_ids[-1] == PENDING_TOKEN:
-                seq.output_ids.pop()
-            self.scheduler.finish(seq)
+    def abort(self, request_id: str) -> Sequence | None:
+        """End a request (reason "abort") and free its blocks; the sequence, or None for an unknown id."""
+        seq = self._requests.pop(request_id, None)
+        if seq is not None:
+            self._scheduler.abort(seq)
+        return seq
+
+    def running_request_ids(self) -> list[str]:
+        """Ids of the requests in the running batch (those a failed step was running)."""
+        return [seq.request_id for seq in self._scheduler.running]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self._scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return stats.collect(self._scheduler, self._kv, len(self._requests))
 
     # ---- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[StepUpdate]:
-        """Schedule, run, sample, post-process; with `overlap_decode`, decode steps are pipelined.
+        """Schedule, run, sample, update from the output, process outputs.
 
-        See `_step`; this wrapper only times the step when `step_timer` is set.
+        With `overlap_decode`, decode steps are pipelined: a step is launched before the previous
+        one's tokens are read (its inputs take them straight from the device, each sequence holds a
+        placeholder for its pending token), and the previous step's results are applied while the
+        device works. A sequence that finished meanwhile computed one token too many; it is dropped.
         """
-        timer = self.step_timer
-        if timer is None:
-            return self._step()
-        start = time.perf_counter()
-        try:
-            updates = self._step()
-            wall = time.perf_counter() - start
-            device_s = None
-            if self._events is not None:
-                begin, end = self._events
-                end.synchronize()
-                device_s = begin.elapsed_time(end) / 1000
-        finally:  # untimed steps never see these events (they only exist while a timer is set)
-            self._events = None
-        kind, rows, tokens, preempted = self._last_step
-        timer.record(kind, wall, rows, tokens, device_s, preempted)
-        return updates
-
-    def _step(self) -> list[StepUpdate]:
-        """Schedule, run, sample, post-process; with `overlap_decode`, decode steps are pipelined.
-
-        A pipelined decode step is launched before the previous one's tokens are read: its inputs take
-        those tokens straight from the device, each sequence holds a placeholder for its pending token,
-        and the previous step's post-processing (detokenizing, stop checks) runs while the device works.
-        A sequence that finished meanwhile computed one token too many; that token is dropped.
-        """
-        plan = self.scheduler.schedule()
+        observer = self.step_observer
+        if observer is not None:
+            observer.step_started()
+        finished = self._scheduler.num_finished
+        plan = self._scheduler.schedule()
         pending, self._in_flight = self._in_flight, None
         overlap = self._can_overlap(plan)
-        if self.step_timer is not None:
-            self._last_step = self._describe(plan, overlap)
+        info = describe(plan, overlap) if observer is not None else None
         updates: list[StepUpdate] = []
         if pending is not None and not overlap:
             updates = self._resolve(pending)
             pending = None
             plan.chunks = [c for c in plan.chunks if not c.seq.is_finished]
-        if not plan.chunks:
-            if not updates and self.scheduler.waiting and not self.scheduler.running:
-                raise KilnError("the KV-cache pool cannot hold the next waiting request; raise num_kv_blocks")
-            return updates
         if overlap:
             self._in_flight = self._launch(plan.chunks, pending)
             updates = self._resolve(pending) if pending is not None else []
             if all(seq.is_finished for seq in self._in_flight.seqs):  # nothing left to read from it
                 self._in_flight = None
-            return updates
-        if self.step_timer is not None and self.device.type == "cuda":
-            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            self._events[0].record()
-        logits, sampled = self.runner.run(plan.chunks)
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.kv.register_computed(seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys)
+        elif plan.chunks:
+            updates += self._run(plan.chunks)
+        elif not updates and self._scheduler.waiting and not self._scheduler.running:
+            raise KilnError("the KV-cache pool cannot hold the next waiting request; raise num_kv_blocks")
+        if self._scheduler.num_finished != finished:  # the callers hold the sequences; the engine forgets them
+            for update in updates:
+                if update.finished:
+                    self._requests.pop(update.seq.request_id, None)
+        if observer is not None and info is not None:
+            observer.step_finished(info)
+        return updates
+
+    def _run(self, chunks: list[ScheduledChunk]) -> list[StepUpdate]:
+        """Run and sample a step that is not pipelined, then apply its tokens."""
+        observer = self.step_observer
+        if observer is not None:
+            observer.device_started()
+        logits, sampled = self.runner.run(chunks)
         if not sampled:
-            if self._events is not None:
-                self._events[1].record()
-            return updates
-        seqs = [plan.chunks[i].seq for i in sampled]
+            if observer is not None:
+                observer.device_finished()
+            return self._update(StepOutput(chunks), time.perf_counter())
+        seqs = [chunks[i].seq for i in sampled]
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
         tokens, logprobs = sample(
@@ -321,24 +249,14 @@ class Engine:
             [s.output_ids for s in seqs],
             [s.generator for s in seqs],
         )
-        if self._events is not None:
-            self._events[1].record()
+        if observer is not None:
+            observer.device_finished()
         now = time.perf_counter()
-        for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            updates.append(self._append(seq, token, logprobs[row] if logprobs is not None else None, now))
-        return updates
+        return self._update(StepOutput(chunks, seqs, tokens.tolist(), None, logprobs), now)
 
-    @staticmethod
-    def _describe(plan: SchedulerOutput, overlap: bool) -> tuple[str, int, int, int]:
-        """(kind, rows, tokens, preempted) of a planned step, for the step timer."""
-        rows, tokens = len(plan.chunks), plan.num_tokens
-        if not plan.chunks:
-            kind = IDLE
-        elif tokens == rows and all(c.completes for c in plan.chunks):
-            kind = PIPELINED if overlap else DECODE
-        else:
-            kind = MIXED_PIPELINED if overlap else MIXED
-        return kind, rows, tokens, len(plan.preempted)
+    def _update(self, out: StepOutput, now: float) -> list[StepUpdate]:
+        placed = self._scheduler.update_from_output(out, self._outputs.push, now)
+        return self._outputs.process(placed)
 
     # ---- pipelined decode ---------------------------------------------------------------------------
 
@@ -373,48 +291,6 @@ class Engine:
         return InFlightStep.start(seqs, indices, tokens)
 
     def _resolve(self, step: InFlightStep) -> list[StepUpdate]:
-        updates = []
+        """Read a pipelined step's tokens into its sequences' placeholders and apply them."""
         now = time.perf_counter()
-        for seq, index, token in zip(step.seqs, step.indices, step.host_tokens()):
-            if seq.is_finished:  # ended at an earlier step: this token was computed past its end
-                continue
-            updates.append(self._append(seq, token, None, now, index=index))
-            if not seq.is_finished:
-                self.kv.register_computed(
-                    seq.request_id, seq.token_slice, seq.num_computed_tokens, seq.block_extra_keys
-                )
-        return updates
-
-    def _append(self, seq: Sequence, token: int, logprob: Any, now: float, index: int | None = None) -> StepUpdate:
-        """Add a sampled token (or fill the placeholder at `index`) and decide whether the sequence ends."""
-        update = StepUpdate(seq, [token])
-        if index is None:
-            seq.output_ids.append(token)
-            index = len(seq.output_ids) - 1
-        else:
-            seq.output_ids[index] = token
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        params = seq.params
-        is_eos = token in self.eos_ids and not params.ignore_eos
-        if not is_eos and token not in params.stop_token_ids and params.detokenize:
-            update.delta_text = seq.detokenizer.push(token)
-        reason: str | None = None
-        if is_eos:
-            reason = "stop"
-        elif token in params.stop_token_ids:
-            reason, seq.stop_reason = "stop", token
-        elif seq.detokenizer.stopped:
-            reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
-        elif index + 1 >= params.max_tokens or len(seq.prompt_ids) + index + 1 >= self.build.seq_len:
-            reason = "length"
-        if reason is not None:
-            del seq.output_ids[index + 1 :]  # a placeholder of a step still in flight
-            if not seq.detokenizer.stopped and params.detokenize:
-                update.delta_text += seq.detokenizer.flush()
-            seq.finish_reason = reason
-            seq.finish_time = now
-            self.scheduler.finish(seq)
-        return update
+        return self._update(StepOutput(seqs=step.seqs, tokens=step.host_tokens(), indices=step.indices), now)

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sequence import PENDING_TOKEN, Sequence
 
-# Stands in a sequence's output for a token still being sampled (never a real id: ids are >= 0).
-PENDING_TOKEN = -1
+__all__ = ["PENDING_TOKEN", "InFlightStep", "TokenPatch", "apply_patch"]
 
 
 @dataclass

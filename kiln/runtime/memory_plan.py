@@ -1,7 +1,9 @@
 """How many KV-cache blocks a GPU holds: the memory left after the weights and one measured full-size step.
 
-By default (`RuntimeConfig.kv_cache_memory_fraction` None) the engine runs one step at the build
-limits before it allocates the pool: `max_num_tokens` tokens over up to `max_batch_size` sequences,
+`num_blocks` decides the pool's size. A `RuntimeConfig.num_kv_blocks` given is taken as is (if it
+holds one sequence); on CPU the pool holds a full batch twice over. On a GPU, by default
+(`RuntimeConfig.kv_cache_memory_fraction` None) the engine runs one step at the build limits
+before it allocates the pool: `max_num_tokens` tokens over up to `max_batch_size` sequences,
 each yielding a sampled token (top-k/top-p sampling, the costliest path). The peak memory that step
 allocates is kept free for every later step, plus `HEADROOM_FRACTION` of the device for allocator
 slack and libraries' workspaces; the pool takes the rest. No later step can need more than that
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, RuntimeConfig
+from kiln.engine_dir import ModelFacts
 from kiln.errors import KilnError
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
@@ -30,6 +33,8 @@ from kiln.runtime.sequence import Sequence
 from kiln.sampling_params import SamplingParams
 
 HEADROOM_FRACTION = 0.02  # of total device memory, left free beside the measured step
+# Share of free memory a vision-language engine's KV pool takes unless told otherwise (see num_blocks).
+MULTIMODAL_MEMORY_FRACTION = 0.9
 
 RunnerFactory = Callable[[torch.Tensor, KVCacheManager], ModelRunner]
 
@@ -124,3 +129,39 @@ def check_holds_one_sequence(
             f"of it kept free for the steps) holds {blocks} blocks, fewer than one max_seq_len "
             f"sequence needs ({blocks_per_seq}); lower max_seq_len or max_num_tokens, or free memory{hint}"
         )
+
+
+def num_blocks(
+    setup: StepSetup, facts: ModelFacts, runtime: RuntimeConfig, *, multimodal: bool, held_before: int = 0
+) -> int:
+    """KV-cache blocks of the engine's pool; `held_before`: bytes of GPU tensors held before it loaded."""
+    build = setup.build
+    blocks_per_seq = -(-build.seq_len // build.tokens_per_block)
+    needed = blocks_per_seq * build.max_batch_size
+    if runtime.num_kv_blocks is not None:
+        if runtime.num_kv_blocks < blocks_per_seq:
+            raise KilnError(
+                f"num_kv_blocks={runtime.num_kv_blocks} cannot hold one sequence of max_seq_len "
+                f"{build.seq_len} ({blocks_per_seq} blocks of {build.tokens_per_block} tokens)"
+            )
+        return runtime.num_kv_blocks
+    if setup.device.type != "cuda":
+        # Room for a full batch, twice over so finished prompts stay cached for prefix reuse.
+        return 2 * needed
+    reclaim(setup.device)  # loading's temporaries, cached by the allocator, count as free
+    per_block = (
+        2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * setup.dtype.itemsize
+    )
+    fraction = runtime.kv_cache_memory_fraction
+    if fraction is None and multimodal:
+        # The vision program loads after the pool and its activations are not measured: keep a tenth free.
+        fraction = MULTIMODAL_MEMORY_FRACTION
+    if fraction is not None:
+        free, _total = torch.cuda.mem_get_info(setup.device)
+        fits = int(free * fraction) // per_block
+    else:
+        step = step_peak_bytes(setup)
+        free, total = torch.cuda.mem_get_info(setup.device)  # the step's memory has gone back
+        fits = pool_blocks(free, total, step, per_block)
+    check_holds_one_sequence(fits, blocks_per_seq, free, free - fits * per_block, other_bytes=held_before)
+    return fits  # beyond a full batch, the rest holds finished prompts for prefix reuse

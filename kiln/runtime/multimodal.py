@@ -3,7 +3,7 @@
 `MultimodalPipeline.prepare([(prompt, images), ...])` loads and checks the images, expands the
 prompt with the checkpoint's own processor (one image token -> that image's feature count), runs
 the vision program over the images of all requests in batches, and returns one `MultimodalPrompt`
-per request: the expanded token ids and a `MultimodalData` that `Engine.add_request(..., mm=...)`
+per request: the expanded token ids and a `MultimodalData` that `Engine.validate(..., mm)`
 stores on the sequence.
 """
 
@@ -94,7 +94,7 @@ class MultimodalData:
 
 @dataclass(frozen=True)
 class MultimodalPrompt:
-    """A request ready for `Engine.add_request(prompt_ids, params, mm=mm)`."""
+    """A request ready for `Engine.validate(prompt_ids, params, mm)`."""
 
     prompt_ids: list[int]
     mm: MultimodalData | None

@@ -9,6 +9,9 @@ from typing import Any
 
 from kiln.sampling_params import SamplingParams
 
+# Stands in a sequence's output for a token still being sampled (never a real id: ids are >= 0).
+PENDING_TOKEN = -1
+
 
 class Status(enum.Enum):
     WAITING = "waiting"

@@ -1,23 +1,23 @@
 """Where a generation's wall time goes: engine steps grouped by kind, with host and device time.
 
-`Engine.step_timer` is None unless a caller (the throughput bench) attaches one. Each step is
-timed on the host from entry to return. For steps that are not pipelined, CUDA events around the
-program and the sampling also give the device time, so `wall - device` is what the device waited
-for the host (scheduling, packing inputs, reading tokens, post-processing).
+A `StepTimer` is a step observer (`kiln.runtime.step_observer`) that a caller (the throughput bench)
+sets as `Engine.step_observer`. Each step is timed on the host from entry to return. For steps that
+are not pipelined on CUDA, events around the program and the sampling also give the device time, so
+`wall - device` is what the device waited for the host (scheduling, packing inputs, reading tokens,
+post-processing).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Kinds of step, in the order a summary lists them.
-PIPELINED = "decode, pipelined"  # launched before the previous step's tokens were read
-DECODE = "decode"  # one token per sequence, not pipelined
-MIXED = "mixed"  # prompt tokens (prefill chunks) with or without decode rows, not pipelined
-MIXED_PIPELINED = "mixed, pipelined"
-IDLE = "no work"  # nothing ran (e.g. only read a step in flight)
-KINDS = (PIPELINED, DECODE, MIXED_PIPELINED, MIXED, IDLE)
+import torch
+
+from kiln.runtime.step_observer import DECODE, IDLE, KINDS, MIXED, MIXED_PIPELINED, PIPELINED, StepInfo
+
+__all__ = ["DECODE", "IDLE", "KINDS", "MIXED", "MIXED_PIPELINED", "PIPELINED", "KindTotals", "StepTimer"]
 
 
 @dataclass
@@ -31,9 +31,39 @@ class KindTotals:
 
 
 class StepTimer:
-    def __init__(self) -> None:
+    """Totals per kind of step; given a CUDA device, device times of the steps that are not pipelined."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.kinds: dict[str, KindTotals] = {}
         self.preempted = 0
+        self._cuda = device is not None and device.type == "cuda"
+        self._start = 0.0
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+
+    # ---- the engine's notifications (StepObserver) ----------------------------------------------------
+
+    def step_started(self) -> None:
+        self._start = time.perf_counter()
+        self._events = None
+
+    def device_started(self) -> None:
+        if self._cuda:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+
+    def device_finished(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+
+    def step_finished(self, info: StepInfo) -> None:
+        wall = time.perf_counter() - self._start
+        device_s = None
+        if self._events is not None:
+            begin, end = self._events
+            self._events = None
+            end.synchronize()
+            device_s = begin.elapsed_time(end) / 1000
+        self.record(info.kind, wall, info.rows, info.tokens, device_s, info.preempted)
 
     def record(
         self, kind: str, wall_s: float, rows: int, tokens: int, device_s: float | None = None, preempted: int = 0

@@ -20,7 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.errors import RequestError
+from kiln.runtime.engine import Engine
 from kiln.runtime.prompts import chat_ids, chat_text, encode
+from kiln.runtime.validation import Request as EngineRequest
+from kiln.sampling_params import SamplingParams
 from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerStopping
 from kiln.serve.images import image_sources
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -211,12 +214,15 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             for i in range(body.n):
                 params = body.sampling_params(max_tokens_for(body.max_tokens, ids), body.logprobs, i)
                 jobs.append((p * body.n + i, p, ids, params))
-        for _index, p, ids, params in jobs:  # every prompt is checked before any runs
-            _validate(core, ids, params, f"prompt {p}: " if len(prompts) > 1 else "")
+        # every prompt is checked (once) before any runs
+        checked = [
+            _validate(core, ids, params, None, f"prompt {p}: " if len(prompts) > 1 else "")
+            for _, p, ids, params in jobs
+        ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         states = [ChoiceState(index) for index, *_ in jobs]
-        runs = [engine.generate(ids, params, f"{request_id}-{index}") for index, _p, ids, params in jobs]
+        runs = [engine.generate(req, f"{request_id}-{index}") for (index, *_), req in zip(jobs, checked)]
         prompt_tokens = sum(len(ids) for ids in prompts)
         want_logprobs = body.logprobs is not None
 
@@ -266,12 +272,11 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.requested_logprobs
         jobs = [(i, body.sampling_params(max_tokens_for(requested, ids), top, i)) for i in range(body.n)]
-        for _, params in jobs:
-            _validate(core, ids, params, "")
+        checked = [_validate(core, ids, params, mm, "") for _, params in jobs]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         states = [ChoiceState(i) for i, _ in jobs]
-        runs = [engine.generate(ids, params, f"{request_id}-{i}", mm) for i, params in jobs]
+        runs = [engine.generate(req, f"{request_id}-{i}") for (i, _), req in zip(jobs, checked)]
 
         def chunk(state: ChoiceState, delta: Delta) -> dict[str, Any]:
             return chat_chunk(request_id, created, settings.model_name, state, delta, tokenizer, top is not None)
@@ -326,9 +331,10 @@ def _encode_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
     return [encode(tokenizer, p) for p in prompt]
 
 
-def _validate(core: Any, ids: list[int], params: Any, prefix: str) -> None:
+def _validate(core: Engine, ids: list[int], params: SamplingParams, mm: Any, prefix: str) -> EngineRequest:
+    """The request as the engine takes it; a RequestError (a 400) names the prompt when there are several."""
     try:
-        core.validate(ids, params)
+        return core.validate(ids, params, mm)
     except RequestError as exc:
         raise RequestError(f"{prefix}{exc}") from exc
 

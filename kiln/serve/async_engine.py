@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import KilnError, RequestError
-from kiln.runtime.engine import Engine, StepUpdate
+from kiln.runtime.engine import Engine
+from kiln.runtime.output_processor import StepUpdate
 from kiln.runtime.sampler import TokenLogprobs
-from kiln.sampling_params import SamplingParams
+from kiln.runtime.validation import Request
 from kiln.serve.metrics import ServerMetrics
 
 log = logging.getLogger("kiln.serve")
@@ -81,16 +82,13 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, mm: Any = None
-    ) -> AsyncIterator[Delta]:
-        """Yield the request's deltas until it finishes (`mm`: a prompt's image data). Leaving early aborts it."""
+    async def generate(self, request: Request, request_id: str) -> AsyncIterator[Delta]:
+        """Yield the deltas of a request (from `Engine.validate`) until it finishes. Leaving early aborts it."""
         if not self._accepting:
             raise ServerStopping("the server is shutting down and takes no new requests")
-        self.engine.validate(prompt_ids, params)  # reads only build limits: safe off the engine thread
         stream = _Stream(asyncio.get_running_loop())
         self._in_flight += 1
-        self._send("add", (request_id, prompt_ids, params, stream, mm))
+        self._send("add", (request_id, request, stream))
         finished = False
         try:
             while True:
@@ -155,20 +153,19 @@ class AsyncEngine:
                 for request_id in list(self._streams):
                     self._abort(request_id, "abort")
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream, mm: Any) -> None:
+    def _add(self, request_id: str, request: Request, stream: _Stream) -> None:
         try:
-            seq = self.engine.add_request(prompt_ids, params, request_id=request_id, mm=mm)
+            seq = self.engine.add_request(request, request_id)
         except RequestError as exc:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Delta(error=str(exc)))
             return
         seq.arrival_time = stream.arrival
         self._streams[request_id] = stream
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
 
     def _abort(self, request_id: str, reason: str) -> None:
         stream = self._streams.pop(request_id, None)
-        seq = self.engine.sequences.get(request_id)
-        self.engine.abort(request_id)
+        seq = self.engine.abort(request_id)
         if stream is None:
             return
         self.metrics.finished(reason, stream.arrival)
@@ -176,7 +173,7 @@ class AsyncEngine:
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Delta(finish_reason=reason, num_prompt_tokens=prompt))
 
     def _fail_running(self, message: str) -> None:
-        for request_id in [s.request_id for s in self.engine.scheduler.running]:
+        for request_id in self.engine.running_request_ids():
             stream = self._streams.pop(request_id, None)
             self.engine.abort(request_id)
             if stream is not None:
@@ -209,25 +206,15 @@ class AsyncEngine:
             )
             if update.finished:
                 del self._streams[seq.request_id]
-                self.engine.sequences.pop(seq.request_id, None)
                 self.metrics.finished(seq.finish_reason or "stop", stream.arrival)
             by_loop.setdefault(stream.loop, []).append((stream, delta))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_deliver, items)
 
     def _update_gauges(self) -> None:
-        sched, kv = self.engine.scheduler, self.engine.kv
-        m = self.metrics
-        m.running.set(len(sched.running))
-        m.waiting.set(len(sched.waiting))
-        m.kv_blocks_total.set(kv.num_blocks)
-        m.kv_blocks_free.set(kv.num_free_blocks)
-        m.kv_usage.set(kv.usage)
-        m.prefix_cached_blocks.set(kv.num_cached_blocks)
-        queries, hits = sched.prefix_query_tokens, sched.prefix_hit_tokens
-        m.prefix_queries.inc(queries - self._prefix_seen[0])
-        m.prefix_hits.inc(hits - self._prefix_seen[1])
-        self._prefix_seen = (queries, hits)
+        stats = self.engine.stats()
+        self.metrics.observe(stats, self._prefix_seen)
+        self._prefix_seen = (stats.prefix_query_tokens, stats.prefix_hit_tokens)
 
 
 class RequestFailed(KilnError):

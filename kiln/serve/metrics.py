@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from kiln.runtime.stats import EngineStats
+
 disable_created_metrics()  # the *_created series only add noise here
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -52,6 +54,17 @@ class ServerMetrics:
     def finished(self, outcome: str, arrival: float) -> None:
         self.requests.labels(outcome=outcome).inc()
         self.request_latency.observe(time.perf_counter() - arrival)
+
+    def observe(self, stats: EngineStats, prefix_seen: tuple[int, int]) -> None:
+        """Set the gauges from an engine's stats; the prefix counters gain what is new since `prefix_seen`."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_blocks_total.set(stats.kv_blocks)
+        self.kv_blocks_free.set(stats.kv_free_blocks)
+        self.kv_usage.set(stats.kv_usage)
+        self.prefix_cached_blocks.set(stats.prefix_cached_blocks)
+        self.prefix_queries.inc(stats.prefix_query_tokens - prefix_seen[0])
+        self.prefix_hits.inc(stats.prefix_hit_tokens - prefix_seen[1])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

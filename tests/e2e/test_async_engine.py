@@ -13,7 +13,8 @@ from kiln.serve.async_engine import AsyncEngine, RequestFailed, ServerStopping
 
 async def run(engine: AsyncEngine, request_id: str, max_tokens: int = 5) -> list[int]:
     tokens: list[int] = []
-    async for delta in engine.generate([5, 6, 7], SamplingParams(max_tokens=max_tokens, temperature=0), request_id):
+    request = engine.engine.validate([5, 6, 7], SamplingParams(max_tokens=max_tokens, temperature=0))
+    async for delta in engine.generate(request, request_id):
         tokens.extend(delta.token_ids)
     return tokens
 
@@ -40,7 +41,8 @@ def test_a_failed_step_fails_its_requests_frees_their_blocks_and_serving_goes_on
         failed, tokens = asyncio.run(main())
         assert isinstance(failed, RequestFailed) and "simulated device fault" in str(failed)
         assert len(tokens) == 5
-        assert core.kv.num_free_blocks == core.kv.num_blocks and not core.sequences
+        stats = core.stats()
+        assert stats.kv_free_blocks == stats.kv_blocks and stats.requests == 0 and stats.running == 0
         assert engine.metrics.requests.labels(outcome="error")._value.get() == 1
     finally:
         engine.shutdown()

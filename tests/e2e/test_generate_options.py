@@ -75,7 +75,8 @@ def test_failed_step_releases_every_request(llm, monkeypatch):
     with pytest.raises(RuntimeError, match="fell over"):
         llm.generate(["A kiln is", "Clay is"], SamplingParams(max_tokens=4))
     assert not llm.engine.has_unfinished()
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    stats = llm.engine.stats()
+    assert stats.kv_free_blocks == stats.kv_blocks and stats.requests == 0
 
 
 def test_pipelined_decode_gives_the_same_results(llm):
@@ -95,5 +96,6 @@ def test_pipelined_decode_gives_the_same_results(llm):
     assert [o.token_ids for o in llm.generate(prompts, seeded)] == [
         o.token_ids for o in pipelined.generate(prompts, seeded)
     ]
-    assert pipelined.engine.kv.num_free_blocks == pipelined.engine.kv.num_blocks
+    stats = pipelined.engine.stats()
+    assert stats.kv_free_blocks == stats.kv_blocks and stats.requests == 0
     assert all(-1 not in o.token_ids for o in pipelined.generate(prompts, params))

@@ -112,7 +112,7 @@ def test_clear_errors(llava, eager_llm, request_, message):
     with pytest.raises(RequestError) as err:
         eager_llm.generate(["fine text prompt", request_], SamplingParams(max_tokens=2))
     assert message in str(err.value) and "prompt 1" in str(err.value)
-    assert not eager_llm.engine.scheduler.has_work()
+    assert not eager_llm.engine.has_unfinished()
 
 
 def test_images_given_to_a_text_only_engine(checkpoints, tmp_path, llava):

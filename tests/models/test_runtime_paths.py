@@ -9,6 +9,26 @@ from test_families import NEW_TOKENS, prompts
 from tiny_checkpoints import build_tiny_engine
 
 from kiln import LLM, SamplingParams
+from kiln.runtime.step_observer import StepInfo
+
+
+class StepTokens:
+    """A step observer that keeps the tokens each step computed."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def step_started(self) -> None:
+        pass
+
+    def device_started(self) -> None:
+        pass
+
+    def device_finished(self) -> None:
+        pass
+
+    def step_finished(self, info: StepInfo) -> None:
+        self.tokens.append(info.tokens)
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +42,9 @@ def test_chunked_prefill_under_a_small_token_budget(checkpoints, tmp_path, refer
     # 3-token prompt is already generating.
     engine = build_tiny_engine(checkpoints("mistral"), tmp_path / "e", max_num_tokens=8)
     llm = LLM(engine)
-    steps = []
-    original = llm.engine.scheduler.schedule
-
-    def spy():
-        plan = original()
-        steps.append(plan.num_tokens)
-        return plan
-
-    llm.engine.scheduler.schedule = spy
+    steps = llm.engine.step_observer = StepTokens()
     outs = llm.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
-    assert max(steps) <= 8
+    assert max(steps.tokens) <= 8
     assert [o.token_ids for o in outs] == reference_tokens
 
 
@@ -43,7 +55,7 @@ def test_preemption_when_the_block_pool_runs_dry(checkpoints, tmp_path, referenc
     outs = llm.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0
     assert [o.token_ids for o in outs] == reference_tokens
-    assert llm.engine.kv.num_free_blocks == 17
+    assert llm.engine.stats().kv_free_blocks == 17
 
 
 def test_prefix_reuse_across_requests(checkpoints, tmp_path):
@@ -61,9 +73,9 @@ def test_prefix_reuse_across_requests(checkpoints, tmp_path):
     outs = llm.generate(followers, params)
     assert [o.metrics["num_cached_tokens"] for o in outs] == [16, 20, 8]
     assert [o.token_ids for o in first + outs] == expected
-    sched = llm.engine.scheduler
-    assert sched.prefix_hit_tokens == 44
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    stats = llm.engine.stats()
+    assert stats.prefix_hit_tokens == 44
+    assert stats.kv_free_blocks == stats.kv_blocks
 
 
 def test_prefix_caching_can_be_turned_off(checkpoints, tmp_path):
@@ -72,7 +84,7 @@ def test_prefix_caching_can_be_turned_off(checkpoints, tmp_path):
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     llm.generate([prompts()[2]], params)
     outs = llm.generate([prompts()[2]], params)
-    assert outs[0].metrics["num_cached_tokens"] == 0 and llm.engine.kv.num_cached_blocks == 0
+    assert outs[0].metrics["num_cached_tokens"] == 0 and llm.engine.stats().prefix_cached_blocks == 0
 
 
 @pytest.mark.parametrize("num_kv_blocks", [None, 17], ids=["roomy", "preempting"])
@@ -87,7 +99,8 @@ def test_pipelined_decode_matches_transformers(checkpoints, tmp_path, reference_
     assert [o.token_ids for o in outs] == reference_tokens
     if num_kv_blocks:
         assert sum(o.metrics["num_preemptions"] for o in outs) > 0
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    stats = llm.engine.stats()
+    assert stats.kv_free_blocks == stats.kv_blocks
 
 
 def test_the_memory_plans_full_size_step_runs_on_the_engine(checkpoints, tmp_path):

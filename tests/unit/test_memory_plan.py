@@ -8,7 +8,9 @@ import weakref
 import pytest
 import torch
 
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, RuntimeConfig
+from kiln.engine_dir import ModelFacts
+from kiln.errors import KilnError
 from kiln.runtime import memory_plan
 
 
@@ -63,3 +65,58 @@ def test_reclaim_frees_what_only_a_reference_cycle_keeps():
     finally:
         if enabled:
             gc.enable()
+
+
+# ---- num_blocks: the pool's size --------------------------------------------------------------------
+
+FACTS = ModelFacts(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    num_layers=2,
+    num_kv_heads=2,
+    head_dim=8,
+    vocab_size=100,
+    max_position_embeddings=64,
+    eos_token_ids=(0,),
+    bos_token_id=None,
+    pad_token_id=None,
+    has_chat_template=False,
+)
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # K and V, layers, tokens per block, heads, head_dim, float16
+
+
+def _no_step(cache: torch.Tensor, kv: object) -> object:
+    raise AssertionError("this pool size needs no measured step")
+
+
+def _setup(device: str = "cpu", **limits) -> memory_plan.StepSetup:
+    return memory_plan.StepSetup(_build(**limits), lambda n: (n,), torch.float16, torch.device(device), _no_step)
+
+
+def _blocks(setup: memory_plan.StepSetup, multimodal: bool = False, **runtime) -> int:
+    return memory_plan.num_blocks(setup, FACTS, RuntimeConfig(**runtime), multimodal=multimodal)
+
+
+def test_a_given_pool_size_is_taken_if_it_holds_one_sequence():
+    assert _blocks(_setup(), num_kv_blocks=4) == 4  # max_seq_len 64 = 4 blocks of 16
+    with pytest.raises(KilnError, match=r"num_kv_blocks=3 cannot hold one sequence of max_seq_len 64 \(4 blocks"):
+        _blocks(_setup(), num_kv_blocks=3)
+
+
+def test_on_cpu_the_pool_holds_a_full_batch_twice():
+    assert _blocks(_setup(max_batch_size=3)) == 2 * 3 * 4
+
+
+@pytest.mark.parametrize(
+    ("multimodal", "fraction", "share"), [(True, None, memory_plan.MULTIMODAL_MEMORY_FRACTION), (False, 0.5, 0.5)]
+)
+def test_a_memory_fraction_sizes_the_pool_from_free_memory(monkeypatch, multimodal, fraction, share):
+    free = 1000 * BLOCK_BYTES + 123
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    blocks = _blocks(_setup("cuda"), multimodal, kv_cache_memory_fraction=fraction)
+    assert blocks == int(free * share) // BLOCK_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * BLOCK_BYTES, 2 * free))
+    few = int(3 * BLOCK_BYTES * share) // BLOCK_BYTES
+    with pytest.raises(KilnError, match=rf"holds {few} blocks, fewer than one max_seq_len sequence needs \(4\)"):
+        _blocks(_setup("cuda"), multimodal, kv_cache_memory_fraction=fraction)

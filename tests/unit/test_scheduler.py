@@ -1,6 +1,8 @@
+import pytest
+
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.scheduler import Scheduler
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.scheduler import Scheduler, StepOutput
+from kiln.runtime.sequence import PENDING_TOKEN, Sequence
 from kiln.sampling_params import SamplingParams
 
 
@@ -108,3 +110,107 @@ def test_a_failed_admission_returns_the_attached_prefix_blocks():
     assert [c.seq.request_id for c in plan.chunks] == ["a"]
     assert kv.block_table("big") == [] and kv.ref_count(kv.block_table("a")[0]) == 1
     assert big.num_computed_tokens == 0 and sched.waiting[0] is big
+
+
+# ---- update_from_output: placing sampled tokens, finishing, registering blocks --------------------------
+
+
+def admitted(sched: Scheduler, name: str, n: int, **params) -> tuple[Sequence, object]:
+    """A sequence of n prompt tokens, admitted and prefilled in one step: (sequence, the step's plan)."""
+    s = Sequence(request_id=name, prompt_ids=list(range(1, n + 1)), params=SamplingParams(**params))
+    sched.add(s)
+    return s, sched.schedule()
+
+
+def no_stop_strings(seq: Sequence, token: int) -> str | None:
+    return None
+
+
+def test_tokens_are_appended_until_max_tokens_and_the_finished_prompt_stays_cached():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(kv, max_batch_size=2, max_num_tokens=64, eos_ids=frozenset({0}), max_seq_len=64)
+    a, plan = admitted(sched, "a", 8, max_tokens=2)
+    placed = sched.update_from_output(StepOutput(plan.chunks, [a], [50]), no_stop_strings, now=1.0)
+    assert placed == [(a, 50)] and a.output_ids == [50] and a.num_computed_tokens == 8
+    assert not a.is_finished and a.first_token_time == 1.0
+    plan = sched.schedule()
+    sched.update_from_output(StepOutput(plan.chunks, [a], [51]), no_stop_strings, now=2.0)
+    assert a.output_ids == [50, 51] and (a.finish_reason, a.finish_time) == ("length", 2.0)
+    assert a.is_finished and not sched.has_work()
+    assert kv.num_free_blocks == 8 and kv.num_cached_blocks == 2  # the computed blocks stay for prefix reuse
+
+
+@pytest.mark.parametrize(
+    ("token", "params", "reason", "stop_reason", "decoded"),
+    [
+        (0, {}, "stop", None, False),  # EOS: never decoded
+        (0, {"ignore_eos": True}, None, None, True),  # an ordinary token then
+        (7, {"stop_token_ids": [7]}, "stop", 7, False),
+        (9, {}, "stop", "END", True),  # the output processor reports a stop string
+        (9, {"detokenize": False}, None, None, False),  # no text: no stop strings
+    ],
+)
+def test_what_ends_a_sequence(token, params, reason, stop_reason, decoded):
+    sched = Scheduler(KVCacheManager(8, 4), max_batch_size=2, max_num_tokens=64, eos_ids=frozenset({0}))
+    s, plan = admitted(sched, "s", 3, max_tokens=5, **params)
+    asked = []
+
+    def stop_strings(seq: Sequence, tok: int) -> str | None:
+        asked.append(tok)
+        return "END" if tok == 9 else None
+
+    sched.update_from_output(StepOutput(plan.chunks, [s], [token]), stop_strings, now=0.0)
+    assert (s.finish_reason, s.stop_reason) == (reason, stop_reason)
+    assert asked == ([token] if decoded else [])
+
+
+def test_max_seq_len_ends_a_sequence():
+    sched = Scheduler(KVCacheManager(8, 4), max_batch_size=2, max_num_tokens=64, max_seq_len=6)
+    s, plan = admitted(sched, "s", 5, max_tokens=10)
+    sched.update_from_output(StepOutput(plan.chunks, [s], [42]), no_stop_strings, now=0.0)
+    assert s.finish_reason == "length" and s.num_tokens == 6
+
+
+def test_pipelined_tokens_fill_placeholders_and_a_token_past_the_end_is_dropped():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(kv, max_batch_size=2, max_num_tokens=64, eos_ids=frozenset({0}))
+    a, plan = admitted(sched, "a", 4, max_tokens=8)
+    sched.update_from_output(StepOutput(plan.chunks, [a], [11]), no_stop_strings, now=0.0)
+    # Two steps launched before their tokens are read: each computed a token and left a placeholder.
+    for _ in range(2):
+        plan = sched.schedule()
+        (chunk,) = plan.chunks
+        a.num_computed_tokens = chunk.start + chunk.num_tokens
+        a.output_ids.append(PENDING_TOKEN)
+    assert a.output_ids == [11, PENDING_TOKEN, PENDING_TOKEN]
+    cached = kv.num_cached_blocks
+    placed = sched.update_from_output(StepOutput(seqs=[a], tokens=[0], indices=[1]), no_stop_strings, now=3.0)
+    assert placed == [(a, 0)] and a.finish_reason == "stop"
+    assert a.output_ids == [11, 0]  # the second step's placeholder is gone
+    assert kv.num_cached_blocks == cached  # a sequence ending with this token registers nothing more
+    placed = sched.update_from_output(StepOutput(seqs=[a], tokens=[5], indices=[2]), no_stop_strings, now=4.0)
+    assert placed == [] and a.output_ids == [11, 0] and kv.num_free_blocks == 8
+
+
+def test_a_filled_placeholder_registers_its_blocks():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(kv, max_batch_size=2, max_num_tokens=64)
+    a, plan = admitted(sched, "a", 3, max_tokens=8)
+    sched.update_from_output(StepOutput(plan.chunks, [a], [11]), no_stop_strings, now=0.0)
+    assert kv.num_cached_blocks == 0  # 3 tokens computed: no full block yet
+    plan = sched.schedule()  # computes token 11: the first block is full
+    a.num_computed_tokens = 4
+    a.output_ids.append(PENDING_TOKEN)
+    sched.update_from_output(StepOutput(seqs=[a], tokens=[12], indices=[1]), no_stop_strings, now=1.0)
+    assert a.output_ids == [11, 12] and kv.num_cached_blocks == 1
+
+
+def test_abort_drops_placeholders_and_frees_blocks():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(kv, max_batch_size=2, max_num_tokens=64)
+    a, plan = admitted(sched, "a", 3, max_tokens=8)
+    a.output_ids.extend([4, PENDING_TOKEN])
+    sched.abort(a)
+    assert a.finish_reason == "abort" and a.output_ids == [4] and kv.num_free_blocks == 8 and not sched.has_work()
+    sched.abort(a)  # already ended: nothing changes
+    assert a.finish_reason == "abort"

@@ -28,3 +28,29 @@ def test_summary_groups_steps_by_kind_in_a_fixed_order():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown step kind"):
         StepTimer().record("prefill", 0.1, rows=1, tokens=1)
+
+
+def test_a_timer_observes_engine_steps_by_their_description():
+    from kiln.runtime.scheduler import ScheduledChunk, SchedulerOutput
+    from kiln.runtime.sequence import Sequence
+    from kiln.runtime.step_observer import DECODE, IDLE, StepInfo, describe
+    from kiln.sampling_params import SamplingParams
+
+    decoding = Sequence("d", [1, 2, 3], SamplingParams())
+    prompt = Sequence("p", list(range(10)), SamplingParams())
+    decode_plan = SchedulerOutput([ScheduledChunk(decoding, 2, 1)])
+    mixed_plan = SchedulerOutput([ScheduledChunk(decoding, 2, 1), ScheduledChunk(prompt, 0, 4)], [prompt])
+    assert describe(decode_plan, pipelined=True).kind == PIPELINED
+    assert describe(decode_plan, pipelined=False).kind == DECODE
+    assert describe(mixed_plan, pipelined=False) == StepInfo(MIXED, rows=2, tokens=5, preempted=1)
+    assert describe(SchedulerOutput(), pipelined=False).kind == IDLE
+
+    timer = StepTimer()  # no CUDA device: wall time only
+    for plan in (mixed_plan, decode_plan):
+        timer.step_started()
+        timer.device_started()
+        timer.device_finished()
+        timer.step_finished(describe(plan, pipelined=False))
+    summary = timer.summary()
+    assert list(summary) == [DECODE, MIXED] and timer.preempted == 1
+    assert summary[MIXED]["tokens"] == 5 and summary[MIXED]["timed_steps"] == 0 and summary[MIXED]["wall_s"] >= 0
