@@ -48,9 +48,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     from kiln.compiler import inductor
-    from kiln.compiler.build import cache_shape, model_facts
     from kiln.compiler.capture import capture, mixed_step_inputs
+    from kiln.compiler.model_facts import cache_shape, model_facts
     from kiln.compiler.passes import FUSED_LINEAR_PASSES, PASSES, PassContext
+    from kiln.engine.programs import EagerProgram, load_compiled
     from kiln.models.loader import load_checkpoint
 
     device, dtype = torch.device(args.device), torch.bfloat16
@@ -83,8 +84,8 @@ def main() -> None:
             path = Path(tmp) / f"{name}.bin"
             inductor.compile_program(program, path)
             for how, run in (
-                ("eager", inductor.EagerProgram(program)),
-                ("compiled", inductor.load_compiled(program, path)),
+                ("eager", EagerProgram(program)),
+                ("compiled", load_compiled(program, path)),
             ):
                 cache = inputs[-1].clone()
                 with torch.inference_mode():

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kiln.engine_dir import Manifest
+from kiln.engine.manifest import Manifest
 from kiln.errors import KilnError
 
 

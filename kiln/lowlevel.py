@@ -26,33 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.compiler import inductor
-from kiln.compiler.build import _check_cache_shape, cache_shape, model_facts, resolve_device
-from kiln.compiler.build_vlm import write_vision_program
-from kiln.compiler.capture import mixed_step_inputs
-from kiln.compiler.capture_mm import capture_llm, llm_input_names, mm_step_inputs
-from kiln.compiler.passes import PassContext, run_passes
-from kiln.compiler.verify import check_programs_agree
+from kiln.compiler.capture_mm import llm_spec, vision_spec
+from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
+from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
 from kiln.config import BuildConfig, torch_dtype
-from kiln.engine_dir import (
-    COMPILED,
-    FORMAT_VERSION,
-    PROCESSOR_DIR,
-    TOKENIZER_DIR,
-    Manifest,
-    MultimodalFacts,
-    describe_device,
-    read_manifest,
-    write_manifest,
-)
+from kiln.engine.manifest import PROCESSOR_DIR, TOKENIZER_DIR, MultimodalFacts, read_manifest, write_manifest
 from kiln.errors import KilnError
-from kiln.kernels.selection import selected
+from kiln.models.attention_interface import register_attention
 from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint
 from kiln.models.registry import ModelRecipe
-from kiln.models.vlm import CUSTOM_ARCHITECTURE, VisionExample
-from kiln.program_files import save_program
+from kiln.models.vlm import CUSTOM_ARCHITECTURE
 from kiln.progress import Progress
-from kiln.version import __version__
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,8 +77,6 @@ def build_llm_engine(
 
     `options` are BuildConfig fields (dtype, device, max_batch_size, max_seq_len, compile...).
     """
-    from kiln.compiler.attention_interface import register_attention
-
     config = BuildConfig.from_dict({**options, "max_multimodal_len": max_prompt_embedding_table_size})
     report = Progress(enabled=progress)
     device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
@@ -109,39 +91,23 @@ def build_llm_engine(
     facts = model_facts(loaded, shape)
     config = config.resolved(facts.max_position_embeddings)
     hidden = int(model.config.get_text_config().hidden_size)
-    names = llm_input_names(False)
-    with report.stage("export", "torch.export, language model"):
-        program = capture_llm(
-            model,
-            shape,
-            hidden=hidden,
-            position_rows=1,
-            bidirectional=False,
-            dtype=dtype,
-            device=device,
-            block_size=config.tokens_per_block,
-            max_num_tokens=config.max_num_tokens,
-            max_batch_size=config.max_batch_size,
-            architecture=type(model).__name__,
-        )
-        _check_cache_shape(program, shape, type(model).__name__)
-    with report.stage("passes"):
-        context = PassContext(
-            architecture=type(model).__name__, num_layers=shape.num_layers, input_names=names, build=config
-        )
-        program = run_passes(program, context)
+    spec = llm_spec(
+        model,
+        shape,
+        hidden=hidden,
+        position_rows=1,
+        bidirectional=False,
+        dtype=dtype,
+        device=device,
+        block_size=config.tokens_per_block,
+        max_num_tokens=config.max_num_tokens,
+        max_batch_size=config.max_batch_size,
+        architecture=type(model).__name__,
+    )
     output.mkdir(parents=True, exist_ok=True)
-    with report.stage("write"):
-        save_program(program, output)
-        tokenizer.save_pretrained(output / TOKENIZER_DIR)
-        tokenizer.save_pretrained(output / PROCESSOR_DIR)
-    if config.compile:
-        with selected(pdl=config.pdl):  # the compile and verify steps launch kernels as the engine will
-            with report.stage("compile", f"Inductor on {device.type}"):
-                inductor.compile_program(program, output / COMPILED, combo_kernels=config.combo_kernels)
-            base = mixed_step_inputs(shape, dtype, device, config.tokens_per_block)
-            inputs = mm_step_inputs(base, hidden, 1, False, dtype)
-            check_programs_agree(program, output / COMPILED, inputs, dtype)
+    compiled = build_program(spec, output, config, report)
+    tokenizer.save_pretrained(output / TOKENIZER_DIR)
+    tokenizer.save_pretrained(output / PROCESSOR_DIR)
     mm = MultimodalFacts(
         image_token_id=int(image_token_id),
         hidden_size=hidden,
@@ -152,19 +118,8 @@ def build_llm_engine(
         vision_compiled=False,
         family_config={"image_token_id": int(image_token_id)},
     )
-    manifest = Manifest(
-        kiln_version=__version__,
-        torch_version=torch.__version__,
-        transformers_version=__import__("transformers").__version__,
-        format_version=FORMAT_VERSION,
-        device=describe_device(device),
-        build=config,
-        model=facts,
-        compiled=config.compile,
-        timings_s=dict(report.timings),
-        multimodal=mm,
-    )
-    write_manifest(output, manifest)
+    engine = EngineFacts(config=config, model=facts, compiled=compiled, multimodal=mm)
+    write_engine_manifest(output, engine, device, report)
     return output
 
 
@@ -206,20 +161,9 @@ def build_multimodal_engine(
     per_image = int(features.shape[1])
     limit = max_batch_size or max(1, mm.max_multimodal_len // per_image)
     batch = torch.export.Dim("images", min=1, max=max(limit, 2))
-    example = VisionExample(args, tuple({0: batch} for _ in args))
-    with selected(pdl=manifest.build.pdl):
-        compiled = write_vision_program(
-            vision_module,
-            example,
-            output,
-            dtype=dtype,
-            device=device,
-            compile=compile,
-            progress=Progress(enabled=progress),
-            architecture=type(vision_module).__name__,
-            limit=limit,
-            combo_kernels=manifest.build.combo_kernels,
-        )
+    spec = vision_spec(vision_module, args, tuple({0: batch} for _ in args), type(vision_module).__name__)
+    config = dataclasses.replace(manifest.build, compile=compile)
+    compiled = build_program(spec, output, config, Progress(enabled=progress))
     mm = dataclasses.replace(
         mm,
         vision_batch_limit=limit,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kiln.compiler.attention_interface import register_attention
-from kiln.compiler.build import cache_shape
-from kiln.compiler.capture import CacheShape, capture
+from kiln.compiler.capture import capture
+from kiln.compiler.model_facts import cache_shape
 from kiln.compiler.passes import PassContext
+from kiln.compiler.program_spec import CacheShape
+from kiln.models.attention_interface import register_attention
 
 
 def capture_tiny(

@@ -12,7 +12,7 @@ import torch
 
 from kiln.bench import measure, report, roofline
 from kiln.config import torch_dtype
-from kiln.engine_dir import check_compatible, read_manifest
+from kiln.engine.manifest import check_compatible, read_manifest
 from kiln.errors import KilnError
 
 

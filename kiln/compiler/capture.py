@@ -1,14 +1,14 @@
-"""Capture a transformers causal LM with torch.export behind kiln's packed-token signature."""
+"""The text engine's program: a transformers causal LM behind kiln's packed-token signature, as a `ProgramSpec`."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kiln.errors import UnsupportedModelError
+from kiln.compiler.export import export_program
+from kiln.compiler.program_spec import CacheShape, ProgramSpec
 
 # The engine program's inputs, in order. Every tensor is flat over the step's packed tokens
 # (T), its sequences (B), or the cache; see kiln.kernels.reference for the meaning of each.
@@ -51,13 +51,6 @@ class PackedCausalLM(nn.Module):
             return out.logits[0]
         out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
         return out.logits[0].index_select(0, logits_indices)
-
-
-@dataclass(frozen=True)
-class CacheShape:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
 
 
 def step_inputs(
@@ -130,6 +123,30 @@ def dynamic_shapes(max_num_tokens: int, max_batch_size: int) -> tuple[dict[int, 
     )
 
 
+def text_spec(
+    model: nn.Module,
+    cache: CacheShape,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    max_num_tokens: int,
+    max_batch_size: int,
+    architecture: str,
+) -> ProgramSpec:
+    """The text engine's program: dynamic token, sequence and cache sizes, verified on a mixed step."""
+    return ProgramSpec(
+        module=PackedCausalLM(model).eval(),
+        args=example_inputs(cache, dtype, device, block_size),
+        dynamic_shapes=dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2)),
+        what=architecture,
+        architecture=architecture,
+        input_names=INPUT_NAMES,
+        check_inputs=mixed_step_inputs(cache, dtype, device, block_size),
+        cache=cache,
+    )
+
+
 def capture(
     model: nn.Module,
     cache: CacheShape,
@@ -141,18 +158,15 @@ def capture(
     max_batch_size: int,
     architecture: str,
 ) -> torch.export.ExportedProgram:
-    """torch.export of the wrapped model with dynamic token, sequence and cache sizes."""
-    wrapper = PackedCausalLM(model).eval()
-    args = example_inputs(cache, dtype, device, block_size)
-    try:
-        with torch.no_grad():
-            return torch.export.export(
-                wrapper, args, dynamic_shapes=dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2))
-            )
-    except UnsupportedModelError:
-        raise
-    except Exception as exc:  # torch.export raises many types; name the architecture and the failure
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(
-            f"torch.export could not capture {architecture}: {type(exc).__name__}: {first_line}"
-        ) from exc
+    """torch.export of the text program of `model` (no passes): see `text_spec`."""
+    spec = text_spec(
+        model,
+        cache,
+        dtype=dtype,
+        device=device,
+        block_size=block_size,
+        max_num_tokens=max_num_tokens,
+        max_batch_size=max_batch_size,
+        architecture=architecture,
+    )
+    return export_program(spec)

@@ -1,4 +1,4 @@
-"""Capture a vision-language model's two programs: the vision program and the LLM program.
+"""A vision-language engine's two programs as `ProgramSpec`s: the vision program and the LLM program.
 
 The LLM program has the text signature (`capture.INPUT_NAMES`) plus the prompt-embedding table:
 `mm_embeds [M, hidden]` (M >= 1) and `mm_index [T]` (row of mm_embeds per packed token, -1 for
@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.compiler.capture import INPUT_NAMES, CacheShape, dynamic_shapes, step_inputs
-from kiln.errors import UnsupportedModelError
+from kiln.compiler.capture import INPUT_NAMES, dynamic_shapes, mixed_step_inputs, step_inputs
+from kiln.compiler.program_spec import CacheShape, ProgramSpec
+from kiln.engine.manifest import VISION_DIR
 
 MM_INPUT_NAMES = ("mm_embeds", "mm_index")
 LIMITS_INPUT = "attend_end"
@@ -76,7 +77,7 @@ def mm_step_inputs(
     return (base[0], positions, *base[2:], embeds, index, *extra)
 
 
-def capture_llm(
+def llm_spec(
     model: nn.Module,
     cache: CacheShape,
     *,
@@ -89,9 +90,8 @@ def capture_llm(
     max_num_tokens: int,
     max_batch_size: int,
     architecture: str,
-) -> torch.export.ExportedProgram:
-    """torch.export of the LLM part with dynamic token, sequence, cache and table sizes."""
-    wrapper = PackedMultimodalLM(model).eval()
+) -> ProgramSpec:
+    """The LLM program: dynamic token, sequence, cache and table sizes, verified on a mixed step with images."""
     base = step_inputs(cache, dtype, device, block_size, cached=(0, 0), new=(3, 5))
     args = mm_step_inputs(base, hidden, position_rows, bidirectional, dtype)
     shapes = list(dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2)))
@@ -101,27 +101,30 @@ def capture_llm(
     shapes += [{0: torch.export.Dim("mm_rows", min=1)}, {0: tokens}]
     if bidirectional:
         shapes.append({0: tokens})
-    try:
-        with torch.no_grad():
-            return torch.export.export(wrapper, args, dynamic_shapes=tuple(shapes))
-    except UnsupportedModelError:
-        raise
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(
-            f"torch.export could not capture the language model of {architecture}: {type(exc).__name__}: {first_line}"
-        ) from exc
+    mixed = mixed_step_inputs(cache, dtype, device, block_size)
+    check = mm_step_inputs(mixed, hidden, position_rows, bidirectional, dtype)
+    return ProgramSpec(
+        module=PackedMultimodalLM(model).eval(),
+        args=args,
+        dynamic_shapes=tuple(shapes),
+        what=f"the language model of {architecture}",
+        architecture=architecture,
+        input_names=llm_input_names(bidirectional),
+        check_inputs=check,
+        cache=cache,
+    )
 
 
-def capture_vision(
+def vision_spec(
     module: nn.Module, args: tuple[torch.Tensor, ...], shapes: tuple[Any, ...], architecture: str
-) -> torch.export.ExportedProgram:
-    """torch.export of the vision program with its dynamic image (or patch) dimension."""
-    try:
-        with torch.no_grad():
-            return torch.export.export(module.eval(), args, dynamic_shapes=shapes)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(
-            f"torch.export could not capture the vision encoder of {architecture}: {type(exc).__name__}: {first_line}"
-        ) from exc
+) -> ProgramSpec:
+    """The vision program, in vision/: `module` on `args` with its dynamic image (or patch) dimension, no passes."""
+    return ProgramSpec(
+        module=module,
+        args=args,
+        dynamic_shapes=shapes,
+        what=f"the vision encoder of {architecture}",
+        architecture=architecture,
+        directory=VISION_DIR,
+        passes=False,
+    )

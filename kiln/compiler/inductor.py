@@ -4,59 +4,16 @@ The transformed exported program is compiled with `torch._inductor.standalone_co
 program's own fake inputs, so the compiled code keeps torch.export's symbolic sizes: one compiled
 graph serves every token count, batch size and cache size (no re-tracing, no size-1
 specialisation). The result is saved as a `CompiledArtifact` in the engine directory; loading it
-restores the generated code (and, on GPU, the compiled kernels) instead of compiling again.
+restores the generated code (and, on GPU, the compiled kernels) instead of compiling again
+(`kiln.engine.programs.load_compiled`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-
-from kiln.errors import KilnError
-
-
-class Program(Protocol):
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
-
-
-def _lifted_state(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
-    """Parameters, buffers and constants in the order the lifted graph takes them."""
-    values = []
-    for spec in program.graph_signature.input_specs:
-        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
-            continue
-        target = spec.target
-        values.append(program.state_dict[target] if target in program.state_dict else program.constants[target])
-    return values
-
-
-def _user_output_index(program: torch.export.ExportedProgram) -> int:
-    kinds = [spec.kind for spec in program.graph_signature.output_specs]
-    return kinds.index(torch.export.graph_signature.OutputKind.USER_OUTPUT)
-
-
-class EagerProgram:
-    """The exported program run op by op (no Inductor)."""
-
-    def __init__(self, program: torch.export.ExportedProgram) -> None:
-        self.module = program.module()
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.module(*inputs)
-
-
-class CompiledProgram:
-    """A loaded CompiledArtifact fed with the program's weights."""
-
-    def __init__(self, artifact: Any, program: torch.export.ExportedProgram) -> None:
-        self.artifact = artifact
-        self.state = _lifted_state(program)
-        self.output = _user_output_index(program)
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.artifact(*self.state, *inputs)[self.output]
 
 
 def config_patches(devices: set[torch.device], *, combo_kernels: bool = True) -> dict[str, Any]:
@@ -104,11 +61,3 @@ def compile_program(program: torch.export.ExportedProgram, path: Path, *, combo_
     ):
         artifact = standalone_compile(graph_module, fakes, dynamic_shapes="from_tracing_context", options={})
     artifact.save(path=str(path), format="binary")
-
-
-def load_compiled(program: torch.export.ExportedProgram, path: Path) -> CompiledProgram:
-    from torch._inductor import CompiledArtifact
-
-    if not path.is_file():
-        raise KilnError(f"{path} is missing: the engine's compiled program is gone; rebuild the engine")
-    return CompiledProgram(CompiledArtifact.load(path=str(path), format="binary"), program)

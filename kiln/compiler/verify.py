@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.compiler import inductor
+from kiln.engine import programs
 from kiln.errors import KilnError
 
 
@@ -28,8 +28,8 @@ def check_programs_agree(
     """Run the compiled program at `path` and `program` op by op on `inputs`, each on its own copy of
     the KV cache (a 6-dim input, if any); the outputs and the caches must agree to 1e-3 (float32) or
     5e-2 (16-bit) times the output's largest magnitude (at least 1), else a KilnError."""
-    compiled = inductor.load_compiled(program, path)
-    eager = inductor.EagerProgram(program)
+    compiled = programs.load_compiled(program, path)
+    eager = programs.EagerProgram(program)
     cache_at = next((i for i, t in enumerate(inputs) if t.dim() == 6), None)
     a, b = list(inputs), list(inputs)
     if cache_at is not None:

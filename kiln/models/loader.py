@@ -63,7 +63,7 @@ def load_checkpoint(
     """Load model (weights streamed from safetensors), tokenizer and generation config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from kiln.compiler.attention_interface import register_attention
+    from kiln.models.attention_interface import register_attention
 
     path = Path(path)
     check_checkpoint_dir(path)

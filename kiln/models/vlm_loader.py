@@ -37,7 +37,7 @@ def load_vision_language(
     import transformers
     from transformers import GenerationConfig
 
-    from kiln.compiler.attention_interface import register_attention
+    from kiln.models.attention_interface import register_attention
 
     _offline()
     path = Path(path)

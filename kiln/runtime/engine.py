@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,12 @@ from typing import Any
 import torch
 
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
-from kiln.compiler import inductor
 from kiln.config import RuntimeConfig, torch_dtype
-from kiln.engine_dir import COMPILED, PROGRAM, TOKENIZER_DIR, WEIGHTS, check_compatible, read_manifest
-from kiln.errors import EngineMismatchError, KilnError, RequestError
+from kiln.engine.manifest import check_compatible, read_manifest
+from kiln.engine.programs import Program, load_program
+from kiln.engine.tokenizers import load_tokenizer
+from kiln.errors import KilnError, RequestError
 from kiln.kernels.selection import from_configs, select
-from kiln.program_files import attach_weights, load_graph
 from kiln.progress import Progress
 from kiln.runtime import memory_plan, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
@@ -108,29 +107,11 @@ class Engine:
         overlap = self.runtime.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
 
-    def _load_program(self) -> inductor.Program:
+    def _load_program(self) -> Program:
         """The engine's program, compiled or op by op; a damaged file is a clear rebuild message."""
-        name = PROGRAM
-        try:
-            if not zipfile.is_zipfile(self.path / PROGRAM):  # before torch, which logs a traceback of its own
-                raise ValueError("not a torch.export archive")
-            exported = load_graph(self.path / PROGRAM)
-            name = WEIGHTS
-            attach_weights(exported, self.path, self.device)
-            from kiln.bench.roofline import decode_weight_bytes
-
-            self.weight_bytes = decode_weight_bytes(exported)
-            if not self.compiled:
-                return inductor.EagerProgram(exported)
-            name = COMPILED
-            return inductor.load_compiled(exported, self.path / COMPILED)
-        except KilnError:
-            raise
-        except Exception as exc:
-            raise EngineMismatchError(
-                f"{self.path / name} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}); "
-                "the engine is damaged or incomplete: rebuild it with `kiln build`"
-            ) from exc
+        loaded = load_program(self.path, self.device, compiled=self.compiled)
+        self.weight_bytes = loaded.weight_bytes
+        return loaded.program
 
     def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         facts = self.manifest.model
@@ -148,9 +129,7 @@ class Engine:
 
     def load_tokenizer(self) -> Any:
         """A tokenizer of this engine of its own: HF fast tokenizers must not be shared across threads."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
+        return load_tokenizer(self.path)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, mm: MultimodalData | None = None) -> Request:
         """The request checked against this engine's limits (reads only them: safe on any thread)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import BuildConfig, RuntimeConfig
-from kiln.engine_dir import ModelFacts
+from kiln.engine.manifest import ModelFacts
 from kiln.errors import KilnError
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner

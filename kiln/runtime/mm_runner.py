@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kiln.compiler.inductor import Program
-from kiln.engine_dir import MultimodalFacts
+from kiln.engine.manifest import MultimodalFacts
+from kiln.engine.programs import Program
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.multimodal import MultimodalData

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kiln.compiler.inductor import Program
+from kiln.engine.programs import Program
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import TokenPatch, apply_patch
 from kiln.runtime.kv_cache import KVCacheManager

@@ -10,7 +10,6 @@ stores on the sequence.
 from __future__ import annotations
 
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +17,13 @@ from typing import Any
 
 import torch
 
-from kiln.compiler import inductor
 from kiln.config import torch_dtype
-from kiln.engine_dir import (
-    COMPILED,
-    PROCESSOR_DIR,
-    PROGRAM,
-    VISION_DIR,
-    VISION_STATE,
-    WEIGHTS,
-    Manifest,
-    MultimodalFacts,
-)
-from kiln.errors import EngineMismatchError, KilnError, RequestError
+from kiln.engine.manifest import VISION_DIR, VISION_STATE, Manifest, MultimodalFacts
+from kiln.engine.programs import Program, load_program
+from kiln.engine.tokenizers import load_processor
+from kiln.errors import KilnError, RequestError
 from kiln.models.vlm import ImageItem, VisionLanguageFamily, family_for
 from kiln.models.vlm.custom import tensor_digest
-from kiln.program_files import attach_weights, load_graph
 from kiln.runtime.images import ImageSource, image_digest, load_image
 
 
@@ -143,32 +133,15 @@ class MultimodalPipeline:
         self.dtype = torch_dtype(manifest.build.dtype)
         self.max_input_len = manifest.build.input_len
         self.max_num_tokens = manifest.build.max_num_tokens
-        self.processor = self.family.load_processor(engine_dir / PROCESSOR_DIR)
+        self.processor = load_processor(engine_dir, self.family)
         self.image_token = self.family.prompt_image_token(self.processor)
         self.compiled = self.facts.vision_compiled and use_compiled
         self.program = self._load_program(engine_dir / VISION_DIR)
         self.state = self._load_state(engine_dir / VISION_DIR / VISION_STATE)
         self.timings = PipelineTimings()
 
-    def _load_program(self, vision_dir: Path) -> inductor.Program:
-        name = vision_dir / PROGRAM
-        try:
-            if not zipfile.is_zipfile(name):
-                raise ValueError("not a torch.export archive")
-            exported = load_graph(name)
-            name = vision_dir / WEIGHTS
-            attach_weights(exported, vision_dir, self.device)
-            if not self.compiled:
-                return inductor.EagerProgram(exported)
-            name = vision_dir / COMPILED
-            return inductor.load_compiled(exported, name)
-        except KilnError:
-            raise
-        except Exception as exc:
-            raise EngineMismatchError(
-                f"{name} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}); "
-                "the engine is damaged or incomplete: rebuild it with `kiln build`"
-            ) from exc
+    def _load_program(self, vision_dir: Path) -> Program:
+        return load_program(vision_dir, self.device, compiled=self.compiled).program
 
     def _load_state(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():

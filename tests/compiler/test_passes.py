@@ -86,7 +86,8 @@ def test_raw_sdpa_is_refused():
             x = torch.nn.functional.one_hot(input_ids, 8).float()[None, None]
             return torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)[0, 0]
 
-    from kiln.compiler.capture import CacheShape, example_inputs
+    from kiln.compiler.capture import example_inputs
+    from kiln.compiler.program_spec import CacheShape
 
     args = example_inputs(CacheShape(1, 1, 4), torch.float32, torch.device("cpu"), 4)
     program = torch.export.export(RawAttention(), args)

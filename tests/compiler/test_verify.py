@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.compiler import inductor, verify
+from kiln.compiler import verify
+from kiln.engine import programs
 from kiln.errors import KilnError
 
 
@@ -22,7 +23,7 @@ def _program() -> torch.export.ExportedProgram:
 
 
 def _compiled_as(program: torch.export.ExportedProgram, shift: float, cache_shift: float):
-    eager = inductor.EagerProgram(program)
+    eager = programs.EagerProgram(program)
 
     def run(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         out = eager(x, cache) + shift
@@ -35,7 +36,7 @@ def _compiled_as(program: torch.export.ExportedProgram, shift: float, cache_shif
 @pytest.mark.parametrize("shift, cache_shift", [(0.0, 0.0), (1e-4, 0.0)])
 def test_agreeing_programs_pass_and_report_the_difference(monkeypatch, shift, cache_shift):
     program = _program()
-    monkeypatch.setattr(inductor, "load_compiled", lambda p, path: _compiled_as(program, shift, cache_shift))
+    monkeypatch.setattr(programs, "load_compiled", lambda p, path: _compiled_as(program, shift, cache_shift))
     x, cache = torch.randn(4) * 10, torch.randn(1, 1, 1, 1, 1, 2)
     agreement = verify.check_programs_agree(program, Path("compiled.bin"), (x, cache), torch.float32)
     assert agreement.difference == pytest.approx(shift, abs=1e-6)
@@ -46,7 +47,7 @@ def test_agreeing_programs_pass_and_report_the_difference(monkeypatch, shift, ca
 @pytest.mark.parametrize("shift, cache_shift", [(0.5, 0.0), (0.0, 0.5)])
 def test_a_disagreeing_output_or_cache_is_refused(monkeypatch, shift, cache_shift):
     program = _program()
-    monkeypatch.setattr(inductor, "load_compiled", lambda p, path: _compiled_as(program, shift, cache_shift))
+    monkeypatch.setattr(programs, "load_compiled", lambda p, path: _compiled_as(program, shift, cache_shift))
     with pytest.raises(KilnError, match=r"compiled.bin disagrees with the captured one \(max difference 0.5"):
         verify.check_programs_agree(
             program, Path("compiled.bin"), (torch.randn(4).clamp(-1, 1), torch.randn(1, 1, 1, 1, 1, 2)), torch.bfloat16

@@ -8,7 +8,7 @@ import shutil
 from e2e_helpers import SHARED_GPU, kiln
 
 from kiln.api import LLM
-from kiln.engine_dir import MANIFEST
+from kiln.engine.manifest import MANIFEST
 from kiln.kernels.selection import KernelSelection, current, select
 
 BUILD_CHOICES = ("fused_linears", "fuse_rope", "combo_kernels", "pdl")

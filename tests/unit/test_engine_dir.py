@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from kiln import engine_dir
 from kiln.config import BuildConfig
-from kiln.engine_dir import EngineMismatchError, Manifest, ModelFacts, check_compatible
+from kiln.engine import manifest as engine_dir
+from kiln.engine.manifest import EngineMismatchError, Manifest, ModelFacts, check_compatible
 from kiln.errors import KilnError
 from kiln.version import __version__
 

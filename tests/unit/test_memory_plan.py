@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kiln.config import BuildConfig, RuntimeConfig
-from kiln.engine_dir import ModelFacts
+from kiln.engine.manifest import ModelFacts
 from kiln.errors import KilnError
 from kiln.runtime import memory_plan
 

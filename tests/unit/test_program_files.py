@@ -7,8 +7,15 @@ import json
 import pytest
 import torch
 
-from kiln.engine_dir import PROGRAM, WEIGHTS
-from kiln.program_files import ALIASES_KEY, ProgramWrite, load_program, save_program, stored_tensors, without_weights
+from kiln.engine.manifest import PROGRAM, WEIGHTS
+from kiln.engine.program_files import (
+    ALIASES_KEY,
+    ProgramWrite,
+    load_exported,
+    save_program,
+    stored_tensors,
+    without_weights,
+)
 
 
 class _Tied(torch.nn.Module):
@@ -37,7 +44,7 @@ def test_round_trip_gives_the_same_outputs_and_stores_tied_weights_once(tmp_path
     save_program(program, tmp_path)
     stored, aliases = stored_tensors(program)
     assert len(stored) == 3 and len(aliases) == 1  # embed/head share one tensor; buffer; constant
-    back = load_program(tmp_path, torch.device("cpu"))
+    back = load_exported(tmp_path, torch.device("cpu"))
     assert torch.equal(back.module()(ids), want)
     assert all(
         isinstance(v, torch.nn.Parameter) for k, v in back.state_dict.items() if k in program.graph_signature.parameters
@@ -64,11 +71,11 @@ def test_a_weights_file_that_does_not_fit_the_program_is_refused(tmp_path):
     missing = {k: v for k, v in stored.items() if k != "scale"}
     save_file(missing, str(tmp_path / WEIGHTS), metadata=metadata)
     with pytest.raises(ValueError, match="has no tensor scale"):
-        load_program(tmp_path, torch.device("cpu"))
+        load_exported(tmp_path, torch.device("cpu"))
     misshapen = {**stored, "embed.weight": torch.randn(12, 8)}
     save_file(misshapen, str(tmp_path / WEIGHTS), metadata=metadata)
     with pytest.raises(ValueError, match=r"embed.weight is torch.float32 \(12, 8\), the program wants"):
-        load_program(tmp_path, torch.device("cpu"))
+        load_exported(tmp_path, torch.device("cpu"))
 
 
 def test_a_failed_background_write_is_raised_when_the_build_waits(tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
 
+from kiln.compiler.capture import INPUT_NAMES
 from kiln.config import BuildConfig
 
 M = TypeVar("M")
@@ -31,8 +33,6 @@ def user_input_nodes(
     program: torch.export.ExportedProgram, graph: torch.fx.Graph, names: tuple[str, ...] = ()
 ) -> dict[str, torch.fx.Node]:
     """The graph's user-input placeholders, keyed by the wrapper's argument names."""
-    from kiln.compiler.capture import INPUT_NAMES
-
     names = names or INPUT_NAMES
     user_inputs = list(program.graph_signature.user_inputs)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
@@ -45,13 +45,21 @@ def nodes_calling(graph: torch.fx.Graph, target: object) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target == target]
 
 
+def output_specs(graph: torch.fx.Graph, signature: ExportGraphSignature) -> list[OutputSpec]:
+    """The signature's output specs renamed after the graph's output node (a rewritten node may be an output)."""
+    results = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    assert isinstance(results, (list, tuple)) and len(results) == len(signature.output_specs)
+    specs = []
+    for spec, node in zip(signature.output_specs, results):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node):
+            spec = OutputSpec(kind=spec.kind, arg=TensorArgument(name=node.name), target=spec.target)
+        specs.append(spec)
+    return specs
+
+
 def with_graph(program: torch.export.ExportedProgram, module: torch.fx.GraphModule) -> torch.export.ExportedProgram:
     """The program with its graph replaced by `module`'s (dead nodes removed, linted, recompiled);
     same inputs and weights."""
-    from torch.export.graph_signature import ExportGraphSignature
-
-    from kiln.compiler.passes.fuse_projections import output_specs
-
     graph = module.graph
     graph.eliminate_dead_code()
     graph.lint()

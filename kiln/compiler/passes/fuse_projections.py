@@ -17,9 +17,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling
+from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, output_specs
 
 LINEAR = torch.ops.aten.linear.default
 SLICE = torch.ops.aten.slice.Tensor
@@ -120,18 +120,6 @@ def _fuse(program: torch.export.ExportedProgram, names: list[list[str]]) -> torc
     return program._update(module, signature, state_dict=state)
 
 
-def output_specs(graph: torch.fx.Graph, signature: ExportGraphSignature) -> list[OutputSpec]:
-    """The signature's output specs renamed after the graph's output node (a rewritten node may be an output)."""
-    results = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
-    assert isinstance(results, (list, tuple)) and len(results) == len(signature.output_specs)
-    specs = []
-    for spec, node in zip(signature.output_specs, results):
-        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node):
-            spec = OutputSpec(kind=spec.kind, arg=TensorArgument(name=node.name), target=spec.target)
-        specs.append(spec)
-    return specs
-
-
 def _fake_mode(graph: torch.fx.Graph) -> torch._subclasses.fake_tensor.FakeTensorMode:
     from torch._guards import detect_fake_mode
 
@@ -225,4 +213,4 @@ def _merges_dims(linear: torch.fx.Node) -> bool:
     )
 
 
-__all__ = ["fuse_projections", "output_specs"]
+__all__ = ["fuse_projections"]

@@ -16,7 +16,7 @@ from kiln.version import __version__
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
-WEIGHTS = "weights.safetensors"  # the program's weights (kiln.program_files)
+WEIGHTS = "weights.safetensors"  # the program's weights (kiln.engine.program_files)
 COMPILED = "compiled.bin"
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "processor"

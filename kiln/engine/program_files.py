@@ -17,7 +17,7 @@ from types import TracebackType
 
 import torch
 
-from kiln.engine_dir import PROGRAM, WEIGHTS
+from kiln.engine.manifest import PROGRAM, WEIGHTS
 
 ALIASES_KEY = "kiln.aliases"  # safetensors metadata: {name: stored name} for tensors stored once
 
@@ -145,7 +145,7 @@ def load_graph(path: Path) -> torch.export.ExportedProgram:
         logger.removeFilter(quiet)
 
 
-def load_program(directory: Path, device: torch.device) -> torch.export.ExportedProgram:
+def load_exported(directory: Path, device: torch.device) -> torch.export.ExportedProgram:
     """The program in `directory` with its weights on `device`."""
     program = load_graph(directory / PROGRAM)
     attach_weights(program, directory, device)
@@ -157,7 +157,7 @@ __all__ = [
     "ProgramWrite",
     "attach_weights",
     "load_graph",
-    "load_program",
+    "load_exported",
     "save_program",
     "stored_tensors",
     "without_weights",

@@ -1,0 +1,128 @@
+"""The build pipeline: each `ProgramSpec` goes export -> checks -> passes -> write -> compile -> verify,
+and `write_engine_manifest` records the engine the programs make up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.compiler import inductor
+from kiln.compiler.export import export_program
+from kiln.compiler.passes import PassContext, run_passes
+from kiln.compiler.program_spec import CacheShape, ProgramSpec
+from kiln.compiler.verify import check_programs_agree
+from kiln.config import BuildConfig, torch_dtype
+from kiln.engine.manifest import (
+    COMPILED,
+    FORMAT_VERSION,
+    Manifest,
+    ModelFacts,
+    MultimodalFacts,
+    describe_device,
+    write_manifest,
+)
+from kiln.engine.program_files import ProgramWrite
+from kiln.errors import UnsupportedModelError
+from kiln.kernels.selection import selected
+from kiln.progress import Progress
+from kiln.version import __version__
+
+
+def check_cache_shape(program: torch.export.ExportedProgram, shape: CacheShape, what: str) -> None:
+    """The keys each attention site produces must fit the cache layout derived from the config."""
+    for node in program.graph_module.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.kiln.attention_site.default:
+            _, heads, dim = node.args[1].meta["val"].shape
+            value_dim = node.args[2].meta["val"].shape[2]
+            if (heads, dim, value_dim) != (shape.num_kv_heads, shape.head_dim, shape.head_dim):
+                raise UnsupportedModelError(
+                    f"{what} layer {node.args[3]} has keys of {heads} heads x {dim} (values {value_dim}), "
+                    f"but its config says {shape.num_kv_heads} x {shape.head_dim}; "
+                    "kiln needs one cache layout for all layers"
+                )
+
+
+def prepare_program(spec: ProgramSpec, config: BuildConfig, progress: Progress) -> torch.export.ExportedProgram:
+    """Export, check and (for a program with a KV cache) rewrite: the program as it is written."""
+    suffix = spec.stage_suffix
+    with progress.stage(f"export{suffix}", f"torch.export, {spec.what}"):
+        program = export_program(spec)
+        if spec.cache is not None:
+            check_cache_shape(program, spec.cache, spec.architecture)
+    if not spec.passes or spec.cache is None:
+        return program
+    context = PassContext(
+        architecture=spec.architecture, num_layers=spec.cache.num_layers, input_names=spec.input_names, build=config
+    )
+    with progress.stage(f"passes{suffix}"):
+        return run_passes(program, context, on_pass=lambda name: progress.note(f"pass {name}"))
+
+
+def write_program(
+    program: torch.export.ExportedProgram,
+    spec: ProgramSpec,
+    engine_dir: Path,
+    config: BuildConfig,
+    progress: Progress,
+) -> bool:
+    """Write the program into its directory of `engine_dir`, its weights in the background while Inductor
+    compiles it (when `config.compile`) and the compiled program is verified; returns whether it was compiled."""
+    suffix = spec.stage_suffix
+    directory = engine_dir / spec.directory
+    with progress.stage(f"write{suffix}", "program; its weights go on in the background"):
+        writing = ProgramWrite(program, directory)
+    with writing, selected(pdl=config.pdl):  # compile and verify launch kernels as the engine will
+        if config.compile:
+            with progress.stage(f"compile{suffix}", f"Inductor on {_device_type(spec)}"):
+                inductor.compile_program(program, directory / COMPILED, combo_kernels=config.combo_kernels)
+            with progress.stage(f"verify{suffix}", "compiled vs captured program"):
+                agreement = check_programs_agree(
+                    program, directory / COMPILED, spec.verify_inputs, torch_dtype(config.dtype)
+                )
+                progress.note(str(agreement))
+            progress.note(f"compiled program: {(directory / COMPILED).stat().st_size / 1e6:.1f} MB")
+        with progress.stage(f"write weights{suffix}", "waiting for the background write"):
+            writing.wait()
+    return config.compile
+
+
+def build_program(spec: ProgramSpec, engine_dir: Path, config: BuildConfig, progress: Progress) -> bool:
+    """The whole pipeline for one program; returns whether it was compiled."""
+    program = prepare_program(spec, config, progress)
+    return write_program(program, spec.exported(), engine_dir, config, progress)
+
+
+def _device_type(spec: ProgramSpec) -> str:
+    return spec.args[0].device.type if spec.args else "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineFacts:
+    """What the manifest records besides versions and the device: the resolved config, the model, the programs."""
+
+    config: BuildConfig
+    model: ModelFacts
+    compiled: bool
+    multimodal: MultimodalFacts | None = None
+    source_checkpoint: str | None = None
+
+
+def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
+    """The engine's manifest.json, with this kiln's, torch's and transformers' versions and the stage timings."""
+    manifest = Manifest(
+        kiln_version=__version__,
+        torch_version=torch.__version__,
+        transformers_version=__import__("transformers").__version__,
+        format_version=FORMAT_VERSION,
+        device=describe_device(device),
+        build=facts.config,
+        model=facts.model,
+        compiled=facts.compiled,
+        timings_s=dict(progress.timings),
+        multimodal=facts.multimodal,
+        source_checkpoint=facts.source_checkpoint,
+    )
+    write_manifest(engine_dir, manifest)
+    return manifest
