@@ -6,8 +6,8 @@ import json
 import pytest
 from test_engine_dir import manifest
 
-from kiln import engine_dir
 from kiln.config import KERNEL_CHOICES, BuildConfig, RuntimeConfig
+from kiln.engine import manifest as engine_dir
 from kiln.errors import KilnError
 
 BUILD_CHOICES = ("fused_linears", "fuse_rope", "combo_kernels", "pdl")
