@@ -24,7 +24,7 @@ from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.mm_runner import make_runner
+from kiln.runtime.mm_runner import decode_extras, make_runner
 from kiln.runtime.multimodal import MultimodalData, load_pipeline
 from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
@@ -83,8 +83,8 @@ class Engine:
         self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self.kv, self.device)
         # Images -> expanded prompt + features, for engines built from a vision-language checkpoint.
         self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
-        # Decode steps of text engines replay CUDA graphs (a VLM's program also takes the embedding table).
-        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.manifest.multimodal is None:
+        # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).
+        if self.device.type == "cuda" and self.runtime.cuda_graphs:
             with progress.stage("capture CUDA graphs", "decode steps"):
                 graphs = DecodeGraphs(
                     program,
@@ -92,6 +92,7 @@ class Engine:
                     max_batch_size=self.build.max_batch_size,
                     max_blocks_per_seq=-(-self.build.seq_len // bs),
                     device=self.device,
+                    extras=decode_extras(self.manifest.multimodal, dtype),
                 )
                 graphs.capture()
             self.runner.graphs = graphs
@@ -346,7 +347,7 @@ class Engine:
             return False
         for chunk in plan.chunks:
             p = chunk.seq.params
-            if chunk.num_tokens != 1 or not chunk.completes or chunk.seq.mm is not None:
+            if chunk.num_tokens != 1 or not chunk.completes:
                 return False
             if p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 return False
