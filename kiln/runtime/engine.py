@@ -47,10 +47,6 @@ class StepUpdate:
         return self.seq.is_finished
 
 
-# Share of free memory a vision-language engine's KV pool takes unless told otherwise (see _num_blocks).
-MULTIMODAL_MEMORY_FRACTION = 0.9
-
-
 class Engine:
     def __init__(
         self, engine_dir: str | Path, runtime: RuntimeConfig | None = None, *, progress: Progress | None = None
@@ -72,6 +68,9 @@ class Engine:
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
             self.weight_bytes = 0  # bytes of weights a decode step reads, set when the program loads
             program = self._load_program()
+        # Images -> expanded prompt + features, for engines built from a vision-language checkpoint
+        # (loaded before the pool, which is sized with the vision program's peak kept free).
+        self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
         num_blocks = self._num_blocks(dtype, program, held_before)
@@ -81,8 +80,6 @@ class Engine:
             self.kv, max_batch_size=self.build.max_batch_size, max_num_tokens=self.build.max_num_tokens
         )
         self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self.kv, self.device)
-        # Images -> expanded prompt + features, for engines built from a vision-language checkpoint.
-        self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
         # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).
         if self.device.type == "cuda" and self.runtime.cuda_graphs:
             with progress.stage("capture CUDA graphs", "decode steps"):
@@ -152,9 +149,6 @@ class Engine:
         memory_plan.reclaim(self.device)  # loading's temporaries, cached by the allocator, count as free
         per_block = 2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * dtype.itemsize
         fraction = self.runtime.kv_cache_memory_fraction
-        if fraction is None and self.manifest.multimodal is not None:
-            # The vision program loads after the pool and its activations are not measured: keep a tenth free.
-            fraction = MULTIMODAL_MEMORY_FRACTION
         if fraction is not None:
             free, _total = torch.cuda.mem_get_info(self.device)
             fits = int(free * fraction) // per_block
@@ -166,8 +160,11 @@ class Engine:
                     dtype,
                     self.device,
                     lambda cache, kv: make_runner(self.manifest.multimodal, program, cache, kv, self.device),
+                    memory_plan.ImageRows.of(self.manifest.multimodal),
                 )
             )
+            if self.multimodal is not None:  # it runs between steps: the larger peak is kept free
+                step = max(step, memory_plan.vision_peak_bytes(self.multimodal))
             free, total = torch.cuda.mem_get_info(self.device)  # the step's memory has gone back
             fits = memory_plan.pool_blocks(free, total, step, per_block)
         memory_plan.check_holds_one_sequence(

@@ -63,3 +63,76 @@ def test_reclaim_frees_what_only_a_reference_cycle_keeps():
     finally:
         if enabled:
             gc.enable()
+
+
+def vlm_facts(hidden: int, rows: int, position_rows: int):  # type: ignore[no-untyped-def]
+    from kiln.engine_dir import MultimodalFacts
+
+    return MultimodalFacts(
+        image_token_id=5,
+        hidden_size=hidden,
+        max_multimodal_len=rows,
+        vision_batch_limit=1,
+        position_rows=position_rows,
+        bidirectional_images=False,
+        vision_compiled=False,
+    )
+
+
+def test_a_vision_language_step_reads_a_feature_row_per_token_from_the_whole_table():
+    """The measured step of a VLM engine: every token an image token, the table of max_multimodal_len
+    rows allocated inside the measurement, the step's mm_embeds one row per token (up to the table)."""
+    from kiln.runtime.kv_cache import KVCacheManager
+    from kiln.runtime.mm_runner import MultimodalModelRunner
+
+    for table_rows, position_rows in ((24, 1), (200, 3)):
+        images = memory_plan.ImageRows(rows=table_rows, hidden_size=8, position_rows=position_rows)
+        chunks = memory_plan.full_step(_build())
+        memory_plan.attach_images(chunks, images, torch.float32, torch.device("cpu"))
+        tables = {id(c.seq.mm.embeds) for c in chunks}
+        assert len(tables) == 1 and chunks[0].seq.mm.embeds.shape == (table_rows, 8)
+        facts = vlm_facts(8, table_rows, position_rows)
+        kv = KVCacheManager(64, 16, enable_prefix_caching=False)
+        for c in chunks:
+            assert kv.allocate(c.seq.request_id, c.num_tokens)
+        runner = MultimodalModelRunner(None, torch.zeros(1), kv, torch.device("cpu"), facts, torch.float32)  # type: ignore[arg-type]
+        inputs, sampled = runner.prepare(chunks)
+        tokens = sum(c.num_tokens for c in chunks)
+        assert len(sampled) == 4
+        assert inputs[8].shape[0] == sum(min(c.num_tokens, table_rows) for c in chunks)
+        assert bool((inputs[9] >= 0).all()), "every token reads a feature row"
+        assert inputs[1].shape == ((position_rows, tokens) if position_rows > 1 else (tokens,))
+
+
+def test_image_rows_follow_the_manifest():
+    assert memory_plan.ImageRows.of(None) is None
+    facts = vlm_facts(64, 576, 3)
+    assert memory_plan.ImageRows.of(facts) == memory_plan.ImageRows(576, 64, 3)
+
+
+def test_the_vision_plan_fills_max_multimodal_len_rows(tmp_path):
+    """The vision program's measured batch: one image through the engine's own processor, repeated
+    until its features fill max_multimodal_len rows (CPU: the items, not the CUDA peak)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vlm_checkpoints import make_vlm_checkpoint
+
+    from kiln import LLM, build
+
+    checkpoint = make_vlm_checkpoint("llava", tmp_path / "ckpt")
+    limits = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **limits)
+    pipeline = LLM(engine).engine.multimodal
+    assert pipeline is not None
+    items = memory_plan.vision_plan_items(pipeline)
+    facts = pipeline.facts
+    with torch.inference_mode():
+        features = pipeline.family.encode(
+            pipeline.program, items, facts.vision_batch_limit, pipeline.state, facts.family_config
+        )
+    rows = sum(f.shape[0] for f in features)
+    per_image = features[0].shape[0]
+    assert facts.max_multimodal_len - per_image < rows <= facts.max_multimodal_len
+    assert len(items) >= facts.vision_batch_limit  # the program runs at least one full batch
