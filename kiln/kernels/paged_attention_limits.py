@@ -5,6 +5,10 @@ Text tokens pass position + 1, which is plain causal attention; the image tokens
 prompt pass the end of their image, so each image's tokens see each other bidirectionally. Every
 key a query may see must be in the cache or among the step's new tokens: the scheduler never
 splits such an image across prefill chunks.
+
+On CUDA it takes the Triton kernels when `kiln.kernels.paged_attention.use_triton` allows (the
+prefill kernel reads attend_end on the device, so no call synchronises with the host); elsewhere
+the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import reference
+from kiln.kernels.paged_attention import use_triton
 
 
 @torch.library.custom_op("kiln::paged_attention_limits", mutates_args=("kv_cache",))
@@ -30,6 +35,12 @@ def paged_attention_limits(
     sliding_window: int,
     softcap: float,
 ) -> torch.Tensor:
+    if use_triton(q):
+        from kiln.kernels.triton import paged_attention_triton, unsupported_reason
+
+        if unsupported_reason(q, k, v, kv_cache) is None:
+            args = (q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, layer, scale)
+            return paged_attention_triton(*args, sliding_window, softcap, attend_end=attend_end)
     return reference.paged_attention(
         q,
         k,

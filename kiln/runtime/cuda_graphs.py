@@ -6,11 +6,16 @@ ids, positions, cache slots, lengths and block tables into them and replays the 
 padding the unused rows: they write no cache slot (slot -1) and attend to one key, and their logits
 are ignored. The engine program must not synchronise with the host (kiln's Triton attention does
 not), so the whole forward pass is one graph launch.
+
+A vision-language program takes more inputs (`DecodeExtras`); in a decode step they have static
+shapes: one zero `mm_embeds` row, `mm_index` all -1, M-RoPE positions [R, n] whose rows all hold
+the position the caller gives (p + the sequence's delta), and `attend_end` = seq_lens (p + 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +29,19 @@ def bucket_sizes(max_batch_size: int) -> list[int]:
     return sorted({*sizes, max_batch_size})
 
 
+@dataclass(frozen=True)
+class DecodeExtras:
+    """The inputs a vision-language LLM program takes after the text ones (see the module doc)."""
+
+    hidden_size: int  # width of mm_embeds
+    dtype: torch.dtype  # of mm_embeds
+    position_rows: int  # > 1: positions are [position_rows, T] (M-RoPE)
+    limits: bool  # the program takes attend_end [T]
+
+
+ATTEND_END_ROW = 5  # row of DecodeGraphs.tokens holding attend_end (vision-language programs only)
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -33,16 +51,20 @@ class DecodeGraphs:
         max_batch_size: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        extras: DecodeExtras | None = None,
     ) -> None:
         self.program = program
         self.kv_cache = kv_cache
         self.device = device
+        self.extras = extras
         self.buckets = bucket_sizes(max_batch_size)
         self.max_blocks = max(2, max_blocks_per_seq)
         n = max_batch_size
         # Static inputs: ids, positions and slots in one int64 buffer (with two more rows for the
-        # positions and source rows of tokens patched in from the device); lengths and tables in int32.
-        self.tokens = torch.zeros(5, n, dtype=torch.int64, device=device)
+        # positions and source rows of tokens patched in from the device, and attend_end for a
+        # vision-language program); lengths and tables in int32.
+        rows = 5 if extras is None else ATTEND_END_ROW + 1
+        self.tokens = torch.zeros(rows, n, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
@@ -52,7 +74,7 @@ class DecodeGraphs:
         # for the one before that), so a step never rewrites the set its predecessor is copying.
         self._staging = [
             (
-                torch.zeros(5, n, dtype=torch.int64).pin_memory(),
+                torch.zeros(rows, n, dtype=torch.int64).pin_memory(),
                 torch.ones(n, dtype=torch.int32).pin_memory(),
                 torch.zeros(n, self.max_blocks, dtype=torch.int32).pin_memory(),
             )
@@ -60,9 +82,16 @@ class DecodeGraphs:
         ]
         self._turn = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if extras is not None:
+            r = extras.position_rows
+            self.mm_embeds = torch.zeros(1, extras.hidden_size, dtype=extras.dtype, device=device)
+            self.mm_index = torch.full((n,), -1, dtype=torch.int64, device=device)
+            # M-RoPE positions: bucket b reads the first r * b values as a contiguous [r, b] view.
+            self.mrope = torch.zeros(r * n, dtype=torch.int64, device=device)
+            self._mrope_staging = [torch.zeros(r * n, dtype=torch.int64).pin_memory() for _ in range(2)]
 
     def _inputs(self, b: int) -> tuple[torch.Tensor, ...]:
-        return (
+        base = [
             self.tokens[0, :b],
             self.tokens[1, :b],
             self.tokens[2, :b],
@@ -71,12 +100,23 @@ class DecodeGraphs:
             self.query_start_loc[: b + 1],
             self.logits_indices[:b],
             self.kv_cache,
-        )
+        ]
+        extras = self.extras
+        if extras is None:
+            return tuple(base)
+        if extras.position_rows > 1:
+            base[1] = self.mrope[: extras.position_rows * b].view(extras.position_rows, b)
+        base += [self.mm_embeds, self.mm_index[:b]]
+        if extras.limits:
+            base.append(self.tokens[ATTEND_END_ROW, :b])
+        return tuple(base)
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first, sharing one memory pool."""
         self.tokens[2].fill_(-1)  # padding rows write no cache slot
+        if self.extras is not None:
+            self.tokens[ATTEND_END_ROW].fill_(1)
         pool = None
         stream = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):
@@ -107,13 +147,15 @@ class DecodeGraphs:
         """Logits [len(input_ids), vocab] of one decode step (one token per sequence).
 
         `patch` = (rows, source rows, device tokens): input_ids[rows] come from the device instead.
+        With M-RoPE extras, `positions` are the rotary positions (p + the sequence's delta).
         """
         n = len(input_ids)
         b = self.bucket_for(n)
         if b is None or b not in self._graphs:
             raise ValueError(f"no captured graph holds a decode batch of {n}")
-        host, lens_host, tables_host = self._staging[self._turn]
-        self._turn = 1 - self._turn
+        turn = self._turn
+        host, lens_host, tables_host = self._staging[turn]
+        self._turn = 1 - turn
         host[0, :b] = 0
         host[1, :b] = 0
         host[2, :b] = -1
@@ -129,6 +171,8 @@ class DecodeGraphs:
         width = max(len(t) for t in block_tables)
         tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         tables_host[:n, :width] = tables
+        if self.extras is not None:
+            self._stage_extras(turn, host, positions, seq_lens, n, b)
         self.tokens[:, :b].copy_(host[:, :b], non_blocking=True)
         self.seq_lens[:b].copy_(lens_host[:b], non_blocking=True)
         self.block_tables[:n, :width].copy_(tables_host[:n, :width], non_blocking=True)
@@ -137,3 +181,17 @@ class DecodeGraphs:
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]
+
+    def _stage_extras(
+        self, turn: int, host: torch.Tensor, positions: Sequence[int], seq_lens: Sequence[int], n: int, b: int
+    ) -> None:
+        """attend_end (= seq_lens, 1 on padding rows) into `host`; M-RoPE positions staged and copied."""
+        assert self.extras is not None
+        host[ATTEND_END_ROW, :b] = 1
+        host[ATTEND_END_ROW, :n] = torch.tensor(seq_lens, dtype=torch.int64)
+        r = self.extras.position_rows
+        if r > 1:
+            staged = self._mrope_staging[turn][: r * b].view(r, b)
+            staged.zero_()
+            staged[:, :n] = torch.tensor(positions, dtype=torch.int64)
+            self.mrope[: r * b].copy_(staged.flatten(), non_blocking=True)

@@ -22,7 +22,7 @@ from kiln.runtime import memory_plan, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.mm_runner import make_runner
+from kiln.runtime.mm_runner import decode_extras, make_runner
 from kiln.runtime.multimodal import MultimodalData, load_pipeline
 from kiln.runtime.output_processor import OutputProcessor, StepUpdate
 from kiln.runtime.prompts import Prompt
@@ -59,6 +59,9 @@ class Engine:
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
             self.weight_bytes = 0  # bytes of weights a decode step reads, set when the program loads
             program = self._load_program()
+        # Images -> expanded prompt + features, for engines built from a vision-language checkpoint
+        # (loaded before the pool, which is sized with the vision program's peak kept free).
+        self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
         mm_spec = self.manifest.multimodal
@@ -68,9 +71,10 @@ class Engine:
             dtype,
             self.device,
             lambda cache, kv: make_runner(mm_spec, program, cache, kv, self.device),
+            memory_plan.ImageRows.of(mm_spec),
         )
         num_blocks = memory_plan.num_blocks(
-            setup, facts, self.runtime, multimodal=mm_spec is not None, held_before=held_before
+            setup, facts, self.runtime, vision=self.multimodal, held_before=held_before
         )
         self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
         self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
@@ -82,10 +86,8 @@ class Engine:
             max_seq_len=self.build.seq_len,
         )
         self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self._kv, self.device)
-        # Images -> expanded prompt + features, for engines built from a vision-language checkpoint.
-        self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
-        # Decode steps of text engines replay CUDA graphs (a VLM's program also takes the embedding table).
-        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.manifest.multimodal is None:
+        # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).
+        if self.device.type == "cuda" and self.runtime.cuda_graphs:
             with progress.stage("capture CUDA graphs", "decode steps"):
                 graphs = DecodeGraphs(
                     program,
@@ -93,6 +95,7 @@ class Engine:
                     max_batch_size=self.build.max_batch_size,
                     max_blocks_per_seq=-(-self.build.seq_len // bs),
                     device=self.device,
+                    extras=decode_extras(self.manifest.multimodal, dtype),
                 )
                 graphs.capture()
             self.runner.graphs = graphs
@@ -245,7 +248,7 @@ class Engine:
             return False
         for chunk in plan.chunks:
             p = chunk.seq.params
-            if chunk.num_tokens != 1 or not chunk.completes or chunk.seq.mm is not None:
+            if chunk.num_tokens != 1 or not chunk.completes:
                 return False
             if p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 return False

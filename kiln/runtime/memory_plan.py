@@ -9,6 +9,11 @@ allocates is kept free for every later step, plus `HEADROOM_FRACTION` of the dev
 slack and libraries' workspaces; the pool takes the rest. No later step can need more than that
 step did: the scheduler never exceeds those limits.
 
+A vision-language engine's step is measured with every token an image token, reading a table of
+`max_multimodal_len` feature rows (the features of the requests in flight, held on the device),
+and its vision program is measured at its batch limit (`vision_peak_bytes`); the two never run
+at once, so the larger peak is kept free.
+
 Before any of that the engine calls `reclaim`: an engine the program has dropped but that sits in a
 reference cycle (a method patched onto its own instance is enough) keeps its weights and its pool on
 the GPU until Python's cycle collector happens to run, and the new engine would find no memory left.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,11 +38,29 @@ from kiln.runtime.scheduler import ScheduledChunk
 from kiln.runtime.sequence import Sequence
 from kiln.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from kiln.engine.manifest import MultimodalFacts
+    from kiln.models.vlm.base import ImageItem
+    from kiln.runtime.multimodal import MultimodalPipeline
+
 HEADROOM_FRACTION = 0.02  # of total device memory, left free beside the measured step
-# Share of free memory a vision-language engine's KV pool takes unless told otherwise (see num_blocks).
-MULTIMODAL_MEMORY_FRACTION = 0.9
 
 RunnerFactory = Callable[[torch.Tensor, KVCacheManager], ModelRunner]
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """The prompt-embedding table a vision-language engine's steps read."""
+
+    rows: int  # max_multimodal_len
+    hidden_size: int
+    position_rows: int  # 3 for M-RoPE
+
+    @classmethod
+    def of(cls, facts: MultimodalFacts | None) -> ImageRows | None:
+        if facts is None:
+            return None
+        return cls(facts.max_multimodal_len, facts.hidden_size, facts.position_rows)
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,7 @@ class StepSetup:
     dtype: torch.dtype
     device: torch.device
     make_runner: RunnerFactory  # (cache, block manager) -> the engine's model runner on them
+    images: ImageRows | None = None  # a vision-language engine: its step reads image features
 
 
 def reclaim(device: torch.device) -> None:
@@ -74,10 +99,28 @@ def full_step(build: BuildConfig) -> list[ScheduledChunk]:
     return chunks
 
 
+def attach_images(chunks: list[ScheduledChunk], images: ImageRows, dtype: torch.dtype, device: torch.device) -> None:
+    """Make every token of `chunks` an image token, all reading one table of `images.rows` feature rows
+    (allocated here), so the step gathers a feature row per token, up to the table's size."""
+    from kiln.runtime.multimodal import MultimodalData
+
+    table = torch.zeros(max(1, images.rows), images.hidden_size, dtype=dtype, device=device)
+    offset, size = 0, table.shape[0]
+    for chunk in chunks:
+        n = chunk.num_tokens
+        offset = offset if offset + n <= size else 0  # a chunk reads one contiguous run of min(n, size) rows
+        rows = (torch.arange(n) + offset) % size
+        offset += n
+        positions = torch.arange(n).expand(images.position_rows, -1) if images.position_rows > 1 else None
+        chunk.seq.mm = MultimodalData(table, rows, (), positions=positions)
+
+
 def run_full_step(setup: StepSetup) -> tuple[int, int]:
     """Run `full_step` on a temporary KV cache just large enough for it (freed on return):
     (rows sampled, bytes of that cache)."""
     chunks = full_step(setup.build)
+    if setup.images is not None:
+        attach_images(chunks, setup.images, setup.dtype, setup.device)
     bs = setup.build.tokens_per_block
     num_blocks = sum(-(-c.num_tokens // bs) for c in chunks)
     kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=False)
@@ -100,6 +143,48 @@ def step_peak_bytes(setup: StepSetup) -> int:
     _, cache_bytes = run_full_step(setup)
     torch.cuda.synchronize(setup.device)
     peak = torch.cuda.max_memory_allocated(setup.device) - before - cache_bytes
+    torch.cuda.empty_cache()
+    return peak
+
+
+VISION_PLAN_SIDE = 448  # pixels of the square image the vision program's measured batch repeats
+
+
+def vision_plan_items(pipeline: MultimodalPipeline) -> list[ImageItem]:
+    """One image through the engine's own processor, repeated until its features fill
+    `max_multimodal_len` rows: the largest batch the vision program runs (in
+    `vision_batch_limit` slices). Empty for families whose images are input tensors."""
+    from PIL import Image
+
+    family, facts = pipeline.family, pipeline.facts
+    if not family.loads_images:
+        return []
+    image = Image.new("RGB", (VISION_PLAN_SIDE, VISION_PLAN_SIDE), (120, 60, 200))
+    prompt = f"{pipeline.image_token or ''} memory plan"
+    processed = family.process(pipeline.processor, prompt, [image], facts.family_config)
+    items = [item.to(pipeline.device, pipeline.dtype) for item in family.split_images(processed, facts.family_config)]
+    with torch.inference_mode():
+        rows = sum(f.shape[0] for f in family.encode(pipeline.program, items, facts.vision_batch_limit, pipeline.state,
+                                                      facts.family_config))  # fmt: skip
+    return items * max(1, facts.max_multimodal_len // max(rows, 1))
+
+
+def vision_peak_bytes(pipeline: MultimodalPipeline) -> int:
+    """Bytes the vision program allocates at its peak encoding `vision_plan_items` (features included)."""
+    items = vision_plan_items(pipeline)
+    if not items:
+        return 0
+    device, facts = pipeline.device, pipeline.facts
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        features = pipeline.family.encode(
+            pipeline.program, items, facts.vision_batch_limit, pipeline.state, facts.family_config
+        )
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del features
     torch.cuda.empty_cache()
     return peak
 
@@ -132,9 +217,16 @@ def check_holds_one_sequence(
 
 
 def num_blocks(
-    setup: StepSetup, facts: ModelFacts, runtime: RuntimeConfig, *, multimodal: bool, held_before: int = 0
+    setup: StepSetup,
+    facts: ModelFacts,
+    runtime: RuntimeConfig,
+    *,
+    vision: MultimodalPipeline | None = None,
+    held_before: int = 0,
 ) -> int:
-    """KV-cache blocks of the engine's pool; `held_before`: bytes of GPU tensors held before it loaded."""
+    """KV-cache blocks of the engine's pool; `vision`: a vision-language engine's pipeline, whose program runs
+    between steps (the larger of the two peaks is kept free); `held_before`: bytes of GPU tensors held before
+    the engine loaded."""
     build = setup.build
     blocks_per_seq = -(-build.seq_len // build.tokens_per_block)
     needed = blocks_per_seq * build.max_batch_size
@@ -153,14 +245,13 @@ def num_blocks(
         2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * setup.dtype.itemsize
     )
     fraction = runtime.kv_cache_memory_fraction
-    if fraction is None and multimodal:
-        # The vision program loads after the pool and its activations are not measured: keep a tenth free.
-        fraction = MULTIMODAL_MEMORY_FRACTION
     if fraction is not None:
         free, _total = torch.cuda.mem_get_info(setup.device)
         fits = int(free * fraction) // per_block
     else:
         step = step_peak_bytes(setup)
+        if vision is not None:
+            step = max(step, vision_peak_bytes(vision))
         free, total = torch.cuda.mem_get_info(setup.device)  # the step's memory has gone back
         fits = pool_blocks(free, total, step, per_block)
     check_holds_one_sequence(fits, blocks_per_seq, free, free - fits * per_block, other_bytes=held_before)

@@ -8,10 +8,33 @@ import torch
 
 from kiln.engine.manifest import MultimodalFacts
 from kiln.engine.programs import Program
+from kiln.runtime.cuda_graphs import DecodeExtras
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.multimodal import MultimodalData
 from kiln.runtime.scheduler import ScheduledChunk
+
+
+def decode_position(mm: MultimodalData | None, p: int) -> int | None:
+    """The rotary position of a decode row at cache position p, or None when the row needs an
+    eager step: an image token, or M-RoPE rows that differ (only prompt tokens can be either)."""
+    if mm is None:
+        return p
+    if p >= mm.prompt_len:
+        return p + mm.position_delta if mm.positions is not None else p
+    if int(mm.rows[p]) >= 0:  # an image token (its feature row, and maybe a bidirectional bound)
+        return None
+    if mm.positions is None:
+        return p
+    column = mm.positions[:, p]
+    return int(column[0]) if bool((column == column[0]).all()) else None
+
+
+def decode_extras(facts: MultimodalFacts | None, dtype: torch.dtype) -> DecodeExtras | None:
+    """What `DecodeGraphs` must feed a vision-language engine's program beside the text inputs."""
+    if facts is None:
+        return None
+    return DecodeExtras(facts.hidden_size, dtype, facts.position_rows, facts.bidirectional_images)
 
 
 def _chunk_extras(
@@ -55,6 +78,15 @@ class MultimodalModelRunner(ModelRunner):
         super().__init__(program, kv_cache, kv, device)
         self.facts = facts
         self.empty_row = torch.zeros(1, facts.hidden_size, dtype=dtype, device=device)
+
+    def decode_positions(self, chunks: Sequence[ScheduledChunk]) -> list[int] | None:
+        positions = []
+        for chunk in chunks:
+            pos = decode_position(getattr(chunk.seq, "mm", None), chunk.start)
+            if pos is None:
+                return None
+            positions.append(pos)
+        return positions
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
         tensors, sampled = super().prepare(chunks)

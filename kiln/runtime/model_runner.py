@@ -79,8 +79,9 @@ class ModelRunner:
         """
         graphs = self.graphs
         if graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
-            if graphs.bucket_for(len(chunks)) is not None:
-                return self._run_decode_graph(graphs, chunks, patch), list(range(len(chunks)))
+            positions = self.decode_positions(chunks) if graphs.bucket_for(len(chunks)) is not None else None
+            if positions is not None:
+                return self._run_decode_graph(graphs, chunks, patch, positions), list(range(len(chunks)))
         inputs, sampled = self.prepare(chunks)
         if patch:
             starts = [0]
@@ -90,16 +91,20 @@ class ModelRunner:
         logits = self.program(*inputs)
         return logits[: len(sampled)], sampled
 
+    def decode_positions(self, chunks: Sequence[ScheduledChunk]) -> list[int] | None:
+        """The position input of each one-token chunk of a decode step, or None when the step must
+        run eagerly (a vision-language row that needs more than the graphs' static inputs)."""
+        return [c.start for c in chunks]
+
     def _run_decode_graph(
-        self, graphs: DecodeGraphs, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None
+        self, graphs: DecodeGraphs, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None, positions: list[int]
     ) -> torch.Tensor:
         bs = self.block_size
-        ids, positions, slots, lens, tables = [], [], [], [], []
+        ids, slots, lens, tables = [], [], [], []
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
             table = self.kv.block_table(seq.request_id)
             ids.append(seq.token_slice(p, p + 1)[0])
-            positions.append(p)
             slots.append(table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             tables.append(table[: p // bs + 1])

@@ -93,8 +93,8 @@ def _setup(device: str = "cpu", **limits) -> memory_plan.StepSetup:
     return memory_plan.StepSetup(_build(**limits), lambda n: (n,), torch.float16, torch.device(device), _no_step)
 
 
-def _blocks(setup: memory_plan.StepSetup, multimodal: bool = False, **runtime) -> int:
-    return memory_plan.num_blocks(setup, FACTS, RuntimeConfig(**runtime), multimodal=multimodal)
+def _blocks(setup: memory_plan.StepSetup, vision: object = None, **runtime) -> int:
+    return memory_plan.num_blocks(setup, FACTS, RuntimeConfig(**runtime), vision=vision)  # type: ignore[arg-type]
 
 
 def test_a_given_pool_size_is_taken_if_it_holds_one_sequence():
@@ -107,16 +107,101 @@ def test_on_cpu_the_pool_holds_a_full_batch_twice():
     assert _blocks(_setup(max_batch_size=3)) == 2 * 3 * 4
 
 
-@pytest.mark.parametrize(
-    ("multimodal", "fraction", "share"), [(True, None, memory_plan.MULTIMODAL_MEMORY_FRACTION), (False, 0.5, 0.5)]
-)
-def test_a_memory_fraction_sizes_the_pool_from_free_memory(monkeypatch, multimodal, fraction, share):
-    free = 1000 * BLOCK_BYTES + 123
+@pytest.mark.parametrize("vision", [None, "a vision pipeline"])
+def test_a_memory_fraction_sizes_the_pool_from_free_memory(monkeypatch, vision):
+    # An explicit fraction wins, also for a vision-language engine (nothing is measured then).
+    free, share = 1000 * BLOCK_BYTES + 123, 0.5
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
-    blocks = _blocks(_setup("cuda"), multimodal, kv_cache_memory_fraction=fraction)
+    monkeypatch.setattr(memory_plan, "vision_peak_bytes", lambda pipeline: pytest.fail("measured"))
+    blocks = _blocks(_setup("cuda"), vision, kv_cache_memory_fraction=share)
     assert blocks == int(free * share) // BLOCK_BYTES
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * BLOCK_BYTES, 2 * free))
     few = int(3 * BLOCK_BYTES * share) // BLOCK_BYTES
     with pytest.raises(KilnError, match=rf"holds {few} blocks, fewer than one max_seq_len sequence needs \(4\)"):
-        _blocks(_setup("cuda"), multimodal, kv_cache_memory_fraction=fraction)
+        _blocks(_setup("cuda"), vision, kv_cache_memory_fraction=share)
+
+
+@pytest.mark.parametrize(("step", "vision", "kept"), [(300, None, 300), (300, 700, 700), (900, 700, 900)])
+def test_the_measured_pool_keeps_the_larger_of_the_step_and_vision_peaks_free(monkeypatch, step, vision, kept):
+    total = 20_000 * BLOCK_BYTES  # 2% headroom: 400 blocks
+    free = 2000 * BLOCK_BYTES
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(memory_plan, "step_peak_bytes", lambda setup: step * BLOCK_BYTES)
+    monkeypatch.setattr(memory_plan, "vision_peak_bytes", lambda pipeline: vision * BLOCK_BYTES)
+    blocks = _blocks(_setup("cuda"), None if vision is None else "a vision pipeline")
+    assert blocks == memory_plan.pool_blocks(free, total, kept * BLOCK_BYTES, BLOCK_BYTES)
+
+
+def vlm_facts(hidden: int, rows: int, position_rows: int):  # type: ignore[no-untyped-def]
+    from kiln.engine.manifest import MultimodalFacts
+
+    return MultimodalFacts(
+        image_token_id=5,
+        hidden_size=hidden,
+        max_multimodal_len=rows,
+        vision_batch_limit=1,
+        position_rows=position_rows,
+        bidirectional_images=False,
+        vision_compiled=False,
+    )
+
+
+def test_a_vision_language_step_reads_a_feature_row_per_token_from_the_whole_table():
+    """The measured step of a VLM engine: every token an image token, the table of max_multimodal_len
+    rows allocated inside the measurement, the step's mm_embeds one row per token (up to the table)."""
+    from kiln.runtime.kv_cache import KVCacheManager
+    from kiln.runtime.mm_runner import MultimodalModelRunner
+
+    for table_rows, position_rows in ((24, 1), (200, 3)):
+        images = memory_plan.ImageRows(rows=table_rows, hidden_size=8, position_rows=position_rows)
+        chunks = memory_plan.full_step(_build())
+        memory_plan.attach_images(chunks, images, torch.float32, torch.device("cpu"))
+        tables = {id(c.seq.mm.embeds) for c in chunks}
+        assert len(tables) == 1 and chunks[0].seq.mm.embeds.shape == (table_rows, 8)
+        facts = vlm_facts(8, table_rows, position_rows)
+        kv = KVCacheManager(64, 16, enable_prefix_caching=False)
+        for c in chunks:
+            assert kv.allocate(c.seq.request_id, c.num_tokens)
+        runner = MultimodalModelRunner(None, torch.zeros(1), kv, torch.device("cpu"), facts, torch.float32)  # type: ignore[arg-type]
+        inputs, sampled = runner.prepare(chunks)
+        tokens = sum(c.num_tokens for c in chunks)
+        assert len(sampled) == 4
+        assert inputs[8].shape[0] == sum(min(c.num_tokens, table_rows) for c in chunks)
+        assert bool((inputs[9] >= 0).all()), "every token reads a feature row"
+        assert inputs[1].shape == ((position_rows, tokens) if position_rows > 1 else (tokens,))
+
+
+def test_image_rows_follow_the_manifest():
+    assert memory_plan.ImageRows.of(None) is None
+    facts = vlm_facts(64, 576, 3)
+    assert memory_plan.ImageRows.of(facts) == memory_plan.ImageRows(576, 64, 3)
+
+
+def test_the_vision_plan_fills_max_multimodal_len_rows(tmp_path):
+    """The vision program's measured batch: one image through the engine's own processor, repeated
+    until its features fill max_multimodal_len rows (CPU: the items, not the CUDA peak)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vlm_checkpoints import make_vlm_checkpoint
+
+    from kiln import LLM, build
+
+    checkpoint = make_vlm_checkpoint("llava", tmp_path / "ckpt")
+    limits = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **limits)
+    pipeline = LLM(engine).engine.multimodal
+    assert pipeline is not None
+    items = memory_plan.vision_plan_items(pipeline)
+    facts = pipeline.facts
+    with torch.inference_mode():
+        features = pipeline.family.encode(
+            pipeline.program, items, facts.vision_batch_limit, pipeline.state, facts.family_config
+        )
+    rows = sum(f.shape[0] for f in features)
+    per_image = features[0].shape[0]
+    assert facts.max_multimodal_len - per_image < rows <= facts.max_multimodal_len
+    assert len(items) >= facts.vision_batch_limit  # the program runs at least one full batch

@@ -47,9 +47,13 @@ def paged_attention_triton(
     sliding_window: int,
     softcap: float,
     prefetch: tuple[torch.Tensor, ...] = (),
+    attend_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `kiln.kernels.reference.paged_attention`, on the device, without host syncs;
-    prefetch: constant weights the decode kernels pull into L2 (see `decode.decode_attention`)."""
+    prefetch: constant weights the decode kernels pull into L2 (see `decode.decode_attention`).
+
+    attend_end [T] (per-query key bound) goes to the prefill kernel; the decode path ignores it: with
+    one new token per sequence every key a query may see is at or before it, so its bound is p + 1."""
     reason = unsupported_reason(q, k, v, kv_cache)
     assert reason is None, f"the Triton paged attention cannot run this call: {reason}"
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
@@ -59,4 +63,4 @@ def paged_attention_triton(
     if q.shape[0] == block_tables.shape[0]:
         return decode_attention(*args, new_kv=(k, v, slot_mapping), prefetch=prefetch)  # stores the new keys itself
     write_kv(kv_cache, layer, k, v, slot_mapping)
-    return prefill_attention(*args)
+    return prefill_attention(*args, attend_end=attend_end)

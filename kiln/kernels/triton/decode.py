@@ -210,7 +210,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     rest_lo = split_lo
     if EARLY:  # the tile loaded before the wait (nothing when the split is empty)
         p, alpha, m_i, l_i = score_tile(
-            m_i, l_i, q_tile, q_rows, first_k, first_pos, first_in, scale, softcap, window, SLIDING, SOFTCAP, IEEE_DOT
+            m_i, l_i, q_tile, q_rows, q_rows, first_k, first_pos, first_in, scale, softcap, window,
+            SLIDING, SOFTCAP, IEEE_DOT,
         )  # fmt: skip
         acc = accumulate_values(acc, p, alpha, first_v, IEEE_DOT)
         rest_lo = split_lo + BLOCK_N
@@ -219,6 +220,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         m_i,
         l_i,
         q_tile,
+        q_rows,
         q_rows,
         rest_lo,
         split_hi,

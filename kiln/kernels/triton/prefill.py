@@ -34,6 +34,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     block_tables,
     seq_lens,
     query_start_loc,
+    attend_end,  # [num_tokens] per-query exclusive key bound (read only when LIMITS)
     num_seqs,
     num_tokens,
     stride_qt,
@@ -59,6 +60,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     PAGE_SIZE: tl.constexpr,
     SLIDING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    LIMITS: tl.constexpr,  # attend_end replaces the causal bound
     IEEE_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch
@@ -86,8 +88,14 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     row_ok = (tok < q_end) & (group_idx < GROUP)
     q_pos = first_pos + (tok - q_begin)
 
-    last_tok = tl.minimum(tok0 + BLOCK_Q, q_end) - 1
-    k_hi = tl.where(padding, 0, first_pos + (last_tok - q_begin) + 1)
+    if LIMITS:
+        limit = tl.load(attend_end + tok, mask=row_ok, other=0).to(tl.int32)
+        q_last = limit - 1
+        k_hi = tl.minimum(tl.max(limit, 0), context)
+    else:
+        q_last = q_pos
+        last_tok = tl.minimum(tok0 + BLOCK_Q, q_end) - 1
+        k_hi = tl.where(padding, 0, first_pos + (last_tok - q_begin) + 1)
     k_lo = first_key(first_pos + (tok0 - q_begin), window, BLOCK_N, SLIDING)
 
     q_tile = tl.load(
@@ -104,6 +112,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
         l_i,
         q_tile,
         q_pos,
+        q_last,
         k_lo,
         k_hi,
         key_cache,
@@ -167,10 +176,12 @@ def prefill_attention(
     softcap: float,
     out: torch.Tensor,
     config: PrefillConfig | None = None,
+    attend_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend every query of q [T, Hq, D] to its sequence's cached keys; writes and returns out.
 
-    config overrides the shape-based tile choice (benchmarks, tests)."""
+    config overrides the shape-based tile choice (benchmarks, tests). attend_end [T], when given,
+    replaces the causal bound: query i sees keys at positions < attend_end[i] (all in the cache)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
     num_kv_heads = key_cache.shape[2]
@@ -190,6 +201,7 @@ def prefill_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        query_start_loc if attend_end is None else attend_end,
         num_seqs,
         num_tokens,
         *q.stride(),
@@ -208,6 +220,7 @@ def prefill_attention(
         PAGE_SIZE=key_cache.shape[1],
         SLIDING=sliding_window > 0,
         SOFTCAP=softcap > 0.0,
+        LIMITS=attend_end is not None,
         IEEE_DOT=q.dtype == torch.float32,
         INTERPRET=interpreting(),
         PDL=pdl,

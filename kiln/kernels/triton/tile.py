@@ -73,10 +73,13 @@ def load_values(value_cache, key_off, in_range, stride_dim, HEAD_DIM: tl.constex
 
 @triton.jit
 def score_tile(  # type: ignore[no-untyped-def]
-    m_i, l_i, q, q_pos, k, k_pos, in_range, scale, softcap, window,
+    m_i, l_i, q, q_pos, q_last, k, k_pos, in_range, scale, softcap, window,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):  # fmt: skip
-    """The online softmax's first half for one key tile: (weights p, rescale alpha, new max, new sum)."""
+    """The online softmax's first half for one key tile: (weights p, rescale alpha, new max, new sum).
+
+    q_last: the last key position each row may see (its own position when causal); the sliding
+    window still counts back from q_pos."""
     if IEEE_DOT:
         s = tl.dot(q, k, input_precision="ieee")
     else:
@@ -85,7 +88,7 @@ def score_tile(  # type: ignore[no-untyped-def]
         s = soft_cap(s * scale, softcap) * LOG2E
     else:
         s = s * (scale * LOG2E)
-    allowed = (k_pos[None, :] <= q_pos[:, None]) & in_range[None, :]
+    allowed = (k_pos[None, :] <= q_last[:, None]) & in_range[None, :]
     if SLIDING:
         allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
     s = tl.where(allowed, s, float("-inf"))
@@ -114,6 +117,7 @@ def _key_tile(  # type: ignore[no-untyped-def]
     l_i,
     q,
     q_pos,
+    q_last,
     start,
     k_hi,
     key_cache,
@@ -140,7 +144,7 @@ def _key_tile(  # type: ignore[no-untyped-def]
     )
     k = load_keys(key_cache, key_off, in_range, stride_dim, HEAD_DIM)
     p, alpha, m_new, l_i = score_tile(
-        m_i, l_i, q, q_pos, k, k_pos, in_range, scale, softcap, window, SLIDING, SOFTCAP, IEEE_DOT
+        m_i, l_i, q, q_pos, q_last, k, k_pos, in_range, scale, softcap, window, SLIDING, SOFTCAP, IEEE_DOT
     )  # fmt: skip
     v = load_values(value_cache, key_off, in_range, stride_dim, HEAD_DIM)
     return accumulate_values(acc, p, alpha, v, IEEE_DOT), m_new, l_i
@@ -153,6 +157,7 @@ def attend_keys(  # type: ignore[no-untyped-def]
     l_i,  # [BLOCK_M] fp32, running sum
     q,  # [BLOCK_M, HEAD_DIM], the cache's dtype
     q_pos,  # [BLOCK_M] int32, absolute position of each query row
+    q_last,  # [BLOCK_M] int32, last key position each row may see (q_pos when causal)
     k_lo,  # first key position to visit (a multiple of BLOCK_N)
     k_hi,  # one past the last key position to visit
     key_cache,  # pointer to this layer's key pages [num_blocks, PAGE_SIZE, Hkv, D]
@@ -185,7 +190,7 @@ def attend_keys(  # type: ignore[no-untyped-def]
         start = k_lo
         while start < k_hi:
             acc, m_i, l_i = _key_tile(
-                acc, m_i, l_i, q, q_pos, start, k_hi, key_cache, value_cache, table_row, head_off,
+                acc, m_i, l_i, q, q_pos, q_last, start, k_hi, key_cache, value_cache, table_row, head_off,
                 stride_page, stride_slot, stride_dim, scale, softcap, window,
                 BLOCK_N, HEAD_DIM, PAGE_SIZE, SLIDING, SOFTCAP, IEEE_DOT,
             )  # fmt: skip
@@ -193,7 +198,7 @@ def attend_keys(  # type: ignore[no-untyped-def]
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
             acc, m_i, l_i = _key_tile(
-                acc, m_i, l_i, q, q_pos, start, k_hi, key_cache, value_cache, table_row, head_off,
+                acc, m_i, l_i, q, q_pos, q_last, start, k_hi, key_cache, value_cache, table_row, head_off,
                 stride_page, stride_slot, stride_dim, scale, softcap, window,
                 BLOCK_N, HEAD_DIM, PAGE_SIZE, SLIDING, SOFTCAP, IEEE_DOT,
             )  # fmt: skip
