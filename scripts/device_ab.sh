@@ -41,6 +41,7 @@ for step in "$@"; do
       done
       rm -rf "$work/1b-old" "$work/1b-new"; [ -z "${CKPT_1B:-}" ] && rm -rf "$ck" ;;
     prep8b)
+      [ -d "$work/8b-old" ] && [ -d "$work/8b-new" ] && continue
       ck=$work/llama-3.1-8b-ckpt; checkpoint llama-3.1-8b "$ck"
       for tree in old new; do build "$tree" "$ck" "$work/8b-$tree" 256; done
       rm -rf "$ck" ;;
