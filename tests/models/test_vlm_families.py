@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_families import DEVICE, DTYPE, STRICT, compare
-from vlm_checkpoints import VLM_FAMILIES, make_vlm_checkpoint, random_image
+from vlm_checkpoints import VLM_FAMILIES, VLM_VARIANTS, make_vlm_checkpoint, random_image
 from vlm_reference import load_vlm_reference, vlm_greedy
 
 from kiln import LLM, SamplingParams, build
@@ -35,14 +35,19 @@ IMAGE_TOKEN = {
 }
 
 
+SWEEP = [(family, variant) for family in VLM_FAMILIES for variant in VLM_VARIANTS[family]]
+SIZES = ((56, 56), (112, 112), (56, 112), (100, 60), (30, 64))  # (height, width): square, tall, wide, small
+
+
 @pytest.fixture(scope="module")
 def vlm_checkpoints(tmp_path_factory):
     made = {}
 
-    def get(family):
-        if family not in made:
-            made[family] = make_vlm_checkpoint(family, tmp_path_factory.mktemp(f"vlm-{family}"))
-        return made[family]
+    def get(family, variant="base"):
+        if (family, variant) not in made:
+            directory = tmp_path_factory.mktemp(f"vlm-{family}-{variant}")
+            made[family, variant] = make_vlm_checkpoint(family, directory, variant=variant)
+        return made[family, variant]
 
     return get
 
@@ -66,6 +71,21 @@ def batch_for(family: str) -> list:
     return batch
 
 
+def sweep_batch(family: str) -> list:
+    """Images of every size in SIZES: one per prompt, two in one prompt, and a prompt without images."""
+    tok = IMAGE_TOKEN[family]
+    im = [random_image(10 + i, h, w) for i, (h, w) in enumerate(SIZES)]
+    if not tok:
+        return [{"prompt": "The kiln", "images": [image]} for image in im[:4]] + ["The kiln fires clay"]
+    return [
+        {"prompt": f"{tok}\nThe kiln", "images": [im[0]]},
+        {"prompt": f"Paged {tok} attention {tok} stores", "images": [im[1], im[4]]},
+        {"prompt": f"The {tok} kiln fires", "images": [im[2]]},
+        "The kiln fires clay",
+        {"prompt": f"{tok} clay", "images": [im[3]]},
+    ]
+
+
 def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> list:
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
@@ -85,11 +105,12 @@ def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -
     return outs
 
 
-@pytest.mark.parametrize("family", list(VLM_FAMILIES))
-def test_vlm_greedy_matches_transformers(family, vlm_checkpoints, tmp_path):
-    checkpoint = vlm_checkpoints(family)
+@pytest.mark.parametrize(("family", "variant"), SWEEP, ids=[f"{f}-{v}" for f, v in SWEEP])
+def test_vlm_greedy_matches_transformers(family, variant, vlm_checkpoints, tmp_path):
+    # Every configuration of each family, images of several sizes and aspect ratios.
+    checkpoint = vlm_checkpoints(family, variant)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, device=DEVICE, dtype=DTYPE, **LIMITS)
-    check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
+    check_against_transformers(LLM(engine), checkpoint, family, sweep_batch(family))
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
