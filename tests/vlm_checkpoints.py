@@ -295,6 +295,7 @@ VLM_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "fullatt_block_indexes": [1, 3],
             "window_size": 56,
         },
+        # windows of 4x4 merged tokens: each test image (at most 112x112) is one window
         "window-112": {
             "rope_theta": 5e5,
             "mrope_section": [4, 2, 2],

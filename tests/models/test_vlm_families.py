@@ -156,3 +156,33 @@ def test_qwen2_5_vl_prefix_cache_keys_images(vlm_checkpoints, tmp_path):
 
 def engine_image_token_id(llm: LLM) -> int:
     return llm.engine.manifest.multimodal.image_token_id
+
+
+@pytest.mark.parametrize("variant", list(VLM_VARIANTS["qwen2_5_vl"]))
+def test_qwen2_5_vl_parts_match_transformers(variant, vlm_checkpoints):
+    # The host-side pieces on their own: vision features (kiln's segment-masked vision module, eager) against
+    # transformers' get_image_features, M-RoPE positions against its get_rope_index, for every image size.
+    from kiln.models.vlm.qwen2_5_vl import Qwen2_5VLVision, group_by_merge_unit, rope_index, vision_inputs
+
+    checkpoint = vlm_checkpoints("qwen2_5_vl", variant)
+    model, processor = load_vlm_reference(checkpoint, ARCHITECTURE["qwen2_5_vl"])
+    tok = IMAGE_TOKEN["qwen2_5_vl"]
+    images = [random_image(10 + i, h, w) for i, (h, w) in enumerate(SIZES)]
+    inputs = processor(text=[f"A {tok} b {tok}{tok} c {tok}{tok} d"], images=images, return_tensors="pt")
+    grids = [[int(v) for v in g] for g in inputs["image_grid_thw"]]
+    vc = model.config.vision_config
+    merge, window = vc.spatial_merge_size, vc.window_size // vc.spatial_merge_size // vc.patch_size
+    with torch.no_grad():
+        ours = Qwen2_5VLVision(model.model.visual)(
+            *group_by_merge_unit(merge**2, inputs["pixel_values"], *vision_inputs(grids, merge, window))
+        )
+        theirs = torch.cat(
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        )
+    assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) < 1e-5
+    ids = inputs["input_ids"][0].tolist()
+    positions, delta = rope_index(ids, grids, model.config.image_token_id, merge)
+    ref_positions, ref_delta = model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+    )
+    assert torch.equal(positions, ref_positions[:, 0]) and delta == int(ref_delta)
