@@ -1,6 +1,7 @@
 """Vision-language families: kiln's batched greedy output against transformers' generate.
 
-Each batch mixes prompts with one image, with two images and without images. By default on CPU in
+Each family is tested over the configurations of `vlm_checkpoints.VLM_VARIANTS`. Each batch mixes
+prompts with one image, with two images and without images. By default on CPU in
 float32: tokens identical, logits within 1e-3. With KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16
 (the GPU machine): the text families' bar (`test_families.compare`): tokens identical except where
 the two disagree at a near-tie of transformers' own logits. Images have different sizes and
