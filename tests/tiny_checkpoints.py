@@ -220,8 +220,6 @@ def make_tokenizer() -> Any:
 
 
 # A second (or third) configuration of each tested family: options given against the family's base config.
-# Left out: llama's "dynamic" rope (kiln refuses it at capture: transformers updates inv_freq from the largest
-# position, a data-dependent branch).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "llama": {
         "linear-untied-hd32": {
@@ -229,6 +227,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "tie_word_embeddings": False,
             "head_dim": 32,
         },
+        # dynamic NTK: transformers rescales only past max_position_embeddings, which a kiln engine never reaches
+        "dynamic": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
         "yarn": {
             "rope_parameters": {
                 "rope_type": "yarn",
