@@ -20,7 +20,7 @@ LLAMA_LIKE = dict(
 )
 
 
-def _llama() -> tuple[Any, Any]:
+def _llama(**o: Any) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope = {
@@ -31,28 +31,30 @@ def _llama() -> tuple[Any, Any]:
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32,
     }
-    return LlamaConfig(**COMMON, **LLAMA_LIKE, rope_parameters=rope, tie_word_embeddings=True), LlamaForCausalLM
+    return LlamaConfig(
+        **{**COMMON, **LLAMA_LIKE, "rope_parameters": rope, "tie_word_embeddings": True, **o}
+    ), LlamaForCausalLM
 
 
-def _mistral() -> tuple[Any, Any]:
+def _mistral(**o: Any) -> tuple[Any, Any]:
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralConfig(**COMMON, **LLAMA_LIKE, sliding_window=WINDOW), MistralForCausalLM
+    return MistralConfig(**{**COMMON, **LLAMA_LIKE, "sliding_window": WINDOW, **o}), MistralForCausalLM
 
 
-def _qwen2() -> tuple[Any, Any]:
+def _qwen2(**o: Any) -> tuple[Any, Any]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2Config(**COMMON, **LLAMA_LIKE), Qwen2ForCausalLM
+    return Qwen2Config(**{**COMMON, **LLAMA_LIKE, **o}), Qwen2ForCausalLM
 
 
-def _qwen3() -> tuple[Any, Any]:
+def _qwen3(**o: Any) -> tuple[Any, Any]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return Qwen3Config(**COMMON, **LLAMA_LIKE, head_dim=32), Qwen3ForCausalLM
+    return Qwen3Config(**{**COMMON, **LLAMA_LIKE, "head_dim": 32, **o}), Qwen3ForCausalLM
 
 
-def _gemma2() -> tuple[Any, Any]:
+def _gemma2(**o: Any) -> tuple[Any, Any]:
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(
@@ -68,10 +70,11 @@ def _gemma2() -> tuple[Any, Any]:
         final_logit_softcapping=3.0,
         query_pre_attn_scalar=24,
     )
+    cfg = Gemma2Config(**{**cfg.to_dict(), **o})
     return cfg, Gemma2ForCausalLM
 
 
-def _gemma3() -> tuple[Any, Any]:
+def _gemma3(**o: Any) -> tuple[Any, Any]:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(
@@ -85,23 +88,25 @@ def _gemma3() -> tuple[Any, Any]:
         sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention"] * 2,
     )
+    cfg = Gemma3TextConfig(**{**cfg.to_dict(), **o})
     return cfg, Gemma3ForCausalLM
 
 
-def _phi3() -> tuple[Any, Any]:
+def _phi3(**o: Any) -> tuple[Any, Any]:
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    return Phi3Config(**COMMON, **LLAMA_LIKE), Phi3ForCausalLM
+    return Phi3Config(**{**COMMON, **LLAMA_LIKE, **o}), Phi3ForCausalLM
 
 
-def _gpt2() -> tuple[Any, Any]:
+def _gpt2(**o: Any) -> tuple[Any, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=320, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    base = dict(vocab_size=320, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(**{**base, **o})
     return cfg, GPT2LMHeadModel
 
 
-def _opt() -> tuple[Any, Any]:
+def _opt(**o: Any) -> tuple[Any, Any]:
     from transformers import OPTConfig, OPTForCausalLM
 
     cfg = OPTConfig(
@@ -116,23 +121,25 @@ def _opt() -> tuple[Any, Any]:
         eos_token_id=2,
         pad_token_id=0,
     )
-    return cfg, OPTForCausalLM
+    return OPTConfig(**{**cfg.to_dict(), **o}), OPTForCausalLM
 
 
-def _gpt_neox() -> tuple[Any, Any]:
+def _gpt_neox(**o: Any) -> tuple[Any, Any]:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = GPTNeoXConfig(**COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    cfg = GPTNeoXConfig(**{**COMMON, **base, **o})
     return cfg, GPTNeoXForCausalLM
 
 
-def _mixtral() -> tuple[Any, Any]:
+def _mixtral(**o: Any) -> tuple[Any, Any]:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    return MixtralConfig(**COMMON, **LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), MixtralForCausalLM
+    moe = dict(num_local_experts=4, num_experts_per_tok=2)
+    return MixtralConfig(**{**COMMON, **LLAMA_LIKE, **moe, **o}), MixtralForCausalLM
 
 
-def _qwen2_moe() -> tuple[Any, Any]:
+def _qwen2_moe(**o: Any) -> tuple[Any, Any]:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(
@@ -143,19 +150,19 @@ def _qwen2_moe() -> tuple[Any, Any]:
         num_experts=4,
         num_experts_per_tok=2,
     )
-    return cfg, Qwen2MoeForCausalLM
+    return Qwen2MoeConfig(**{**cfg.to_dict(), **o}), Qwen2MoeForCausalLM
 
 
-def _starcoder2() -> tuple[Any, Any]:
+def _starcoder2(**o: Any) -> tuple[Any, Any]:
     from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
-    return Starcoder2Config(**COMMON, **LLAMA_LIKE, sliding_window=WINDOW), Starcoder2ForCausalLM
+    return Starcoder2Config(**{**COMMON, **LLAMA_LIKE, "sliding_window": WINDOW, **o}), Starcoder2ForCausalLM
 
 
-def _cohere() -> tuple[Any, Any]:
+def _cohere(**o: Any) -> tuple[Any, Any]:
     from transformers import CohereConfig, CohereForCausalLM
 
-    return CohereConfig(**COMMON, **LLAMA_LIKE), CohereForCausalLM
+    return CohereConfig(**{**COMMON, **LLAMA_LIKE, **o}), CohereForCausalLM
 
 
 def _bloom() -> tuple[Any, Any]:
@@ -167,7 +174,7 @@ def _bloom() -> tuple[Any, Any]:
 
 
 # Families outside the tested list that kiln captures with no recipe of its own (generic path).
-EXTRA_FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
+EXTRA_FAMILIES: dict[str, Callable[..., tuple[Any, Any]]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "starcoder2": _starcoder2,
@@ -175,9 +182,9 @@ EXTRA_FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
 }
 
 # A family whose transformers code computes attention itself (ALiBi): kiln must refuse it clearly.
-UNCAPTURABLE = {"bloom": _bloom}
+UNCAPTURABLE: dict[str, Callable[..., tuple[Any, Any]]] = {"bloom": _bloom}
 
-FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
+FAMILIES: dict[str, Callable[..., tuple[Any, Any]]] = {
     "llama": _llama,
     "mistral": _mistral,
     "qwen2": _qwen2,
@@ -212,8 +219,81 @@ def make_tokenizer() -> Any:
     return wrapped
 
 
-def make_checkpoint(family: str, directory: Path, seed: int = 0) -> Path:
-    config, model_cls = {**FAMILIES, **EXTRA_FAMILIES, **UNCAPTURABLE}[family]()
+# A second (or third) configuration of each tested family: options given against the family's base config.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "llama": {
+        "linear-untied-hd32": {
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+            "tie_word_embeddings": False,
+            "head_dim": 32,
+        },
+        # dynamic NTK: transformers rescales only past max_position_embeddings, which a kiln engine never reaches
+        "dynamic": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+        "yarn": {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+    },
+    "mistral": {"full-hd32-tied": {"sliding_window": None, "head_dim": 32, "tie_word_embeddings": True}},
+    "qwen2": {
+        "sliding-layers-tied": {
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,
+            "tie_word_embeddings": True,
+        },
+        "linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}},
+    },
+    "qwen3": {
+        "hd8-tied-linear": {
+            "head_dim": 8,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        }
+    },
+    "gemma2": {
+        "no-softcap-window-4": {
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "sliding_window": 4,
+            "query_pre_attn_scalar": 16,
+            "head_dim": 32,
+        }
+    },
+    "gemma3": {
+        "scaled-full-rope": {
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        }
+    },
+    "phi3": {"partial-rotary-tied": {"partial_rotary_factor": 0.5, "tie_word_embeddings": True}},
+    "gpt2": {
+        "untied-layer-scaled": {
+            "tie_word_embeddings": False,
+            "scale_attn_by_inverse_layer_idx": True,
+            "activation_function": "gelu",
+        }
+    },
+    "opt": {"post-norm-projected": {"do_layer_norm_before": False, "word_embed_proj_dim": 32}},
+    "gpt_neox": {"quarter-rotary-serial": {"rotary_pct": 0.25, "use_parallel_residual": False}},
+    "mixtral": {"top1-window": {"num_experts_per_tok": 1, "sliding_window": WINDOW}},
+    "qwen2_moe": {"dense-first-tied": {"decoder_sparse_step": 2, "norm_topk_prob": True, "tie_word_embeddings": True}},
+    "starcoder2": {"full-nobias": {"sliding_window": None, "use_bias": False}},
+    "cohere": {"qk-norm": {"use_qk_norm": True, "logit_scale": 0.5}},
+}
+
+
+def make_checkpoint(family: str, directory: Path, seed: int = 0, variant: str = "base") -> Path:
+    options = VARIANTS[family][variant] if variant != "base" else {}
+    config, model_cls = {**FAMILIES, **EXTRA_FAMILIES, **UNCAPTURABLE}[family](**options)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     model.save_pretrained(directory, safe_serialization=True)

@@ -11,6 +11,7 @@ import torch
 
 from kiln.errors import KilnError, UnsupportedModelError
 from kiln.models.registry import ModelRecipe, recipe_for
+from kiln.models.rope import freeze_dynamic_rope
 
 ATTENTION_NAME = "kiln"
 
@@ -92,6 +93,7 @@ def load_checkpoint(
             f"transformers could not load {recipe.architecture} from {path} with kiln's attention: {exc}"
         ) from exc
     model.eval()
+    freeze_dynamic_rope(model)
     if device.type == "cpu":
         model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)

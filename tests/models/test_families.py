@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from hf_reference import greedy, load_reference
-from tiny_checkpoints import EXTRA_FAMILIES, FAMILIES, WINDOW, build_tiny_engine
+from tiny_checkpoints import EXTRA_FAMILIES, FAMILIES, VARIANTS, WINDOW, build_tiny_engine, make_checkpoint
 
 from kiln import LLM, SamplingParams
 
@@ -56,10 +56,16 @@ def compare(
     return result
 
 
-@pytest.mark.parametrize("family", list(FAMILIES) + list(EXTRA_FAMILIES))
-def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_property):
+CASES = [(f, v) for f in [*FAMILIES, *EXTRA_FAMILIES] for v in ["base", *VARIANTS.get(f, {})]]
+
+
+@pytest.mark.parametrize(("family", "variant"), CASES, ids=[f if v == "base" else f"{f}-{v}" for f, v in CASES])
+def test_greedy_matches_transformers(family, variant, checkpoints, tmp_path, record_property):
+    # Each family's base checkpoint (shared with other tests) and its other configurations (VARIANTS).
     assert max(PROMPT_LENGTHS) > WINDOW
-    checkpoint = checkpoints(family)
+    checkpoint = (
+        checkpoints(family) if variant == "base" else make_checkpoint(family, tmp_path / "ckpt", variant=variant)
+    )
     engine = build_tiny_engine(checkpoint, tmp_path / "engine", compile=COMPILE, device=DEVICE, dtype=DTYPE)
     llm = LLM(engine)
     seen: dict[str, list[torch.Tensor]] = {}
@@ -81,7 +87,9 @@ def test_greedy_matches_transformers(family, checkpoints, tmp_path, record_prope
     if report:
         with open(report, "a") as fh:
             for r in results:
-                fh.write(json.dumps({**r, "device": DEVICE, "dtype": DTYPE, "compiled": COMPILE}) + "\n")
+                fh.write(
+                    json.dumps({**r, "variant": variant, "device": DEVICE, "dtype": DTYPE, "compiled": COMPILE}) + "\n"
+                )
     assert worst < LOGIT_TOLERANCE * max(1.0, max(float(row.abs().max()) for row in seen[outs[0].request_id])), (
         f"{family}: max logit difference {worst}"
     )

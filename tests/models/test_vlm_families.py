@@ -1,6 +1,7 @@
 """Vision-language families: kiln's batched greedy output against transformers' generate.
 
-Each batch mixes prompts with one image, with two images and without images. By default on CPU in
+Each family is tested over the configurations of `vlm_checkpoints.VLM_VARIANTS`. Each batch mixes
+prompts with one image, with two images and without images. By default on CPU in
 float32: tokens identical, logits within 1e-3. With KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16
 (the GPU machine): the text families' bar (`test_families.compare`): tokens identical except where
 the two disagree at a near-tie of transformers' own logits. Images have different sizes and
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_families import DEVICE, DTYPE, STRICT, compare
-from vlm_checkpoints import VLM_FAMILIES, make_vlm_checkpoint, random_image
+from vlm_checkpoints import VLM_FAMILIES, VLM_VARIANTS, make_vlm_checkpoint, random_image
 from vlm_reference import load_vlm_reference, vlm_greedy
 
 from kiln import LLM, SamplingParams, build
@@ -35,14 +36,19 @@ IMAGE_TOKEN = {
 }
 
 
+SWEEP = [(family, variant) for family in VLM_FAMILIES for variant in VLM_VARIANTS[family]]
+SIZES = ((56, 56), (112, 112), (56, 112), (100, 60), (30, 64))  # (height, width): square, tall, wide, small
+
+
 @pytest.fixture(scope="module")
 def vlm_checkpoints(tmp_path_factory):
     made = {}
 
-    def get(family):
-        if family not in made:
-            made[family] = make_vlm_checkpoint(family, tmp_path_factory.mktemp(f"vlm-{family}"))
-        return made[family]
+    def get(family, variant="base"):
+        if (family, variant) not in made:
+            directory = tmp_path_factory.mktemp(f"vlm-{family}-{variant}")
+            made[family, variant] = make_vlm_checkpoint(family, directory, variant=variant)
+        return made[family, variant]
 
     return get
 
@@ -66,6 +72,21 @@ def batch_for(family: str) -> list:
     return batch
 
 
+def sweep_batch(family: str) -> list:
+    """Images of every size in SIZES: one per prompt, two in one prompt, and a prompt without images."""
+    tok = IMAGE_TOKEN[family]
+    im = [random_image(10 + i, h, w) for i, (h, w) in enumerate(SIZES)]
+    if not tok:
+        return [{"prompt": "The kiln", "images": [image]} for image in im[:4]] + ["The kiln fires clay"]
+    return [
+        {"prompt": f"{tok}\nThe kiln", "images": [im[0]]},
+        {"prompt": f"Paged {tok} attention {tok} stores", "images": [im[1], im[4]]},
+        {"prompt": f"The {tok} kiln fires", "images": [im[2]]},
+        "The kiln fires clay",
+        {"prompt": f"{tok} clay", "images": [im[3]]},
+    ]
+
+
 def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> list:
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
@@ -85,11 +106,12 @@ def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -
     return outs
 
 
-@pytest.mark.parametrize("family", list(VLM_FAMILIES))
-def test_vlm_greedy_matches_transformers(family, vlm_checkpoints, tmp_path):
-    checkpoint = vlm_checkpoints(family)
+@pytest.mark.parametrize(("family", "variant"), SWEEP, ids=[f"{f}-{v}" for f, v in SWEEP])
+def test_vlm_greedy_matches_transformers(family, variant, vlm_checkpoints, tmp_path):
+    # Every configuration of each family, images of several sizes and aspect ratios.
+    checkpoint = vlm_checkpoints(family, variant)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, device=DEVICE, dtype=DTYPE, **LIMITS)
-    check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
+    check_against_transformers(LLM(engine), checkpoint, family, sweep_batch(family))
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
@@ -135,3 +157,33 @@ def test_qwen2_5_vl_prefix_cache_keys_images(vlm_checkpoints, tmp_path):
 
 def engine_image_token_id(llm: LLM) -> int:
     return llm.engine.manifest.multimodal.image_token_id
+
+
+@pytest.mark.parametrize("variant", list(VLM_VARIANTS["qwen2_5_vl"]))
+def test_qwen2_5_vl_parts_match_transformers(variant, vlm_checkpoints):
+    # The host-side pieces on their own: vision features (kiln's segment-masked vision module, eager) against
+    # transformers' get_image_features, M-RoPE positions against its get_rope_index, for every image size.
+    from kiln.models.vlm.qwen2_5_vl import Qwen2_5VLVision, group_by_merge_unit, rope_index, vision_inputs
+
+    checkpoint = vlm_checkpoints("qwen2_5_vl", variant)
+    model, processor = load_vlm_reference(checkpoint, ARCHITECTURE["qwen2_5_vl"])
+    tok = IMAGE_TOKEN["qwen2_5_vl"]
+    images = [random_image(10 + i, h, w) for i, (h, w) in enumerate(SIZES)]
+    inputs = processor(text=[f"A {tok} b {tok}{tok} c {tok}{tok} d"], images=images, return_tensors="pt")
+    grids = [[int(v) for v in g] for g in inputs["image_grid_thw"]]
+    vc = model.config.vision_config
+    merge, window = vc.spatial_merge_size, vc.window_size // vc.spatial_merge_size // vc.patch_size
+    with torch.no_grad():
+        ours = Qwen2_5VLVision(model.model.visual)(
+            *group_by_merge_unit(merge**2, inputs["pixel_values"], *vision_inputs(grids, merge, window))
+        )
+        theirs = torch.cat(
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        )
+    assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) < 1e-5
+    ids = inputs["input_ids"][0].tolist()
+    positions, delta = rope_index(ids, grids, model.config.image_token_id, merge)
+    ref_positions, ref_delta = model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+    )
+    assert torch.equal(positions, ref_positions[:, 0]) and delta == int(ref_delta)
