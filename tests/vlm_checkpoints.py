@@ -262,6 +262,8 @@ VLM_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "multimodal_projector_bias": False,
         },
         "two-layers": {"vision_feature_layer": [-3, -1], "text": {"tie_word_embeddings": True}},
+        # dynamic NTK in the language model: captured as the default rotary embedding (kiln.models.rope)
+        "dynamic-rope": {"text": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}},
     },
     "llava_next": {
         "base": {},

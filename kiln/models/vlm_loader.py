@@ -10,6 +10,7 @@ import torch
 from kiln.errors import UnsupportedModelError
 from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint, _offline, check_checkpoint_dir, load_config
 from kiln.models.registry import ModelRecipe, recipe_for
+from kiln.models.rope import freeze_dynamic_rope
 from kiln.models.vlm import VisionLanguageFamily, family_for
 
 VISION_ATTENTION = "sdpa"
@@ -59,6 +60,7 @@ def load_vision_language(
     except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
         raise UnsupportedModelError(f"transformers could not load {recipe.architecture} from {path}: {exc}") from exc
     model.eval()
+    freeze_dynamic_rope(model)  # as for text checkpoints (kiln.models.rope)
     if device.type == "cpu":
         model.to(device)
     try:
