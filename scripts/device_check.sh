@@ -100,6 +100,9 @@ for step in "${steps[@]}"; do
               fi ;;
     vlm7b)    python benchmarks/vlm_speed.py --workdir /tmp/kiln-vlm --config llava-1.5-7b --device cuda \
                   --out "$out/vlm_speed.json" 2>&1 | grep -v Warning | tail -n 30 | tee "$out/vlm_speed.log" ;;
+    vlmdecode) # VLM engines against text engines of the same LLM shape: VLM_DECODE_ARGS="--shapes qwen2.5-vl-3b --no-compile"
+              python benchmarks/vlm_decode.py --workdir /tmp/kiln-vlm-decode --out "$out/vlm_decode.json" ${VLM_DECODE_ARGS:-} \
+                  2>&1 | grep -v Warning | tail -n 20 | tee "$out/vlm_decode.log" ;;
     vlmfamilies) KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16 python -m pytest -q -p no:cacheprovider \
                   tests/models/test_vlm_families.py -k greedy 2>&1 | tail -n 15 | tee "$out/vlm_families_bf16.log" ;;
     kernels)  python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 5 | tee "$out/kernels.log" ;;
