@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.runtime.step_timer import StepTimer
 from kiln.sampling_params import SamplingParams
 
@@ -18,13 +19,15 @@ class LatencyResult:
     batch: int
     input_len: int
     output_len: int
-    ttft_ms: float  # time to the first token of the batch
-    ms_per_token: float  # one decode step: every sequence gains one token
+    ttft_ms: float  # until every sequence of the batch has its first token
+    ms_per_token: float  # one decode step after that: the last sequence gains one token
     total_s: float
+    decode_tokens: int  # tokens generated after the TTFT, counted (batch * (output_len - 1) if all began at once)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.batch * 1000.0 / self.ms_per_token
+        """Tokens counted after the TTFT over the time they took."""
+        return self.decode_tokens * 1000.0 / (self.ms_per_token * (self.output_len - 1))
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
@@ -38,6 +41,7 @@ class ThroughputResult:
     output_len: int
     total_s: float
     mean_ttft_s: float
+    output_tokens: int  # tokens generated, counted
     preemptions: int = 0  # sequences the scheduler preempted (KV pool full) and recomputed
     kv_cache_tokens: int = 0  # tokens the KV block pool holds
     steps: dict[str, Any] = field(default_factory=dict)  # StepTimer.summary(): where the time went
@@ -45,11 +49,11 @@ class ThroughputResult:
 
     @property
     def output_tokens_per_s(self) -> float:
-        return self.num_requests * self.output_len / self.total_s
+        return self.output_tokens / self.total_s
 
     @property
     def total_tokens_per_s(self) -> float:
-        return self.num_requests * (self.input_len + self.output_len) / self.total_s
+        return (self.num_requests * self.input_len + self.output_tokens) / self.total_s
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,20 +75,66 @@ def _sync(device: torch.device) -> None:
 
 
 def kiln_latency(llm: Any, batch: int, input_len: int, output_len: int, seed: int = 0) -> LatencyResult:
-    """Greedy, EOS ignored; fresh prompts for the timed run so the prefix cache cannot help it."""
+    """Greedy, EOS ignored; fresh prompts for the timed run so the prefix cache cannot help it.
+
+    The TTFT ends when the last sequence has its first token (a long batch prefill is split over steps,
+    and the sequences that began first decode meanwhile); the tokens generated after it are counted.
+    """
     engine = llm.engine
     vocab = engine.manifest.model.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(random_prompts(batch, input_len, vocab, seed + 1000), params)  # warm up every path
-    prompts = random_prompts(batch, input_len, vocab, seed)
+    requests = [engine.validate(ids, params) for ids in random_prompts(batch, input_len, vocab, seed)]
     _sync(engine.device)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    _sync(engine.device)
-    total = time.perf_counter() - start
-    ttft = max(o.metrics["time_to_first_token_s"] for o in outs)
+    run = _timed_steps(engine, requests)
+    if run.preemptions or run.output_lens != [output_len] * batch:
+        raise KilnError(
+            f"the batch of {batch} did not decode together ({run.preemptions} preemption(s), output lengths "
+            f"{sorted(set(run.output_lens))}); its numbers would be wrong"
+        )
+    ms_per_token = _per_token_ms(run.total_s, run.ttft_s, output_len)
     return LatencyResult(
-        "kiln", batch, input_len, output_len, ttft * 1000, _per_token_ms(total, ttft, output_len), total
+        "kiln", batch, input_len, output_len, run.ttft_s * 1000, ms_per_token, run.total_s, run.decode_tokens
+    )
+
+
+@dataclass(frozen=True)
+class _StepRun:
+    ttft_s: float  # start -> the end of the step that gave the last sequence its first token
+    total_s: float
+    decode_tokens: int  # tokens the steps after that gave
+    preemptions: int
+    output_lens: list[int]
+
+
+def _timed_steps(engine: Any, requests: list[Any]) -> _StepRun:
+    """Run `requests` to the end, step by step, noting when every one of them has begun."""
+    seqs = [engine.add_request(r) for r in requests]
+    begun: set[str] = set()
+    ttft = None
+    decode_tokens = 0
+    start = time.perf_counter()
+    try:
+        while any(not s.is_finished for s in seqs):
+            updates = engine.step()
+            if ttft is not None:
+                decode_tokens += sum(len(u.new_token_ids) for u in updates)
+                continue
+            begun.update(u.seq.request_id for u in updates if u.new_token_ids)
+            if len(begun) == len(seqs):
+                ttft = time.perf_counter() - start
+        _sync(engine.device)
+    finally:
+        for seq in seqs:
+            if not seq.is_finished:
+                engine.abort(seq.request_id)
+    total = time.perf_counter() - start
+    return _StepRun(
+        ttft if ttft is not None else total,
+        total,
+        decode_tokens,
+        sum(s.num_preemptions for s in seqs),
+        [len(s.output_ids) for s in seqs],
     )
 
 
@@ -105,6 +155,7 @@ def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int
         engine.step_observer = None
     total = time.perf_counter() - start
     ttft = sum(o.metrics["time_to_first_token_s"] for o in outs) / len(outs)
+    generated = sum(len(o.token_ids) for o in outs)
     capacity = engine.stats().kv_tokens
     preempted = sum(o.metrics["num_preemptions"] for o in outs)
     return ThroughputResult(
@@ -114,6 +165,7 @@ def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int
         output_len,
         total,
         ttft,
+        generated,
         preempted,
         capacity,
         timer.summary(),
@@ -152,6 +204,7 @@ class TransformersBaseline:
         self.vocab = int(self.model.config.vocab_size)
 
     def _generate(self, ids: torch.Tensor, new_tokens: int, static: bool) -> None:
+        """Exactly `new_tokens` more tokens for every row (a shorter output is refused: it would flatter)."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": new_tokens,
             "min_new_tokens": new_tokens,
@@ -161,7 +214,12 @@ class TransformersBaseline:
         if static:
             kwargs["cache_implementation"] = "static"
         with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        if tuple(out.shape) != (ids.shape[0], ids.shape[1] + new_tokens):
+            raise KilnError(
+                f"transformers generated {tuple(out.shape)} for {ids.shape[0]} x ({ids.shape[1]} + {new_tokens}) "
+                "tokens; its numbers would be wrong"
+            )
 
     def latency(self, batch: int, input_len: int, output_len: int, static: bool, seed: int = 0) -> LatencyResult:
         name = "transformers static+compile" if static else "transformers eager"
@@ -176,6 +234,6 @@ class TransformersBaseline:
         self._generate(ids, output_len, static)
         _sync(self.device)
         total = time.perf_counter() - start
-        return LatencyResult(
-            name, batch, input_len, output_len, ttft * 1000, _per_token_ms(total, ttft, output_len), total
-        )
+        ms_per_token = _per_token_ms(total, ttft, output_len)
+        decode_tokens = batch * (output_len - 1)
+        return LatencyResult(name, batch, input_len, output_len, ttft * 1000, ms_per_token, total, decode_tokens)

@@ -35,6 +35,22 @@ def latency_rows(results: list[dict[str, Any]], copy_bytes_per_s: float) -> list
     return rows
 
 
+def baselines(rows: list[dict[str, Any]]) -> list[str]:
+    """The systems the rows' ratios are taken against, in order of first use."""
+    return list(dict.fromkeys(r["vs_system"] for r in rows if r.get("vs_system")))
+
+
+def ratio_column(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The ratio column's title and cells: one baseline is named in the title, several in each cell."""
+    names = baselines(rows)
+    if len(names) <= 1:
+        title = f"vs {names[0]}" if names else "vs transformers"
+        return title, [f"{r['vs_transformers']:.2f}x" if r.get("vs_system") else "-" for r in rows]
+    family = "transformers "
+    title, cut = ("vs transformers", len(family)) if all(n.startswith(family) for n in names) else ("vs baseline", 0)
+    return title, [f"{r['vs_transformers']:.2f}x {r['vs_system'][cut:]}" if r.get("vs_system") else "-" for r in rows]
+
+
 def print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -42,10 +58,10 @@ def print_tables(report: dict[str, Any]) -> None:
     console = Console(width=None if Console().is_terminal else 140)
     if report.get("latency"):
         table = Table(title=f"decode latency on {report['device']} (copy bandwidth {report['copy_gb_s']:.0f} GB/s)")
-        for col in ("system", "batch", "TTFT ms", "ms/token", "tok/s", "GB/s", "of copy BW", "vs transformers"):
+        ratio_title, ratios = ratio_column(report["latency"])
+        for col in ("system", "batch", "TTFT ms", "ms/token", "tok/s", "GB/s", "of copy BW", ratio_title):
             table.add_column(col, justify="left" if col == "system" else "right")
-        for r in report["latency"]:
-            ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] else "-"
+        for r, ratio in zip(report["latency"], ratios):
             table.add_row(
                 r["system"],
                 str(r["batch"]),

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kiln.bench import measure, report, roofline
+from kiln.bench import limits, measure, report, roofline
 from kiln.config import torch_dtype
 from kiln.engine.manifest import check_compatible, read_manifest
 from kiln.errors import KilnError
@@ -46,16 +46,13 @@ def run(options: BenchOptions, argv: list[str] | None = None) -> dict[str, Any]:
 
     manifest = read_manifest(Path(options.engine))
     build, facts = manifest.build, manifest.model
-    too_long = options.input_len + options.output_len > build.seq_len or options.input_len > build.input_len
-    if too_long:
-        raise KilnError(
-            f"--input-len {options.input_len} + --output-len {options.output_len} does not fit this engine "
-            f"(max_input_len {build.input_len}, max_seq_len {build.seq_len})"
-        )
+    limits.check_shapes(options.batch_sizes, options.input_len, options.output_len, build)
     # Before the engine loads: its KV pool takes most of the memory the copy's two buffers need.
     copy_bw = roofline.copy_bandwidth(check_compatible(manifest))
     llm = LLM(options.engine, progress=True, **(options.runtime or {}))
     engine = llm.engine
+    pool = engine.stats()
+    limits.check_kv_pool(options.batch_sizes, options.input_len, options.output_len, pool.kv_blocks, pool.kv_block_size)
     dtype = torch_dtype(build.dtype)
     kv_token = roofline.kv_bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype.itemsize)
     device_name = (
@@ -92,6 +89,7 @@ def run(options: BenchOptions, argv: list[str] | None = None) -> dict[str, Any]:
     if options.compare_hf:
         latency += _transformers_latency(options, out, dtype, device, kv_token, mean_context)
     out["latency"] = report.latency_rows(latency, copy_bw)
+    out["baselines"] = report.baselines(out["latency"])  # what the vs_transformers ratios are taken against
     options.output_dir.mkdir(parents=True, exist_ok=True)
     report.print_tables(out)
     report.write_json(out, options.output_dir / "bench.json")

@@ -34,7 +34,9 @@ def test_bench_reports_kiln_and_transformers_with_ratios(demo_engine, tmp_path):
     assert systems == [("kiln", 1), ("kiln", 2), ("transformers eager", 1), ("transformers eager", 2)]
     for row in report["latency"]:
         assert row["ms_per_token"] > 0 and row["ttft_ms"] > 0
-        assert row["tokens_per_s"] == row["batch"] * 1000 / row["ms_per_token"]
+        # every sequence began in the same step (16 prompt tokens fit one), so each had 5 tokens left
+        assert row["decode_tokens"] == row["batch"] * (6 - 1)
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] * 1000 / row["ms_per_token"], rel=1e-12)
         # the same quotient, up to the rounding of the GB/s conversions
         assert 0 < row["roofline_fraction"] == pytest.approx(row["achieved_gb_s"] / report["copy_gb_s"], rel=1e-12)
     kiln_1 = report["latency"][0]
@@ -55,7 +57,9 @@ def test_bench_reports_kiln_and_transformers_with_ratios(demo_engine, tmp_path):
     assert sum(row["wall_s"] for row in steps.values()) <= throughput["total_s"]
     assert "where the throughput run's time went" in proc.stdout
     assert (out / "bench.png").stat().st_size > 10_000
-    assert "vs transformers" in proc.stdout and "output tok/s" in proc.stdout
+    assert report["baselines"] == ["transformers eager"]
+    assert "vs transformers eager" in proc.stdout and "output tok/s" in proc.stdout
+    assert throughput["output_tokens"] == 6 * 6
 
 
 def test_bench_refuses_shapes_the_engine_cannot_hold(demo_engine, tmp_path):
@@ -63,3 +67,9 @@ def test_bench_refuses_shapes_the_engine_cannot_hold(demo_engine, tmp_path):
     assert proc.returncode == 2 and "does not fit this engine" in proc.stderr
     proc = kiln("bench", str(demo_engine), "--batch-sizes", "1,x", check=False)
     assert proc.returncode == 2 and "--batch-sizes" in proc.stderr
+    # The demo engine runs at most 8 sequences a step: 100 would run in waves. Refused before anything loads.
+    proc = kiln(
+        "bench", str(demo_engine), "--batch-sizes", "1,100", "--input-len", "8", "--output-len", "6", check=False
+    )
+    assert proc.returncode == 2 and "--batch-sizes 100" in proc.stderr and "max_batch_size (8)" in proc.stderr
+    assert "load engine" not in proc.stderr and "kiln batch" not in proc.stderr
