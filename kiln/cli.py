@@ -84,7 +84,8 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--hf-systems",
         default="eager,static",
-        help="transformers variants: eager and/or static (static cache + compile)",
+        help="transformers variants: eager and/or static (static cache, compiled where transformers compiles it: "
+        "CUDA, not the CPU)",
     )
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes for the latency runs")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (synthetic ids)")

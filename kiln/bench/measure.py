@@ -191,8 +191,19 @@ def _per_token_ms(total_s: float, ttft_s: float, output_len: int) -> float:
     return (total_s - ttft_s) / (output_len - 1) * 1000
 
 
+def system_name(static: bool, compiled: bool) -> str:
+    """A transformers row's name: its cache, and "+compile" only when generate compiled the model."""
+    if not static:
+        return "transformers eager"
+    return "transformers static+compile" if compiled else "transformers static"
+
+
 class TransformersBaseline:
-    """transformers' own generate on the same checkpoint: eager (dynamic cache) or static cache + compile."""
+    """transformers' own generate on the same checkpoint: eager (dynamic cache) or static cache.
+
+    With the static cache, generate compiles the model only where transformers chooses to (CUDA and a
+    few other devices, not the CPU); the row's name says which it was (`_compiled_call` is set then).
+    """
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
@@ -222,9 +233,9 @@ class TransformersBaseline:
             )
 
     def latency(self, batch: int, input_len: int, output_len: int, static: bool, seed: int = 0) -> LatencyResult:
-        name = "transformers static+compile" if static else "transformers eager"
         ids = torch.tensor(random_prompts(batch, input_len, self.vocab, seed), device=self.device)
         self._generate(ids, output_len, static)  # warm up (and, for the static cache, compile)
+        name = system_name(static, compiled=hasattr(self.model, "_compiled_call"))
         _sync(self.device)
         start = time.perf_counter()
         self._generate(ids, 1, static)

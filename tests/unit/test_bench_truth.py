@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tiny_checkpoints import build_tiny_engine
 
@@ -9,6 +11,7 @@ from kiln.bench import limits, measure, report
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
 
+DEMO = Path(__file__).resolve().parents[2] / "demo" / "tiny-kiln"
 BUILD = BuildConfig(max_batch_size=8, max_input_len=128, max_seq_len=512).resolved(None)
 
 
@@ -80,3 +83,15 @@ def test_a_batch_prefilled_over_several_steps_is_counted_not_assumed(checkpoints
     assert r.decode_tokens == 1 + 2 + 3 + 4
     assert r.tokens_per_s < 4 * 1000 / r.ms_per_token
     assert r.ms_per_token == pytest.approx((r.total_s * 1000 - r.ttft_ms) / 4, rel=1e-9)
+
+
+def test_a_static_cache_row_says_compile_only_when_transformers_compiled():
+    import torch
+
+    assert measure.system_name(static=True, compiled=True) == "transformers static+compile"
+    assert measure.system_name(static=False, compiled=True) == "transformers eager"
+    # On the CPU transformers' generate does not compile a static-cache model: the row must not say it did.
+    hf = measure.TransformersBaseline(str(DEMO), torch.float32, torch.device("cpu"))
+    static = hf.latency(batch=2, input_len=4, output_len=3, static=True)
+    assert static.system == "transformers static" and static.decode_tokens == 2 * 2
+    assert hf.latency(batch=1, input_len=4, output_len=3, static=False).system == "transformers eager"
