@@ -15,6 +15,7 @@ from kiln.runtime.engine import Engine
 from kiln.runtime.multimodal import MultimodalData, PipelineTimings
 from kiln.runtime.output_processor import StepUpdate
 from kiln.runtime.prompts import Prompt, is_token_ids
+from kiln.runtime.validation import check_text
 from kiln.sampling_params import SamplingParams
 
 # A prompt with images: {"prompt": "USER: <image>\nDescribe. ASSISTANT:", "images": [path, data URL, bytes or PIL]}
@@ -93,6 +94,8 @@ class LLM:
                     continue
                 prompt = text
             try:
+                if isinstance(prompt, str):
+                    check_text(prompt)
                 encoded.append((self.encode(prompt), None))
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}") from exc

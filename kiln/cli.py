@@ -156,6 +156,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.prompt_ids:
         raise KilnError("give at least one --prompt or --prompt-ids")
+    if not all(args.prompt):
+        raise KilnError("--prompt is empty: give some text (or token ids with --prompt-ids)")
+    prompt_ids = [_parse_ids(t) for t in args.prompt_ids]
+    if not all(prompt_ids):
+        raise KilnError("--prompt-ids is empty: give at least one token id")
     err = Console(stderr=True)
     params = SamplingParams(
         max_tokens=args.max_new_tokens,
@@ -177,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompts: list[Any] = []
     for text in args.prompt:
         prompts.append(llm.apply_chat_template([{"role": "user", "content": text}]) if args.chat else text)
-    prompts += [_parse_ids(t) for t in args.prompt_ids]
+    prompts += prompt_ids
     prompts = _attach_images(prompts, args.image, args.batch_size)
 
     stream = not args.json and len(prompts) == 1 and not args.image

@@ -13,6 +13,15 @@ from typing import Any
 from kiln.errors import RequestError
 from kiln.sampling_params import SamplingParams
 
+EMPTY_TEXT = "the prompt is empty: give some text or at least one token id"
+
+
+def check_text(text: str) -> str:
+    """A text prompt, refused when empty (its only tokens would be the tokenizer's own, such as a BOS)."""
+    if not text:
+        raise RequestError(EMPTY_TEXT)
+    return text
+
 
 @dataclass(frozen=True)
 class RequestLimits:

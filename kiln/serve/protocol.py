@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from kiln.errors import RequestError
+from kiln.runtime.validation import EMPTY_TEXT
 from kiln.sampling_params import SamplingParams
 
 MAX_N = 32
@@ -74,6 +76,14 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _refuse_empty_text(cls, prompt: Any) -> Any:
+        texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+        if any(not text for text in texts):
+            raise PydanticCustomError("empty_prompt", EMPTY_TEXT)
+        return prompt
 
     def unsupported(self) -> list[str]:
         names = super().unsupported()

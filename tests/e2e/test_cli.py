@@ -51,6 +51,13 @@ def test_prompt_plus_new_tokens_over_max_seq_len(demo_engine):
     assert proc.returncode == 2 and "max_seq_len (512)" in proc.stderr
 
 
+def test_an_empty_prompt_is_refused_before_the_engine_loads(demo_engine):
+    for flag in ("--prompt", "--prompt-ids"):
+        proc = kiln("run", str(demo_engine), flag, "", check=False)
+        assert proc.returncode == 2 and f"{flag} is empty" in proc.stderr, proc.stderr
+        assert "load engine" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_invalid_sampling_value(demo_engine):
     proc = kiln("run", str(demo_engine), "--prompt", "A kiln", "--temperature", "-1", check=False)
     assert proc.returncode == 2 and "temperature" in proc.stderr and "Traceback" not in proc.stderr

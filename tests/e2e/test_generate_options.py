@@ -67,6 +67,14 @@ def test_batch_with_a_bad_prompt_runs_nothing_and_reports_which(llm):
     assert llm.generate("A kiln is", SamplingParams(max_tokens=3, **GREEDY))[0].token_ids
 
 
+def test_an_empty_prompt_is_refused(llm):
+    # "" would tokenize to the BOS alone, and [] to nothing: neither is a prompt.
+    for prompts in ([""], ["A kiln is", ""], [[]], [{"prompt": ""}]):
+        with pytest.raises(RequestError, match=r"prompt \d+: the prompt is empty"):
+            llm.generate(prompts, SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished()
+
+
 def test_failed_step_releases_every_request(llm, monkeypatch):
     def broken(chunks):
         raise RuntimeError("device fell over")

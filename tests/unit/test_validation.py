@@ -32,3 +32,11 @@ def test_a_valid_request_is_returned_with_its_parts():
 def test_each_limit_is_a_clear_error(ids, max_tokens, message):
     with pytest.raises(RequestError, match=message):
         validate(ids, SamplingParams(max_tokens=max_tokens), LIMITS)
+
+
+def test_an_empty_text_prompt_is_refused():
+    from kiln.runtime.validation import check_text
+
+    assert check_text(" ") == " "
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        check_text("")
