@@ -94,4 +94,6 @@ def test_a_static_cache_row_says_compile_only_when_transformers_compiled():
     hf = measure.TransformersBaseline(str(DEMO), torch.float32, torch.device("cpu"))
     static = hf.latency(batch=2, input_len=4, output_len=3, static=True)
     assert static.system == "transformers static" and static.decode_tokens == 2 * 2
+    # TTFT and the whole run come from one generate: the steps after the first token take the rest
+    assert 0 < static.ttft_ms < static.total_s * 1000 and static.ms_per_token > 0
     assert hf.latency(batch=1, input_len=4, output_len=3, static=False).system == "transformers eager"
