@@ -53,13 +53,20 @@ def test_the_ratio_column_names_its_baseline():
     # each row against the first of static+compile, eager that is not itself
     static, eager = "transformers static+compile", "transformers eager"
     assert [r["vs_system"] for r in rows] == [static, static, eager]
-    assert [r["vs_transformers"] for r in rows] == [2.0, 4.0 / 3.0, 0.75]
+    assert [r["vs_transformers"] for r in rows] == pytest.approx([2.0, 4.0 / 3.0, 0.75], rel=1e-12)
     assert report.baselines(rows) == [static, eager]
     title, cells = report.ratio_column(rows)  # two baselines: each cell names its own
     assert title == "vs transformers" and cells == ["2.00x static+compile", "1.33x static+compile", "0.75x eager"]
     one = report.latency_rows([_row("kiln", 1, 2.0), _row("transformers eager", 1, 3.0)], copy_bytes_per_s=1e9)
     assert report.ratio_column(one) == ("vs transformers eager", ["1.50x", "-"])
     assert report.ratio_column(report.latency_rows([_row("kiln", 1, 2.0)], 1e9)) == ("vs transformers", ["-"])
+
+
+def test_the_ratio_is_of_counted_tokens_per_s():
+    # Same ms per step, but half of kiln's batch began two steps early: 12 tokens after the TTFT, not 16.
+    staggered = measure.LatencyResult("kiln", 4, 8, 5, 1.0, 2.0, 1.0, decode_tokens=12)
+    rows = [{**staggered.to_dict(), "step_bytes": 1e6}, _row("transformers eager", 4, 2.0)]
+    assert report.latency_rows(rows, copy_bytes_per_s=1e9)[0]["vs_transformers"] == pytest.approx(12 / 16, rel=1e-12)
 
 
 def test_tokens_per_s_counts_the_tokens_generated_after_the_ttft():
