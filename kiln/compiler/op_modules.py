@@ -54,7 +54,8 @@ def _registration_files(qualname: str) -> list[str]:
     files = _REGISTERED_AT.findall(torch._C._dispatch_dump(qualname))
     from torch._library import simple_registry
 
-    fake = simple_registry.singleton.find(qualname).fake_impl.kernel
+    entry = simple_registry.singleton.find(qualname)
+    fake = getattr(getattr(entry, "fake_impl", None), "kernel", None)  # torch >= 2.4
     source = getattr(fake, "source", None)
     if isinstance(source, str):
         files.append(source.rsplit(":", 1)[0])
