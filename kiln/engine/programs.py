@@ -120,17 +120,14 @@ def unregistered_operators(path: Path) -> list[str]:
     return sorted(op for op in ops if not is_registered(op))
 
 
-def _missing_operators_error(path: Path) -> EngineMismatchError | None:
-    try:
-        missing = unregistered_operators(path)
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None
-    if not missing:
-        return None
-    return EngineMismatchError(
-        f"{path} calls operators that no module imported here registers: {', '.join(missing)}. Its manifest names "
-        "no module to import for them (built by an older kiln?): rebuild the engine with `kiln build`"
-    )
+def _check_operators(path: Path) -> None:
+    """Name the operators torch.export.load would not resolve (before it logs a traceback of its own)."""
+    missing = unregistered_operators(path)
+    if missing:
+        raise EngineMismatchError(
+            f"{path} calls operators that no module imported here registers: {', '.join(missing)}. Its manifest "
+            "names no module to import for them (built by an older kiln?): rebuild the engine with `kiln build`"
+        )
 
 
 def load_program(
@@ -144,6 +141,7 @@ def load_program(
     try:
         if not zipfile.is_zipfile(path):  # before torch, which logs a traceback of its own
             raise ValueError("not a torch.export archive")
+        _check_operators(path)
         exported = load_graph(path)
         path = directory / WEIGHTS
         attach_weights(exported, directory, device)
@@ -155,9 +153,6 @@ def load_program(
     except KilnError:
         raise
     except Exception as exc:
-        missing = _missing_operators_error(directory / PROGRAM) if path.name == PROGRAM else None
-        if missing is not None:
-            raise missing from exc
         raise EngineMismatchError(
             f"{path} cannot be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}); "
             "the engine is damaged or incomplete: rebuild it with `kiln build`"
