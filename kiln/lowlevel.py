@@ -105,7 +105,7 @@ def build_llm_engine(
         architecture=type(model).__name__,
     )
     output.mkdir(parents=True, exist_ok=True)
-    compiled = build_program(spec, output, config, report)
+    written = build_program(spec, output, config, report)
     tokenizer.save_pretrained(output / TOKENIZER_DIR)
     tokenizer.save_pretrained(output / PROCESSOR_DIR)
     mm = MultimodalFacts(
@@ -118,7 +118,9 @@ def build_llm_engine(
         vision_compiled=False,
         family_config={"image_token_id": int(image_token_id)},
     )
-    engine = EngineFacts(config=config, model=facts, compiled=compiled, multimodal=mm)
+    engine = EngineFacts(
+        config=config, model=facts, compiled=written.compiled, multimodal=mm, op_modules=written.op_modules
+    )
     write_engine_manifest(output, engine, device, report)
     return output
 
@@ -163,12 +165,13 @@ def build_multimodal_engine(
     batch = torch.export.Dim("images", min=1, max=max(limit, 2))
     spec = vision_spec(vision_module, args, tuple({0: batch} for _ in args), type(vision_module).__name__)
     config = dataclasses.replace(manifest.build, compile=compile)
-    compiled = build_program(spec, output, config, Progress(enabled=progress))
+    written = build_program(spec, output, config, Progress(enabled=progress))
     mm = dataclasses.replace(
         mm,
         vision_batch_limit=limit,
-        vision_compiled=compiled,
+        vision_compiled=written.compiled,
         family_config={**mm.family_config, "tokens_per_image": per_image},
     )
-    write_manifest(output, dataclasses.replace(manifest, multimodal=mm))
+    op_modules = {**manifest.op_modules, **written.op_modules}
+    write_manifest(output, dataclasses.replace(manifest, multimodal=mm, op_modules=op_modules))
     return output

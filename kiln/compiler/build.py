@@ -69,10 +69,14 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     output.mkdir(parents=True, exist_ok=True)
     program = prepare_program(spec, config, progress)
     spec = spec.exported()  # frees the source weights the passes replaced (fused projections) before compiling
-    compiled = write_program(program, spec, output, config, progress)
+    written = write_program(program, spec, output, config, progress)
     del program, spec
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     engine = EngineFacts(
-        config=config, model=facts, compiled=compiled, source_checkpoint=str(Path(checkpoint).resolve())
+        config=config,
+        model=facts,
+        compiled=written.compiled,
+        source_checkpoint=str(Path(checkpoint).resolve()),
+        op_modules=written.op_modules,
     )
     write_engine_manifest(output, engine, device, progress)

@@ -44,7 +44,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     save_vision_state(family, loaded.model, output)
     example = family.vision_example(loaded.model.config, dtype, device, limit)
     vision = vision_spec(family.vision_module(loaded.model), example.args, example.dynamic_shapes, facts.architecture)
-    vision_compiled = build_program(vision, output, config, progress)
+    vision_written = build_program(vision, output, config, progress)
     del vision
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
@@ -65,7 +65,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     output.mkdir(parents=True, exist_ok=True)
     program = prepare_program(spec, config, progress)
     spec = spec.exported()  # frees the source weights the passes replaced (fused projections) before compiling
-    compiled = write_program(program, spec, output, config, progress)
+    written = write_program(program, spec, output, config, progress)
     del program, spec
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     processor.save_pretrained(output / PROCESSOR_DIR)
@@ -76,14 +76,15 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         vision_batch_limit=limit,
         position_rows=family.position_rows,
         bidirectional_images=family.bidirectional_images,
-        vision_compiled=vision_compiled,
+        vision_compiled=vision_written.compiled,
         family_config=family.runtime_config(loaded.config),
     )
     engine = EngineFacts(
         config=config,
         model=facts,
-        compiled=compiled,
+        compiled=written.compiled,
         multimodal=multimodal,
         source_checkpoint=str(Path(checkpoint).resolve()),
+        op_modules={**vision_written.op_modules, **written.op_modules},
     )
     write_engine_manifest(output, engine, device, progress)

@@ -9,6 +9,7 @@ import torch
 from kiln.compiler.program_spec import CacheShape
 from kiln.engine.manifest import ModelFacts
 from kiln.errors import KilnError
+from kiln.models.loader import require_attention
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,6 +21,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cache_shape(config: Any) -> CacheShape:
+    require_attention(config, (getattr(config, "architectures", None) or [type(config).__name__])[0])
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

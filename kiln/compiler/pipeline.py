@@ -1,15 +1,17 @@
 """The build pipeline: each `ProgramSpec` goes export -> checks -> passes -> write -> compile -> verify,
-and `write_engine_manifest` records the engine the programs make up."""
+and `write_engine_manifest` records the engine the programs make up (with the modules that register
+the operators its programs call, which a new process imports before loading them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kiln.compiler import inductor
 from kiln.compiler.export import export_program
+from kiln.compiler.op_modules import op_modules
 from kiln.compiler.passes import PassContext, run_passes
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.compiler.verify import check_programs_agree
@@ -60,17 +62,28 @@ def prepare_program(spec: ProgramSpec, config: BuildConfig, progress: Progress) 
         return run_passes(program, context, on_pass=lambda name: progress.note(f"pass {name}"))
 
 
+@dataclass(frozen=True)
+class WrittenProgram:
+    """What the manifest records of a written program."""
+
+    compiled: bool
+    op_modules: dict[str, tuple[str, ...]]  # {operator: modules whose import registers it} (see op_modules)
+
+
 def write_program(
     program: torch.export.ExportedProgram,
     spec: ProgramSpec,
     engine_dir: Path,
     config: BuildConfig,
     progress: Progress,
-) -> bool:
+) -> WrittenProgram:
     """Write the program into its directory of `engine_dir`, its weights in the background while Inductor
-    compiles it (when `config.compile`) and the compiled program is verified; returns whether it was compiled."""
+    compiles it (when `config.compile`) and the compiled program is verified."""
     suffix = spec.stage_suffix
     directory = engine_dir / spec.directory
+    imports = op_modules(program)
+    for op, modules in imports.items():
+        progress.note(f"operator {op}: a new process imports {', '.join(modules)}")
     with progress.stage(f"write{suffix}", "program; its weights go on in the background"):
         writing = ProgramWrite(program, directory)
     with writing, selected(pdl=config.pdl):  # compile and verify launch kernels as the engine will
@@ -85,11 +98,11 @@ def write_program(
             progress.note(f"compiled program: {(directory / COMPILED).stat().st_size / 1e6:.1f} MB")
         with progress.stage(f"write weights{suffix}", "waiting for the background write"):
             writing.wait()
-    return config.compile
+    return WrittenProgram(compiled=config.compile, op_modules=imports)
 
 
-def build_program(spec: ProgramSpec, engine_dir: Path, config: BuildConfig, progress: Progress) -> bool:
-    """The whole pipeline for one program; returns whether it was compiled."""
+def build_program(spec: ProgramSpec, engine_dir: Path, config: BuildConfig, progress: Progress) -> WrittenProgram:
+    """The whole pipeline for one program."""
     program = prepare_program(spec, config, progress)
     return write_program(program, spec.exported(), engine_dir, config, progress)
 
@@ -107,6 +120,7 @@ class EngineFacts:
     compiled: bool
     multimodal: MultimodalFacts | None = None
     source_checkpoint: str | None = None
+    op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)  # of all the engine's programs
 
 
 def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
@@ -123,6 +137,7 @@ def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.de
         timings_s=dict(progress.timings),
         multimodal=facts.multimodal,
         source_checkpoint=facts.source_checkpoint,
+        op_modules=facts.op_modules,
     )
     write_manifest(engine_dir, manifest)
     return manifest

@@ -87,6 +87,8 @@ class Manifest:
     timings_s: dict[str, float] = field(default_factory=dict)
     multimodal: MultimodalFacts | None = None  # vision-language engines only
     source_checkpoint: str | None = None  # where it was built from (for `kiln run --check-accuracy`)
+    # {operator: modules whose import registers it} for operators outside torch's and kiln's namespaces
+    op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = {
@@ -99,6 +101,7 @@ class Manifest:
             "model": {**self.model.__dict__, "eos_token_ids": list(self.model.eos_token_ids)},
             "compiled": self.compiled,
             "timings_s": self.timings_s,
+            "op_modules": {op: list(modules) for op, modules in self.op_modules.items()},
         }
         if self.multimodal is not None:
             data["multimodal"] = dict(self.multimodal.__dict__)
@@ -121,6 +124,7 @@ class Manifest:
             timings_s=data.get("timings_s", {}),
             multimodal=MultimodalFacts.from_dict(data["multimodal"]) if data.get("multimodal") else None,
             source_checkpoint=data.get("source_checkpoint"),
+            op_modules={op: tuple(modules) for op, modules in data.get("op_modules", {}).items()},
         )
 
 

@@ -2,12 +2,16 @@
 
 `load_program` is the one loader of the engine's programs (the LLM program at the engine's root, the
 vision program in `vision/`): a damaged or missing file is an `EngineMismatchError` that names the
-file and says to rebuild.
+file and says to rebuild. The modules that register the operators a program calls outside torch's and
+kiln's namespaces (the manifest's `op_modules`) are imported first; one that fails is named with its operator.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,13 +83,65 @@ class LoadedProgram:
     weight_bytes: int
 
 
-def load_program(directory: Path, device: torch.device, *, compiled: bool) -> LoadedProgram:
+def is_registered(op: str) -> bool:
+    """Whether the operator `namespace::name` is registered in this process."""
+    namespace, _, name = op.partition("::")
+    return hasattr(getattr(torch.ops, namespace), name)
+
+
+def import_op_modules(op_modules: Mapping[str, Sequence[str]]) -> None:
+    """Import the modules that register each operator; a failed import or a missing operator is an
+    EngineMismatchError that names both."""
+    for op, modules in op_modules.items():
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:
+                raise EngineMismatchError(
+                    f"the engine's program calls the operator {op}, which the module {module} registers, and "
+                    f"{module} cannot be imported here ({type(exc).__name__}: {exc}); install the package that "
+                    "provides it (the manifest names the versions the engine was built with) or rebuild the engine"
+                ) from exc
+        if not is_registered(op):
+            raise EngineMismatchError(
+                f"the engine's program calls the operator {op}, and importing {', '.join(modules)} did not register "
+                "it here (another version of that package?); rebuild the engine with `kiln build`"
+            )
+
+
+_TARGET = re.compile(r'"target":\s*"torch\.ops\.(\w+)\.(\w+)\.\w+"')
+
+
+def unregistered_operators(path: Path) -> list[str]:
+    """Operators the program.pt2 at `path` calls that no module registered in this process (best effort)."""
+    with zipfile.ZipFile(path) as archive:
+        graphs = [archive.read(n).decode() for n in archive.namelist() if re.search(r"/models/[^/]+\.json$", n)]
+    ops = {f"{ns}::{name}" for text in graphs for ns, name in _TARGET.findall(text)}
+    return sorted(op for op in ops if not is_registered(op))
+
+
+def _check_operators(path: Path) -> None:
+    """Name the operators torch.export.load would not resolve (before it logs a traceback of its own)."""
+    missing = unregistered_operators(path)
+    if missing:
+        raise EngineMismatchError(
+            f"{path} calls operators that no module imported here registers: {', '.join(missing)}. Its manifest "
+            "names no module to import for them (built by an older kiln?): rebuild the engine with `kiln build`"
+        )
+
+
+def load_program(
+    directory: Path, device: torch.device, *, compiled: bool, op_modules: Mapping[str, Sequence[str]] | None = None
+) -> LoadedProgram:
     """The program stored in `directory` (program.pt2, its weights, and compiled.bin when `compiled`),
-    with its weights on `device`; a file that cannot be loaded is an EngineMismatchError naming it."""
+    with its weights on `device`, once `op_modules` (the manifest's) are imported; a file that cannot be
+    loaded is an EngineMismatchError naming it."""
+    import_op_modules(op_modules or {})
     path = directory / PROGRAM
     try:
         if not zipfile.is_zipfile(path):  # before torch, which logs a traceback of its own
             raise ValueError("not a torch.export archive")
+        _check_operators(path)
         exported = load_graph(path)
         path = directory / WEIGHTS
         attach_weights(exported, directory, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,16 @@ def check_checkpoint_dir(path: Path) -> None:
         )
 
 
+def checkpoint_has_code(path: Path) -> bool:
+    """Whether the checkpoint ships modelling code of its own (an `auto_map` in config.json, or *.py files)."""
+    if any(path.glob("*.py")):
+        return True
+    try:
+        return "auto_map" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
@@ -58,6 +69,23 @@ def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
         raise UnsupportedModelError(f"transformers cannot read {path}/config.json: {exc}") from exc
 
 
+_ATTENTION_FIELDS = ("num_hidden_layers", "num_attention_heads")
+
+
+def require_attention(config: Any, architecture: str) -> None:
+    """Refuse a model whose (text) config does not describe attention layers: kiln's engines keep a KV cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    missing = [name for name in _ATTENTION_FIELDS if not isinstance(getattr(text, name, None), int)]
+    if not missing and not isinstance(getattr(text, "head_dim", None) or getattr(text, "hidden_size", None), int):
+        missing = ["head_dim or hidden_size"]
+    if missing:
+        raise UnsupportedModelError(
+            f"{architecture} has no attention layers that kiln can cache (its config has no {', '.join(missing)}): "
+            "kiln builds transformer models whose layers use attention with a KV cache; state-space and other "
+            "attention-free models (Mamba, RWKV) are not supported"
+        )
+
+
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool = False
 ) -> LoadedCheckpoint:
@@ -69,7 +97,10 @@ def load_checkpoint(
     path = Path(path)
     check_checkpoint_dir(path)
     config = load_config(path, trust_remote_code=trust_remote_code)
-    recipe = recipe_for(getattr(config, "architectures", None), trust_remote_code=trust_remote_code)
+    recipe = recipe_for(
+        getattr(config, "architectures", None), trust_remote_code=trust_remote_code, has_code=checkpoint_has_code(path)
+    )
+    require_attention(config, recipe.architecture)
     register_attention()
     try:
         model = AutoModelForCausalLM.from_pretrained(

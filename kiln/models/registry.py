@@ -21,6 +21,7 @@ class ModelRecipe:
     kind: str = "causal_lm"
     tested: bool = False
     notes: str = ""
+    internal: bool = False  # kiln's own (the low-level API's custom VLM): not a family a checkpoint declares
 
 
 _TESTED_CAUSAL_LMS = {
@@ -42,10 +43,16 @@ RECIPES: dict[str, ModelRecipe] = {
 
 
 def _vision_language_recipes() -> dict[str, ModelRecipe]:
-    from kiln.models.vlm import FAMILIES
+    from kiln.models.vlm import CUSTOM_ARCHITECTURE, FAMILIES
 
     return {
-        name: ModelRecipe(architecture=name, kind="vision_language", tested=True, notes=family.notes)
+        name: ModelRecipe(
+            architecture=name,
+            kind="vision_language",
+            tested=True,
+            notes=family.notes,
+            internal=name == CUSTOM_ARCHITECTURE,
+        )
         for name, family in FAMILIES.items()
     }
 
@@ -59,21 +66,33 @@ def _transformers_causal_lms() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-def recipe_for(architectures: list[str] | None, *, trust_remote_code: bool = False) -> ModelRecipe:
-    """The recipe for a checkpoint's declared architectures, or a clear error."""
+def proven_families() -> list[str]:
+    """The architectures tests prove, as the user's checkpoints name them."""
+    return sorted(name for name, recipe in RECIPES.items() if recipe.tested and not recipe.internal)
+
+
+def recipe_for(
+    architectures: list[str] | None, *, trust_remote_code: bool = False, has_code: bool = False
+) -> ModelRecipe:
+    """The recipe for a checkpoint's declared architectures, or a clear error (which suggests
+    --trust-remote-code when the checkpoint `has_code` of its own)."""
     if not architectures:
         raise UnsupportedModelError(
             "config.json declares no `architectures`; kiln needs it to know which model class to capture"
         )
     for name in architectures:
-        if name in RECIPES:
+        if name in RECIPES and not RECIPES[name].internal:
             return RECIPES[name]
     causal_lms = _transformers_causal_lms()
     for name in architectures:
         if name in causal_lms or trust_remote_code:
             return ModelRecipe(architecture=name, tested=False, notes="generic decoder-only capture")
+    hint = (
+        " The checkpoint ships its own modelling code: pass --trust-remote-code to run it."
+        if has_code and not trust_remote_code
+        else ""
+    )
     raise UnsupportedModelError(
         f"architecture {architectures} is not supported: kiln builds decoder-only causal language models that "
-        f"transformers implements (tested: {', '.join(sorted(RECIPES))}). "
-        "If the checkpoint ships its own modelling code, pass --trust-remote-code."
+        f"transformers implements (tested: {', '.join(proven_families())}).{hint}"
     )

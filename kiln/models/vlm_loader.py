@@ -8,7 +8,14 @@ from typing import Any
 import torch
 
 from kiln.errors import UnsupportedModelError
-from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint, _offline, check_checkpoint_dir, load_config
+from kiln.models.loader import (
+    ATTENTION_NAME,
+    LoadedCheckpoint,
+    _offline,
+    check_checkpoint_dir,
+    checkpoint_has_code,
+    load_config,
+)
 from kiln.models.registry import ModelRecipe, recipe_for
 from kiln.models.rope import freeze_dynamic_rope
 from kiln.models.vlm import VisionLanguageFamily, family_for
@@ -28,7 +35,9 @@ def checkpoint_recipe(path: str | Path, *, trust_remote_code: bool = False) -> M
     path = Path(path)
     check_checkpoint_dir(path)
     config = load_config(path, trust_remote_code=trust_remote_code)
-    return recipe_for(getattr(config, "architectures", None), trust_remote_code=trust_remote_code)
+    return recipe_for(
+        getattr(config, "architectures", None), trust_remote_code=trust_remote_code, has_code=checkpoint_has_code(path)
+    )
 
 
 def load_vision_language(

@@ -73,9 +73,7 @@ class Engine:
             lambda cache, kv: make_runner(mm_spec, program, cache, kv, self.device),
             memory_plan.ImageRows.of(mm_spec),
         )
-        num_blocks = memory_plan.num_blocks(
-            setup, facts, self.runtime, vision=self.multimodal, held_before=held_before
-        )
+        num_blocks = memory_plan.num_blocks(setup, facts, self.runtime, vision=self.multimodal, held_before=held_before)
         self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
         self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
         self._scheduler = Scheduler(
@@ -112,7 +110,7 @@ class Engine:
 
     def _load_program(self) -> Program:
         """The engine's program, compiled or op by op; a damaged file is a clear rebuild message."""
-        loaded = load_program(self.path, self.device, compiled=self.compiled)
+        loaded = load_program(self.path, self.device, compiled=self.compiled, op_modules=self.manifest.op_modules)
         self.weight_bytes = loaded.weight_bytes
         return loaded.program
 

@@ -136,12 +136,12 @@ class MultimodalPipeline:
         self.processor = load_processor(engine_dir, self.family)
         self.image_token = self.family.prompt_image_token(self.processor)
         self.compiled = self.facts.vision_compiled and use_compiled
-        self.program = self._load_program(engine_dir / VISION_DIR)
+        self.program = self._load_program(engine_dir / VISION_DIR, manifest.op_modules)
         self.state = self._load_state(engine_dir / VISION_DIR / VISION_STATE)
         self.timings = PipelineTimings()
 
-    def _load_program(self, vision_dir: Path) -> Program:
-        return load_program(vision_dir, self.device, compiled=self.compiled).program
+    def _load_program(self, vision_dir: Path, op_modules: dict[str, tuple[str, ...]]) -> Program:
+        return load_program(vision_dir, self.device, compiled=self.compiled, op_modules=op_modules).program
 
     def _load_state(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():

@@ -7,8 +7,12 @@ two disagree at a near-tie of transformers' own logits, which the test then prov
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +97,35 @@ def test_greedy_matches_transformers(family, variant, checkpoints, tmp_path, rec
     assert worst < LOGIT_TOLERANCE * max(1.0, max(float(row.abs().max()) for row in seen[outs[0].request_id])), (
         f"{family}: max logit difference {worst}"
     )
+
+
+def test_every_family_engine_loads_in_a_new_process(checkpoints, tmp_path):
+    """A new process has imported nothing the build imported (transformers' MoE code registers an operator
+    the Mixtral program calls): one child process loads every family's engine and generates the same tokens."""
+    families = [*FAMILIES, *EXTRA_FAMILIES]
+    runtime = {"kv_cache_memory_fraction": 0.25}  # GPU: the child's engines share the device with this process
+    batch, params = prompts(seed=1), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engines, want = [], {}
+    for family in families:
+        engine = build_tiny_engine(checkpoints(family), tmp_path / family, device=DEVICE, dtype=DTYPE)
+        llm = LLM(engine, **runtime)
+        want[str(engine)] = [out.token_ids for out in llm.generate(batch, params)]
+        engines.append(str(engine))
+        del llm
+        gc.collect()
+    job = {"engines": engines, "prompts": batch, "max_tokens": params.max_tokens, "runtime": runtime}
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("load_engines.py"))],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=env,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    for family, engine in zip(families, engines):
+        assert got[engine] == want[engine], f"{family}: a new process generated other tokens"
