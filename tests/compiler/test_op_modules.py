@@ -8,6 +8,7 @@ import dataclasses
 import op_fixtures  # noqa: F401  (registers the kilntest operators)
 import pytest
 import torch
+from manifests import manifest
 
 from kiln.compiler.op_modules import op_modules
 from kiln.compiler.pipeline import build_program
@@ -121,40 +122,11 @@ def test_the_manifest_keeps_the_modules_and_reads_manifests_without_them(tmp_pat
     from kiln.engine.manifest import MANIFEST, read_manifest, write_manifest
 
     written = build_program(_spec(torch.ops.kilntest_lib.shifted), tmp_path, BuildConfig(compile=False), Progress())
-    manifest = _manifest(op_modules=written.op_modules)
-    write_manifest(tmp_path, manifest)
-    assert read_manifest(tmp_path) == manifest
+    recorded = manifest(op_modules=written.op_modules)
+    write_manifest(tmp_path, recorded)
+    assert read_manifest(tmp_path) == recorded
     data = json.loads((tmp_path / MANIFEST).read_text())
     del data["op_modules"]  # a manifest from before the field
     (tmp_path / MANIFEST).write_text(json.dumps(data))
-    assert read_manifest(tmp_path) == dataclasses.replace(manifest, op_modules={})
+    assert read_manifest(tmp_path) == dataclasses.replace(recorded, op_modules={})
 
-
-def _manifest(**changes):
-    from kiln.engine.manifest import FORMAT_VERSION, Manifest, ModelFacts
-    from kiln.version import __version__
-
-    facts = ModelFacts(
-        architecture="X",
-        model_type="x",
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=8,
-        vocab_size=10,
-        max_position_embeddings=None,
-        eos_token_ids=(2,),
-        bos_token_id=None,
-        pad_token_id=None,
-        has_chat_template=False,
-    )
-    base = Manifest(
-        kiln_version=__version__,
-        torch_version=torch.__version__,
-        transformers_version="5.17.0",
-        format_version=FORMAT_VERSION,
-        device={"type": "cpu", "name": "x", "capability": None},
-        build=BuildConfig(),
-        model=facts,
-        compiled=False,
-    )
-    return dataclasses.replace(base, **changes)

@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 import pytest
-from test_engine_dir import manifest
+from manifests import manifest
 
 from kiln.config import KERNEL_CHOICES, BuildConfig, RuntimeConfig
 from kiln.engine import manifest as engine_dir

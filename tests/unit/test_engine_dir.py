@@ -1,40 +1,12 @@
-import dataclasses
 
 import pytest
 import torch
+from manifests import manifest
 
 from kiln.config import BuildConfig
 from kiln.engine import manifest as engine_dir
-from kiln.engine.manifest import EngineMismatchError, Manifest, ModelFacts, check_compatible
+from kiln.engine.manifest import EngineMismatchError, check_compatible
 from kiln.errors import KilnError
-from kiln.version import __version__
-
-
-def manifest(**changes) -> Manifest:
-    facts = ModelFacts(
-        architecture="LlamaForCausalLM",
-        model_type="llama",
-        num_layers=2,
-        num_kv_heads=2,
-        head_dim=16,
-        vocab_size=320,
-        max_position_embeddings=256,
-        eos_token_ids=(2,),
-        bos_token_id=1,
-        pad_token_id=0,
-        has_chat_template=False,
-    )
-    base = Manifest(
-        kiln_version=__version__,
-        torch_version=torch.__version__,
-        transformers_version="5.17.0",
-        format_version=engine_dir.FORMAT_VERSION,
-        device={"type": "cpu", "name": "x", "capability": None},
-        build=BuildConfig(),
-        model=facts,
-        compiled=False,
-    )
-    return dataclasses.replace(base, **changes)
 
 
 def test_round_trip(tmp_path):

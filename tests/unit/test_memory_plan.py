@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
 import pytest
 import torch
+from manifests import manifest
 
 from kiln.config import BuildConfig, RuntimeConfig
-from kiln.engine.manifest import ModelFacts
 from kiln.errors import KilnError
 from kiln.runtime import memory_plan
 
@@ -69,19 +70,7 @@ def test_reclaim_frees_what_only_a_reference_cycle_keeps():
 
 # ---- num_blocks: the pool's size --------------------------------------------------------------------
 
-FACTS = ModelFacts(
-    architecture="LlamaForCausalLM",
-    model_type="llama",
-    num_layers=2,
-    num_kv_heads=2,
-    head_dim=8,
-    vocab_size=100,
-    max_position_embeddings=64,
-    eos_token_ids=(0,),
-    bos_token_id=None,
-    pad_token_id=None,
-    has_chat_template=False,
-)
+FACTS = dataclasses.replace(manifest().model, head_dim=8, max_position_embeddings=64)  # 2 layers, 2 KV heads
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # K and V, layers, tokens per block, heads, head_dim, float16
 
 
