@@ -117,6 +117,12 @@ def _add_serve(sub: Any) -> None:
         "--shutdown-timeout", type=int, default=10, help="seconds in-flight requests get to finish on SIGTERM"
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-interval",
+        type=float,
+        default=10.0,
+        help="seconds between throughput / KV-usage log lines while there is work (0: none)",
+    )
     _add_runtime_options(p)
 
 
@@ -336,6 +342,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KilnError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     if args.shutdown_timeout < 0:
         raise KilnError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.log_interval < 0:
+        raise KilnError(f"--log-interval must be >= 0 (0: no throughput lines), got {args.log_interval}")
     name = args.served_model_name or Path(args.engine).resolve().name
     settings = ServeSettings(
         model_name=name,
@@ -351,6 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime=RuntimeConfig.from_dict(_runtime(args)),
         shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level,
+        log_interval_s=args.log_interval,
     )
 
 
