@@ -342,10 +342,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _quiet_transformers() -> None:
+    """transformers' own log lines and progress bars stay out of kiln's output (kiln reports its stages)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     args.argv = argv
+    _quiet_transformers()
     try:
         commands = {"build": cmd_build, "run": cmd_run, "serve": cmd_serve, "bench": cmd_bench}
         return commands[args.command](args)
