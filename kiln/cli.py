@@ -12,7 +12,7 @@ from typing import Any
 
 from kiln.cli_options import add_options, values
 from kiln.config import BuildConfig, RuntimeConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RequestError
 
 
 def _add_build(sub: Any) -> None:
@@ -117,6 +117,12 @@ def _add_serve(sub: Any) -> None:
         "--shutdown-timeout", type=int, default=10, help="seconds in-flight requests get to finish on SIGTERM"
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-interval",
+        type=float,
+        default=10.0,
+        help="seconds between throughput / KV-usage log lines while there is work (0: none)",
+    )
     _add_runtime_options(p)
 
 
@@ -149,10 +155,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from kiln.api import LLM
-    from kiln.sampling_params import SamplingParams
+    from kiln import run_output, run_prompts
 
     if not args.prompt and not args.prompt_ids:
         raise KilnError("give at least one --prompt or --prompt-ids")
@@ -161,8 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt_ids = [_parse_ids(t) for t in args.prompt_ids]
     if not all(prompt_ids):
         raise KilnError("--prompt-ids is empty: give at least one token id")
-    err = Console(stderr=True)
-    params = SamplingParams(
+    params = run_prompts.sampling_params(
         max_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -176,23 +178,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop_token_ids=tuple(args.stop_token_id),
         ignore_eos=args.ignore_eos,
     )
+    given = run_prompts.prepare(
+        args.engine, args.prompt, prompt_ids, chat=args.chat, params=params, check_lengths=not args.image
+    )
+    from rich.console import Console
+
+    from kiln.api import LLM
+
+    err = Console(stderr=True)
     start = time.perf_counter()
     llm = LLM(args.engine, progress=not args.json, **_runtime(args))
     load_s = time.perf_counter() - start
-    prompts: list[Any] = []
-    for text in args.prompt:
-        prompts.append(llm.apply_chat_template([{"role": "user", "content": text}]) if args.chat else text)
-    prompts += prompt_ids
-    prompts = _attach_images(prompts, args.image, args.batch_size)
+    prompts = _attach_images([p.prompt for p in given], args.image, args.batch_size)
 
     stream = not args.json and len(prompts) == 1 and not args.image
-    if stream:
-        shown = args.prompt[0] if args.prompt and not args.chat else ""
-        print(shown, end="", flush=True)
+    echoed = False
+
+    def show(update: Any) -> None:
+        nonlocal echoed  # the prompt is echoed once the engine has taken it
+        if not echoed:
+            print(given[0].shown, end="")
+            echoed = True
+        print(update.delta_text, end="", flush=True)
+
     gen_start = time.perf_counter()
-    outs = llm.generate(
-        prompts, params, on_update=(lambda u: print(u.delta_text, end="", flush=True)) if stream else None
-    )
+    try:
+        outs = llm.generate(prompts, params, on_update=show if stream else None)
+    except RequestError as exc:
+        raise KilnError(run_prompts.as_flags(str(exc))) from exc
     gen_s = time.perf_counter() - gen_start
     generated = sum(len(o.token_ids) for o in outs)
     accuracy = None
@@ -215,18 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "generate_s": round(gen_s, 3),
                     "tokens_per_s": round(generated / gen_s, 2) if gen_s > 0 else None,
                     "compiled": llm.engine.compiled,
-                    "outputs": [
-                        {
-                            "prompt": o.prompt,
-                            "prompt_token_ids": o.prompt_token_ids,
-                            "token_ids": o.token_ids,
-                            "text": o.text,
-                            "finish_reason": o.finish_reason,
-                            "stop_reason": o.stop_reason,
-                            "metrics": {k: round(v, 4) for k, v in o.metrics.items()},
-                        }
-                        for o in outs
-                    ],
+                    "outputs": run_output.json_outputs(given, outs),
                     **({"profile": {k: round(v, 6) for k, v in llm.last_profile.items()}} if args.profile else {}),
                     **(
                         {
@@ -246,9 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if stream:
         print()
     else:
-        for i, o in enumerate(outs):
-            err.print(f"[bold]--- prompt {i}[/bold] ({len(o.prompt_token_ids)} tokens)")
-            print((o.prompt or "") + o.text)
+        print(run_output.texts(given, outs))
     ttft = min(o.metrics["time_to_first_token_s"] for o in outs)
     err.print(
         f"[dim]{len(outs)} prompt(s), {generated} tokens in {gen_s:.2f} s: {generated / gen_s:.1f} tokens/s; "
@@ -256,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"({'compiled' if llm.engine.compiled else 'eager'})[/dim]"
     )
     if args.profile:
-        err.print(_profile_table(llm.last_profile))
+        err.print(run_output.profile_table(llm.last_profile))
     if accuracy is not None:
         for r in accuracy:
             verdict = "match" if r.match else f"DIFFER from token {r.first_difference}"
@@ -264,21 +264,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not all(r.match for r in accuracy):
             return 1
     return 0
-
-
-def _profile_table(profile: dict[str, float]) -> str:
-    ms = {k: v * 1000 for k, v in profile.items() if k.endswith("_s")}
-    return "\n".join(
-        [
-            f"profile ({int(profile['num_images'])} image(s), {int(profile['generated_tokens'])} generated tokens):",
-            f"  preprocessing      {ms['preprocess_s']:9.1f} ms",
-            f"  vision encoder     {ms['vision_s']:9.1f} ms",
-            f"  LLM generate       {ms['generate_s']:9.1f} ms  "
-            f"(time to first token {ms['time_to_first_token_s']:.1f} ms, {ms['per_token_s']:.2f} ms per token)",
-            f"  tokenizer decode   {ms['decode_s']:9.1f} ms",
-            f"  end to end         {ms['end_to_end_s']:9.1f} ms",
-        ]
-    )
 
 
 def _attach_images(prompts: list[Any], images: list[str], batch_size: int | None) -> list[Any]:
@@ -336,6 +321,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KilnError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     if args.shutdown_timeout < 0:
         raise KilnError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.log_interval < 0:
+        raise KilnError(f"--log-interval must be >= 0 (0: no throughput lines), got {args.log_interval}")
     name = args.served_model_name or Path(args.engine).resolve().name
     settings = ServeSettings(
         model_name=name,
@@ -351,13 +338,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime=RuntimeConfig.from_dict(_runtime(args)),
         shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level,
+        log_interval_s=args.log_interval,
     )
+
+
+def _quiet_transformers() -> None:
+    """transformers' own log lines and progress bars stay out of kiln's output (kiln reports its stages)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     args.argv = argv
+    _quiet_transformers()
     try:
         commands = {"build": cmd_build, "run": cmd_run, "serve": cmd_serve, "bench": cmd_bench}
         return commands[args.command](args)

@@ -27,6 +27,7 @@ from kiln.sampling_params import SamplingParams
 from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerStopping
 from kiln.serve.images import image_sources
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from kiln.serve.request_log import record_tokens
 from kiln.serve.responses import ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage
 
 
@@ -346,6 +347,7 @@ async def _merge(runs: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, D
     async def pump(position: int, run: AsyncIterator[Delta]) -> None:
         try:
             async for delta in run:
+                record_tokens(position, delta.num_prompt_tokens, len(delta.token_ids))
                 out.put_nowait((position, delta))
         except asyncio.CancelledError:
             raise

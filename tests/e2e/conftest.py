@@ -16,5 +16,6 @@ def demo_engine(tmp_path_factory) -> Path:
     proc = kiln("build", str(DEMO), "-o", str(out))
     for stage in ("load", "export", "passes", "write", "compile", "verify"):
         assert f"✓ {stage}" in proc.stderr, f"build did not report stage {stage}:\n{proc.stderr}"
+    assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr  # no transformers progress bar
     assert (out / "compiled.bin").is_file() and (out / "program.pt2").is_file()
     return out

@@ -49,13 +49,32 @@ def test_too_long_prompt_is_a_clear_error(demo_engine):
 def test_prompt_plus_new_tokens_over_max_seq_len(demo_engine):
     proc = kiln("run", str(demo_engine), "--prompt", "A kiln", "--max-new-tokens", "600", check=False)
     assert proc.returncode == 2 and "max_seq_len (512)" in proc.stderr
+    # checked before the engine loads, in the words of the command line, and nothing echoed
+    assert "--max-new-tokens (600)" in proc.stderr and "max_tokens" not in proc.stderr, proc.stderr
+    assert "load engine" not in proc.stderr and proc.stdout == ""
 
 
-def test_an_empty_prompt_is_refused_before_the_engine_loads(demo_engine):
-    for flag in ("--prompt", "--prompt-ids"):
-        proc = kiln("run", str(demo_engine), flag, "", check=False)
-        assert proc.returncode == 2 and f"{flag} is empty" in proc.stderr, proc.stderr
-        assert "load engine" not in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_ids_and_sampling_values_are_refused_before_the_engine_loads(demo_engine):
+    cases = {
+        ("--prompt-ids", "1,2,999999"): "outside the vocabulary",
+        ("--prompt-ids", "1,2", "--prompt-ids", ",".join(["5"] * 513)): "prompt 1: the prompt has 513 tokens",
+        ("--prompt", "A kiln", "--top-p", "0"): "--top-p must be in (0, 1]",
+    }
+    for args, message in cases.items():
+        proc = kiln("run", str(demo_engine), *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "load engine" not in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_several_prompts_are_separated_and_chat_json_keeps_the_conversation(demo_engine):
+    args = ("run", str(demo_engine), "--chat", "--prompt", "Hi", "--prompt", "What is a kiln?", "--max-new-tokens", "8")
+    text = kiln(*args).stdout
+    outs = json.loads(kiln(*args, "--json").stdout)["outputs"]
+    n_tokens = [len(o["prompt_token_ids"]) for o in outs]
+    headers = [f"=== prompt {i + 1}/2 ({n} tokens) ===" for i, n in enumerate(n_tokens)]
+    assert text == f"{headers[0]}\n{outs[0]['text']}\n{headers[1]}\n{outs[1]['text']}\n", text
+    assert [o["messages"] for o in outs] == [[{"role": "user", "content": c}] for c in ("Hi", "What is a kiln?")]
+    assert "Hi" in outs[0]["prompt"] and "What is a kiln?" in outs[1]["prompt"]
 
 
 def test_invalid_sampling_value(demo_engine):

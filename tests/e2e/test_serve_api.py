@@ -282,3 +282,52 @@ def test_sigterm_drains_or_cancels_in_flight_requests_and_exits_0(demo_engine):
     assert len(outcomes) == 8, "every client must get an end to its stream (finished or cut), none may hang"
     with pytest.raises(httpx.ConnectError):
         httpx.get(proc.url + "/health", timeout=2)
+
+
+def test_requests_and_throughput_are_logged(demo_engine):
+    logged = ServerProcess(demo_engine, "--served-model-name", MODEL, "--log-interval", "0.2")
+    try:
+        r = post(logged, "/v1/completions", {"model": MODEL, "prompt": "A kiln is", "max_tokens": 40, "n": 2})
+        assert r.status_code == 200, r.text
+        used = r.json()["usage"]
+        bad = post(logged, "/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 4})
+        assert bad.status_code == 400
+        httpx.get(logged.url + "/health")
+        time.sleep(0.5)
+    finally:
+        assert logged.stop() == 0
+    out = logged.output()
+    lines = [line for line in out.splitlines() if "POST /v1/completions" in line]
+    assert len(lines) == 2, out[-3000:]
+    ok, refused = lines
+    generated = used["completion_tokens"]
+    assert f" 200 prompt_tokens={2 * used['prompt_tokens']} generated_tokens={generated} choices=2 " in ok, ok
+    assert " 400 prompt_tokens=0 generated_tokens=0 " in refused and "latency=" in refused
+    assert "GET /health" not in out  # polled endpoints stay quiet
+    throughput = [line for line in out.splitlines() if "throughput:" in line]
+    assert throughput and all("tokens/s generated" in t and "KV cache" in t for t in throughput), out[-3000:]
+
+
+def test_port_in_use_is_refused_before_the_engine_loads(demo_engine):
+    import socket
+    import subprocess
+    import sys
+
+    from e2e_helpers import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "kiln", "serve", str(demo_engine), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr and "Traceback" not in proc.stderr
+    assert "load engine" not in proc.stderr  # refused before the engine started loading
+    assert time.monotonic() - start < 30
