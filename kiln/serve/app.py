@@ -37,6 +37,7 @@ from kiln.serve.responses import (
     echo_texts,
     usage,
 )
+from kiln.serve.tokenization import tokenization_router
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +193,8 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         return requested
 
     # ---- routes -----------------------------------------------------------------------------------------
+
+    app.include_router(tokenization_router(tokenizer, limits.seq_len, check_api_key))
 
     @app.get("/health")
     async def health() -> Response:

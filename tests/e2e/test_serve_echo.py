@@ -92,3 +92,29 @@ def test_echo_of_token_ids_and_of_several_prompts(server, llm):
         second["logprobs"]["token_logprobs"][1:5], abs=1e-5
     )
     assert second["text"] == llm.tokenizer.decode(ids[:5])
+
+
+def test_tokenize_detokenize_and_tokenizer_info_in_vllm_shapes(server, llm):
+    tok = llm.tokenizer
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPT}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == llm.encode(PROMPT) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == llm.engine.build.seq_len and body["token_strs"] is None
+    # lm-eval's remote tokenizer asks without special tokens
+    r = httpx.post(
+        server.url + "/tokenize", json={"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True}
+    )
+    plain = r.json()
+    assert plain["tokens"] == tok(PROMPT, add_special_tokens=False).input_ids
+    assert plain["token_strs"] == tok.convert_ids_to_tokens(plain["tokens"])
+    messages = [{"role": "user", "content": "Hello!"}]
+    r = httpx.post(server.url + "/tokenize", json={"messages": messages}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == llm.apply_chat_template(messages)
+    r = httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}, timeout=30)
+    assert r.json() == {"prompt": tok.decode(body["tokens"])}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10**9]}).status_code == 400
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+    assert info["chat_template"] == tok.chat_template and info["tokenizer_class"] == type(tok).__name__
