@@ -17,7 +17,14 @@ TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away i
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
     # A step computes at most 8 tokens, so every prompt below is prefilled in several chunks.
-    out = build(DEMO, tmp_path_factory.mktemp("plp") / "engine", progress=False, compile=False, max_num_tokens=8)
+    out = build(
+        DEMO,
+        tmp_path_factory.mktemp("plp") / "engine",
+        progress=False,
+        compile=False,
+        max_num_tokens=8,
+        max_seq_len=128,
+    )
     return LLM(out, overlap_decode=False, num_kv_blocks=64)
 
 
@@ -82,3 +89,14 @@ def test_batch_mixes_scored_and_plain_requests(llm, reference):
     check(outs[2], reference(outs[2].prompt_token_ids), 2)
     alone = [llm.generate(p, SamplingParams(max_tokens=3, temperature=0))[0].token_ids for p in prompts]
     assert [o.token_ids for o in outs] == alone
+
+
+def test_prompt_logprobs_survive_preemption(llm, reference):
+    # A pool of 8 blocks of 16 tokens cannot hold three 30-character prompts growing by 40 tokens each.
+    small = LLM(llm.engine.path, overlap_decode=False, num_kv_blocks=8)
+    prompts = [TEXT[:30], TEXT[30:60], TEXT[60:90]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    outs = small.generate(prompts, params)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    for out in outs:
+        check(out, reference(out.prompt_token_ids), 1)
