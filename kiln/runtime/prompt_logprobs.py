@@ -42,17 +42,25 @@ def prompt_spans(chunks: Sequence[ScheduledChunk]) -> list[PromptSpan]:
     return spans
 
 
+ROWS_PER_BLOCK = 128  # rows log-softmaxed at once: bounds the float32 copies of a long prompt's logits
+
+
 def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprobs]:
     """Each row's log-prob of its target token and its `top` most likely tokens (float32 log-softmax)."""
-    log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
-    index = torch.tensor(list(targets), dtype=torch.int64, device=logits.device)
-    chosen = log_probs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
-    if top > 0:
-        values, ids = torch.topk(log_probs, min(top, log_probs.shape[-1]), dim=-1)
-        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    else:
-        tops = [() for _ in chosen]
-    return [TokenLogprobs(t, lp, tp) for t, lp, tp in zip(targets, chosen, tops)]
+    out: list[TokenLogprobs] = []
+    for begin in range(0, len(targets), ROWS_PER_BLOCK):
+        rows = logits[begin : begin + ROWS_PER_BLOCK]
+        ids = list(targets[begin : begin + ROWS_PER_BLOCK])
+        log_probs = torch.log_softmax(rows.to(torch.float32), dim=-1)
+        index = torch.tensor(ids, dtype=torch.int64, device=logits.device)
+        chosen = log_probs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
+        if top > 0:
+            values, top_ids = torch.topk(log_probs, min(top, log_probs.shape[-1]), dim=-1)
+            tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+        else:
+            tops = [() for _ in chosen]
+        out.extend(TokenLogprobs(t, lp, tp) for t, lp, tp in zip(ids, chosen, tops))
+    return out
 
 
 def record(chunks: Sequence[ScheduledChunk], spans: Sequence[PromptSpan], logits: torch.Tensor) -> None:
