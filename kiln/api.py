@@ -41,6 +41,8 @@ class RequestOutput:
     finish_reason: str | None
     stop_reason: str | int | None = None
     logprobs: list[Any] | None = None
+    # With SamplingParams(prompt_logprobs=k): None for the first prompt token, then a TokenLogprobs each.
+    prompt_logprobs: list[Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -160,6 +162,7 @@ class LLM:
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     logprobs=seq.logprobs or None,
+                    prompt_logprobs=seq.prompt_logprobs,
                     metrics={
                         "time_to_first_token_s": first - seq.arrival_time,
                         "total_s": end - seq.arrival_time,

@@ -81,6 +81,9 @@ class SamplingParams:
         ignore_eos: keep generating past the EOS token (until max_tokens or a stop).
         logprobs: return the sampled token's log-prob and this many top alternatives (0..20);
             None returns none.
+        prompt_logprobs: return each prompt token's log-prob and this many top alternatives (0..20),
+            the first token's None (it has no context); None returns none. Such a request does not
+            take cached prefix blocks: its whole prompt is computed.
         skip_special_tokens: leave special tokens out of the decoded text.
         detokenize: produce text; False returns token ids only (benchmarks), and allows no stop strings.
     """
@@ -98,6 +101,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
 
@@ -151,6 +155,8 @@ class SamplingParams:
         _check_bool("ignore_eos", self.ignore_eos)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] or null")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] or null")
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         _check_bool("detokenize", self.detokenize)
         if not self.detokenize and self.stop:

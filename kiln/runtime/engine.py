@@ -18,13 +18,14 @@ from kiln.engine.tokenizers import load_tokenizer
 from kiln.errors import KilnError, RequestError
 from kiln.kernels.selection import from_configs, select
 from kiln.progress import Progress
-from kiln.runtime import memory_plan, prompts, stats, validation
+from kiln.runtime import memory_plan, prompt_logprobs, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.mm_runner import decode_extras, make_runner
 from kiln.runtime.multimodal import MultimodalData, load_pipeline
 from kiln.runtime.output_processor import OutputProcessor, StepUpdate
+from kiln.runtime.prompt_logprobs import prompt_spans
 from kiln.runtime.prompts import Prompt
 from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, StepOutput
@@ -146,6 +147,8 @@ class Engine:
         if mm is not None:  # blocks holding image tokens are cached under the images' content too
             seq.block_extra_keys = list(mm.block_extra_keys(self._kv.block_size))
         seq.generator = make_generator(params.seed, self.device)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
         self._outputs.add(seq)
         self._requests[request_id] = seq
         self._scheduler.add(seq)
@@ -213,7 +216,11 @@ class Engine:
         observer = self.step_observer
         if observer is not None:
             observer.device_started()
+        spans = prompt_spans(chunks)
         logits, sampled = self.runner.run(chunks)
+        if spans:
+            prompt_logprobs.record(chunks, spans, logits[len(sampled) :])
+            logits = logits[: len(sampled)]
         if not sampled:
             if observer is not None:
                 observer.device_finished()
@@ -246,7 +253,7 @@ class Engine:
             return False
         for chunk in plan.chunks:
             p = chunk.seq.params
-            if chunk.num_tokens != 1 or not chunk.completes:
+            if chunk.num_tokens != 1 or not chunk.completes or chunk.seq.needs_prompt_logits:
                 return False
             if p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 return False

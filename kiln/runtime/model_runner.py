@@ -10,6 +10,7 @@ from kiln.engine.programs import Program
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import TokenPatch, apply_patch
 from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.prompt_logprobs import prompt_spans
 from kiln.runtime.scheduler import ScheduledChunk
 
 
@@ -29,7 +30,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA: replayed for decode steps
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
-        """Packed inputs for `chunks`, and the chunk indices whose logits the program returns."""
+        """Packed inputs for `chunks`, and the indices of the chunks that sample.
+
+        The program returns one logits row per sampling chunk, then the rows of `prompt_spans(chunks)`.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -53,6 +57,9 @@ class ModelRunner:
             if chunk.completes:
                 logits_rows.append(starts[-1] - 1)
                 sampled.append(i)
+        for scored in prompt_spans(chunks):  # prompt-scoring rows come after the sampled ones
+            row = starts[scored.chunk] + scored.first - chunks[scored.chunk].start
+            logits_rows.extend(range(row, row + scored.count))
         width = max(len(t) for t in tables)
         block_tables = [t + [0] * (width - len(t)) for t in tables]
         if not logits_rows:  # only partial prompt chunks: the program still returns one row, unused
@@ -72,13 +79,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Logits [len(sampled), vocab] for the chunks that complete, and those chunks' indices.
+        """Logits for the chunks that complete, and those chunks' indices: rows [0, len(sampled)) are
+        theirs, any after are the prompt-scoring rows of `prompt_spans(chunks)` (such steps run eagerly).
 
         `patch` = (chunk indices, rows, tokens on the device): those decode chunks' input token is
         `tokens[row]`, sampled by a step whose result the host has not read yet.
         """
         graphs = self.graphs
-        if graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
+        if graphs is not None and all(
+            c.num_tokens == 1 and c.completes and not c.seq.needs_prompt_logits for c in chunks
+        ):
             positions = self.decode_positions(chunks) if graphs.bucket_for(len(chunks)) is not None else None
             if positions is not None:
                 return self._run_decode_graph(graphs, chunks, patch, positions), list(range(len(chunks)))
@@ -89,7 +99,7 @@ class ModelRunner:
                 starts.append(starts[-1] + c.num_tokens)
             apply_patch(inputs[0], patch, [starts[j + 1] - 1 for j in patch[0]])
         logits = self.program(*inputs)
-        return logits[: len(sampled)], sampled
+        return logits[: len(sampled) + sum(s.count for s in prompt_spans(chunks))], sampled
 
     def decode_positions(self, chunks: Sequence[ScheduledChunk]) -> list[int] | None:
         """The position input of each one-token chunk of a decode step, or None when the step must

@@ -127,7 +127,10 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not out.preempted:
             seq = self.waiting[0]
-            cached = self.kv.match_prefix(seq.request_id, seq.all_ids, seq.block_extra_keys)
+            # A request scoring its prompt computes all of it: cached blocks have no logits to give.
+            cached = 0
+            if not seq.needs_prompt_logits:
+                cached = self.kv.match_prefix(seq.request_id, seq.all_ids, seq.block_extra_keys)
             n = seq.schedulable(cached, min(seq.num_tokens - cached, budget))
             if n == 0 or not self.kv.allocate(seq.request_id, cached + n):
                 self.kv.free(seq.request_id)  # gives the attached cached blocks back, still registered

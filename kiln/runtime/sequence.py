@@ -32,6 +32,8 @@ class Sequence:
     generator: Any = None
     detokenizer: Any = None
     logprobs: list[Any] = field(default_factory=list)
+    # With params.prompt_logprobs: [None, then one TokenLogprobs per prompt token scored so far].
+    prompt_logprobs: list[Any] | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -61,6 +63,11 @@ class Sequence:
     def schedulable(self, start: int, num_tokens: int) -> int:
         """How many of `num_tokens` tokens from `start` may run as one chunk (an image block is never split)."""
         return num_tokens if self.mm is None else self.mm.clip_chunk(start, num_tokens)
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Some prompt token's log-prob is still to be computed."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def is_finished(self) -> bool:

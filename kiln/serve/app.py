@@ -28,7 +28,17 @@ from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerSto
 from kiln.serve.images import image_sources
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from kiln.serve.request_log import record_tokens
-from kiln.serve.responses import ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage
+from kiln.serve.responses import (
+    ChoiceState,
+    Echo,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    echo_texts,
+    usage,
+)
+from kiln.serve.tokenization import tokenization_router
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +195,8 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
 
     # ---- routes -----------------------------------------------------------------------------------------
 
+    app.include_router(tokenization_router(tokenizer, limits.seq_len, check_api_key))
+
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_alive:
@@ -211,9 +223,12 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         check_request(body)
         prompts = _encode_prompts(tokenizer, body.prompt)
         jobs = []  # (choice index, prompt index, prompt ids, params)
+        # echo with logprobs scores the prompt; with max_tokens 0 one token is generated, then dropped
+        prompt_logprobs = body.logprobs if body.echo else None
+        max_tokens = 1 if body.echo_only else body.max_tokens
         for p, ids in enumerate(prompts):
             for i in range(body.n):
-                params = body.sampling_params(max_tokens_for(body.max_tokens, ids), body.logprobs, i)
+                params = body.sampling_params(max_tokens_for(max_tokens, ids), body.logprobs, i, prompt_logprobs)
                 jobs.append((p * body.n + i, p, ids, params))
         # every prompt is checked (once) before any runs
         checked = [
@@ -223,6 +238,10 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         states = [ChoiceState(index) for index, *_ in jobs]
+        if body.echo:
+            texts = echo_texts(tokenizer, body.prompt, prompts)
+            for state, (_, p, ids, _) in zip(states, jobs):
+                state.echo = Echo(texts[p], list(ids))
         runs = [engine.generate(req, f"{request_id}-{index}") for (index, *_), req in zip(jobs, checked)]
         prompt_tokens = sum(len(ids) for ids in prompts)
         want_logprobs = body.logprobs is not None
@@ -243,6 +262,9 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
                 "text_completion",
             )
         await _collect(_merge(runs), states, request)
+        if body.echo_only:
+            for state in states:
+                state.discard_generated()
         return JSONResponse(
             completion_response(
                 request_id, created, settings.model_name, states, prompt_tokens, tokenizer, want_logprobs

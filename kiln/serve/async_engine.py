@@ -34,6 +34,8 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     logprobs: tuple[TokenLogprobs, ...] = ()
+    # The prompt's log-probs (SamplingParams.prompt_logprobs), in the request's first delta only.
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] = ()
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
@@ -189,6 +191,7 @@ class AsyncEngine:
             if stream is None:
                 continue
             n = len(update.new_token_ids)
+            first = stream.last_token_time is None  # the request's first delta carries its prompt's log-probs
             if stream.last_token_time is None:
                 self.metrics.time_to_first_token.observe(now - stream.arrival)
             else:
@@ -199,6 +202,7 @@ class AsyncEngine:
                 token_ids=tuple(update.new_token_ids),
                 text=update.delta_text,
                 logprobs=tuple(seq.logprobs[-n:]) if seq.params.logprobs is not None else (),
+                prompt_logprobs=tuple(seq.prompt_logprobs) if first and seq.prompt_logprobs is not None else (),
                 finish_reason=seq.finish_reason if update.finished else None,
                 stop_reason=seq.stop_reason if update.finished else None,
                 num_prompt_tokens=len(seq.prompt_ids),

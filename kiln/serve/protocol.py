@@ -49,8 +49,10 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> list[str]:
         return ["logit_bias"] if self.logit_bias else []
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
-        values: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, choice: int, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        values: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value is not None:
@@ -87,13 +89,18 @@ class CompletionRequest(_SamplingFields):
 
     def unsupported(self) -> list[str]:
         names = super().unsupported()
-        if self.echo:
-            names.append("echo")
+        if self.echo and self.stream:
+            names.append("echo with stream")
         if self.suffix:
             names.append("suffix")
         if self.best_of is not None and self.best_of != self.n:
             names.append("best_of")
         return names
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (lm-eval's loglikelihood): the prompt comes back, nothing is generated."""
+        return self.echo and self.max_tokens == 0
 
 
 class TextPart(BaseModel):

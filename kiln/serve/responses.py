@@ -17,14 +17,32 @@ class ChoiceState:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    echo: Echo | None = None  # a completion with `echo`: the prompt, and its log-probs once they come
 
     def add(self, delta: Delta) -> None:
+        if self.echo is not None and delta.prompt_logprobs:
+            self.echo.logprobs = list(delta.prompt_logprobs)
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+
+    def discard_generated(self) -> None:
+        """Forget the generated tokens (max_tokens 0 with echo ran one step for the prompt's log-probs)."""
+        self.text, self.token_ids, self.logprobs = "", [], []
+        if self.finish_reason is not None:
+            self.finish_reason = "length"
+
+
+@dataclass
+class Echo:
+    """The prompt a completion with `echo` returns before its text: its text, ids, and log-probs (first None)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
 
 def usage(states: list[ChoiceState], prompt_tokens: int) -> dict[str, Any]:
@@ -44,6 +62,15 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 # ---- /v1/completions ----------------------------------------------------------------------------------
 
 
+def echo_texts(tokenizer: Any, prompt: Any, encoded: list[list[int]]) -> list[str]:
+    """The text `echo` returns for each prompt: the prompt as sent, or the decoded ids of a token prompt."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [str(tokenizer.decode(encoded[0]))]
+    return [p if isinstance(p, str) else str(tokenizer.decode(ids)) for p, ids in zip(prompt, encoded)]
+
+
 def _completion_logprobs(items: list[TokenLogprobs], tokenizer: Any, offset: int) -> dict[str, Any]:
     tokens, values, tops, offsets = [], [], [], []
     for item in items:
@@ -54,6 +81,38 @@ def _completion_logprobs(items: list[TokenLogprobs], tokenizer: Any, offset: int
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _echo_logprobs(echo: Echo, tokenizer: Any) -> dict[str, Any]:
+    """The prompt's entries, as vLLM gives them: the first token's logprob and top_logprobs null, each
+    other token's top_logprobs holding the token itself besides the top alternatives."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    offset = 0
+    for token_id, item in zip(echo.token_ids, echo.logprobs):
+        text = _token_text(tokenizer, token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if item is None:
+            values.append(None)
+            tops.append(None)
+            continue
+        values.append(item.logprob)
+        top = {_token_text(tokenizer, t): lp for t, lp in item.top}
+        top[text] = item.logprob
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _choice_logprobs(state: ChoiceState, tokenizer: Any) -> dict[str, Any]:
+    if state.echo is None:
+        return _completion_logprobs(state.logprobs, tokenizer, 0)
+    prompt = _echo_logprobs(state.echo, tokenizer)
+    generated = _completion_logprobs(state.logprobs, tokenizer, len(state.echo.text))
+    return {key: prompt[key] + generated[key] for key in prompt}
 
 
 def completion_chunk(
@@ -81,8 +140,8 @@ def completion_response(
     choices = [
         {
             "index": s.index,
-            "text": s.text,
-            "logprobs": _completion_logprobs(s.logprobs, tokenizer, 0) if logprobs else None,
+            "text": s.text if s.echo is None else s.echo.text + s.text,
+            "logprobs": _choice_logprobs(s, tokenizer) if logprobs else None,
             "finish_reason": s.finish_reason,
         }
         for s in states

@@ -66,6 +66,8 @@ def test_valid_values_are_kept() -> None:
     assert p.stop == ("a", "bc")
     assert p.stop_token_ids == (0, 7)
     assert SamplingParams(logprobs=0).logprobs == 0
+    assert SamplingParams(prompt_logprobs=0).prompt_logprobs == 0
+    assert SamplingParams().prompt_logprobs is None
     assert SamplingParams(seed=0).seed == 0
     assert SamplingParams(top_k=0).top_k == 0
 
@@ -138,6 +140,9 @@ BAD_VALUES = [
     ("logprobs", 21, "[0, 20]"),
     ("logprobs", 1.0, "integer"),
     ("logprobs", True, "integer"),
+    ("prompt_logprobs", -1, "[0, 20]"),
+    ("prompt_logprobs", 21, "[0, 20]"),
+    ("prompt_logprobs", True, "integer"),
     ("skip_special_tokens", 0, "true or false"),
 ]
 
@@ -198,7 +203,7 @@ def test_from_dict_validates_values_and_type() -> None:
 
 def test_field_names_match_dataclass_fields() -> None:
     assert SamplingParams.FIELD_NAMES == tuple(f.name for f in dataclasses.fields(SamplingParams))
-    assert len(SamplingParams.FIELD_NAMES) == 15
+    assert len(SamplingParams.FIELD_NAMES) == 16
 
 
 def test_token_ids_only_allows_no_stop_strings() -> None:
