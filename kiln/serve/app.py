@@ -26,6 +26,7 @@ from kiln.runtime.validation import Request as EngineRequest
 from kiln.sampling_params import SamplingParams
 from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerStopping
 from kiln.serve.images import image_sources
+from kiln.serve.openapi import ERROR_RESPONSES, describe_limits
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from kiln.serve.responses import ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage
 
@@ -123,6 +124,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         vision_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kiln", lifespan=lifespan)
+    describe_limits(app, settings.model_name, core.limits, takes_images=core.multimodal is not None)
     started = int(time.time())
     metrics = engine.metrics
 
@@ -194,7 +196,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         card = {
             "id": settings.model_name,
@@ -205,7 +207,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
+    @app.post("/v1/completions", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_request(body)
         prompts = _encode_prompts(tokenizer, body.prompt)
@@ -248,7 +250,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             )
         )
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_request(body)
         mm = None
