@@ -20,6 +20,8 @@ MAX_TEMPERATURE = 100.0
 # Dividing float32 logits by a temperature below this can overflow to inf; use 0 for greedy.
 MIN_POSITIVE_TEMPERATURE = 1e-5
 MAX_REPETITION_PENALTY = 10.0
+# A penalty near 0 divides a logit into inf (and the sampler's probabilities into nan).
+MIN_REPETITION_PENALTY = 1.0 / MAX_REPETITION_PENALTY
 MAX_ABS_OPENAI_PENALTY = 2.0
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -69,7 +71,7 @@ class SamplingParams:
         min_p: drop tokens whose probability is below min_p times the top token's; in [0, 1].
         repetition_penalty: Hugging Face rule, applied to every token id in the prompt or
             the output so far: a positive logit is divided by it, a negative one multiplied;
-            in (0, 10], 1 disables it.
+            in [0.1, 10], 1 disables it.
         presence_penalty: OpenAI rule over generated tokens only: subtracted once from the
             logit of every token generated at least once; in [-2, 2].
         frequency_penalty: OpenAI rule over generated tokens only: subtracted from a token's
@@ -132,11 +134,11 @@ class SamplingParams:
             raise RequestError(f"min_p must be in [0, 1] (0 = disabled), got {min_p!r}")
         object.__setattr__(self, "min_p", min_p)
 
-        repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, "in (0, 10]")
-        if not 0.0 < repetition_penalty <= MAX_REPETITION_PENALTY:
+        repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, "in [0.1, 10]")
+        if not MIN_REPETITION_PENALTY <= repetition_penalty <= MAX_REPETITION_PENALTY:
             raise RequestError(
-                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = disabled),"
-                f" got {repetition_penalty!r}"
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]"
+                f" (1 = disabled), got {repetition_penalty!r}"
             )
         object.__setattr__(self, "repetition_penalty", repetition_penalty)
 

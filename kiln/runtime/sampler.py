@@ -302,9 +302,11 @@ def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> t
             sorted_probs = torch.softmax(sorted_scores.masked_fill(removed, float("-inf")), dim=-1)
             mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
             # Keep the smallest prefix whose mass reaches top_p: a token goes once the tokens
-            # ranked above it already hold top_p. mass_before is 0 for the top token, so it
-            # stays; rows with top_p == 1 are exempt so float rounding cannot trim their tail.
+            # ranked above it already hold top_p. Rows with top_p == 1 are exempt so float
+            # rounding cannot trim their tail.
             removed |= (mass_before >= top_p) & (top_p < 1.0)
+            # The top token always stays, even where a tiny top_p rounds to 0 in float32.
+            removed[:, 0] = False
         sorted_scores = sorted_scores.masked_fill(removed, float("-inf"))
         scores = torch.empty_like(scores).scatter_(1, order, sorted_scores)
 

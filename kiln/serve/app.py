@@ -26,6 +26,7 @@ from kiln.runtime.validation import Request as EngineRequest
 from kiln.sampling_params import SamplingParams
 from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerStopping
 from kiln.serve.images import image_sources
+from kiln.serve.openapi import ERROR_RESPONSES, describe_limits
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from kiln.serve.request_log import record_tokens
 from kiln.serve.responses import (
@@ -134,6 +135,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         vision_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kiln", lifespan=lifespan)
+    describe_limits(app, settings.model_name, core.limits, takes_images=core.multimodal is not None)
     started = int(time.time())
     metrics = engine.metrics
 
@@ -207,7 +209,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         card = {
             "id": settings.model_name,
@@ -218,7 +220,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
+    @app.post("/v1/completions", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_request(body)
         prompts = _encode_prompts(tokenizer, body.prompt)
@@ -271,7 +273,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             )
         )
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_request(body)
         mm = None

@@ -160,6 +160,9 @@ def test_tiny_top_p_equals_greedy(temperature: float) -> None:
     logits[:3] = 0.0
     tokens, _ = run(logits, repeat(SamplingParams(temperature=temperature, top_p=1e-6), 200))
     assert torch.equal(tokens, torch.argmax(logits, dim=-1))
+    # A top_p that rounds to 0 in float32 is still greedy (it once removed every token: nan probs).
+    tokens, _ = run(logits, repeat(SamplingParams(temperature=temperature, top_p=5e-324), 200))
+    assert torch.equal(tokens, torch.argmax(logits, dim=-1))
 
 
 def test_tiny_min_p_keeps_everything_and_min_p_one_is_greedy() -> None:
