@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,20 +14,19 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.errors import RequestError
 from kiln.runtime.engine import Engine
 from kiln.runtime.prompts import chat_ids, chat_text, encode
 from kiln.runtime.validation import Request as EngineRequest
 from kiln.sampling_params import SamplingParams
-from kiln.serve.async_engine import AsyncEngine, Delta, RequestFailed, ServerStopping
+from kiln.serve.async_engine import AsyncEngine, Delta, ServerStopping
+from kiln.serve.http_errors import APIError, BodyLimit, describe_validation, error_response
 from kiln.serve.images import image_sources
 from kiln.serve.openapi import ERROR_RESPONSES, describe_limits
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from kiln.serve.request_log import record_tokens
 from kiln.serve.responses import (
     ChoiceState,
     Echo,
@@ -37,8 +35,8 @@ from kiln.serve.responses import (
     completion_chunk,
     completion_response,
     echo_texts,
-    usage,
 )
+from kiln.serve.streaming import collect, merge, sse
 from kiln.serve.tokenization import tokenization_router
 
 
@@ -48,76 +46,6 @@ class ServeSettings:
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
     allow_image_urls: bool = False  # let clients have the server download http(s) images
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-class BodyLimit:
-    """Refuses request bodies over `max_bytes` with 413 before the app reads them (chunked bodies too)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, f"the request body is larger than this server accepts ({self.max_bytes} bytes)", code="body_too_large"
-        )
-        await response(scope, receive, send)
 
 
 def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
@@ -158,7 +86,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.rejected.labels(status="400").inc()
-        message, param = _describe_validation(exc)
+        message, param = describe_validation(exc)
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -252,8 +180,8 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             return completion_chunk(request_id, created, settings.model_name, state, delta, tokenizer, want_logprobs)
 
         if body.stream:
-            return _sse(
-                _merge(runs),
+            return sse(
+                merge(runs),
                 states,
                 chunk,
                 request_id,
@@ -263,7 +191,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
                 body.stream_options is not None and body.stream_options.include_usage,
                 "text_completion",
             )
-        await _collect(_merge(runs), states, request)
+        await collect(merge(runs), states, request)
         if body.echo_only:
             for state in states:
                 state.discard_generated()
@@ -307,8 +235,8 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             return chat_chunk(request_id, created, settings.model_name, state, delta, tokenizer, top is not None)
 
         if body.stream:
-            return _sse(
-                _merge(runs),
+            return sse(
+                merge(runs),
                 states,
                 chunk,
                 request_id,
@@ -318,7 +246,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
                 body.stream_options is not None and body.stream_options.include_usage,
                 "chat.completion.chunk",
             )
-        await _collect(_merge(runs), states, request)
+        await collect(merge(runs), states, request)
         return JSONResponse(
             chat_response(request_id, created, settings.model_name, states, len(ids), tokenizer, top is not None)
         )
@@ -327,23 +255,6 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
-
-
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "the request is not valid", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":
-        return f"unknown field {param!r}: kiln does not accept it", param
-    if first.get("type") == "missing":
-        return f"the field {param!r} is required", param
-    where = f"{param}: " if param else ""
-    return f"{where}{first.get('msg', 'invalid value')} (got {first.get('input')!r})"[:500], param
 
 
 def _encode_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
@@ -362,134 +273,3 @@ def _validate(core: Engine, ids: list[int], params: SamplingParams, mm: Any, pre
         return core.validate(ids, params, mm)
     except RequestError as exc:
         raise RequestError(f"{prefix}{exc}") from exc
-
-
-async def _merge(runs: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
-    """Interleave several choices' deltas; leaving early cancels (and so aborts) the unfinished ones."""
-    out: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
-
-    async def pump(position: int, run: AsyncIterator[Delta]) -> None:
-        try:
-            async for delta in run:
-                record_tokens(position, delta.num_prompt_tokens, len(delta.token_ids))
-                out.put_nowait((position, delta))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            out.put_nowait(exc)
-            return
-        finally:
-            await run.aclose()  # type: ignore[attr-defined]
-        out.put_nowait(None)
-
-    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await out.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _collect(merged: AsyncIterator[tuple[int, Delta]], states: list[ChoiceState], request: Request) -> None:
-    """Gather every choice to the end; a client that hangs up cancels (aborts) them."""
-
-    async def gather() -> None:
-        try:
-            async for position, delta in merged:
-                states[position].add(delta)
-        finally:
-            await merged.aclose()  # type: ignore[attr-defined]
-
-    work = asyncio.create_task(gather())
-    watch = asyncio.create_task(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-    if work in done:
-        exc = work.exception()
-        if isinstance(exc, RequestFailed):
-            raise APIError(500, str(exc), type_="server_error")
-        if exc is not None:
-            raise exc
-    else:
-        await asyncio.gather(work, return_exceptions=True)
-        raise APIError(499, "the client closed the connection")
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _sse(
-    merged: AsyncIterator[tuple[int, Delta]],
-    states: list[ChoiceState],
-    chunk: Callable[[ChoiceState, Delta], dict[str, Any]],
-    request_id: str,
-    created: int,
-    model: str,
-    prompt_tokens: int,
-    include_usage: bool,
-    obj: str,
-) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        try:
-            if obj == "chat.completion.chunk":
-                for state in states:
-                    yield _event(
-                        {
-                            "id": request_id,
-                            "object": obj,
-                            "created": created,
-                            "model": model,
-                            "choices": [
-                                {
-                                    "index": state.index,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
-            async for position, delta in merged:
-                state = states[position]
-                state.add(delta)
-                if delta.token_ids or delta.text or delta.finished:
-                    yield _event(chunk(state, delta))
-        except RequestFailed as exc:
-            yield _event({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
-        finally:
-            await merged.aclose()  # type: ignore[attr-defined]
-        if include_usage:
-            yield _event(
-                {
-                    "id": request_id,
-                    "object": obj,
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": usage(states, prompt_tokens),
-                }
-            )
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
