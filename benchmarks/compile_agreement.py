@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     from kiln.compiler import inductor
-    from kiln.compiler.capture import capture, mixed_step_inputs
+    from kiln.compiler.capture import mixed_step_inputs, text_spec
+    from kiln.compiler.export import export_program
     from kiln.compiler.model_facts import cache_shape, model_facts
     from kiln.compiler.passes import FUSED_LINEAR_PASSES, PASSES, PassContext
     from kiln.engine.programs import EagerProgram, load_compiled
@@ -58,15 +59,17 @@ def main() -> None:
     loaded = load_checkpoint(args.checkpoint, dtype, device)
     shape = cache_shape(loaded.config)
     facts = model_facts(loaded, shape)
-    captured = capture(
-        loaded.model,
-        shape,
-        dtype=dtype,
-        device=device,
-        block_size=16,
-        max_num_tokens=8192,
-        max_batch_size=64,
-        architecture=facts.architecture,
+    captured = export_program(
+        text_spec(
+            loaded.model,
+            shape,
+            dtype=dtype,
+            device=device,
+            block_size=16,
+            max_num_tokens=8192,
+            max_batch_size=64,
+            architecture=facts.architecture,
+        )
     )
     context = PassContext(architecture=facts.architecture, num_layers=shape.num_layers)
     programs = {}

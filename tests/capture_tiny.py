@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.compiler.capture import capture
+from kiln.compiler.capture import text_spec
+from kiln.compiler.export import export_program
 from kiln.compiler.model_facts import cache_shape
 from kiln.compiler.passes import PassContext
 from kiln.compiler.program_spec import CacheShape
@@ -20,7 +21,7 @@ def capture_tiny(
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="kiln").eval().to(dtype)
     shape = cache_shape(model.config)
-    program = capture(
+    spec = text_spec(
         model,
         shape,
         dtype=dtype,
@@ -30,4 +31,4 @@ def capture_tiny(
         max_batch_size=4,
         architecture=architecture,
     )
-    return program, shape, PassContext(architecture=architecture, num_layers=shape.num_layers)
+    return export_program(spec), shape, PassContext(architecture=architecture, num_layers=shape.num_layers)

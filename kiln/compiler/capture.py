@@ -7,7 +7,6 @@ import inspect
 import torch
 from torch import nn
 
-from kiln.compiler.export import export_program
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 
 # The engine program's inputs, in order. Every tensor is flat over the step's packed tokens
@@ -146,27 +145,3 @@ def text_spec(
         cache=cache,
     )
 
-
-def capture(
-    model: nn.Module,
-    cache: CacheShape,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    block_size: int,
-    max_num_tokens: int,
-    max_batch_size: int,
-    architecture: str,
-) -> torch.export.ExportedProgram:
-    """torch.export of the text program of `model` (no passes): see `text_spec`."""
-    spec = text_spec(
-        model,
-        cache,
-        dtype=dtype,
-        device=device,
-        block_size=block_size,
-        max_num_tokens=max_num_tokens,
-        max_batch_size=max_batch_size,
-        architecture=architecture,
-    )
-    return export_program(spec)
