@@ -2,7 +2,7 @@
 # A/B of two kiln trees on one GPU machine: each tree builds its own engines from the same
 # random-weight checkpoints (real Llama-3.2-1B / Llama-3.1-8B configs), then both are benchmarked
 # alternately, so that the ratio new/old is measured on one machine in one run.
-#   OLD=.ab/old bash scripts/device_ab.sh ab1b prep8b      # 1B batch 1 (two rounds), then the 8B engines
+#   OLD=.ab/old bash scripts/device_ab.sh ab1b prep8b      # 1B batch 1 (ROUNDS rounds, default 2), then the 8B engines
 #   OLD=.ab/old bash scripts/device_ab.sh tp8b              # 8B: batch 1 + 1,000 x 1,000/1,000 throughput
 #   bash scripts/device_ab.sh table                        # the summary of everything under $OUT
 # OLD is a copy of the old tree (e.g. `git archive <commit> | tar -x -C .ab/old`); the new tree is the
@@ -33,7 +33,7 @@ for step in "$@"; do
     ab1b)
       ck=${CKPT_1B:-$work/llama-3.2-1b-ckpt}; checkpoint llama-3.2-1b "$ck"
       for tree in old new; do build "$tree" "$ck" "$work/1b-$tree" 64; done
-      for round in 1 2; do
+      for round in $(seq "${ROUNDS:-2}"); do
         for tree in old new; do
           kiln "$tree" bench "$work/1b-$tree" --batch-sizes 1 --input-len 128 --output-len 256 \
               --output-dir "$out/ab1b_${tree}_$round" 2>&1 | grep -E "ms/token|kiln " | tail -n 2
