@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kiln import LLM, SamplingParams
+from kiln.kernels.selection import selected
 from kiln.runtime.scheduler import ScheduledChunk
 from kiln.runtime.sequence import Sequence
 
@@ -111,6 +112,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     llm = LLM(args.engine)
+    with selected(llm.engine.kernels):  # the runner is called outside Engine.step: select the engine's kernels
+        run(llm, args)
+
+
+def run(llm: LLM, args: argparse.Namespace) -> None:
     engine = llm.engine
     report: dict[str, Any] = {}
     shapes = {

@@ -9,11 +9,12 @@ from pathlib import Path
 from kiln.compiler.build_vlm import write_vlm_engine
 from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
-from kiln.compiler.pipeline import EngineFacts, prepare_program, write_engine_manifest, write_program
+from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
+from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR
 from kiln.errors import KilnError
-from kiln.models.loader import load_checkpoint
+from kiln.models.loader import LoadedCheckpoint, load_checkpoint
 from kiln.progress import Progress
 
 
@@ -55,22 +56,12 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
-    spec = text_spec(
-        loaded.model,
-        shape,
-        dtype=dtype,
-        device=device,
-        block_size=config.tokens_per_block,
-        max_num_tokens=config.max_num_tokens,
-        max_batch_size=config.max_batch_size,
-        architecture=facts.architecture,
+    written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
+        _text_program(loaded, shape, config, architecture=facts.architecture),
+        output,
+        config,
+        progress,
     )
-    del loaded.model  # only the spec holds the model now
-    output.mkdir(parents=True, exist_ok=True)
-    program = prepare_program(spec, config, progress)
-    spec = spec.exported()  # frees the source weights the passes replaced (fused projections) before compiling
-    written = write_program(program, spec, output, config, progress)
-    del program, spec
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     engine = EngineFacts(
         config=config,
@@ -80,3 +71,25 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         op_modules=written.op_modules,
     )
     write_engine_manifest(output, engine, device, progress)
+
+
+def _text_program(
+    loaded: LoadedCheckpoint,
+    shape: CacheShape,
+    config: BuildConfig,
+    *,
+    architecture: str,
+) -> ProgramSpec:
+    """The text program's spec, which takes the model over from `loaded`."""
+    spec = text_spec(
+        loaded.model,
+        shape,
+        dtype=torch_dtype(config.dtype),
+        device=resolve_device(config.device),
+        block_size=config.tokens_per_block,
+        max_num_tokens=config.max_num_tokens,
+        max_batch_size=config.max_batch_size,
+        architecture=architecture,
+    )
+    del loaded.model  # only the spec holds the model now
+    return spec

@@ -7,9 +7,11 @@ from typing import Any
 
 from kiln.compiler.capture_mm import llm_spec, vision_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
-from kiln.compiler.pipeline import EngineFacts, build_program, prepare_program, write_engine_manifest, write_program
+from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
+from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import PROCESSOR_DIR, TOKENIZER_DIR, VISION_DIR, VISION_STATE, MultimodalFacts
+from kiln.models.loader import LoadedCheckpoint
 from kiln.models.vlm import VisionLanguageFamily
 from kiln.models.vlm_loader import load_vision_language
 from kiln.progress import Progress
@@ -43,30 +45,20 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     output.mkdir(parents=True, exist_ok=True)
     save_vision_state(family, loaded.model, output)
     example = family.vision_example(loaded.model.config, dtype, device, limit)
-    vision = vision_spec(family.vision_module(loaded.model), example.args, example.dynamic_shapes, facts.architecture)
-    vision_written = build_program(vision, output, config, progress)
-    del vision
+    vision_written = build_program(
+        vision_spec(family.vision_module(loaded.model), example.args, example.dynamic_shapes, facts.architecture),
+        output,
+        config,
+        progress,
+    )
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
-    spec = llm_spec(
-        family.text_model(loaded.model),
-        shape,
-        hidden=hidden,
-        position_rows=family.position_rows,
-        bidirectional=family.bidirectional_images,
-        dtype=dtype,
-        device=device,
-        block_size=config.tokens_per_block,
-        max_num_tokens=config.max_num_tokens,
-        max_batch_size=config.max_batch_size,
-        architecture=facts.architecture,
+    written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
+        _llm_program(loaded, family, shape, config, hidden=hidden, architecture=facts.architecture),
+        output,
+        config,
+        progress,
     )
-    del loaded.model  # only the spec holds the model now
-    output.mkdir(parents=True, exist_ok=True)
-    program = prepare_program(spec, config, progress)
-    spec = spec.exported()  # frees the source weights the passes replaced (fused projections) before compiling
-    written = write_program(program, spec, output, config, progress)
-    del program, spec
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     processor.save_pretrained(output / PROCESSOR_DIR)
     multimodal = MultimodalFacts(
@@ -88,3 +80,30 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         op_modules={**vision_written.op_modules, **written.op_modules},
     )
     write_engine_manifest(output, engine, device, progress)
+
+
+def _llm_program(
+    loaded: LoadedCheckpoint,
+    family: VisionLanguageFamily,
+    shape: CacheShape,
+    config: BuildConfig,
+    *,
+    hidden: int,
+    architecture: str,
+) -> ProgramSpec:
+    """The LLM program's spec, which takes the (vision-detached) model over from `loaded`."""
+    spec = llm_spec(
+        family.text_model(loaded.model),
+        shape,
+        hidden=hidden,
+        position_rows=family.position_rows,
+        bidirectional=family.bidirectional_images,
+        dtype=torch_dtype(config.dtype),
+        device=resolve_device(config.device),
+        block_size=config.tokens_per_block,
+        max_num_tokens=config.max_num_tokens,
+        max_batch_size=config.max_batch_size,
+        architecture=architecture,
+    )
+    del loaded.model  # only the spec holds the model now
+    return spec

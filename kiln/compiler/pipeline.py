@@ -4,6 +4,7 @@ the operators its programs call, which a new process imports before loading them
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,9 +103,13 @@ def write_program(
 
 
 def build_program(spec: ProgramSpec, engine_dir: Path, config: BuildConfig, progress: Progress) -> WrittenProgram:
-    """The whole pipeline for one program."""
+    """The whole pipeline for one program. The caller hands its spec over (`build_program(make_spec(...), ...)`,
+    keeping no reference to it or its module): the source weights the passes replaced (fused projections)
+    are then freed before the program is written and compiled."""
     program = prepare_program(spec, config, progress)
-    return write_program(program, spec.exported(), engine_dir, config, progress)
+    spec = spec.exported()  # drops the last reference to the source module
+    gc.collect()  # torch.export's tracer keeps it in a reference cycle
+    return write_program(program, spec, engine_dir, config, progress)
 
 
 def _device_type(spec: ProgramSpec) -> str:

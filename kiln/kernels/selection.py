@@ -1,16 +1,18 @@
 """Which kernels kiln's ops run: chosen once (at load, or for a build), read by every op call.
 
-The ops read `current()` (a module global) instead of the environment. An Engine selects from
-its RuntimeConfig and its manifest's `pdl` when it loads (`from_configs`); a build selects its
-`pdl` while it compiles and verifies. The selection is process-wide: the engine loaded last
-decides for every engine in the process. `selected(...)` changes it for a block (tests,
-benchmarks).
+The ops read `current()` instead of the environment: a context variable, so each thread (and each
+engine) sees only what it selected. An Engine resolves its selection from its RuntimeConfig and
+its manifest's `pdl` once, when it loads (`from_configs`), and runs its loading, graph capture and
+every step inside `selected(engine.kernels)`: two engines of one process with different choices
+each run their own. A build selects its `pdl` while it compiles and verifies. `selected(...)`
+changes the selection for a block (tests, benchmarks); `select(...)` for the calling thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,20 +41,21 @@ class KernelSelection:
             raise KilnError(f"KernelSelection.pdl must be true or false, got {self.pdl!r}")
 
 
-_current = KernelSelection()
+_DEFAULT = KernelSelection()
+_current: ContextVar[KernelSelection] = ContextVar("kiln_kernel_selection", default=_DEFAULT)
 
 
 def current() -> KernelSelection:
-    """The selection the ops follow now."""
-    return _current
+    """The selection the ops of this thread follow now (the default one in a thread that selected none)."""
+    return _current.get()
 
 
 def select(selection: KernelSelection) -> KernelSelection:
-    """Make `selection` the one the ops follow; returns the one it replaces."""
-    global _current
+    """Make `selection` the one the ops of the calling thread follow; returns the one it replaces."""
     if not isinstance(selection, KernelSelection):
         raise KilnError(f"select() takes a KernelSelection, got {type(selection).__name__}")
-    previous, _current = _current, selection
+    previous = _current.get()
+    _current.set(selection)
     return previous
 
 
@@ -67,12 +70,16 @@ def from_configs(runtime: "RuntimeConfig", build: "BuildConfig") -> KernelSelect
 def selected(selection: KernelSelection | None = None, **changes: Any) -> Iterator[KernelSelection]:
     """Within the block, follow `selection` (default: the current one) with `changes` applied;
     the previous selection comes back afterwards."""
-    chosen = replace(selection or _current, **changes)
-    previous = select(chosen)
+    chosen = selection or _current.get()
+    if changes:
+        chosen = replace(chosen, **changes)
+    if not isinstance(chosen, KernelSelection):
+        raise KilnError(f"selected() takes a KernelSelection, got {type(chosen).__name__}")
+    token = _current.set(chosen)
     try:
         yield chosen
     finally:
-        select(previous)
+        _current.reset(token)
 
 
 __all__ = ["KernelSelection", "current", "from_configs", "select", "selected"]

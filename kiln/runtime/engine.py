@@ -16,7 +16,7 @@ from kiln.engine.manifest import check_compatible, read_manifest
 from kiln.engine.programs import Program, load_program
 from kiln.engine.tokenizers import load_tokenizer
 from kiln.errors import KilnError, RequestError
-from kiln.kernels.selection import from_configs, select
+from kiln.kernels.selection import from_configs, selected
 from kiln.progress import Progress
 from kiln.runtime import memory_plan, prompt_logprobs, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
@@ -47,7 +47,8 @@ class Engine:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
         self.device = check_compatible(self.manifest)
-        select(from_configs(self.runtime, self.manifest.build))  # the kernels every op runs, from here on
+        # The kernels this engine's ops run: selected around its measured step, its graph capture and each step.
+        self.kernels = from_configs(self.runtime, self.manifest.build)
         held_before = 0  # bytes of GPU tensors this process held before this engine (for the out-of-memory error)
         if self.device.type == "cuda":
             memory_plan.reclaim(self.device)  # a dropped engine in a reference cycle must not hold the GPU
@@ -74,7 +75,10 @@ class Engine:
             lambda cache, kv: make_runner(mm_spec, program, cache, kv, self.device),
             memory_plan.ImageRows.of(mm_spec),
         )
-        num_blocks = memory_plan.num_blocks(setup, facts, self.runtime, vision=self.multimodal, held_before=held_before)
+        with selected(self.kernels):  # the plan measures a step
+            num_blocks = memory_plan.num_blocks(
+                setup, facts, self.runtime, vision=self.multimodal, held_before=held_before
+            )
         self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
         self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
         self._scheduler = Scheduler(
@@ -87,7 +91,7 @@ class Engine:
         self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self._kv, self.device)
         # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).
         if self.device.type == "cuda" and self.runtime.cuda_graphs:
-            with progress.stage("capture CUDA graphs", "decode steps"):
+            with progress.stage("capture CUDA graphs", "decode steps"), selected(self.kernels):
                 graphs = DecodeGraphs(
                     program,
                     self.kv_cache,
@@ -174,13 +178,17 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[StepUpdate]:
-        """Schedule, run, sample, update from the output, process outputs.
+        """Schedule, run, sample, update from the output, process outputs (with this engine's kernels).
 
         With `overlap_decode`, decode steps are pipelined: a step is launched before the previous
         one's tokens are read (its inputs take them straight from the device, each sequence holds a
         placeholder for its pending token), and the previous step's results are applied while the
         device works. A sequence that finished meanwhile computed one token too many; it is dropped.
         """
+        with selected(self.kernels):
+            return self._step()
+
+    def _step(self) -> list[StepUpdate]:
         observer = self.step_observer
         if observer is not None:
             observer.step_started()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,6 +99,39 @@ def test_a_vision_spec_is_written_to_its_directory_compiled_verified_and_loaded(
     for compiled in (False, True):
         got = load_program(tmp_path / "vision", CPU, compiled=compiled).program(x)
         torch.testing.assert_close(got, want)
+
+
+class _Watch(Progress):
+    """Progress that notes, as each stage starts, whether the watched spec's module is still alive."""
+
+    def __init__(self) -> None:
+        super().__init__(enabled=False)
+        self.module: weakref.ref[torch.nn.Module] | None = None
+        self.alive: dict[str, bool] = {}
+
+    def watch(self, spec: ProgramSpec) -> ProgramSpec:
+        assert spec.module is not None
+        self.module = weakref.ref(spec.module)
+        return spec
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        assert self.module is not None
+        self.alive[name] = self.module() is not None
+        with super().stage(name, detail):
+            yield
+
+
+def test_a_handed_over_spec_s_module_is_freed_before_the_program_is_written(tmp_path):
+    progress = _Watch()
+    build_program(progress.watch(_vision_spec(_Encoder())), tmp_path, BuildConfig(compile=True), progress)
+    assert progress.alive == {
+        "export vision": True,
+        "write vision": False,
+        "compile vision": False,
+        "verify vision": False,
+        "write weights vision": False,
+    }
 
 
 def test_an_export_failure_names_the_program():

@@ -9,7 +9,7 @@ from e2e_helpers import SHARED_GPU, kiln
 
 from kiln.api import LLM
 from kiln.engine.manifest import MANIFEST
-from kiln.kernels.selection import KernelSelection, current, select
+from kiln.kernels.selection import KernelSelection, current
 
 BUILD_CHOICES = ("fused_linears", "fuse_rope", "combo_kernels", "pdl")
 
@@ -25,19 +25,16 @@ def test_loading_selects_the_runtime_kernels_and_the_manifests_pdl(demo_engine, 
     manifest = json.loads((engine / MANIFEST).read_text())
     manifest["build"]["pdl"] = False
     (engine / MANIFEST).write_text(json.dumps(manifest))
-    previous = current()
-    try:
-        llm = LLM(str(engine), attention_kernel="reference", argmax_kernel="reference", **SHARED_GPU)
-        assert current() == KernelSelection(attention="reference", linear="auto", argmax="reference", pdl=False)
-        assert llm.generate([[5, 6, 7]])[0].token_ids
-        del llm
-        for name in BUILD_CHOICES:  # an engine built before the choices were declared
-            del manifest["build"][name]
-        (engine / MANIFEST).write_text(json.dumps(manifest))
-        LLM(str(engine), **SHARED_GPU)
-        assert current() == KernelSelection()
-    finally:
-        select(previous)
+    before = current()
+    llm = LLM(str(engine), attention_kernel="reference", argmax_kernel="reference", **SHARED_GPU)
+    assert llm.engine.kernels == KernelSelection(attention="reference", linear="auto", argmax="reference", pdl=False)
+    assert current() == before  # the engine selects its kernels around its own work only
+    assert llm.generate([[5, 6, 7]])[0].token_ids
+    del llm
+    for name in BUILD_CHOICES:  # an engine built before the choices were declared
+        del manifest["build"][name]
+    (engine / MANIFEST).write_text(json.dumps(manifest))
+    assert LLM(str(engine), **SHARED_GPU).engine.kernels == KernelSelection()
 
 
 def test_the_cli_takes_the_kernel_choices(demo_engine):

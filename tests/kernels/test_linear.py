@@ -19,7 +19,8 @@ from kiln.compiler.passes.small_batch_linear import rewrite_linears, small_batch
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels.linear import MAX_ROWS, MIN_MULTI_ROW_BYTES, use_kernel  # noqa: E402
 from kiln.kernels.selection import selected  # noqa: E402
-from kiln.kernels.triton.gemv import GemvConfig, default_config, linear_triton  # noqa: E402
+from kiln.kernels.triton.gemv import linear_triton  # noqa: E402
+from kiln.kernels.triton.gemv_config import GemvConfig, default_config  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -109,7 +110,7 @@ def test_default_config_follows_shapes():
 def test_one_row_launch_follows_the_projection():
     """prologue_config: two column tiles per program behind a norm and for long rows, o_proj-like
     rows on 4 warps, and nothing of that beyond one row."""
-    from kiln.kernels.triton.gemv import PROLOGUE_NONE, PROLOGUE_RMS_NORM, prologue_config
+    from kiln.kernels.triton.gemv_config import PROLOGUE_NONE, PROLOGUE_RMS_NORM, prologue_config
 
     qkv = prologue_config(PROLOGUE_RMS_NORM, 1, 3072, 2048)
     assert (qkv.tiles, qkv.block_k) == (2, 2048)  # the whole normalised row in one tile, used twice

@@ -16,7 +16,8 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kiln.kernels import reference  # noqa: E402
-from kiln.kernels.triton.gemv import linear_triton, prologue_config  # noqa: E402
+from kiln.kernels.triton.gemv import linear_triton  # noqa: E402
+from kiln.kernels.triton.gemv_config import prologue_config  # noqa: E402
 from kiln.kernels.triton.rope import rope_  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 

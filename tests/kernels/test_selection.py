@@ -87,3 +87,26 @@ def test_ops_on_cuda_take_the_reference_when_selected():
     logits = torch.randn(2, 100, device="cuda")
     with selected(argmax="reference"):
         assert torch.equal(argmax_rows(logits), torch.argmax(logits, dim=-1))
+
+
+def test_a_selection_holds_for_the_thread_that_made_it():
+    import threading
+
+    seen: dict[str, KernelSelection] = {}
+    ready, chosen = threading.Event(), threading.Event()
+
+    def other() -> None:
+        seen["start"] = current()
+        with selected(linear="reference"):
+            seen["inside"] = current()
+            chosen.set()
+            ready.wait(timeout=30)
+
+    with selected(attention="reference"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert chosen.wait(timeout=30)
+        assert current() == KernelSelection(attention="reference")  # the other thread's choice is not seen here
+        ready.set()
+        thread.join(timeout=30)
+    assert seen == {"start": KernelSelection(), "inside": KernelSelection(linear="reference")}

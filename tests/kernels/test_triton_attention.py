@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from kiln.kernels import paged_attention as op_module  # noqa: E402
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels.selection import selected  # noqa: E402
-from kiln.kernels.triton import attention, decode, kv_write, prefill  # noqa: E402
+from kiln.kernels.triton import attention, decode, decode_merge, kv_write, prefill  # noqa: E402
 from kiln.kernels.triton.tile import interpreting  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -171,11 +171,11 @@ def test_decode_with_a_weight_to_prefetch_gives_the_same_result(splits, budget):
 
 def test_prefetch_takes_the_first_weight_first_within_the_budget():
     mb = 1 << 20
-    assert decode.prefetch_lines([], 16 * mb) == (0, 0)
-    assert decode.prefetch_lines([8 * mb], 16 * mb) == (8 * mb // 128, 8 * mb // 128)
-    assert decode.prefetch_lines([8 * mb, 64 * mb], 16 * mb) == (8 * mb // 128, 16 * mb // 128)  # o, then gate/up
-    assert decode.prefetch_lines([32 * mb, 64 * mb], 16 * mb) == (16 * mb // 128, 16 * mb // 128)  # o alone
-    assert decode.prefetch_lines([300, 4620], 16 * mb) == (2, 2 + 36)  # whole lines only
+    assert decode_merge.prefetch_lines([], 16 * mb) == (0, 0)
+    assert decode_merge.prefetch_lines([8 * mb], 16 * mb) == (8 * mb // 128, 8 * mb // 128)
+    assert decode_merge.prefetch_lines([8 * mb, 64 * mb], 16 * mb) == (8 * mb // 128, 16 * mb // 128)  # o, then gate/up
+    assert decode_merge.prefetch_lines([32 * mb, 64 * mb], 16 * mb) == (16 * mb // 128, 16 * mb // 128)  # o alone
+    assert decode_merge.prefetch_lines([300, 4620], 16 * mb) == (2, 2 + 36)  # whole lines only
 
 
 DISPATCH_CASES = {
