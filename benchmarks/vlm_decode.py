@@ -78,9 +78,9 @@ def _cap(n: int, cap: int | None) -> int:
 
 def _tiny_parts(family: str, scratch: Path) -> tuple[Any, Any, Any]:
     """(tiny model, processor, tokenizer) of the test suite's checkpoint factory."""
-    from vlm_checkpoints import VLM_FAMILIES
+    from vlm_checkpoints import VLM_FAMILIES, VLM_VARIANTS
 
-    model, processor = VLM_FAMILIES[family](scratch)
+    model, processor = VLM_FAMILIES[family](VLM_VARIANTS[family]["base"])
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor.parts[0]
     return model, processor, tokenizer
 
@@ -270,7 +270,7 @@ def measure(engine: Path, request: Callable[[int], Any], tokens: int, runs: int,
         "prompt_tokens": len(out[0].prompt_token_ids),
         "cuda_graphs": engine_.runner.graphs is not None,
         "pipelined_decode": bool(engine_.overlap_decode),
-        "kv_blocks": engine_.kv.num_blocks,
+        "kv_blocks": engine_.stats().kv_blocks,
         "ttft_s": ttft,
         "per_token_s": per_token,
     }
