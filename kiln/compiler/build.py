@@ -67,10 +67,11 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     )
     del loaded.model  # only the spec holds the model now
     output.mkdir(parents=True, exist_ok=True)
-    program = prepare_program(spec, config, progress)
+    prepared = prepare_program(spec, config, progress)
     spec = spec.exported()  # frees the source weights the passes replaced (fused projections) before compiling
-    written = write_program(program, spec, output, config, progress)
-    del program, spec
+    written = write_program(prepared.program, spec, output, config, progress)
+    passes = prepared.passes
+    del prepared, spec
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     engine = EngineFacts(
         config=config,
@@ -78,5 +79,6 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         compiled=written.compiled,
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules=written.op_modules,
+        passes=passes,
     )
     write_engine_manifest(output, engine, device, progress)

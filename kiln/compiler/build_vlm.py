@@ -63,10 +63,11 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     )
     del loaded.model  # only the spec holds the model now
     output.mkdir(parents=True, exist_ok=True)
-    program = prepare_program(spec, config, progress)
+    prepared = prepare_program(spec, config, progress)
     spec = spec.exported()  # frees the source weights the passes replaced (fused projections) before compiling
-    written = write_program(program, spec, output, config, progress)
-    del program, spec
+    written = write_program(prepared.program, spec, output, config, progress)
+    passes = prepared.passes
+    del prepared, spec
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     processor.save_pretrained(output / PROCESSOR_DIR)
     multimodal = MultimodalFacts(
@@ -86,5 +87,6 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         multimodal=multimodal,
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules={**vision_written.op_modules, **written.op_modules},
+        passes=passes,
     )
     write_engine_manifest(output, engine, device, progress)
