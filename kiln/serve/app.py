@@ -167,7 +167,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        states = [ChoiceState(index) for index, *_ in jobs]
+        states = [ChoiceState(index, keep_generated=not body.echo_only) for index, *_ in jobs]
         if body.echo:
             texts = echo_texts(tokenizer, body.prompt, prompts)
             for state, (_, p, ids, _) in zip(states, jobs):
@@ -192,9 +192,6 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
                 "text_completion",
             )
         await collect(merge(runs), states, request)
-        if body.echo_only:
-            for state in states:
-                state.discard_generated()
         return JSONResponse(
             completion_response(
                 request_id, created, settings.model_name, states, prompt_tokens, tokenizer, want_logprobs

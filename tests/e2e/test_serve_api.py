@@ -188,7 +188,6 @@ def test_a_repeated_prompt_reports_cached_tokens(server):
         ({"model": MODEL, "prompt": ["a", ""]}, 400, "the prompt is empty"),
         ({"model": MODEL, "prompt": []}, 400, "the prompt is empty"),
         ({"model": MODEL, "prompt": [[1], []]}, 400, "the prompt is empty"),
-        ({"model": MODEL, "prompt": "a", "echo": True, "stream": True}, 400, "echo with stream"),
         ({"model": MODEL, "prompt": "a", "stop": [""]}, 400, "stop"),
     ],
 )
