@@ -76,7 +76,7 @@ def main() -> None:
     for name, passes in (("plain", PASSES), ("fused", PASSES + FUSED_LINEAR_PASSES)):
         program = captured
         for graph_pass in passes:
-            program = graph_pass(program, context)
+            program = graph_pass(program, context).program
         programs[name] = program
     del loaded.model
     torch.manual_seed(0)

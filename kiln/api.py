@@ -21,6 +21,7 @@ from kiln.sampling_params import SamplingParams
 # A prompt with images: {"prompt": "USER: <image>\nDescribe. ASSISTANT:", "images": [path, data URL, bytes or PIL]}
 MultimodalInput = dict[str, Any]
 PromptInput = Prompt | MultimodalInput
+Conversation = list[dict[str, Any]]  # [{"role": "user", "content": "Hi"}, ...]
 
 
 def build(checkpoint: str | Path, output: str | Path, *, progress: bool = True, **options: Any) -> Path:
@@ -44,6 +45,7 @@ class RequestOutput:
     # With SamplingParams(prompt_logprobs=k): None for the first prompt token, then a TokenLogprobs each.
     prompt_logprobs: list[Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    index: int = 0  # which of the prompt's SamplingParams.n completions this is
 
 
 def split_multimodal_input(prompt: MultimodalInput, index: int = 0) -> tuple[str | list[int], list[Any]]:
@@ -116,7 +118,8 @@ class LLM:
         *,
         on_update: Callable[[StepUpdate], None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt in one batch; outputs come back in prompt order.
+        """Generate for every prompt in one batch; outputs come back in prompt order, each prompt's
+        `SamplingParams.n` completions one after the other (`RequestOutput.index` 0..n-1).
 
         Every prompt is validated (once) before any runs, so one bad prompt loses no work.
         """
@@ -130,13 +133,13 @@ class LLM:
         begin = time.perf_counter()
         encoded = self._prepare(batch)
         prepared = time.perf_counter()
-        requests = []
+        requests = []  # (prompt index, choice index, request)
         for i, ((ids, mm), sp) in enumerate(zip(encoded, param_list)):
             try:
-                requests.append(self.engine.validate(ids, sp, mm))
+                requests += [(i, c, self.engine.validate(ids, choice, mm)) for c, choice in enumerate(sp.choices())]
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}") from exc
-        seqs = [self.engine.add_request(request) for request in requests]
+        seqs = [self.engine.add_request(request) for _, _, request in requests]
         start = time.perf_counter()
         try:
             while any(not s.is_finished for s in seqs):
@@ -149,7 +152,8 @@ class LLM:
                     self.engine.abort(seq.request_id)
         generated = time.perf_counter()
         outputs = []
-        for prompt, seq in zip(batch, seqs):
+        for (i, choice, _), seq in zip(requests, seqs):
+            prompt = batch[i]
             first = seq.first_token_time or start
             end = seq.finish_time or time.perf_counter()
             outputs.append(
@@ -170,9 +174,35 @@ class LLM:
                         "num_preemptions": seq.num_preemptions,
                         "num_cached_tokens": seq.num_cached_tokens,
                     },
+                    index=choice,
                 )
             )
         self.last_profile = self._profile(seqs, begin, prepared, start, generated)
+        return outputs
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_update: Callable[[StepUpdate], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or to each of a list of them, through the
+        engine's chat template (as `kiln run --chat` and the server's chat route do); `prompt` is the
+        rendered conversation. A tokenizer without a chat template is a RequestError."""
+        if not messages:
+            raise RequestError("LLM.chat needs a conversation: a list of {'role': ..., 'content': ...} messages")
+        single = isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        prompts: list[PromptInput] = []
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(self.apply_chat_template(list(conversation)))  # type: ignore[arg-type]
+            except RequestError as exc:
+                raise RequestError(f"conversation {i}: {exc}" if len(conversations) > 1 else str(exc)) from exc
+        outputs = self.generate(prompts, sampling_params, on_update=on_update)
+        for output in outputs:
+            output.prompt = self.tokenizer.decode(output.prompt_token_ids)
         return outputs
 
     def _profile(

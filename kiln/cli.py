@@ -1,4 +1,4 @@
-"""`kiln build`, `kiln run` and `kiln serve`."""
+"""`kiln build`, `kiln run`, `kiln chat`, `kiln serve` and `kiln bench`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kiln.cli_options import add_options, values
+from kiln.cli_sampling import add_sampling_options, sampling_from_args
 from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import KilnError, RequestError
 
@@ -28,18 +29,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message with the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    add_sampling_options(p, max_new_tokens=64)
     _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of streaming text")
     p.add_argument(
@@ -96,6 +86,20 @@ def _add_bench(sub: Any) -> None:
     _add_runtime_options(p)
 
 
+def _add_chat(sub: Any) -> None:
+    p = sub.add_parser("chat", help="chat with an engine on the terminal, turn by turn (/reset, /exit)")
+    p.add_argument("engine", help="engine directory written by `kiln build`")
+    p.add_argument("--system", default=None, help="system message that opens the conversation")
+    add_sampling_options(p, max_new_tokens=256)
+    _add_runtime_options(p)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kiln.chat_cli import chat
+
+    return chat(args.engine, sampling_from_args(args), system=args.system, runtime=_runtime(args))
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve an engine over an OpenAI-compatible HTTP API")
     p.add_argument("engine", help="engine directory written by `kiln build`")
@@ -133,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_run(sub)
+    _add_chat(sub)
     _add_serve(sub)
     _add_bench(sub)
     return p
@@ -164,20 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt_ids = [_parse_ids(t) for t in args.prompt_ids]
     if not all(prompt_ids):
         raise KilnError("--prompt-ids is empty: give at least one token id")
-    params = run_prompts.sampling_params(
-        max_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        stop_token_ids=tuple(args.stop_token_id),
-        ignore_eos=args.ignore_eos,
-    )
+    params = sampling_from_args(args)
     given = run_prompts.prepare(
         args.engine, args.prompt, prompt_ids, chat=args.chat, params=params, check_lengths=not args.image
     )
@@ -356,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     _quiet_transformers()
     try:
-        commands = {"build": cmd_build, "run": cmd_run, "serve": cmd_serve, "bench": cmd_bench}
+        commands = {"build": cmd_build, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench}
         return commands[args.command](args)
     except KilnError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)

@@ -119,7 +119,12 @@ def build_llm_engine(
         family_config={"image_token_id": int(image_token_id)},
     )
     engine = EngineFacts(
-        config=config, model=facts, compiled=written.compiled, multimodal=mm, op_modules=written.op_modules
+        config=config,
+        model=facts,
+        compiled=written.compiled,
+        multimodal=mm,
+        op_modules=written.op_modules,
+        passes=written.passes,
     )
     write_engine_manifest(output, engine, device, report)
     return output

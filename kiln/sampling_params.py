@@ -26,6 +26,7 @@ MAX_ABS_OPENAI_PENALTY = 2.0
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**64 - 1
+MAX_N = 32
 
 
 def _is_int(value: object) -> bool:
@@ -88,6 +89,8 @@ class SamplingParams:
             take cached prefix blocks: its whole prompt is computed.
         skip_special_tokens: leave special tokens out of the decoded text.
         detokenize: produce text; False returns token ids only (benchmarks), and allows no stop strings.
+        n: completions per prompt (1..32), each a request of its own (`choices()`): with a seed,
+            choice i samples from seed + i; greedy choices are identical copies.
     """
 
     max_tokens: int = 16
@@ -106,6 +109,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    n: int = 1
 
     FIELD_NAMES: ClassVar[tuple[str, ...]]
 
@@ -163,6 +167,7 @@ class SamplingParams:
         _check_bool("detokenize", self.detokenize)
         if not self.detokenize and self.stop:
             raise RequestError("stop strings need detokenize=True: they are matched in the text")
+        _check_int("n", self.n, 1, MAX_N, f"in [1, {MAX_N}]")
 
     @staticmethod
     def _normalise_stop(stop: object) -> tuple[str, ...]:
@@ -186,6 +191,16 @@ class SamplingParams:
         for index, item in enumerate(ids):
             _check_int(f"stop_token_ids[{index}]", item, 0, None, ">= 0")
         return tuple(ids)
+
+    def choices(self) -> list[SamplingParams]:
+        """The n requests that give this one's n completions, each with n=1; with a seed, choice i
+        is seeded seed + i (mod 2**64), so the choices differ and each one is reproducible."""
+        if self.n == 1:
+            return [self]
+        return [
+            dataclasses.replace(self, n=1, seed=None if self.seed is None else (self.seed + i) % (MAX_SEED + 1))
+            for i in range(self.n)
+        ]
 
     @property
     def greedy(self) -> bool:

@@ -69,6 +69,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         compiled=written.compiled,
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules=written.op_modules,
+        passes=written.passes,
     )
     write_engine_manifest(output, engine, device, progress)
 

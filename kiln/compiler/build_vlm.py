@@ -78,6 +78,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         multimodal=multimodal,
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules={**vision_written.op_modules, **written.op_modules},
+        passes=written.passes,
     )
     write_engine_manifest(output, engine, device, progress)
 

@@ -4,6 +4,7 @@ the operators its programs call, which a new process imports before loading them
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,20 +48,31 @@ def check_cache_shape(program: torch.export.ExportedProgram, shape: CacheShape, 
                 )
 
 
-def prepare_program(spec: ProgramSpec, config: BuildConfig, progress: Progress) -> torch.export.ExportedProgram:
-    """Export, check and (for a program with a KV cache) rewrite: the program as it is written."""
+@dataclass(frozen=True)
+class PreparedProgram:
+    """The program as it is written, and {pass: "16 sites"} of the passes that changed it."""
+
+    program: torch.export.ExportedProgram
+    passes: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_program(spec: ProgramSpec, config: BuildConfig, progress: Progress) -> PreparedProgram:
+    """Export, check and (for a program with a KV cache) rewrite; the build lists the passes that changed it."""
     suffix = spec.stage_suffix
     with progress.stage(f"export{suffix}", f"torch.export, {spec.what}"):
         program = export_program(spec)
         if spec.cache is not None:
             check_cache_shape(program, spec.cache, spec.architecture)
     if not spec.passes or spec.cache is None:
-        return program
+        return PreparedProgram(program)
     context = PassContext(
         architecture=spec.architecture, num_layers=spec.cache.num_layers, input_names=spec.input_names, build=config
     )
     with progress.stage(f"passes{suffix}"):
-        return run_passes(program, context, on_pass=lambda name: progress.note(f"pass {name}"))
+        run = run_passes(program, context)
+    for name, change in run.summary().items():
+        progress.note(f"{name}: {change}")
+    return PreparedProgram(run.program, run.summary())
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,7 @@ class WrittenProgram:
 
     compiled: bool
     op_modules: dict[str, tuple[str, ...]]  # {operator: modules whose import registers it} (see op_modules)
+    passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the passes that changed it
 
 
 def write_program(
@@ -106,10 +119,11 @@ def build_program(spec: ProgramSpec, engine_dir: Path, config: BuildConfig, prog
     """The whole pipeline for one program. The caller hands its spec over (`build_program(make_spec(...), ...)`,
     keeping no reference to it or its module): the source weights the passes replaced (fused projections)
     are then freed before the program is written and compiled."""
-    program = prepare_program(spec, config, progress)
+    prepared = prepare_program(spec, config, progress)
     spec = spec.exported()  # drops the last reference to the source module
     gc.collect()  # torch.export's tracer keeps it in a reference cycle
-    return write_program(program, spec, engine_dir, config, progress)
+    written = write_program(prepared.program, spec, engine_dir, config, progress)
+    return dataclasses.replace(written, passes=prepared.passes)
 
 
 def _device_type(spec: ProgramSpec) -> str:
@@ -126,6 +140,7 @@ class EngineFacts:
     multimodal: MultimodalFacts | None = None
     source_checkpoint: str | None = None
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)  # of all the engine's programs
+    passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"} of the LLM program
 
 
 def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
@@ -143,6 +158,7 @@ def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.de
         multimodal=facts.multimodal,
         source_checkpoint=facts.source_checkpoint,
         op_modules=facts.op_modules,
+        passes=facts.passes,
     )
     write_manifest(engine_dir, manifest)
     return manifest

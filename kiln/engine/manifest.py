@@ -89,6 +89,7 @@ class Manifest:
     source_checkpoint: str | None = None  # where it was built from (for `kiln run --check-accuracy`)
     # {operator: modules whose import registers it} for operators outside torch's and kiln's namespaces
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the graph passes that changed it
 
     def to_json(self) -> str:
         data = {
@@ -102,6 +103,7 @@ class Manifest:
             "compiled": self.compiled,
             "timings_s": self.timings_s,
             "op_modules": {op: list(modules) for op, modules in self.op_modules.items()},
+            "passes": self.passes,
         }
         if self.multimodal is not None:
             data["multimodal"] = dict(self.multimodal.__dict__)
@@ -125,6 +127,7 @@ class Manifest:
             multimodal=MultimodalFacts.from_dict(data["multimodal"]) if data.get("multimodal") else None,
             source_checkpoint=data.get("source_checkpoint"),
             op_modules={op: tuple(modules) for op, modules in data.get("op_modules", {}).items()},
+            passes=data.get("passes", {}),  # engines built before kiln recorded them have none
         )
 
 

@@ -9,6 +9,10 @@ allocates is kept free for every later step, plus `HEADROOM_FRACTION` of the dev
 slack and libraries' workspaces; the pool takes the rest. No later step can need more than that
 step did: the scheduler never exceeds those limits.
 
+A step that scores prompt tokens (`SamplingParams.prompt_logprobs`, `kiln.runtime.prompt_logprobs`)
+returns a logits row for each of up to `max_num_tokens` tokens where the measured step returned one per
+sequence, and log-softmaxes them in float32 blocks; `prompt_logprob_bytes` is kept free for that too.
+
 A vision-language engine's step is measured with every token an image token, reading a table of
 `max_multimodal_len` feature rows (the features of the requests in flight, held on the device),
 and its vision program is measured at its batch limit (`vision_peak_bytes`); the two never run
@@ -33,6 +37,7 @@ from kiln.engine.manifest import ModelFacts
 from kiln.errors import KilnError
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.prompt_logprobs import ROWS_PER_BLOCK
 from kiln.runtime.sampler import sample
 from kiln.runtime.scheduler import ScheduledChunk
 from kiln.runtime.sequence import Sequence
@@ -189,6 +194,13 @@ def vision_peak_bytes(pipeline: MultimodalPipeline) -> int:
     return peak
 
 
+def prompt_logprob_bytes(build: BuildConfig, vocab_size: int) -> int:
+    """Bytes a step scoring prompt tokens needs that the measured step did not: float32 logits for every
+    row it can score (`max_num_tokens`), and the float32 copy and log-softmax of one block of them."""
+    rows = build.max_num_tokens
+    return (rows + 2 * min(ROWS_PER_BLOCK, rows)) * vocab_size * 4
+
+
 def pool_blocks(free_bytes: int, total_bytes: int, step_bytes: int, block_bytes: int) -> int:
     """Blocks that fit in `free_bytes` once a step's peak and the headroom are kept free."""
     headroom = int(HEADROOM_FRACTION * total_bytes)
@@ -249,7 +261,7 @@ def num_blocks(
         free, _total = torch.cuda.mem_get_info(setup.device)
         fits = int(free * fraction) // per_block
     else:
-        step = step_peak_bytes(setup)
+        step = step_peak_bytes(setup) + prompt_logprob_bytes(build, facts.vocab_size)
         if vision is not None:
             step = max(step, vision_peak_bytes(vision))
         free, total = torch.cuda.mem_get_info(setup.device)  # the step's memory has gone back

@@ -55,6 +55,11 @@ def validate(prompt_ids: list[int], params: SamplingParams, limits: RequestLimit
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this engine's "
             f"max_seq_len ({limits.seq_len}); lower max_tokens to at most {limits.seq_len - len(prompt_ids)}"
         )
+    if params.n != 1:  # never silently one completion of n
+        raise RequestError(
+            f"n={params.n}: the engine runs one completion per request; LLM.generate and the server "
+            "give each of SamplingParams.choices() its own"
+        )
     vocab = limits.vocab_size
     bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
     if bad:

@@ -157,9 +157,9 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         prompt_logprobs = body.logprobs if body.echo else None
         max_tokens = 1 if body.echo_only else body.max_tokens
         for p, ids in enumerate(prompts):
-            for i in range(body.n):
-                params = body.sampling_params(max_tokens_for(max_tokens, ids), body.logprobs, i, prompt_logprobs)
-                jobs.append((p * body.n + i, p, ids, params))
+            params = body.sampling_params(max_tokens_for(max_tokens, ids), body.logprobs, prompt_logprobs)
+            for i, choice in enumerate(params.choices()):
+                jobs.append((p * body.n + i, p, ids, choice))
         # every prompt is checked (once) before any runs
         checked = [
             _validate(core, ids, params, None, f"prompt {p}: " if len(prompts) > 1 else "")
@@ -167,7 +167,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        states = [ChoiceState(index) for index, *_ in jobs]
+        states = [ChoiceState(index, keep_generated=not body.echo_only) for index, *_ in jobs]
         if body.echo:
             texts = echo_texts(tokenizer, body.prompt, prompts)
             for state, (_, p, ids, _) in zip(states, jobs):
@@ -192,9 +192,6 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
                 "text_completion",
             )
         await collect(merge(runs), states, request)
-        if body.echo_only:
-            for state in states:
-                state.discard_generated()
         return JSONResponse(
             completion_response(
                 request_id, created, settings.model_name, states, prompt_tokens, tokenizer, want_logprobs
@@ -224,7 +221,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             ids = chat_ids(tokenizer, body.template_messages())
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.requested_logprobs
-        jobs = [(i, body.sampling_params(max_tokens_for(requested, ids), top, i)) for i in range(body.n)]
+        jobs = list(enumerate(body.sampling_params(max_tokens_for(requested, ids), top).choices()))
         checked = [_validate(core, ids, params, mm, "") for _, params in jobs]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

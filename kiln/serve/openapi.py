@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict
 
 from kiln import sampling_params as sp
 from kiln.runtime.validation import RequestLimits
-from kiln.serve.protocol import MAX_N
 
 
 class ErrorDetail(BaseModel):
@@ -57,7 +56,7 @@ def _field_ranges(limits: RequestLimits) -> dict[str, Constraints]:
         "repetition_penalty": {"number": {"minimum": sp.MIN_REPETITION_PENALTY, "maximum": sp.MAX_REPETITION_PENALTY}},
         "presence_penalty": openai_penalty,
         "frequency_penalty": openai_penalty,
-        "seed": {"number": {"minimum": 0, "maximum": sp.MAX_SEED - (MAX_N - 1)}},  # choice i uses seed + i
+        "seed": {"number": {"minimum": 0, "maximum": sp.MAX_SEED}},  # choice i uses seed + i mod 2**64
         "stop": {"string": {"minLength": 1}, "array": {"maxItems": sp.MAX_STOP_STRINGS}},
         "stop_token_ids": {"number": {"minimum": 0}},
         "max_tokens": token_count,

@@ -13,9 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from kiln.errors import RequestError
 from kiln.runtime.validation import EMPTY_TEXT
-from kiln.sampling_params import SamplingParams
-
-MAX_N = 32
+from kiln.sampling_params import MAX_N, SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -50,9 +48,11 @@ class _SamplingFields(BaseModel):
         return ["logit_bias"] if self.logit_bias else []
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, choice: int, prompt_logprobs: int | None = None
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
+        """The request's settings; its `choices()` are the n requests the engine runs."""
         values: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+        values["n"] = self.n
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value is not None:
@@ -60,8 +60,7 @@ class _SamplingFields(BaseModel):
         if self.repetition_penalty is not None:
             values["repetition_penalty"] = self.repetition_penalty
         if self.seed is not None:
-            # n choices from one seed must differ, and each stays reproducible.
-            values["seed"] = self.seed + choice if self.seed >= 0 else self.seed
+            values["seed"] = self.seed
         if self.stop is not None:
             values["stop"] = self.stop
         if self.stop_token_ids:
@@ -89,8 +88,6 @@ class CompletionRequest(_SamplingFields):
 
     def unsupported(self) -> list[str]:
         names = super().unsupported()
-        if self.echo and self.stream:
-            names.append("echo with stream")
         if self.suffix:
             names.append("suffix")
         if self.best_of is not None and self.best_of != self.n:

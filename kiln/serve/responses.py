@@ -18,22 +18,21 @@ class ChoiceState:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     echo: Echo | None = None  # a completion with `echo`: the prompt, and its log-probs once they come
+    # False for echo with max_tokens 0: the one step run for the prompt's log-probs generates nothing shown
+    keep_generated: bool = True
+    streamed_chars: int = 0  # length of the generated tokens' texts streamed so far (their text_offset)
 
     def add(self, delta: Delta) -> None:
         if self.echo is not None and delta.prompt_logprobs:
             self.echo.logprobs = list(delta.prompt_logprobs)
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason if self.keep_generated else "length"
+        if not self.keep_generated:
+            return
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
-        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-
-    def discard_generated(self) -> None:
-        """Forget the generated tokens (max_tokens 0 with echo ran one step for the prompt's log-probs)."""
-        self.text, self.token_ids, self.logprobs = "", [], []
-        if self.finish_reason is not None:
-            self.finish_reason = "length"
 
 
 @dataclass
@@ -43,6 +42,7 @@ class Echo:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    streamed: bool = False  # a stream sends the prompt in the choice's first chunk
 
 
 def usage(states: list[ChoiceState], prompt_tokens: int) -> dict[str, Any]:
@@ -118,12 +118,22 @@ def _choice_logprobs(state: ChoiceState, tokenizer: Any) -> dict[str, Any]:
 def completion_chunk(
     request_id: str, created: int, model: str, state: ChoiceState, delta: Delta, tokenizer: Any, logprobs: bool
 ) -> dict[str, Any]:
-    offset = len(state.text) - len(delta.text)
+    """The chunk of a delta `state` has taken; with `echo`, the choice's first chunk starts with the prompt."""
+    text, items = (delta.text, list(delta.logprobs)) if state.keep_generated else ("", [])
+    echo = state.echo
+    prompt_length = len(echo.text) if echo is not None else 0
+    entries = _completion_logprobs(items, tokenizer, prompt_length + state.streamed_chars)
+    state.streamed_chars += sum(len(token) for token in entries["tokens"])
+    if echo is not None and not echo.streamed:
+        echo.streamed = True
+        text = echo.text + text
+        prompt = _echo_logprobs(echo, tokenizer)
+        entries = {key: prompt[key] + entries[key] for key in prompt}
     choice = {
         "index": state.index,
-        "text": delta.text,
-        "logprobs": _completion_logprobs(list(delta.logprobs), tokenizer, offset) if logprobs else None,
-        "finish_reason": delta.finish_reason,
+        "text": text,
+        "logprobs": entries if logprobs else None,
+        "finish_reason": state.finish_reason if delta.finished else None,
     }
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 

@@ -32,7 +32,9 @@ def _linears(program: torch.export.ExportedProgram) -> int:
 
 def test_fused_program_keeps_its_outputs(captured):
     family, program, shape, context = captured
-    fused = fuse_projections(program, context)
+    result = fuse_projections(program, context)
+    fused = result.program
+    assert result.sites == 2 * shape.num_layers  # two groups per layer
     # per layer: q, k, v -> one linear (2 fewer) and gate, up -> one (1 fewer)
     assert _linears(program) - _linears(fused) == 3 * shape.num_layers
     inputs = example_inputs(shape, torch.float32, torch.device("cpu"), 4)
@@ -48,7 +50,7 @@ def test_pass_leaves_the_sizes_symbolic(captured):
     _, program, shape, context = captured
     env = next(n.meta["val"] for n in program.graph.nodes if n.op == "placeholder").fake_mode.shape_env
     before = (len(env.guards), dict(env.replacements), dict(env.var_to_range))
-    fused = fuse_projections(program, context)
+    fused = fuse_projections(program, context).program
     assert (len(env.guards), dict(env.replacements), dict(env.var_to_range)) == before
     for new in ((2,), (5,), (3, 9)):
         inputs = step_inputs(shape, torch.float32, torch.device("cpu"), 4, cached=(0,) * len(new), new=new)
@@ -59,7 +61,7 @@ def test_pass_leaves_the_sizes_symbolic(captured):
 
 def test_fused_parameters_replace_the_old_ones(captured):
     family, program, shape, context = captured
-    fused = fuse_projections(program, context)
+    fused = fuse_projections(program, context).program
     state = fused.state_dict
     gone = (".q_proj.weight", ".k_proj.weight", ".gate_proj.weight", ".up_proj.weight", ".k_proj.bias", ".v_proj.bias")
     assert not [name for name in state if name.endswith(gone)]
@@ -79,7 +81,7 @@ def test_fused_parameters_replace_the_old_ones(captured):
 
 def test_fused_program_saves_and_loads(captured):
     _, program, shape, context = captured
-    fused = fuse_projections(program, context)
+    fused = fuse_projections(program, context).program
     buffer = io.BytesIO()
     torch.export.save(fused, buffer)
     buffer.seek(0)
@@ -93,11 +95,11 @@ def test_full_pipeline_keeps_outputs(captured):
     """All passes (paged attention, then fusion) against the attention-rewritten program without fusion."""
     _, program, shape, context = captured
     assert PASSES.index(fuse_projections) > [p.__name__ for p in PASSES].index("check_attention_rewritten")
-    full = run_passes(program, context)
+    full = run_passes(program, context).program
     unfused = program
     for graph_pass in PASSES:
         if graph_pass is not fuse_projections:
-            unfused = graph_pass(unfused, context)
+            unfused = graph_pass(unfused, context).program
     inputs = mixed_step_inputs(shape, torch.float32, torch.device("cpu"), 4)
     cache_a, cache_b = inputs[-1].clone(), inputs[-1].clone()
     with torch.no_grad():
@@ -130,7 +132,7 @@ def test_shared_tied_and_mixed_bias_linears_are_left_alone():
     module = _Shared().eval()
     args = (torch.randn(3, 8), torch.randn(3, 8))
     program = torch.export.export(module, args)
-    fused = fuse_projections(program, PassContext(architecture="Shared", num_layers=0))
+    fused = fuse_projections(program, PassContext(architecture="Shared", num_layers=0)).program
     assert _linears(fused) == _linears(program)
     assert set(fused.state_dict) == set(program.state_dict)
 
@@ -145,7 +147,7 @@ def test_a_view_that_merges_dims_reads_a_contiguous_copy():
             return torch.cat([self.a(x).view(-1), self.b(x).view(-1)])
 
     module, x = Merge().eval(), torch.randn(2, 3, 8)
-    fused = fuse_projections(torch.export.export(module, (x,)), PassContext(architecture="Merge", num_layers=0))
+    fused = fuse_projections(torch.export.export(module, (x,)), PassContext(architecture="Merge", num_layers=0)).program
     assert _linears(fused) == 1 and len(nodes_calling(fused.graph, torch.ops.aten.clone.default)) == 2
     with torch.no_grad():
         assert torch.allclose(fused.module()(x), module(x), atol=1e-6)
@@ -166,7 +168,7 @@ def test_independent_pairs_fuse_per_input():
     module = Two().eval()
     args = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
     program = torch.export.export(module, args)
-    fused = fuse_projections(program, PassContext(architecture="Two", num_layers=0))
+    fused = fuse_projections(program, PassContext(architecture="Two", num_layers=0)).program
     assert _linears(program) - _linears(fused) == 1 + 2
     assert "fused_a1_a2.bias" in fused.state_dict and "fused_b1_b2_b3.weight" in fused.state_dict
     with torch.no_grad():
@@ -183,7 +185,7 @@ def test_fused_linears_that_are_program_outputs():
             return self.a(x), self.b(x)
 
     module, x = Heads().eval(), torch.randn(4, 8)
-    fused = fuse_projections(torch.export.export(module, (x,)), PassContext(architecture="Heads", num_layers=0))
+    fused = fuse_projections(torch.export.export(module, (x,)), PassContext(architecture="Heads", num_layers=0)).program
     assert _linears(fused) == 1
     with torch.no_grad():
         for got, want in zip(fused.module()(x), module(x)):

@@ -33,9 +33,9 @@ def forced(request, checkpoints):
     """(program with every linear as kiln.linear, shape, context), after the standard passes."""
     family, architecture = request.param
     program, shape, context = capture_tiny(checkpoints(family), architecture, torch.bfloat16)
-    program = run_passes(program, context)  # CPU: the fusion passes change nothing yet
+    program = run_passes(program, context).program  # CPU: the fusion passes change nothing yet
     assert not nodes_calling(program.graph, kiln_ops.linear.default)
-    return rewrite_linears(program, lambda node: True), shape, context
+    return rewrite_linears(program, lambda node: True).program, shape, context
 
 
 def _count(program: torch.export.ExportedProgram, op) -> int:
@@ -54,10 +54,14 @@ def _outputs(program: torch.export.ExportedProgram, shape) -> list[torch.Tensor]
 def test_each_layer_loses_its_elementwise_and_norm_ops(forced):
     program, shape, context = forced
     layers = shape.num_layers
-    silu = fuse_silu_mul(program, context)
+    step = fuse_silu_mul(program, context)
+    silu = step.program
+    assert step.sites == layers
     assert _count(silu, kiln_ops.silu_mul_linear) == layers
     assert not nodes_calling(silu.graph, torch.ops.aten.silu.default)
-    residual = fuse_residual_add(silu, context)
+    step = fuse_residual_add(silu, context)
+    residual = step.program
+    assert step.sites == 2 * layers
     # o_proj and down_proj of every layer add the residual in their epilogue
     with_residual = [
         n
@@ -67,19 +71,25 @@ def test_each_layer_loses_its_elementwise_and_norm_ops(forced):
         and n.args[4] is not None
     ]
     assert len(with_residual) == 2 * layers
-    normed = fuse_rms_norm(residual, context)
+    step = fuse_rms_norm(residual, context)
+    normed = step.program
+    assert step.sites == 2 * layers + 1
     # input_layernorm -> qkv, post_attention_layernorm -> gate_up, and the final norm (on the
     # logits rows, picked before it by gather_before_norm) -> lm_head
     assert _count(normed, kiln_ops.rms_norm_linear) == 2 * layers + 1
     assert not nodes_calling(normed.graph, torch.ops.aten.rsqrt.default)
     assert len(nodes_calling(normed.graph, torch.ops.aten.neg.default)) == 2 * layers  # rotate_half of q and k
-    roped = fuse_rope(normed, context)
+    step = fuse_rope(normed, context)
+    roped = step.program
+    assert step.sites == layers
     # each layer's normed q/k/v projection rotates its q and k heads itself
     assert _count(roped, kiln_ops.linear_rope) == layers
     assert _count(roped, kiln_ops.rms_norm_linear) == layers + 1
     assert all(call.args[4] is not None for call in nodes_calling(roped.graph, kiln_ops.linear_rope.default))
     assert not nodes_calling(roped.graph, torch.ops.aten.neg.default)
-    gated = fuse_gated_activation(roped, context)
+    step = fuse_gated_activation(roped, context)
+    gated = step.program
+    assert step.sites == layers
     # each layer's gate/up projection writes silu(gate) * up, and its down projection is plain again
     assert _count(gated, kiln_ops.linear_silu_mul) == layers
     assert _count(gated, kiln_ops.silu_mul_linear) == 0
@@ -95,7 +105,7 @@ def test_fused_program_gives_the_same_outputs(forced):
     program, shape, context = forced
     fused = program
     for graph_pass in (fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope, fuse_gated_activation):
-        fused = graph_pass(fused, context)
+        fused = graph_pass(fused, context).program
     assert _count(fused, kiln_ops.linear_rope) == _count(fused, kiln_ops.linear_silu_mul) == shape.num_layers
     for want, got in zip(_outputs(program, shape), _outputs(fused, shape)):
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
@@ -106,7 +116,8 @@ def test_passes_leave_programs_without_kiln_linears_alone(forced):
     plain = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
     passes = [fuse_silu_mul, fuse_residual_add, fuse_rms_norm, fuse_rope, fuse_gated_activation]
     for graph_pass in passes:
-        assert graph_pass(plain, context) is plain
+        result = graph_pass(plain, context)
+        assert result.program is plain and result.sites == 0
     assert FUSED_LINEAR_PASSES == passes
 
 
@@ -131,10 +142,10 @@ def test_fused_linear_passes_run_unless_turned_off():
 )
 def test_fuse_rope_takes_only_the_full_rotate_half_pattern(checkpoints, family, architecture, rotated):
     program, shape, context = capture_tiny(checkpoints(family), architecture, torch.bfloat16)
-    forced = rewrite_linears(run_passes(program, context), lambda node: True)
+    forced = rewrite_linears(run_passes(program, context).program, lambda node: True).program
     fused = forced
     for graph_pass in FUSED_LINEAR_PASSES:
-        fused = graph_pass(fused, context)
+        fused = graph_pass(fused, context).program
     assert _count(fused, kiln_ops.linear_rope) == (shape.num_layers if rotated else 0)
     for want, got in zip(_outputs(forced, shape), _outputs(fused, shape)):
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
@@ -144,6 +155,8 @@ def test_run_passes_follows_the_build_config_of_its_context(checkpoints):
     program, _, context = capture_tiny(checkpoints("llama"), "LlamaForCausalLM")
     assert context.build == BuildConfig()
     for build in (BuildConfig(), BuildConfig(fused_linears=False), BuildConfig(fuse_rope=False)):
-        names: list[str] = []
-        run_passes(program, dataclasses.replace(context, build=build), on_pass=names.append)
-        assert names == [p.__name__ for p in active_passes(build)]
+        seen: list[tuple[str, int]] = []
+        on_pass = lambda *done, seen=seen: seen.append(done)  # noqa: E731
+        run = run_passes(program, dataclasses.replace(context, build=build), on_pass=on_pass)
+        assert [name for name, _ in seen] == [p.__name__ for p in active_passes(build)]
+        assert run.changes == {name: sites for name, sites in seen if sites}  # only the passes that changed it

@@ -7,7 +7,7 @@ import torch
 from capture_tiny import capture_tiny
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes import PASSES, PassContext, active_passes, describe
+from kiln.compiler.passes import PASSES, PassContext, PassResult, active_passes, describe
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
 from kiln.compiler.passes.context import nodes_calling
@@ -49,12 +49,14 @@ def test_paged_attention_pass_preserves_outputs_and_fills_the_cache(captured):
     inputs = single_prompt_inputs(shape)
     with torch.no_grad():
         before = program.module()(*inputs)
-        rewritten = paged_attention(program, context)
+        result = paged_attention(program, context)
+        rewritten = result.program
         cache = inputs[-1].clone()
         after = rewritten.module()(*inputs[:-1], cache)
     assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
     assert not nodes_calling(rewritten.graph, torch.ops.kiln.attention_site.default)
     assert len(nodes_calling(rewritten.graph, torch.ops.kiln.paged_attention.default)) == shape.num_layers
+    assert result.sites == shape.num_layers
     # the pass copies the graph: the input program still has its sites
     assert len(nodes_calling(program.graph, torch.ops.kiln.attention_site.default)) == shape.num_layers
     written = cache[:, :, inputs[3][0].long()]
@@ -73,7 +75,10 @@ def test_layer_facts_reach_the_graph(captured):
 
 def test_checks_accept_the_real_pipeline(captured):
     program, _, context = captured
-    check_attention_rewritten(paged_attention(check_attention_captured(program, context), context), context)
+    checked = check_attention_captured(program, context)
+    assert checked == PassResult(program, 0)  # a check never changes the program
+    rewritten = check_attention_rewritten(paged_attention(program, context).program, context)
+    assert rewritten.sites == 0
     with pytest.raises(RuntimeError, match="incomplete"):
         check_attention_rewritten(program, context)
 

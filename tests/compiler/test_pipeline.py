@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape
@@ -66,9 +68,21 @@ def test_a_text_spec_goes_through_the_passes_and_loads_back_as_the_same_program(
         architecture="LlamaForCausalLM",
     )
     config = BuildConfig(compile=False, tokens_per_block=4)
-    progress = Progress(enabled=False)
-    program = prepare_program(spec, config, progress)
+    shown = io.StringIO()
+    progress = Progress(console=Console(file=shown, width=200))
+    prepared = prepare_program(spec, config, progress)
+    program = prepared.program
     assert any(n.target == torch.ops.kiln.paged_attention.default for n in program.graph.nodes)
+    # only the passes that changed the graph, with how many sites: the checks and the CUDA-only passes are absent
+    layers = shape.num_layers
+    assert prepared.passes["paged_attention"] == f"{layers} sites"
+    assert prepared.passes["fuse_projections"] == f"{2 * layers} sites"  # q/k/v and gate/up of each layer
+    assert not {"check_attention_captured", "check_attention_rewritten", "small_batch_linear"} & set(prepared.passes)
+    lines = shown.getvalue().splitlines()
+    assert [line.strip() for line in lines if line.strip().startswith(tuple(prepared.passes))] == [
+        f"{name}: {change}" for name, change in prepared.passes.items()
+    ]
+    assert not [line for line in lines if "check_attention" in line or line.strip().startswith("pass ")]
     written = write_program(program, spec, tmp_path, config, progress)
     assert written.compiled is False and written.op_modules == {}  # torch's and kiln's operators only
     assert {"export", "passes", "write", "write weights"} <= set(progress.timings)

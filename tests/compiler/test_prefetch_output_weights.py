@@ -15,10 +15,12 @@ from kiln.compiler.passes.small_batch_linear import rewrite_linears
 
 def test_each_attention_call_gets_its_layers_output_weight(checkpoints):
     program, shape, context = capture_tiny(checkpoints("llama"), "LlamaForCausalLM", torch.bfloat16)
-    program = run_passes(program, context)  # CPU: no kiln.linear, so nothing to prefetch yet
-    assert prefetch_output_weights(program, context) is program
-    forced = rewrite_linears(program, lambda node: True)
-    rewritten = prefetch_output_weights(forced, context)
+    program = run_passes(program, context).program  # CPU: no kiln.linear, so nothing to prefetch yet
+    assert prefetch_output_weights(program, context).program is program
+    forced = rewrite_linears(program, lambda node: True).program
+    result = prefetch_output_weights(forced, context)
+    rewritten = result.program
+    assert result.sites == shape.num_layers
     calls = nodes_calling(rewritten.graph, torch.ops.kiln.paged_attention.default)
     assert len(calls) == shape.num_layers
     for layer, call in enumerate(calls):  # its output projection, then the (fused) gate/up projection

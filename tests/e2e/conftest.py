@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -17,5 +18,11 @@ def demo_engine(tmp_path_factory) -> Path:
     for stage in ("load", "export", "passes", "write", "compile", "verify"):
         assert f"✓ {stage}" in proc.stderr, f"build did not report stage {stage}:\n{proc.stderr}"
     assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr  # no transformers progress bar
+    # the passes that changed the graph, with what they changed (4 layers); the checks change nothing
+    passes = json.loads((out / "manifest.json").read_text())["passes"]
+    assert passes["paged_attention"] == "4 sites" and passes["fuse_projections"] == "8 sites"
+    for name, change in passes.items():
+        assert f"{name}: {change}" in proc.stderr
+    assert "check_attention" not in proc.stderr and "check_attention_captured" not in passes
     assert (out / "compiled.bin").is_file() and (out / "program.pt2").is_file()
     return out

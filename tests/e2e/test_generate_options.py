@@ -107,3 +107,38 @@ def test_pipelined_decode_gives_the_same_results(llm):
     stats = pipelined.engine.stats()
     assert stats.kv_free_blocks == stats.kv_blocks and stats.requests == 0
     assert all(-1 not in o.token_ids for o in pipelined.generate(prompts, params))
+
+
+def test_n_completions_per_prompt_come_in_order_each_as_its_own_seed_gives_it(llm):
+    params = SamplingParams(max_tokens=12, temperature=50.0, seed=5, n=3)
+    outs = llm.generate(["A kiln is", "Clay is"], params)
+    assert [(o.prompt, o.index) for o in outs] == [(p, i) for p in ("A kiln is", "Clay is") for i in range(3)]
+    alone = [SamplingParams(max_tokens=12, temperature=50.0, seed=5 + i) for i in range(3)]
+    assert [o.token_ids for o in outs[3:]] == [o.token_ids for o in llm.generate(["Clay is"] * 3, alone)]
+    assert len({tuple(o.token_ids) for o in outs[:3]}) > 1  # the choices differ
+    greedy = llm.generate("A kiln is", SamplingParams(max_tokens=8, n=2, **GREEDY))
+    assert [o.index for o in greedy] == [0, 1] and greedy[0].token_ids == greedy[1].token_ids
+
+
+def test_chat_applies_the_chat_template_to_one_or_several_conversations(llm):
+    hello = [{"role": "user", "content": "What is a kiln?"}]
+    clay = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is clay?"}]
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    (one,) = llm.chat(hello, params)
+    want = llm.generate([llm.apply_chat_template(hello)], params)[0]
+    assert one.token_ids == want.token_ids and one.text == want.text
+    assert one.prompt == llm.tokenizer.decode(want.prompt_token_ids) and "What is a kiln?" in one.prompt
+    both = llm.chat([hello, clay], params)
+    assert [o.token_ids for o in both] == [want.token_ids, llm.chat(clay, params)[0].token_ids]
+    with pytest.raises(RequestError, match="conversation"):
+        llm.chat([])
+
+
+def test_chat_without_a_chat_template_is_a_clear_error(llm):
+    template = llm.tokenizer.chat_template
+    llm.tokenizer.chat_template = None  # as a base model's tokenizer has it
+    try:
+        with pytest.raises(RequestError, match="no chat template"):
+            llm.chat([{"role": "user", "content": "Hi"}])
+    finally:
+        llm.tokenizer.chat_template = template

@@ -74,7 +74,7 @@ def test_completion_options_match_offline_generate(server, demo_engine):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_n_choices_with_a_seed_are_reproducible_and_differ(server):
+def test_n_choices_with_a_seed_are_reproducible_and_differ(server, demo_engine):
     body = {
         "model": MODEL,
         "prompt": "Clay is",
@@ -92,6 +92,38 @@ def test_n_choices_with_a_seed_are_reproducible_and_differ(server):
     texts = [c["text"] for c in a["choices"]]
     assert texts == [c["text"] for c in b["choices"]]
     assert [c["index"] for c in a["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    # the same n completions as SamplingParams(n=3) gives in the Python API
+    llm = LLM(demo_engine, **SHARED_GPU)
+    fields = {k: v for k, v in body.items() if k not in ("model", "prompt")}
+    offline = llm.generate("Clay is", SamplingParams(**fields))
+    assert [o.text for o in offline] == texts and [o.index for o in offline] == [0, 1, 2]
+
+
+def _events(server: ServerProcess, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_n_choices_stream_with_their_indices_as_they_come_whole(server, path):
+    body = {"model": MODEL, "max_tokens": 10, "temperature": 50.0, "seed": 3, "n": 3}
+    body |= {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Clay is"}
+    whole = post(server, path, body).json()["choices"]
+    chunks = _events(server, path, {**body, "stream": True})
+    streamed = {i: "" for i in range(3)}
+    finished = []
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            piece = choice["delta"].get("content", "") if "chat" in path else choice["text"]
+            streamed[choice["index"]] += piece
+            if choice["finish_reason"]:
+                finished.append(choice["index"])
+    assert sorted(finished) == [0, 1, 2]
+    text = (lambda c: c["message"]["content"]) if "chat" in path else (lambda c: c["text"])
+    assert [streamed[i] for i in range(3)] == [text(c) for c in whole]
 
 
 def test_chat_streams_openai_chunks_with_usage(server, demo_engine):
@@ -156,7 +188,6 @@ def test_a_repeated_prompt_reports_cached_tokens(server):
         ({"model": MODEL, "prompt": ["a", ""]}, 400, "the prompt is empty"),
         ({"model": MODEL, "prompt": []}, 400, "the prompt is empty"),
         ({"model": MODEL, "prompt": [[1], []]}, 400, "the prompt is empty"),
-        ({"model": MODEL, "prompt": "a", "echo": True, "stream": True}, 400, "echo with stream"),
         ({"model": MODEL, "prompt": "a", "stop": [""]}, 400, "stop"),
     ],
 )

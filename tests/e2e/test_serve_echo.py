@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from e2e_helpers import DEMO, ServerProcess
@@ -118,3 +120,35 @@ def test_tokenize_detokenize_and_tokenizer_info_in_vllm_shapes(server, llm):
     info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
     assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
     assert info["chat_template"] == tok.chat_template and info["tokenizer_class"] == type(tok).__name__
+
+
+def _streamed(server: ServerProcess, **body) -> list[dict]:
+    payload = {"model": MODEL, "prompt": PROMPT, "stream": True, **body}
+    with httpx.stream("POST", server.url + "/v1/completions", json=payload, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line)["choices"][0] for line in lines[:-1]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"logprobs": 2, "max_tokens": 3, "ignore_eos": True},  # the prompt's entries, then the generated ones
+        {"logprobs": 1, "max_tokens": 0},  # lm-eval's loglikelihood, streamed: the prompt only
+        {"max_tokens": 2, "ignore_eos": True},  # the prompt's text only
+    ],
+)
+def test_echo_streams_the_prompt_in_the_first_chunk_then_what_the_whole_response_has(server, body):
+    whole = complete(server, echo=True, temperature=0, **body).json()["choices"][0]
+    chunks = _streamed(server, echo=True, temperature=0, **body)
+    assert chunks[0]["text"].startswith(PROMPT) and all(PROMPT not in c["text"] for c in chunks[1:])
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == [whole["finish_reason"]]
+    if whole["logprobs"] is None:
+        assert all(c["logprobs"] is None for c in chunks)
+        return
+    prompt_tokens = len(httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"])
+    assert len(chunks[0]["logprobs"]["tokens"]) >= prompt_tokens  # the prompt's entries come with its text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks for x in c["logprobs"][key]] == whole["logprobs"][key], key

@@ -192,8 +192,10 @@ def test_pass_rewrites_only_cuda_half_linears():
     context = PassContext(architecture="Block", num_layers=0)
     x = torch.randn(1, 3, 64)
     program = torch.export.export(_Block().eval(), (x,))
-    assert small_batch_linear(program, context) is program  # CPU fp32 weights: nothing to gain
-    forced = rewrite_linears(program, lambda node: True)
+    assert small_batch_linear(program, context).program is program  # CPU fp32 weights: nothing to gain
+    result = rewrite_linears(program, lambda node: True)
+    forced = result.program
+    assert result.sites == 2
     assert len(nodes_calling(forced.graph, torch.ops.kiln.linear.default)) == 2
     assert not nodes_calling(forced.graph, torch.ops.aten.linear.default)
     # Both weights are parameters: the kernel may read them before the previous kernel ends.
@@ -204,7 +206,7 @@ def test_pass_rewrites_only_cuda_half_linears():
         block = _Block().eval().to("cuda", torch.bfloat16)
         xc = x.to("cuda", torch.bfloat16)
         cuda_program = torch.export.export(block, (xc,))
-        rewritten = small_batch_linear(cuda_program, context)
+        rewritten = small_batch_linear(cuda_program, context).program
         assert len(nodes_calling(rewritten.graph, torch.ops.kiln.linear.default)) == 2
         with torch.no_grad():
             assert_close(rewritten.module()(xc), block(xc), torch.bfloat16, "rewritten block")
@@ -222,7 +224,7 @@ class _ComputedWeight(torch.nn.Module):
 def test_a_computed_weight_is_not_marked_constant():
     x = torch.randn(1, 16)
     program = torch.export.export(_ComputedWeight().eval(), (x,))
-    forced = rewrite_linears(program, lambda node: True)
+    forced = rewrite_linears(program, lambda node: True).program
     (call,) = nodes_calling(forced.graph, torch.ops.kiln.linear.default)
     assert call.args[3] is False
     with torch.no_grad():

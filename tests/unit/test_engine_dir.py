@@ -1,4 +1,6 @@
 
+import json
+
 import pytest
 import torch
 from manifests import manifest
@@ -13,6 +15,16 @@ def test_round_trip(tmp_path):
     m = manifest()
     engine_dir.write_manifest(tmp_path, m)
     assert engine_dir.read_manifest(tmp_path) == m
+
+
+def test_the_passes_that_changed_the_graph_round_trip_and_old_manifests_have_none(tmp_path):
+    m = manifest(passes={"paged_attention": "4 sites", "gather_before_norm": "1 site"})
+    engine_dir.write_manifest(tmp_path, m)
+    assert engine_dir.read_manifest(tmp_path).passes == {"paged_attention": "4 sites", "gather_before_norm": "1 site"}
+    old = json.loads(m.to_json())
+    del old["passes"]  # written before kiln recorded the passes
+    (tmp_path / engine_dir.MANIFEST).write_text(json.dumps(old))
+    assert engine_dir.read_manifest(tmp_path).passes == {}
 
 
 def test_matching_cpu_engine_loads_on_cpu():

@@ -111,7 +111,23 @@ def test_a_memory_fraction_sizes_the_pool_from_free_memory(monkeypatch, vision):
         _blocks(_setup("cuda"), vision, kv_cache_memory_fraction=share)
 
 
-@pytest.mark.parametrize(("step", "vision", "kept"), [(300, None, 300), (300, 700, 700), (900, 700, 900)])
+@pytest.mark.parametrize(
+    ("tokens", "vocab", "rows"),
+    [(64, 320, 64 + 2 * 64), (16, 1000, 16 + 2 * 16), (8192, 128256, 8192 + 2 * 128)],  # 128 rows log-softmaxed at once
+)
+def test_a_step_scoring_prompt_tokens_has_float32_logits_for_every_row_kept_free(tokens, vocab, rows):
+    build = _build(max_num_tokens=tokens, max_batch_size=min(4, tokens))
+    assert memory_plan.prompt_logprob_bytes(build, vocab) == rows * vocab * 4
+    assert memory_plan.prompt_logprob_bytes(build, vocab) >= build.max_num_tokens * vocab * 4
+
+
+PROMPT_LOGPROB_BLOCKS = (64 + 2 * 64) * FACTS.vocab_size * 4 // BLOCK_BYTES  # _build()'s 64 tokens: 120 blocks
+
+
+@pytest.mark.parametrize(
+    ("step", "vision", "kept"),
+    [(300, None, 300 + PROMPT_LOGPROB_BLOCKS), (300, 700, 700), (900, 700, 900 + PROMPT_LOGPROB_BLOCKS)],
+)
 def test_the_measured_pool_keeps_the_larger_of_the_step_and_vision_peaks_free(monkeypatch, step, vision, kept):
     total = 20_000 * BLOCK_BYTES  # 2% headroom: 400 blocks
     free = 2000 * BLOCK_BYTES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -205,7 +206,7 @@ def test_from_dict_validates_values_and_type() -> None:
 
 def test_field_names_match_dataclass_fields() -> None:
     assert SamplingParams.FIELD_NAMES == tuple(f.name for f in dataclasses.fields(SamplingParams))
-    assert len(SamplingParams.FIELD_NAMES) == 16
+    assert len(SamplingParams.FIELD_NAMES) == 17
 
 
 def test_token_ids_only_allows_no_stop_strings() -> None:
@@ -214,3 +215,19 @@ def test_token_ids_only_allows_no_stop_strings() -> None:
         SamplingParams(detokenize=False, stop=["end"])
     with pytest.raises(RequestError, match="detokenize"):
         SamplingParams(detokenize="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, "[1, 32]"), (33, "[1, 32]"), (True, "integer"), (2.0, "integer")])
+def test_n_is_a_count_of_completions_up_to_32(value, expected) -> None:
+    with pytest.raises(RequestError, match=rf"n must be .*{re.escape(expected)}"):
+        SamplingParams(n=value)
+
+
+def test_choices_are_n_requests_seeded_one_apart() -> None:
+    one = SamplingParams(seed=7)
+    assert one.choices() == [one]
+    seeded = SamplingParams(n=3, seed=7, temperature=0.5, max_tokens=4)
+    assert [c.seed for c in seeded.choices()] == [7, 8, 9]
+    assert all(c == dataclasses.replace(seeded, n=1, seed=c.seed) for c in seeded.choices())
+    assert [c.seed for c in SamplingParams(n=2, seed=2**64 - 1).choices()] == [2**64 - 1, 0]  # wraps, stays valid
+    assert [c.seed for c in SamplingParams(n=2).choices()] == [None, None]  # unseeded: the global RNG

@@ -40,3 +40,10 @@ def test_an_empty_text_prompt_is_refused():
     assert check_text(" ") == " "
     with pytest.raises(RequestError, match="the prompt is empty"):
         check_text("")
+
+
+def test_the_engine_takes_one_completion_per_request():
+    params = SamplingParams(max_tokens=2, n=3, seed=1)
+    with pytest.raises(RequestError, match=r"n=3: .*choices\(\)"):
+        validate([1, 2], params, LIMITS)
+    assert [validate([1, 2], choice, LIMITS).params.seed for choice in params.choices()] == [1, 2, 3]

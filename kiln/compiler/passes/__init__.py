@@ -1,20 +1,21 @@
 """Graph passes over the captured program, applied in the order of `PASSES`.
 
 Each pass lives in its own module and is a pure function `(ExportedProgram, PassContext) ->
-ExportedProgram`: it rewrites a copy of the graph and shares the weights. Which passes run
-depends on the BuildConfig (`active_passes`); `describe(build)` prints them in order.
+PassResult`: it rewrites a copy of the graph, shares the weights and counts the sites it rewrote.
+Which passes run depends on the BuildConfig (`active_passes`); `describe(build)` prints them in order.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from kiln.compiler.passes.check_attention_captured import check_attention_captured
 from kiln.compiler.passes.check_attention_rewritten import check_attention_rewritten
-from kiln.compiler.passes.context import PassContext
+from kiln.compiler.passes.context import PassContext, PassResult
 from kiln.compiler.passes.fuse_gated_activation import fuse_gated_activation
 from kiln.compiler.passes.fuse_projections import fuse_projections
 from kiln.compiler.passes.fuse_residual_add import fuse_residual_add
@@ -29,7 +30,7 @@ from kiln.compiler.passes.prefetch_output_weights import prefetch_output_weights
 from kiln.compiler.passes.small_batch_linear import small_batch_linear
 from kiln.config import BuildConfig
 
-Pass = Callable[[torch.export.ExportedProgram, PassContext], torch.export.ExportedProgram]
+Pass = Callable[[torch.export.ExportedProgram, PassContext], PassResult]
 
 PASSES: list[Pass] = [
     check_attention_captured,
@@ -67,18 +68,45 @@ def describe(build: BuildConfig) -> list[str]:
     return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in active_passes(build)]
 
 
+@dataclass(frozen=True)
+class PassesRun:
+    """The program after every active pass, and the sites each pass that changed it rewrote (in order)."""
+
+    program: torch.export.ExportedProgram
+    changes: dict[str, int]
+
+    def summary(self) -> dict[str, str]:
+        """{pass: "16 sites"} of the passes that changed the program, as the build prints and the manifest keeps."""
+        return {name: f"{sites} site{'s' if sites != 1 else ''}" for name, sites in self.changes.items()}
+
+
 def run_passes(
     program: torch.export.ExportedProgram,
     context: PassContext,
-    on_pass: Callable[[str], None] | None = None,
-) -> torch.export.ExportedProgram:
+    on_pass: Callable[[str, int], None] | None = None,
+) -> PassesRun:
+    """Every active pass in order; `on_pass(name, sites)` after each one."""
+    changes: dict[str, int] = {}
     with warnings.catch_warnings():  # torch's own pytree deprecation notice while programs are copied
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         for graph_pass in active_passes(context.build):
+            result = graph_pass(program, context)
+            program = result.program
+            if result.sites:
+                changes[graph_pass.__name__] = result.sites
             if on_pass is not None:
-                on_pass(graph_pass.__name__)
-            program = graph_pass(program, context)
-    return program
+                on_pass(graph_pass.__name__, result.sites)
+    return PassesRun(program, changes)
 
 
-__all__ = ["FUSED_LINEAR_PASSES", "PASSES", "Pass", "PassContext", "active_passes", "describe", "run_passes"]
+__all__ = [
+    "FUSED_LINEAR_PASSES",
+    "PASSES",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "PassesRun",
+    "active_passes",
+    "describe",
+    "run_passes",
+]

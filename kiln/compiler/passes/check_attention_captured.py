@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes.context import PassContext, nodes_calling
+from kiln.compiler.passes.context import PassContext, PassResult, nodes_calling
 from kiln.errors import UnsupportedModelError
 
 _RAW_ATTENTION = (
@@ -18,7 +18,7 @@ _RAW_ATTENTION = (
 
 def check_attention_captured(
     program: torch.export.ExportedProgram, context: PassContext
-) -> torch.export.ExportedProgram:
+) -> PassResult:
     """Every layer's attention went through kiln's attention function, exactly once."""
     graph = program.graph_module.graph
     raw = [n for op in _RAW_ATTENTION for n in nodes_calling(graph, op)]
@@ -39,4 +39,4 @@ def check_attention_captured(
             f"{context.architecture}: expected one attention call per layer for {context.num_layers} layers, "
             f"captured layers {layers}"
         )
-    return program
+    return PassResult(program)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes.context import PassContext, nodes_calling
+from kiln.compiler.passes.context import PassContext, PassResult, nodes_calling
 
 
 def check_attention_rewritten(
     program: torch.export.ExportedProgram, context: PassContext
-) -> torch.export.ExportedProgram:
+) -> PassResult:
     """Each layer now reads and writes the paged KV cache."""
     graph = program.graph_module.graph
     left = nodes_calling(graph, torch.ops.kiln.attention_site.default)
@@ -21,4 +21,4 @@ def check_attention_rewritten(
             f"paged-attention rewrite incomplete: {len(left)} site(s) left, {len(paged)} paged op(s) "
             f"for {context.num_layers} layers"
         )
-    return program
+    return PassResult(program)

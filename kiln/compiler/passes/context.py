@@ -24,6 +24,18 @@ class PassContext:
     build: BuildConfig = BuildConfig()
 
 
+@dataclass(frozen=True)
+class PassResult:
+    """A pass's rewritten program and the number of sites it rewrote (0: `program` is its input)."""
+
+    program: torch.export.ExportedProgram
+    sites: int = 0
+
+    def then(self, other: "PassResult") -> "PassResult":
+        """This rewrite followed by `other` (made on `self.program`): other's program, both counts."""
+        return PassResult(other.program, self.sites + other.sites)
+
+
 def copy_graph(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """A copy of the program's graph module to rewrite (the weights are not part of it)."""
     return copy.deepcopy(program.graph_module)
@@ -76,20 +88,20 @@ def rewrite_matches(
     target: object,
     match: Callable[[torch.fx.Node], M | None],
     rewrite: Callable[[torch.fx.Graph, torch.fx.Node, M], None],
-) -> torch.export.ExportedProgram:
+) -> PassResult:
     """The common shape of a rewriting pass: on a copy of the program, `rewrite(graph, node, found)`
     for each node calling `target` for which `match(node)` found something in the original graph
     (matched again on the copy, as earlier rewrites left it); the program itself when none matched."""
     targets = {n.name for n in nodes_calling(program.graph_module.graph, target) if match(n) is not None}
     if not targets:
-        return program
+        return PassResult(program)
     module = copy_graph(program)
     for node in nodes_calling(module.graph, target):
         if node.name in targets:
             found = match(node)
             assert found is not None, f"{node.name} no longer matches after the rewrites before it"
             rewrite(module.graph, node, found)
-    return with_graph(program, module)
+    return PassResult(with_graph(program, module), len(targets))
 
 
 def projection_args(node: torch.fx.Node) -> tuple[object, ...]:

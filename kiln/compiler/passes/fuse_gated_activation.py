@@ -21,6 +21,7 @@ import torch
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
 from kiln.compiler.passes.context import (
     PassContext,
+    PassResult,
     projection_args,
     real_users,
     replace_with_call,
@@ -42,7 +43,7 @@ def _projection(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def fuse_gated_activation(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def fuse_gated_activation(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """kiln.silu_mul_linear(kiln.linear(x, W1), W2) -> kiln.linear(kiln.linear_silu_mul(x, W1), W2)."""
 
     def rewrite(graph: torch.fx.Graph, down: torch.fx.Node, gate_up: torch.fx.Node) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, output_specs
+from kiln.compiler.passes.context import PassContext, PassResult, copy_graph, nodes_calling, output_specs
 
 LINEAR = torch.ops.aten.linear.default
 SLICE = torch.ops.aten.slice.Tensor
@@ -36,18 +36,18 @@ class _Group:
     biases: list[torch.fx.Node]
 
 
-def fuse_projections(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def fuse_projections(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """linear(x, Wq), linear(x, Wk), ... -> slices of linear(x, cat(Wq, Wk, ...)): one weight read, one launch."""
     groups = _groups(program, program.graph_module.graph)
     if not groups:
-        return program
+        return PassResult(program)
     try:
-        return _fuse(program, groups)
+        return PassResult(_fuse(program, groups), len(groups))
     except Exception as exc:  # an optimisation: never the reason a build fails
         warnings.warn(
             f"fuse_projections left {context.architecture} unfused: {type(exc).__name__}: {exc}", stacklevel=2
         )
-        return program
+        return PassResult(program)
 
 
 def _groups(program: torch.export.ExportedProgram, graph: torch.fx.Graph) -> list[list[str]]:

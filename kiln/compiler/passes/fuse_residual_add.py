@@ -16,6 +16,7 @@ import torch
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
 from kiln.compiler.passes.context import (
     PassContext,
+    PassResult,
     real_users,
     replace_with_call,
     rewrite_matches,
@@ -48,7 +49,7 @@ def _split(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     return None
 
 
-def fuse_residual_add(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def fuse_residual_add(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """residual + kiln.linear(x, W) -> kiln.linear(x, W, residual=residual) (the add in the epilogue)."""
 
     def rewrite(graph: torch.fx.Graph, add: torch.fx.Node, split: tuple[torch.fx.Node, torch.fx.Node]) -> None:

@@ -21,6 +21,7 @@ import torch
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
 from kiln.compiler.passes.context import (
     PassContext,
+    PassResult,
     drop_metadata_checks,
     real_users,
     replace_with_call,
@@ -118,7 +119,7 @@ def _match(node: torch.fx.Node) -> _Norm | None:
     return match_rms_norm(node.args[0])
 
 
-def fuse_rms_norm(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def fuse_rms_norm(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """kiln.linear(rms_norm(x) * w, W) -> kiln.rms_norm_linear(x, w, eps, W) (no norm kernel)."""
 
     def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, norm: _Norm) -> None:

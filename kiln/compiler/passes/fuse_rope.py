@@ -28,6 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
 from kiln.compiler.passes.context import (
     PassContext,
+    PassResult,
     projection_args,
     real_users,
     replace_with_call,
@@ -197,7 +198,7 @@ def _match(node: torch.fx.Node) -> _Found | None:
     return _Found(rotations=tuple(rotations), rope_width=width)
 
 
-def fuse_rope(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def fuse_rope(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """rope(kiln.[rms_norm_]linear(x, W)) -> kiln.linear_rope(x, W, ..., cos, sin) (no rotary kernels)."""
 
     def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, found: _Found) -> None:
@@ -207,9 +208,10 @@ def fuse_rope(program: torch.export.ExportedProgram, context: PassContext) -> to
         for rotation in found.rotations:  # the heads now read rotated columns; the rotation dies
             rotation.output.replace_all_uses_with(rotation.heads)
 
+    result = PassResult(program)
     for target in (torch.ops.kiln.rms_norm_linear.default, torch.ops.kiln.linear.default):
-        program = rewrite_matches(program, target, _match, rewrite)
-    return program
+        result = result.then(rewrite_matches(result.program, target, _match, rewrite))
+    return result
 
 
 __all__ = ["fuse_rope"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, real_users, replace_with_call, rewrite_matches
+from kiln.compiler.passes.context import PassContext, PassResult, real_users, replace_with_call, rewrite_matches
 
 SILU = torch.ops.aten.silu.default
 MUL = torch.ops.aten.mul.Tensor
@@ -55,7 +55,7 @@ def _gate_up(mul: object) -> torch.fx.Node | None:
     return source
 
 
-def fuse_silu_mul(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def fuse_silu_mul(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """kiln.linear(silu(gate) * up, W) -> kiln.silu_mul_linear([gate | up], W) (no elementwise kernel)."""
 
     def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node) -> None:

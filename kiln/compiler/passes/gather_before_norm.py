@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, copy_graph, real_users, refresh_values, with_graph
+from kiln.compiler.passes.context import PassContext, PassResult, copy_graph, real_users, refresh_values, with_graph
 from kiln.compiler.passes.fuse_rms_norm import match_rms_norm
 
 INDEX = torch.ops.aten.index.Tensor
@@ -36,11 +36,11 @@ def _row_pick(node: torch.fx.Node) -> bool:
     return len(indices) == 2 and indices[0] is None and isinstance(indices[1], torch.fx.Node)
 
 
-def gather_before_norm(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def gather_before_norm(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """rms_norm(x)[:, idx] -> rms_norm(x[:, idx]) (the norm on the picked rows only)."""
     module = copy_graph(program)
     graph = module.graph
-    changed = False
+    sites = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != INDEX or not _row_pick(node):
             continue
@@ -55,8 +55,8 @@ def gather_before_norm(program: torch.export.ExportedProgram, context: PassConte
         node.replace_all_uses_with(norm.nodes[-1])
         graph.erase_node(node)
         refresh_values([picked, *norm.nodes])  # the norm's values now have the picked rows' shape
-        changed = True
-    return with_graph(program, module) if changed else program
+        sites += 1
+    return PassResult(with_graph(program, module), sites) if sites else PassResult(program)
 
 
 __all__ = ["gather_before_norm"]

@@ -5,19 +5,27 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, replace_with_call, user_input_nodes
+from kiln.compiler.passes.context import (
+    PassContext,
+    PassResult,
+    copy_graph,
+    nodes_calling,
+    replace_with_call,
+    user_input_nodes,
+)
 
 LIMITS_INPUT = "attend_end"
 
 
-def image_attention_limits(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def image_attention_limits(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """paged_attention(...) -> paged_attention_limits(..., attend_end, ...) when the program has attend_end."""
     if LIMITS_INPUT not in context.input_names:
-        return program
+        return PassResult(program)
     module = copy_graph(program)
     graph = module.graph
     limits = user_input_nodes(program, graph, context.input_names)[LIMITS_INPUT]
-    for node in nodes_calling(graph, torch.ops.kiln.paged_attention.default):
+    sites = nodes_calling(graph, torch.ops.kiln.paged_attention.default)
+    for node in sites:
         q, k, v, cache, slots, tables, lens, starts, layer, scale, window, softcap = node.args
         replace_with_call(
             graph,
@@ -27,4 +35,4 @@ def image_attention_limits(program: torch.export.ExportedProgram, context: PassC
         )
     graph.lint()
     module.recompile()
-    return program._update(module, program.graph_signature)
+    return PassResult(program._update(module, program.graph_signature), len(sites))

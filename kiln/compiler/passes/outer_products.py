@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.compiler.passes.context import PassContext, rewrite_matches
+from kiln.compiler.passes.context import PassContext, PassResult, rewrite_matches
 
 aten = torch.ops.aten
 PRODUCTS = (aten.bmm.default, aten.mm.default, aten.matmul.default)
@@ -33,15 +33,16 @@ def _outer(node: torch.fx.Node) -> bool | None:
     return True
 
 
-def outer_products(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def outer_products(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """bmm / mm / matmul with a contraction of length one -> mul (broadcast)."""
 
     def rewrite(graph: torch.fx.Graph, node: torch.fx.Node, found: bool) -> None:
         node.target = aten.mul.Tensor  # same arguments, same result shape by broadcasting
 
+    result = PassResult(program)
     for target in PRODUCTS:
-        program = rewrite_matches(program, target, _outer, rewrite)
-    return program
+        result = result.then(rewrite_matches(result.program, target, _outer, rewrite))
+    return result
 
 
 __all__ = ["outer_products"]

@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, replace_with_call, user_input_nodes
+from kiln.compiler.passes.context import (
+    PassContext,
+    PassResult,
+    copy_graph,
+    nodes_calling,
+    replace_with_call,
+    user_input_nodes,
+)
 
 
-def paged_attention(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def paged_attention(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """attention_site(q, k, v, layer, ...) -> paged_attention(q, k, v, kv_cache, metadata..., layer, ...)."""
     module = copy_graph(program)
     graph = module.graph
     inputs = user_input_nodes(program, graph, context.input_names)
-    for site in nodes_calling(graph, torch.ops.kiln.attention_site.default):
+    sites = nodes_calling(graph, torch.ops.kiln.attention_site.default)
+    for site in sites:
         q, k, v, layer, scale, sliding_window, softcap = site.args
         metadata = [
             inputs[name] for name in ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
@@ -26,4 +34,4 @@ def paged_attention(program: torch.export.ExportedProgram, context: PassContext)
         )
     graph.lint()
     module.recompile()
-    return program._update(module, program.graph_signature)
+    return PassResult(program._update(module, program.graph_signature), len(sites))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import kiln.kernels  # noqa: F401  (registers the kiln ops)
-from kiln.compiler.passes.context import PassContext, real_users, rewrite_matches
+from kiln.compiler.passes.context import PassContext, PassResult, real_users, rewrite_matches
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten._unsafe_view.default)
@@ -63,7 +63,7 @@ def _next_weights(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | N
 
 def prefetch_output_weights(
     program: torch.export.ExportedProgram, context: PassContext
-) -> torch.export.ExportedProgram:
+) -> PassResult:
     """kiln.paged_attention(...) -> kiln.paged_attention(..., prefetch=W_o, prefetch_next=W_next)."""
 
     def rewrite(

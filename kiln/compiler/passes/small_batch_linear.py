@@ -7,7 +7,14 @@ from collections.abc import Callable
 import torch
 
 import kiln.kernels  # noqa: F401  (registers torch.ops.kiln.linear)
-from kiln.compiler.passes.context import PassContext, copy_graph, nodes_calling, replace_with_call, with_graph
+from kiln.compiler.passes.context import (
+    PassContext,
+    PassResult,
+    copy_graph,
+    nodes_calling,
+    replace_with_call,
+    with_graph,
+)
 from kiln.kernels.linear import KERNEL_DTYPES
 
 LINEAR = torch.ops.aten.linear.default
@@ -40,25 +47,24 @@ def constant_inputs(program: torch.export.ExportedProgram) -> set[str]:
 
 def rewrite_linears(
     program: torch.export.ExportedProgram, select: Callable[[torch.fx.Node], bool]
-) -> torch.export.ExportedProgram:
+) -> PassResult:
     """aten.linear(x, w, b) -> kiln.linear(x, w, b, constant_weight) for each linear node that
     `select` accepts; constant_weight says whether w is a parameter, buffer or constant."""
     if not any(select(n) for n in nodes_calling(program.graph_module.graph, LINEAR)):
-        return program
+        return PassResult(program)
     constants = constant_inputs(program)
     module = copy_graph(program)
     graph = module.graph
-    for node in nodes_calling(graph, LINEAR):
-        if not select(node):
-            continue
+    sites = [node for node in nodes_calling(graph, LINEAR) if select(node)]
+    for node in sites:
         x, weight, *rest = node.args
         bias = rest[0] if rest else node.kwargs.get("bias")
         constant = isinstance(weight, torch.fx.Node) and weight.op == "placeholder" and weight.name in constants
         replace_with_call(graph, node, torch.ops.kiln.linear.default, (x, weight, bias, constant))
-    return with_graph(program, module)
+    return PassResult(with_graph(program, module), len(sites))
 
 
-def small_batch_linear(program: torch.export.ExportedProgram, context: PassContext) -> torch.export.ExportedProgram:
+def small_batch_linear(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """aten.linear -> kiln::linear on CUDA fp16/bf16 weights (Triton at <= 16 rows, cuBLAS above)."""
     return rewrite_linears(program, pays_off)
 
