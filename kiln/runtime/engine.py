@@ -87,6 +87,7 @@ class Engine:
             max_num_tokens=self.build.max_num_tokens,
             eos_ids=self.eos_ids,
             max_seq_len=self.build.seq_len,
+            max_scored_tokens=prompt_logprobs.SCORED_TOKENS_PER_STEP,
         )
         self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self._kv, self.device)
         # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).

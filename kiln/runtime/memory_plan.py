@@ -10,8 +10,9 @@ slack and libraries' workspaces; the pool takes the rest. No later step can need
 step did: the scheduler never exceeds those limits.
 
 A step that scores prompt tokens (`SamplingParams.prompt_logprobs`, `kiln.runtime.prompt_logprobs`)
-returns a logits row for each of up to `max_num_tokens` tokens where the measured step returned one per
-sequence, and log-softmaxes them in float32 blocks; `prompt_logprob_bytes` is kept free for that too.
+returns a logits row for each scored token where the measured step returned one per sequence (at most
+`max_scored_rows`: the scheduler scores 512 prompt tokens a step, or one whole image block), and
+log-softmaxes them in float32 blocks; `prompt_logprob_bytes` is kept free for that too.
 
 A vision-language engine's step is measured with every token an image token, reading a table of
 `max_multimodal_len` feature rows (the features of the requests in flight, held on the device),
@@ -37,7 +38,7 @@ from kiln.engine.manifest import ModelFacts
 from kiln.errors import KilnError
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
-from kiln.runtime.prompt_logprobs import ROWS_PER_BLOCK
+from kiln.runtime.prompt_logprobs import ROWS_PER_BLOCK, max_scored_rows
 from kiln.runtime.sampler import sample
 from kiln.runtime.scheduler import ScheduledChunk
 from kiln.runtime.sequence import Sequence
@@ -194,10 +195,10 @@ def vision_peak_bytes(pipeline: MultimodalPipeline) -> int:
     return peak
 
 
-def prompt_logprob_bytes(build: BuildConfig, vocab_size: int) -> int:
-    """Bytes a step scoring prompt tokens needs that the measured step did not: float32 logits for every
-    row it can score (`max_num_tokens`), and the float32 copy and log-softmax of one block of them."""
-    rows = build.max_num_tokens
+def prompt_logprob_bytes(build: BuildConfig, vocab_size: int, images: ImageRows | None = None) -> int:
+    """Bytes a step scoring prompt tokens needs that the measured step did not: logits (counted as float32)
+    for every row it can score (`max_scored_rows`), and the float32 copy and log-softmax of one block of them."""
+    rows = max_scored_rows(build.max_num_tokens, images.rows if images is not None else 0)
     return (rows + 2 * min(ROWS_PER_BLOCK, rows)) * vocab_size * 4
 
 
@@ -261,7 +262,7 @@ def num_blocks(
         free, _total = torch.cuda.mem_get_info(setup.device)
         fits = int(free * fraction) // per_block
     else:
-        step = step_peak_bytes(setup) + prompt_logprob_bytes(build, facts.vocab_size)
+        step = step_peak_bytes(setup) + prompt_logprob_bytes(build, facts.vocab_size, setup.images)
         if vision is not None:
             step = max(step, vision_peak_bytes(vision))
         free, total = torch.cuda.mem_get_info(setup.device)  # the step's memory has gone back

@@ -59,6 +59,10 @@ class MultimodalData:
                 end = first if first > start else start
         return end - start
 
+    def block_at(self, start: int) -> int:
+        """Tokens of the image block that begins at `start` (0 when none does)."""
+        return next((stop - first for first, stop in self.blocks if first == start), 0)
+
     def attend_end(self, start: int, end: int) -> torch.Tensor:
         """Exclusive key bound of tokens [start, end): p + 1, or the end of the token's image block."""
         limits = torch.arange(start + 1, end + 1)

@@ -43,6 +43,13 @@ def prompt_spans(chunks: Sequence[ScheduledChunk]) -> list[PromptSpan]:
 
 
 ROWS_PER_BLOCK = 128  # rows log-softmaxed at once: bounds the float32 copies of a long prompt's logits
+SCORED_TOKENS_PER_STEP = 512  # prompt tokens one step scores at most (the scheduler's cap): bounds the logits rows
+
+
+def max_scored_rows(max_num_tokens: int, largest_image: int = 0) -> int:
+    """Logits rows a step can return for scored prompt tokens: the scheduler's cap, or one whole image block
+    (never split) when that is larger, and never more than the step's tokens."""
+    return min(max_num_tokens, max(SCORED_TOKENS_PER_STEP, largest_image))
 
 
 def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprobs]:

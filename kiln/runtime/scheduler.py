@@ -75,8 +75,14 @@ class Scheduler:
         max_num_tokens: int,
         eos_ids: frozenset[int] = frozenset(),
         max_seq_len: int | None = None,
+        max_scored_tokens: int | None = None,
     ) -> None:
         self.kv = kv
+        # Prompt tokens scored for their log-probs per step (None: no cap beyond max_num_tokens): each scored
+        # token returns a logits row, so the cap bounds that memory. An image block larger than the cap is
+        # scored whole when it is the step's first scored chunk, since images are never split.
+        self.max_scored_tokens = max_num_tokens if max_scored_tokens is None else max_scored_tokens
+        self._scored_left = self.max_scored_tokens  # of the step being scheduled
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.eos_ids = eos_ids
@@ -106,13 +112,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_tokens
+        self._scored_left = self.max_scored_tokens
         scheduled: set[int] = set()
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = seq.schedulable(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            n = self._chunk_size(seq, seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq.request_id, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
                 if victim is None:
@@ -131,7 +138,7 @@ class Scheduler:
             cached = 0
             if not seq.needs_prompt_logits:
                 cached = self.kv.match_prefix(seq.request_id, seq.all_ids, seq.block_extra_keys)
-            n = seq.schedulable(cached, min(seq.num_tokens - cached, budget))
+            n = self._chunk_size(seq, cached, budget)
             if n == 0 or not self.kv.allocate(seq.request_id, cached + n):
                 self.kv.free(seq.request_id)  # gives the attached cached blocks back, still registered
                 break
@@ -146,6 +153,18 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
         return out
+
+    def _chunk_size(self, seq: Sequence, start: int, budget: int) -> int:
+        """Tokens of `seq` from `start` to run this step, within the token budget and the scoring cap."""
+        wanted = min(seq.num_tokens - start, budget)
+        if not seq.needs_prompt_logits:
+            return seq.schedulable(start, wanted)
+        n = seq.schedulable(start, min(wanted, self._scored_left))
+        if n == 0 and self._scored_left == self.max_scored_tokens and seq.mm is not None:
+            block = seq.mm.block_at(start)  # an image block over the cap: that block alone, if the budget holds it
+            n = block if block <= wanted else 0
+        self._scored_left = max(0, self._scored_left - n)
+        return n
 
     def update_from_output(
         self, out: StepOutput, stop_string: StopStringCheck, now: float

@@ -112,13 +112,19 @@ def test_a_memory_fraction_sizes_the_pool_from_free_memory(monkeypatch, vision):
 
 
 @pytest.mark.parametrize(
-    ("tokens", "vocab", "rows"),
-    [(64, 320, 64 + 2 * 64), (16, 1000, 16 + 2 * 16), (8192, 128256, 8192 + 2 * 128)],  # 128 rows log-softmaxed at once
+    ("tokens", "vocab", "image_rows", "rows"),
+    [
+        (64, 320, 0, 64 + 2 * 64),  # fewer tokens a step than the scheduler's cap of 512 scored tokens
+        (16, 1000, 0, 16 + 2 * 16),
+        (8192, 128256, 0, 512 + 2 * 128),  # the cap, and one block of 128 rows log-softmaxed at once
+        (8192, 128256, 2000, 2000 + 2 * 128),  # an image block is never split: scored whole
+        (1024, 1000, 2000, 1024 + 2 * 128),
+    ],
 )
-def test_a_step_scoring_prompt_tokens_has_float32_logits_for_every_row_kept_free(tokens, vocab, rows):
+def test_a_step_scoring_prompt_tokens_has_float32_logits_for_every_row_kept_free(tokens, vocab, image_rows, rows):
     build = _build(max_num_tokens=tokens, max_batch_size=min(4, tokens))
-    assert memory_plan.prompt_logprob_bytes(build, vocab) == rows * vocab * 4
-    assert memory_plan.prompt_logprob_bytes(build, vocab) >= build.max_num_tokens * vocab * 4
+    images = memory_plan.ImageRows(image_rows, 8, 1) if image_rows else None
+    assert memory_plan.prompt_logprob_bytes(build, vocab, images) == rows * vocab * 4
 
 
 PROMPT_LOGPROB_BLOCKS = (64 + 2 * 64) * FACTS.vocab_size * 4 // BLOCK_BYTES  # _build()'s 64 tokens: 120 blocks

@@ -214,3 +214,56 @@ def test_abort_drops_placeholders_and_frees_blocks():
     assert a.finish_reason == "abort" and a.output_ids == [4] and kv.num_free_blocks == 8 and not sched.has_work()
     sched.abort(a)  # already ended: nothing changes
     assert a.finish_reason == "abort"
+
+
+def scoring(name: str, n: int) -> Sequence:
+    s = seq(name, n)
+    s.prompt_logprobs = [None]  # the request asked for its prompt's log-probs: every prompt token is scored
+    return s
+
+
+def test_prompt_tokens_scored_per_step_are_capped_and_other_requests_keep_the_rest_of_the_budget():
+    sched = Scheduler(KVCacheManager(1024, 4), max_batch_size=4, max_num_tokens=1000, max_scored_tokens=300)
+    a, b, plain = scoring("a", 200), scoring("b", 250), seq("plain", 150)
+    for s in (a, b, plain):
+        sched.add(s)
+    plan = sched.schedule()
+    # a takes 200 of the 300 scored rows, b the other 100, the plain prompt is not capped
+    chunks = [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks]
+    assert chunks == [("a", 0, 200), ("b", 0, 100), ("plain", 0, 150)]
+    run(plan)
+    a.prompt_logprobs += [None] * 199  # a's prompt is scored; b's first 100 tokens too
+    b.prompt_logprobs += [None] * 100
+    plan = sched.schedule()
+    chunks = [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks]
+    assert chunks == [("a", 200, 1), ("b", 100, 150), ("plain", 150, 1)]
+
+
+def test_an_image_block_larger_than_the_scoring_cap_is_scored_whole_as_the_step_s_first_scored_chunk():
+    import torch
+
+    from kiln.runtime.multimodal import MultimodalData
+
+    def with_image(name: str) -> Sequence:
+        s = scoring(name, 40)
+        s.mm = MultimodalData(embeds=torch.randn(30, 8), rows=torch.full((40,), -1), spans=(), blocks=((5, 35),))
+        return s
+
+    sched = Scheduler(KVCacheManager(256, 4), max_batch_size=4, max_num_tokens=64, max_scored_tokens=8)
+    first, second = with_image("first"), with_image("second")
+    sched.add(first)
+    sched.add(second)
+    plan = sched.schedule()
+    # the text before first's image, then 3 of second's: the cap of 8 scored tokens
+    assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("first", 5), ("second", 3)]
+    run(plan)
+    first.prompt_logprobs += [None] * 5
+    second.prompt_logprobs += [None] * 3
+    plan = sched.schedule()
+    # the 30-token image cannot be split and is over the cap of 8: it goes whole and alone (no text after it,
+    # no other scored chunk)
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("first", 5, 30)]
+    run(plan)
+    first.prompt_logprobs += [None] * 30
+    plan = sched.schedule()
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("first", 35, 5), ("second", 3, 2)]
