@@ -1,4 +1,4 @@
-"""kiln.runtime.logits_processors and kiln.runtime.grammar: the grammar's mask and logit_bias against plain references."""
+"""kiln.runtime.logits_processors and kiln.runtime.grammar: the mask and logit_bias against plain references."""
 
 from __future__ import annotations
 
