@@ -64,7 +64,7 @@ class Grammars:
                     self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos_ids or None
                 )
             except ValueError as error:
-                raise RequestError(f"structured output needs a fast (Rust) tokenizer: {error}") from None
+                raise RequestError(f"structured output cannot use this engine's tokenizer: {error}") from None
             self._executor = ll.LLExecutor()
         return self._tokenizer
 
