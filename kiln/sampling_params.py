@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kiln.errors import RequestError
+from kiln.guided_decoding import GuidedDecoding
 
 MAX_TEMPERATURE = 100.0
 # Dividing float32 logits by a temperature below this can overflow to inf; use 0 for greedy.
@@ -27,6 +28,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**64 - 1
 MAX_N = 32
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 def _is_int(value: object) -> bool:
@@ -91,6 +94,13 @@ class SamplingParams:
         detokenize: produce text; False returns token ids only (benchmarks), and allows no stop strings.
         n: completions per prompt (1..32), each a request of its own (`choices()`): with a seed,
             choice i samples from seed + i; greedy choices are identical copies.
+        guided_json: the output must be JSON valid against this schema (a mapping or its JSON text;
+            stored as the JSON text), or any JSON object for True or "object". The request ends
+            ("stop") when the JSON is complete. Needs the llguidance package.
+        guided_regex: the whole output must match this regular expression (Rust `regex` syntax);
+            not with guided_json. Needs the llguidance package.
+        logit_bias: token id -> a bias in [-100, 100] added to its logit before sampling (OpenAI's
+            rule: -100 in effect bans the token, 100 all but forces it); at most 300 entries.
     """
 
     max_tokens: int = 16
@@ -110,6 +120,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     n: int = 1
+    guided_json: Any = None
+    guided_regex: str | None = None
+    logit_bias: Mapping[int, float] | None = None
 
     FIELD_NAMES: ClassVar[tuple[str, ...]]
 
@@ -168,6 +181,11 @@ class SamplingParams:
         if not self.detokenize and self.stop:
             raise RequestError("stop strings need detokenize=True: they are matched in the text")
         _check_int("n", self.n, 1, MAX_N, f"in [1, {MAX_N}]")
+        guided = GuidedDecoding.from_fields(self.guided_json, self.guided_regex)
+        if guided is not None and guided.kind == "json":
+            object.__setattr__(self, "guided_json", guided.spec)
+        object.__setattr__(self, "_guided", guided)  # derived, not a field: read it as `guided`
+        object.__setattr__(self, "logit_bias", self._normalise_logit_bias(self.logit_bias))
 
     @staticmethod
     def _normalise_stop(stop: object) -> tuple[str, ...]:
@@ -201,6 +219,32 @@ class SamplingParams:
             dataclasses.replace(self, n=1, seed=None if self.seed is None else (self.seed + i) % (MAX_SEED + 1))
             for i in range(self.n)
         ]
+
+    @staticmethod
+    def _normalise_logit_bias(bias: object) -> dict[int, float] | None:
+        """A dict of int token id -> float bias (OpenAI's string keys of ids accepted), None when empty."""
+        if bias is None:
+            return None
+        if not isinstance(bias, Mapping):
+            raise RequestError(f"logit_bias must map token ids to biases, got {bias!r} ({type(bias).__name__})")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise RequestError(f"logit_bias accepts at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise RequestError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+            amount = _check_float(f"logit_bias[{key!r}]", value, "in [-100, 100]")
+            if not -MAX_ABS_LOGIT_BIAS <= amount <= MAX_ABS_LOGIT_BIAS:
+                raise RequestError(f"logit_bias[{key!r}] must be in [-100, 100], got {amount!r}")
+            out[token] = amount
+        return out or None
+
+    @property
+    def guided(self) -> GuidedDecoding | None:
+        """The constraint guided_json or guided_regex set, its grammar checked; None without one."""
+        guided: GuidedDecoding | None = self.__dict__["_guided"]
+        return guided
 
     @property
     def greedy(self) -> bool:

@@ -18,7 +18,7 @@ from kiln.engine.tokenizers import load_tokenizer
 from kiln.errors import KilnError, RequestError
 from kiln.kernels.selection import from_configs, selected
 from kiln.progress import Progress
-from kiln.runtime import memory_plan, prompt_logprobs, prompts, stats, validation
+from kiln.runtime import grammar, memory_plan, prompt_logprobs, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
@@ -105,6 +105,7 @@ class Engine:
             self.runner.graphs = graphs
         self.limits = validation.RequestLimits(self.build.input_len, self.build.seq_len, facts.vocab_size)
         self._outputs = OutputProcessor(self.tokenizer)
+        self._grammars = grammar.Grammars(self.tokenizer, facts.vocab_size, self.eos_ids)  # structured output
         self._ids = itertools.count()
         self._requests: dict[str, Sequence] = {}  # added, not yet finished or aborted
         # Called as hook(sequences, logits) after each step that samples; used by accuracy checks.
@@ -152,6 +153,8 @@ class Engine:
         if mm is not None:  # blocks holding image tokens are cached under the images' content too
             seq.block_extra_keys = list(mm.block_extra_keys(self._kv.block_size))
         seq.generator = make_generator(params.seed, self.device)
+        if params.guided is not None:
+            seq.grammar = self._grammars.matcher(params.guided)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]
         self._outputs.add(seq)
@@ -237,6 +240,9 @@ class Engine:
         seqs = [chunks[i].seq for i in sampled]
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
+        grammars = [s.grammar for s in seqs] if any(s.grammar is not None for s in seqs) else None
+        if grammars is not None:  # the rows' allowed tokens, filled on the host while the device works
+            logits = self._grammars.mask_logits(logits, grammars)
         tokens, logprobs = sample(
             logits,
             [s.params for s in seqs],
@@ -248,7 +254,10 @@ class Engine:
         if observer is not None:
             observer.device_finished()
         now = time.perf_counter()
-        return self._update(StepOutput(chunks, seqs, tokens.tolist(), None, logprobs), now)
+        token_ids = tokens.tolist()
+        if grammars is not None:
+            grammar.advance(grammars, token_ids)
+        return self._update(StepOutput(chunks, seqs, token_ids, None, logprobs), now)
 
     def _update(self, out: StepOutput, now: float) -> list[StepUpdate]:
         placed = self._scheduler.update_from_output(out, self._outputs.push, now)
@@ -257,7 +266,7 @@ class Engine:
     # ---- pipelined decode ---------------------------------------------------------------------------
 
     def _can_overlap(self, plan: SchedulerOutput) -> bool:
-        """A plan of decode rows only, none of which reads its own history (penalties) or log-probs."""
+        """A plan of decode rows only, none of which reads its own history (penalties, a grammar) or log-probs."""
         if not self.overlap_decode or not plan.chunks or plan.preempted or self.logits_hook is not None:
             return False
         for chunk in plan.chunks:
@@ -265,6 +274,8 @@ class Engine:
             if chunk.num_tokens != 1 or not chunk.completes or chunk.seq.needs_prompt_logits:
                 return False
             if p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return False
+            if chunk.seq.grammar is not None:  # its next mask needs this step's token
                 return False
         return True
 

@@ -12,7 +12,7 @@ Per row, in this order:
 
 1. penalties: repetition penalty (Hugging Face rule) over ``histories[i]``
    (prompt + generated ids), then presence and frequency penalties (OpenAI
-   rule) over ``generated[i]`` only;
+   rule) over ``generated[i]`` only, then ``logit_bias`` (`kiln.runtime.logits_processors`);
 2. greedy rows (temperature 0): ``torch.argmax``, so ties go to the lowest id (a batch of
    greedy rows with no penalty and no log-probs: `kiln.kernels.argmax`, the same indices
    from a parallel kernel on CUDA, without the float32 copy);
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.kernels.argmax import argmax_rows
+from kiln.runtime.logits_processors import apply_logit_bias
 from kiln.sampling_params import SamplingParams
 
 
@@ -48,7 +49,8 @@ from kiln.sampling_params import SamplingParams
 class TokenLogprobs:
     """Log-probabilities reported for one sampled token.
 
-    Computed from the log-softmax of the logits *after* penalties but *before*
+    Computed from the log-softmax of the logits *after* penalties, logit_bias
+    and a grammar's mask but *before*
     temperature, top-k, top-p and min-p, i.e. the model's (penalised)
     distribution rather than the truncated one the token was drawn from.
 
@@ -124,6 +126,7 @@ def sample(
 
     scores = logits.to(torch.float32, copy=True)
     _apply_penalties(scores, params, histories, generated)
+    apply_logit_bias(scores, params)
 
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     greedy_rows = [row for row, p in enumerate(params) if p.greedy]
@@ -155,10 +158,11 @@ def sample(
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
-    """Greedy with nothing that needs the float32 scores: no penalty, no log-probs."""
+    """Greedy with nothing that needs the float32 scores: no penalty, no bias, no log-probs."""
     return (
         p.greedy
         and p.logprobs is None
+        and not p.logit_bias
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0

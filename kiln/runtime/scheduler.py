@@ -10,8 +10,8 @@ so only the rest is computed; this also makes recomputing a preempted sequence c
 
 After each step `update_from_output` takes what the step produced: it registers the blocks whose
 tokens are now known for prefix reuse, places each sampled token, decides which sequences end (EOS,
-stop token ids, stop strings as the output processor reports them, max_tokens, max_seq_len) and
-frees their blocks.
+stop token ids, stop strings as the output processor reports them, a completed grammar, max_tokens,
+max_seq_len) and frees their blocks.
 """
 
 from __future__ import annotations
@@ -218,6 +218,8 @@ class Scheduler:
             reason, seq.stop_reason = "stop", token
         elif params.detokenize and (stop := stop_string(seq, token)) is not None:
             reason, seq.stop_reason = "stop", stop
+        elif seq.grammar is not None and seq.grammar.complete:  # the JSON or regex is whole
+            reason = "stop"
         elif index + 1 >= params.max_tokens or (
             self.max_seq_len is not None and len(seq.prompt_ids) + index + 1 >= self.max_seq_len
         ):

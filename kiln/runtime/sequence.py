@@ -30,6 +30,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: Any = None
+    grammar: Any = None  # kiln.runtime.grammar.RequestGrammar of a request with guided_json / guided_regex
     detokenizer: Any = None
     logprobs: list[Any] = field(default_factory=list)
     # With params.prompt_logprobs: [None, then one TokenLogprobs per prompt token scored so far].

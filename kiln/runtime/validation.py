@@ -64,4 +64,7 @@ def validate(prompt_ids: list[int], params: SamplingParams, limits: RequestLimit
     bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
         raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    biased = sorted(t for t in params.logit_bias or () if t >= vocab)
+    if biased:
+        raise RequestError(f"logit_bias token ids {biased[:5]} are outside the vocabulary [0, {vocab})")
     return Request(list(prompt_ids), params, mm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 import uuid
@@ -38,6 +39,8 @@ from kiln.serve.responses import (
 )
 from kiln.serve.streaming import collect, merge, sse
 from kiln.serve.tokenization import tokenization_router
+
+log = logging.getLogger("kiln.serve")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +117,9 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         unsupported = body.unsupported()
         if unsupported:
             raise APIError(400, f"kiln does not support {', '.join(unsupported)}", param=unsupported[0])
+        ignored = body.no_effect_fields()
+        if ignored:
+            log.info("accepted and ignored (they change nothing kiln generates): %s", ", ".join(ignored))
 
     def max_tokens_for(requested: int | None, prompt_ids: list[int]) -> int:
         room = limits.seq_len - len(prompt_ids)

@@ -63,6 +63,12 @@ def _field_ranges(limits: RequestLimits) -> dict[str, Constraints]:
         "max_completion_tokens": token_count,
         "logprobs": top,  # completions only; chat's logprobs is a boolean and has no number in it
         "top_logprobs": top,
+        # token id (digits) -> bias; pydantic's additionalProperties carry the number range
+        "logit_bias": {
+            "object": {"maxProperties": sp.MAX_LOGIT_BIAS_ENTRIES, "propertyNames": {"pattern": "^[0-9]{1,9}$"}},
+            "number": {"minimum": -sp.MAX_ABS_LOGIT_BIAS, "maximum": sp.MAX_ABS_LOGIT_BIAS},
+        },
+        "guided_regex": {"string": {"minLength": 1}},
         "prompt": {
             "string": {"minLength": 1},
             "array": {"minItems": 1},
@@ -71,7 +77,6 @@ def _field_ranges(limits: RequestLimits) -> dict[str, Constraints]:
         # OpenAI options kiln refuses unless left at their "off" value
         "echo": {"boolean": {"enum": [False]}},
         "suffix": {"string": {"maxLength": 0}},
-        "logit_bias": {"object": {"maxProperties": 0}},
         "tools": {"array": {"maxItems": 0}},
     }
 
@@ -80,7 +85,6 @@ _UNSUPPORTED = "kiln does not support it: leave it out"
 # Options whose only accepted values are "off": their whole schema is replaced.
 _OFF_ONLY: dict[str, dict[str, Any]] = {
     "tool_choice": {"enum": [None, "none"], "description": _UNSUPPORTED},
-    "response_format": {"type": "null", "description": _UNSUPPORTED},
 }
 
 
@@ -95,6 +99,7 @@ def _constrain(node: Any, constraints: Constraints) -> None:
     for branch in node.get("anyOf", []):
         _constrain(branch, constraints)
     _constrain(node.get("items"), constraints)
+    _constrain(node.get("additionalProperties"), constraints)
 
 
 def _drop_image_parts(schema: dict[str, Any]) -> None:

@@ -1,12 +1,13 @@
 """OpenAI request bodies kiln accepts, and their translation into `SamplingParams`.
 
 Unknown fields are refused (a silently ignored option is a wrong answer the user cannot see);
-OpenAI fields kiln does not implement are refused by name.
+OpenAI fields kiln does not implement are refused by name. Fields that cannot change the output
+(`NO_EFFECT_FIELDS`: bookkeeping such as `store` or `user`) are accepted, and the server logs them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -15,10 +16,49 @@ from kiln.errors import RequestError
 from kiln.runtime.validation import EMPTY_TEXT
 from kiln.sampling_params import MAX_N, SamplingParams
 
+# Accepted and logged, never used: they change nothing kiln generates.
+NO_EFFECT_FIELDS = ("store", "metadata", "parallel_tool_calls", "user", "service_tier")
+_NO_EFFECT = "Accepted for compatibility and logged; it changes nothing kiln generates"
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class TextFormat(BaseModel):
+    """Plain text: no constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """Any one JSON object."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's json_schema: the output is JSON valid against `schema` (any JSON object without one).
+
+    The schema is always enforced in full, so `strict` changes nothing."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class _SamplingFields(BaseModel):
@@ -40,12 +80,42 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted for compatibility; kiln does not use it
-    # Refused when set: OpenAI options kiln does not implement.
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a string of digits) -> bias in [-100, 100] added to its logit"
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object (any JSON object) or json_schema (JSON valid against its schema)"
+    )
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM's field: a JSON schema (or its text) the output must be valid against"
+    )
+    guided_regex: str | None = Field(None, description="vLLM's field: a regular expression the whole output matches")
+    # Accepted for compatibility and logged; kiln does not use them (NO_EFFECT_FIELDS).
+    store: bool | None = Field(None, description=_NO_EFFECT)
+    metadata: dict[str, str] | None = Field(None, description=_NO_EFFECT)
+    parallel_tool_calls: bool | None = Field(None, description=_NO_EFFECT)
+    user: str | None = Field(None, description=_NO_EFFECT)
+    service_tier: str | None = Field(None, description=_NO_EFFECT)
 
     def unsupported(self) -> list[str]:
-        return ["logit_bias"] if self.logit_bias else []
+        return []
+
+    def no_effect_fields(self) -> list[str]:
+        """The fields in NO_EFFECT_FIELDS this request set (for the server's log line)."""
+        return [name for name in NO_EFFECT_FIELDS if name in self.model_fields_set]
+
+    def guided_fields(self) -> dict[str, Any]:
+        """`SamplingParams`' guided_json / guided_regex from response_format or vLLM's fields."""
+        fmt = self.response_format
+        constrained = fmt is not None and not isinstance(fmt, TextFormat)
+        if constrained and (self.guided_json is not None or self.guided_regex is not None):
+            raise RequestError("give response_format or guided_json / guided_regex, not both")
+        if isinstance(fmt, JsonObjectFormat):
+            return {"guided_json": "object"}
+        if isinstance(fmt, JsonSchemaFormat):
+            schema = fmt.json_schema.schema_
+            return {"guided_json": "object" if schema is None else schema}
+        return {"guided_json": self.guided_json, "guided_regex": self.guided_regex}
 
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
@@ -67,6 +137,8 @@ class _SamplingFields(BaseModel):
             values["stop_token_ids"] = tuple(self.stop_token_ids)
         values["ignore_eos"] = self.ignore_eos
         values["skip_special_tokens"] = self.skip_special_tokens
+        values["logit_bias"] = self.logit_bias
+        values.update(self.guided_fields())
         return SamplingParams(**values)
 
 
@@ -133,11 +205,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
         names = super().unsupported()
-        for name in ("tools", "tool_choice", "response_format"):
+        for name in ("tools", "tool_choice"):
             if getattr(self, name) not in (None, [], "none"):
                 names.append(name)
         return names

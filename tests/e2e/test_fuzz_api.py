@@ -116,7 +116,15 @@ def test_openapi_document_describes_what_this_server_accepts(server):
     )
     vocab = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [10**6]}).json()
     assert f"[0, {token_ids['items']['maximum'] + 1})" in vocab["error"]["message"]
-    assert bodies["ChatCompletionRequest"]["properties"]["response_format"]["type"] == "null"
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        fields = bodies[name]["properties"]
+        formats = next(b for b in fields["response_format"]["anyOf"] if "oneOf" in b)["discriminator"]["mapping"]
+        assert set(formats) == {"text", "json_object", "json_schema"}
+        bias = next(b for b in fields["logit_bias"]["anyOf"] if b["type"] == "object")
+        assert bias["additionalProperties"]["maximum"] == 100 and bias["maxProperties"] == 300
+        for field in ("guided_json", "guided_regex", "store", "metadata", "parallel_tool_calls", "service_tier"):
+            assert fields[field]["description"], field
+    assert bodies["JsonSchemaSpec"]["required"] == ["name"]
     # The demo engine is text-only: its document offers no image parts.
     content = bodies["ChatMessage"]["properties"]["content"]["anyOf"]
     assert {"$ref": "#/components/schemas/TextPart"} in [b.get("items") for b in content]

@@ -206,7 +206,7 @@ def test_from_dict_validates_values_and_type() -> None:
 
 def test_field_names_match_dataclass_fields() -> None:
     assert SamplingParams.FIELD_NAMES == tuple(f.name for f in dataclasses.fields(SamplingParams))
-    assert len(SamplingParams.FIELD_NAMES) == 17
+    assert len(SamplingParams.FIELD_NAMES) == 20
 
 
 def test_token_ids_only_allows_no_stop_strings() -> None:
