@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -158,14 +159,19 @@ def run_cell(args: argparse.Namespace) -> None:
     """One model and dtype, in this process: every system at every batch size, alternately."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     checkpoint = make_checkpoint(args.model, args.workdir / f"{args.model}-ckpt")
     engine = args.workdir / f"{args.model}-{args.dtype}-engine"
     build_engine(checkpoint, engine, args.dtype, max(args.batch_sizes))
-    systems: dict[str, Any] = {"kiln": Kiln(engine)}
+    wanted = args.systems.split(",")
+    systems: dict[str, Any] = {"kiln": Kiln(engine)} if "kiln" in wanted else {}
     eager = Transformers(checkpoint, args.dtype, static=False)
     static = Transformers.__new__(Transformers)  # the same weights, another cache and compile
     static.model, static.static, static.vocab = eager.model, True, eager.vocab
-    systems["transformers eager"], systems["transformers static+compile"] = eager, static
+    for name, system in (("transformers eager", eager), ("transformers static+compile", static)):
+        if name in wanted:
+            systems[name] = system
     rows = []
     for batch in args.batch_sizes:
         for system in systems.values():  # warm-up: paths, allocations, each compiled shape
@@ -175,7 +181,8 @@ def run_cell(args: argparse.Namespace) -> None:
             for name, system in systems.items():
                 times[name].append(system.ms_per_token(batch, seed=repeat))
         medians = {name: statistics.median(values) for name, values in times.items()}
-        best = min(("transformers eager", "transformers static+compile"), key=lambda n: medians[n])
+        baselines = [name for name in medians if name != "kiln"]
+        best = min(baselines, key=lambda n: medians[n]) if baselines else None
         rows.append(
             {
                 "model": args.model,
@@ -184,7 +191,7 @@ def run_cell(args: argparse.Namespace) -> None:
                 "ms_per_token": medians,
                 "runs_ms": times,
                 "best_transformers": best,
-                "ratio": medians["kiln"] / medians[best],
+                "ratio": medians["kiln"] / medians[best] if best and "kiln" in medians else None,
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -205,8 +212,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + " --- |" * 7]
     for r in rows:
         ms = r["ms_per_token"]
-        cells = [f"{ms[s]:.2f}" for s in SYSTEMS]
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
+        cells = [f"{ms[s]:.2f}" if s in ms else "-" for s in SYSTEMS]
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
 
 
@@ -218,6 +226,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one timed run per cell")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for every system (default: torch's)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="a subset of: " + ", ".join(SYSTEMS))
     ap.add_argument("--json", type=Path, default=None, help="write the results here (default: WORKDIR/cpu_speed.json)")
     ap.add_argument("--model", help=argparse.SUPPRESS)  # one cell, in a subprocess
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -233,6 +243,7 @@ def main() -> None:
         batches = args.batch_sizes
         for dtype in args.dtypes.split(","):
             command = [sys.executable, __file__, "--workdir", str(args.workdir), "--model", model, "--dtype", dtype]
+            command += ["--threads", str(args.threads), "--systems", args.systems]
             command += [
                 "--batch-sizes",
                 ",".join(map(str, batches)),
@@ -246,7 +257,7 @@ def main() -> None:
     out = {
         "command": " ".join(["python", "benchmarks/cpu_speed.py", *sys.argv[1:]]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{cpu_name()}, {threads} threads",
+        "device": f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch threads",
         "input_len": INPUT_LEN,
         "output_len": OUTPUT_LEN,
         "rows": rows,

@@ -5,12 +5,19 @@ made a decode step at batch 8 several times slower than the model's own matmuls 
 Here the keys and values of all one-token rows are gathered through their block tables at once
 (`index_select` of whole blocks), and a single `scaled_dot_product_attention` call attends for all
 of them, the grouped query heads of one KV head taken as extra query rows (no key copy per group).
-Rows with several new tokens (prompt chunks) run one SDPA call per sequence. Masks give the
-causal bound (or `attend_end`) and the sliding window. Soft-capped logits (Gemma 2) keep the
-reference, which SDPA cannot express. Same layouts and meaning as the reference.
+Rows with several new tokens (prompt chunks) run one SDPA call per sequence. Additive masks give
+the causal bound (or `attend_end`) and the sliding window.
+
+What depends only on the step's metadata (host copies of the lengths, block indices, masks) is
+computed by the first layer and reused by the others: `_plan` keeps the last step's plan and
+reuses it when the metadata tensors hold the same values (compared, never assumed).
+Soft-capped logits (Gemma 2) keep the reference, which SDPA cannot express. Same layouts and
+meaning as the reference.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,38 +36,132 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
         kv_cache[layer, plane].flatten(0, 1).index_copy_(0, slot_mapping, new.to(kv_cache.dtype))
 
 
-def _gather(pages: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[B, blocks * block_size, heads, dim]: the pages of each row's block table, in order."""
-    rows, blocks = tables.shape
-    picked = pages.index_select(0, tables.reshape(-1).long())
-    return picked.view(rows, blocks * pages.shape[1], *pages.shape[2:])
+@dataclass
+class _Group:
+    """Sequences attended in one SDPA call: their query rows, block ids and key bounds."""
+
+    rows: torch.Tensor | None  # [B * Tq] packed rows of the queries (None: every row, in order)
+    blocks: torch.Tensor  # [B * num_blocks] int64: each sequence's first num_blocks cache blocks
+    batch: int
+    tq: int  # queries per sequence
+    positions: torch.Tensor  # [B, Tq] int64
+    limits: torch.Tensor  # [B, Tq] int64: exclusive key-position bound per query
+    masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, keys: int, group: int, sliding_window: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, group * Tq, keys] additive mask (0 or -inf), made once per window, group and dtype."""
+        key = (sliding_window, group, dtype)
+        if key not in self.masks:
+            k_positions = torch.arange(keys)
+            allowed = k_positions < self.limits[..., None]  # [B, Tq, L]
+            if sliding_window > 0:
+                allowed = allowed & (k_positions > self.positions[..., None] - sliding_window)
+            additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+            shape = (self.batch, 1, group, self.tq, keys)
+            self.masks[key] = additive[:, None, None].expand(shape).reshape(self.batch, 1, group * self.tq, keys)
+        return self.masks[key]
 
 
-def _attend(
-    q: torch.Tensor,  # [B, Tq, Hq, D]
-    keys: torch.Tensor,  # [B, L, Hkv, D]
-    values: torch.Tensor,  # [B, L, Hkv, Dv]
-    q_positions: torch.Tensor,  # [B, Tq]
-    limits: torch.Tensor,  # [B, Tq]: exclusive key-position bound per query
-    scale: float,
-    sliding_window: int,
-) -> torch.Tensor:
-    """[B * Tq, Hq, Dv]: SDPA over the gathered keys, each KV head's query heads as extra query rows."""
-    batch, tq, hq, d = q.shape
-    hkv = keys.shape[2]
-    group = hq // hkv
-    k_positions = torch.arange(keys.shape[1])
-    allowed = k_positions < limits[..., None]  # [B, Tq, L]
-    if sliding_window > 0:
-        allowed = allowed & (k_positions > q_positions[..., None] - sliding_window)
+@dataclass
+class _Plan:
+    """What one step's metadata says, for every layer: the SDPA groups, and whether rows need zeros."""
+
+    groups: list[_Group]
+    covers_all_rows: bool  # every packed row belongs to a group (no padding rows to zero)
+
+
+def _group(
+    seqs: list[int],
+    rows: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    lengths: list[int],
+    counts: list[int],
+    block_size: int,
+    ends: torch.Tensor | None,
+) -> _Group:
+    """The group of sequences `seqs`, which all have counts[i] new tokens."""
+    tq = counts[seqs[0]]
+    num_blocks = -(-max(lengths[i] for i in seqs) // block_size)
+    tables = block_tables if len(seqs) == len(lengths) else block_tables.index_select(0, torch.tensor(seqs))
+    blocks = tables[:, :num_blocks].reshape(-1).long()
+    positions = torch.tensor([[lengths[i] - tq + j for j in range(tq)] for i in seqs])
+    limits = positions + 1 if ends is None else ends.view(len(seqs), tq).long()
+    return _Group(rows, blocks, len(seqs), tq, positions, limits)
+
+
+def _make_plan(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    attend_end: torch.Tensor | None,
+    num_rows: int,
+    block_size: int,
+) -> _Plan:
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    counts = [starts[i + 1] - starts[i] for i in range(len(lengths))]
+    decode = [i for i, n in enumerate(counts) if n == 1]
+    args = (block_tables, lengths, counts, block_size)
+    if len(decode) == len(lengths) == num_rows:  # a decode step: row i is sequence i
+        return _Plan([_group(decode, None, *args, attend_end)], True)
+    groups = []
+    if decode:
+        rows = torch.tensor([starts[i] for i in decode])
+        groups.append(_group(decode, rows, *args, None if attend_end is None else attend_end.index_select(0, rows)))
+    for i, n in enumerate(counts):
+        if n > 1:
+            rows = torch.arange(starts[i], starts[i + 1])
+            ends = None if attend_end is None else attend_end[starts[i] : starts[i + 1]]
+            groups.append(_group([i], rows, *args, ends))
+    return _Plan(groups, False)
+
+
+_last: tuple[tuple[torch.Tensor | None, ...], int, int, _Plan] | None = None
+
+
+def _plan(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    attend_end: torch.Tensor | None,
+    num_rows: int,
+    block_size: int,
+) -> _Plan:
+    """The step's plan: the last one when the metadata holds the same values, else a new one."""
+    global _last
+    metadata = (block_tables, seq_lens, query_start_loc, attend_end)
+    last = _last
+    if (
+        last is not None
+        and last[1:3] == (num_rows, block_size)
+        and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(metadata, last[0], strict=True)
+        )
+    ):
+        return last[3]
+    plan = _make_plan(block_tables, seq_lens, query_start_loc, attend_end, num_rows, block_size)
+    _last = (tuple(None if t is None else t.clone() for t in metadata), num_rows, block_size, plan)
+    return plan
+
+
+def _attend(group: _Group, q: torch.Tensor, pages: torch.Tensor, scale: float, sliding_window: int) -> torch.Tensor:
+    """[B * Tq, Hq, Dv] for the group's queries q [B * Tq, Hq, D]; pages: one layer's [2, blocks, ...]."""
+    hq, d = q.shape[1], q.shape[2]
+    picked = pages.index_select(1, group.blocks)  # [2, B * num_blocks, block_size, Hkv, D]
+    batch, tq = group.batch, group.tq
+    keys = picked[0].view(batch, -1, *picked.shape[3:])  # [B, L, Hkv, D]
+    values = picked[1].view(batch, -1, *picked.shape[3:])
+    hkv, length = keys.shape[2], keys.shape[1]
+    per_kv = hq // hkv
     # query rows (kv head, group member, token) share their kv head's keys: no repeat of the keys
-    rows = q.view(batch, tq, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(batch, hkv, group * tq, d)
-    mask = allowed[:, None, None].expand(batch, 1, group, tq, keys.shape[1]).reshape(batch, 1, group * tq, -1)
+    rows = q.view(batch, tq, hkv, per_kv, d).permute(0, 2, 3, 1, 4).reshape(batch, hkv, per_kv * tq, d)
+    mask = group.mask(length, per_kv, sliding_window, q.dtype)
     out = F.scaled_dot_product_attention(
         rows, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale
-    )  # [B, Hkv, G * Tq, Dv]
+    )  # [B, Hkv, per_kv * Tq, Dv]
     dv = out.shape[-1]
-    return out.view(batch, hkv, group, tq, dv).permute(0, 3, 1, 2, 4).reshape(batch * tq, hq, dv)
+    return out.view(batch, hkv, per_kv, tq, dv).permute(0, 3, 1, 2, 4).reshape(batch * tq, hq, dv)
 
 
 def paged_attention(
@@ -85,55 +186,12 @@ def paged_attention(
             sliding_window, softcap, attend_end,
         )  # fmt: skip
     write_kv(kv_cache, layer, k, v, slot_mapping)
-    block_size = kv_cache.shape[3]
-    key_pages, value_pages = kv_cache[layer, 0], kv_cache[layer, 1]
-    starts = query_start_loc.tolist()
-    lengths = seq_lens.tolist()
-    counts = [starts[i + 1] - starts[i] for i in range(len(lengths))]
-    decode = [i for i, n in enumerate(counts) if n == 1]
-    if len(decode) == len(lengths) == q.shape[0]:  # a decode step: row i is sequence i
-        return _decode_rows(q, key_pages, value_pages, block_tables, seq_lens, lengths, scale, sliding_window,
-                            attend_end)  # fmt: skip
+    plan = _plan(block_tables, seq_lens, query_start_loc, attend_end, q.shape[0], kv_cache.shape[3])
+    pages = kv_cache[layer]
+    if plan.covers_all_rows:
+        return _attend(plan.groups[0], q, pages, scale, sliding_window)
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])  # rows of no sequence stay zero, as in the reference
-    if decode:
-        index = torch.tensor([starts[i] for i in decode])
-        seqs = torch.tensor(decode)
-        ends = None if attend_end is None else attend_end.index_select(0, index)
-        got = _decode_rows(
-            q.index_select(0, index), key_pages, value_pages, block_tables.index_select(0, seqs),
-            seq_lens.index_select(0, seqs), [lengths[i] for i in decode], scale, sliding_window, ends,
-        )  # fmt: skip
-        out.index_copy_(0, index, got)
-    for i, (context_len, num_new) in enumerate(zip(lengths, counts)):
-        if num_new < 2:
-            continue
-        begin, end = starts[i], starts[i + 1]
-        num_blocks = -(-context_len // block_size)
-        table = block_tables[i : i + 1, :num_blocks]
-        keys = _gather(key_pages, table)[:, :context_len]
-        values = _gather(value_pages, table)[:, :context_len]
-        positions = torch.arange(context_len - num_new, context_len)[None]
-        limits = positions + 1 if attend_end is None else attend_end[None, begin:end]
-        out[begin:end] = _attend(q[None, begin:end], keys, values, positions, limits, scale, sliding_window)
+    for group in plan.groups:
+        assert group.rows is not None
+        out.index_copy_(0, group.rows, _attend(group, q.index_select(0, group.rows), pages, scale, sliding_window))
     return out
-
-
-def _decode_rows(
-    q: torch.Tensor,  # [B, Hq, D]: one query per sequence
-    key_pages: torch.Tensor,
-    value_pages: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, width]
-    seq_lens: torch.Tensor,  # [B]
-    lengths: list[int],
-    scale: float,
-    sliding_window: int,
-    attend_end: torch.Tensor | None,
-) -> torch.Tensor:
-    """Attention of B one-token rows, each the last token of its sequence, in one SDPA call."""
-    block_size = key_pages.shape[1]
-    num_blocks = -(-max(lengths) // block_size)
-    tables = block_tables[:, :num_blocks]
-    keys, values = _gather(key_pages, tables), _gather(value_pages, tables)
-    positions = (seq_lens.long() - 1)[:, None]
-    limits = positions + 1 if attend_end is None else attend_end[:, None].long()
-    return _attend(q[:, None], keys, values, positions, limits, scale, sliding_window)

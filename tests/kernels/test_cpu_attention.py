@@ -61,6 +61,21 @@ def test_attend_end(window):
     assert_close(got, ref, torch.float32)
 
 
+def test_layers_of_one_step_share_a_plan_and_a_changed_step_gets_its_own():
+    """Layers with other windows reuse the step's plan; metadata changed in place gives a new plan."""
+    batch = make_batch(MIXED, 8, 2, 16, 16, torch.float32, "cpu", seed=11, num_layers=3, padding_tokens=1)
+    for layer, window in ((0, -1), (1, 5), (2, -1)):
+        fp32 = batch.clone()
+        args = (fp32.q, fp32.k, fp32.v, fp32.kv_cache, *fp32.args()[4:8], layer)
+        ref = reference.paged_attention(*args, 0.25, window, 0.0)
+        args = (batch.q, batch.k, batch.v, batch.kv_cache, *batch.args()[4:8], layer)
+        assert_close(cpu_attention.paged_attention(*args, 0.25, window, 0.0), ref, torch.float32)
+    batch.block_tables[2, 0] = batch.block_tables[0, 1]  # the same tensor, another block for the decode row
+    fp32 = batch.clone()
+    ref = reference.paged_attention(*fp32.args(), 0.25, -1, 0.0)
+    assert_close(cpu_attention.paged_attention(*batch.args(), 0.25, -1, 0.0), ref, torch.float32)
+
+
 def test_softcap_keeps_the_reference():
     batch = make_batch(MIXED, 4, 2, 16, 16, torch.float32, "cpu", seed=3)
     fp32 = batch.clone()
