@@ -1,7 +1,8 @@
 """kiln against transformers on the CPU: decode ms/token, side by side in one run.
 
     python benchmarks/cpu_speed.py [--workdir /tmp/kiln-cpu-speed] [--models demo,llama-3.2-1b]
-        [--dtypes float32,bfloat16] [--batch-sizes 1,8,32] [--repeats 3] [--quick] [--json OUT]
+        [--dtypes float32,bfloat16] [--batch-sizes 1,8,32] [--repeats 3] [--quick] [--threads N]
+        [--systems kiln,...] [--json OUT]
 
 For each model and dtype (one subprocess each, so each one's memory is freed before the next):
 kiln (the engine built for that dtype, `kiln build --device cpu`, kept in --workdir), transformers
@@ -14,7 +15,9 @@ the better transformers system (< 1: kiln is faster).
 
 Models: `demo` (demo/tiny-kiln) and `llama-3.2-1b` (the real architecture's config with random
 weights, written to --workdir once, in bfloat16). --quick: one timed run per cell instead of
---repeats.
+--repeats. --threads: torch threads for every system (on a machine shared with other work, 1 keeps
+a parked thread from stalling each parallel region). Needs about 12 GB of memory for the 1B float32
+cell (the engine's weights and transformers' copy).
 """
 
 from __future__ import annotations
