@@ -14,6 +14,7 @@ from kiln.cli_options import add_options, values
 from kiln.cli_sampling import add_sampling_options, sampling_from_args
 from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import KilnError, RequestError
+from kiln.version import __version__
 
 
 def _add_build(sub: Any) -> None:
@@ -134,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kiln", description="Compile Hugging Face LLMs into inference engines and run them."
     )
+    p.add_argument("--version", action="version", version=f"kiln {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_run(sub)

@@ -186,7 +186,10 @@ class RuntimeConfig:
     )
     attention_kernel: str = field(
         default="auto",
-        metadata={"choices": KERNEL_CHOICES, "help": "paged attention: Triton on CUDA (auto) or the PyTorch reference"},
+        metadata={
+            "choices": KERNEL_CHOICES,
+            "help": "paged attention: Triton on CUDA and batched SDPA on CPU (auto), or the PyTorch reference",
+        },
     )
     linear_kernel: str = field(
         default="auto",

@@ -7,15 +7,17 @@ and Inductor keeps as an in-place call.
 
 On CUDA tensors the op runs the Triton kernels of `kiln.kernels.triton` (no host
 synchronisation, so it can sit inside CUDA graphs) when triton is importable and the
-kernel selection's `attention` is not `reference` (`kiln.kernels.selection`); everywhere else, and for inputs those
-kernels do not take (see `kiln.kernels.triton.unsupported_reason`), the PyTorch reference.
+kernel selection's `attention` is not `reference` (`kiln.kernels.selection`); on CPU tensors, unless the
+selection's `attention` is `reference`, `kiln.kernels.cpu_attention` (decode rows batched through SDPA);
+everywhere else, and for inputs the Triton kernels do not take (see
+`kiln.kernels.triton.unsupported_reason`), the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels import reference
+from kiln.kernels import cpu_attention, reference
 from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
 
@@ -23,6 +25,11 @@ from kiln.kernels.triton_support import triton_importable
 def use_triton(q: torch.Tensor) -> bool:
     """Whether the op takes the Triton path for a call whose query is q (its device, the kernel selection)."""
     return q.is_cuda and current().attention != "reference" and triton_importable()
+
+
+def use_cpu_path(q: torch.Tensor) -> bool:
+    """Whether the op takes `kiln.kernels.cpu_attention` for a call whose query is q."""
+    return q.device.type == "cpu" and current().attention != "reference"
 
 
 @torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
@@ -65,7 +72,8 @@ def paged_attention(
                 softcap,
                 tuple(w for w in (prefetch, prefetch_next) if w is not None),
             )
-    return reference.paged_attention(
+    attend = cpu_attention.paged_attention if use_cpu_path(q) else reference.paged_attention
+    return attend(
         q,
         k,
         v,

@@ -7,16 +7,16 @@ key a query may see must be in the cache or among the step's new tokens: the sch
 splits such an image across prefill chunks.
 
 On CUDA it takes the Triton kernels when `kiln.kernels.paged_attention.use_triton` allows (the
-prefill kernel reads attend_end on the device, so no call synchronises with the host); elsewhere
-the PyTorch reference.
+prefill kernel reads attend_end on the device, so no call synchronises with the host); on CPU, as
+`kiln::paged_attention` there (`use_cpu_path`); elsewhere the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels import reference
-from kiln.kernels.paged_attention import use_triton
+from kiln.kernels import cpu_attention, reference
+from kiln.kernels.paged_attention import use_cpu_path, use_triton
 
 
 @torch.library.custom_op("kiln::paged_attention_limits", mutates_args=("kv_cache",))
@@ -41,7 +41,8 @@ def paged_attention_limits(
         if unsupported_reason(q, k, v, kv_cache) is None:
             args = (q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, layer, scale)
             return paged_attention_triton(*args, sliding_window, softcap, attend_end=attend_end)
-    return reference.paged_attention(
+    attend = cpu_attention.paged_attention if use_cpu_path(q) else reference.paged_attention
+    return attend(
         q,
         k,
         v,
