@@ -69,11 +69,12 @@ class CompiledProgram:
 
 
 def _isa_probe_needless(built_for: str | None) -> bool:
-    """Whether the CPU vector ISA Inductor reads from this CPU's flags is the one the build picked.
+    """Whether the CPU vector ISA Inductor picks from this CPU's flags alone is the one the build picked.
 
-    Inductor otherwise checks each ISA the CPU reports, at every load, by compiling a probe and
-    loading it in a child Python (over a second on a small CPU). When the ISAs differ (an engine from
-    another CPU) the probe runs as before, and the kernels are compiled for this CPU's ISA."""
+    Inductor otherwise checks each ISA the CPU reports at every load, by compiling a probe and loading
+    it in a child Python (torch's checks of ISA extensions, which set compiler flags, still run). When
+    the two differ (an engine from another CPU) Inductor probes as before and compiles its kernels for
+    this CPU."""
     from torch._inductor import config
     from torch._inductor.cpu_vec_isa import valid_vec_isa_list
 
