@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kiln.engine.manifest import COMPILED, PROGRAM, WEIGHTS
+from kiln.engine.manifest import COMPILED, PROGRAM, PROGRAM_INDEX, WEIGHTS
 from kiln.engine.program_files import attach_weights, load_graph, load_lifted
 from kiln.engine.program_index import ProgramIndex, cpu_vec_isa, read_index
 from kiln.engine.weight_bytes import decode_weight_bytes
@@ -102,9 +102,8 @@ def load_compiled(program: torch.export.ExportedProgram, path: Path) -> Compiled
     return CompiledProgram(_load_artifact(path), _lifted_state(program), _user_output_index(program))
 
 
-def load_indexed(index: ProgramIndex, directory: Path, device: torch.device) -> CompiledProgram:
-    """The compiled program in `directory` fed with its weights, as its index lists them (no torch.export.load)."""
-    state = load_lifted(directory, device, index.lifted)
+def load_indexed(index: ProgramIndex, directory: Path, state: list[torch.Tensor]) -> CompiledProgram:
+    """The compiled program in `directory` fed with `state`, the weights its index lists (no torch.export.load)."""
     return CompiledProgram(_load_artifact(directory / COMPILED, index.vec_isa), state, index.output)
 
 
@@ -175,10 +174,14 @@ def load_program(
         if not zipfile.is_zipfile(path):  # before torch, which logs a traceback of its own
             raise ValueError("not a torch.export archive")
         _check_operators(path)
+        path = directory / PROGRAM_INDEX
         index = read_index(directory) if compiled else None
+        path = directory / PROGRAM
         if index is not None:
             path = directory / WEIGHTS
-            return LoadedProgram(load_indexed(index, directory, device), index.weight_bytes)
+            state = load_lifted(directory, device, index.lifted)
+            path = directory / COMPILED
+            return LoadedProgram(load_indexed(index, directory, state), index.weight_bytes)
         exported = load_graph(path)
         path = directory / WEIGHTS
         attach_weights(exported, directory, device)

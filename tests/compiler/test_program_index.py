@@ -113,6 +113,17 @@ def test_weights_that_do_not_fit_the_index_are_refused(built, tmp_path):
         programs.load_program(bad, CPU, compiled=True)
 
 
+def test_a_damaged_index_is_named_with_the_rebuild_advice(built, tmp_path):
+    import shutil
+
+    directory, _ = built
+    bad = tmp_path / "bad-index"
+    shutil.copytree(directory, bad)
+    (bad / PROGRAM_INDEX).write_text("{not json")
+    with pytest.raises(EngineMismatchError, match=rf"{PROGRAM_INDEX} cannot be loaded .*rebuild it with `kiln build`"):
+        programs.load_program(bad, CPU, compiled=True)
+
+
 _LOAD_COUNTING_PROBES = """
 import sys, torch
 from torch._inductor import cpu_vec_isa
