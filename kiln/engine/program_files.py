@@ -18,7 +18,7 @@ from types import TracebackType
 import torch
 
 from kiln.engine.manifest import PROGRAM, WEIGHTS
-from kiln.engine.program_index import LiftedInput, write_index
+from kiln.engine.program_index import LiftedInput
 
 ALIASES_KEY = "kiln.aliases"  # safetensors metadata: {name: stored name} for tensors stored once
 
@@ -70,7 +70,6 @@ class ProgramWrite:
 
         directory.mkdir(parents=True, exist_ok=True)
         torch.export.save(without_weights(program), directory / PROGRAM)
-        write_index(program, directory)
         tensors, aliases = stored_tensors(program)
         self._error: BaseException | None = None
 
