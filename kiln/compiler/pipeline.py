@@ -28,6 +28,7 @@ from kiln.engine.manifest import (
     write_manifest,
 )
 from kiln.engine.program_files import ProgramWrite
+from kiln.engine.program_index import write_index
 from kiln.errors import UnsupportedModelError
 from kiln.kernels.selection import selected
 from kiln.progress import Progress
@@ -104,6 +105,7 @@ def write_program(
         if config.compile:
             with progress.stage(f"compile{suffix}", f"Inductor on {_device_type(spec)}"):
                 inductor.compile_program(program, directory / COMPILED, combo_kernels=config.combo_kernels)
+                write_index(program, directory)  # what the compiled load needs, without torch.export.load
             with progress.stage(f"verify{suffix}", "compiled vs captured program"):
                 agreement = check_programs_agree(
                     program, directory / COMPILED, spec.verify_inputs, torch_dtype(config.dtype)

@@ -18,6 +18,7 @@ MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
 WEIGHTS = "weights.safetensors"  # the program's weights (kiln.engine.program_files)
 COMPILED = "compiled.bin"
+PROGRAM_INDEX = "program_index.json"  # what a compiled load needs from program.pt2 (kiln.engine.program_index)
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "processor"
 VISION_DIR = "vision"

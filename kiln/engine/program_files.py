@@ -18,6 +18,7 @@ from types import TracebackType
 import torch
 
 from kiln.engine.manifest import PROGRAM, WEIGHTS
+from kiln.engine.program_index import LiftedInput
 
 ALIASES_KEY = "kiln.aliases"  # safetensors metadata: {name: stored name} for tensors stored once
 
@@ -101,14 +102,34 @@ def save_program(program: torch.export.ExportedProgram, directory: Path) -> None
     ProgramWrite(program, directory).wait()
 
 
-def attach_weights(program: torch.export.ExportedProgram, directory: Path, device: torch.device) -> None:
-    """Put the weights of `directory`'s weights.safetensors, on `device`, into `program` (loaded from
-    its program.pt2); a missing or mismatched tensor is a ValueError."""
+def _stored(directory: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of `directory`'s weights.safetensors on `device`, and its aliases."""
     from safetensors import safe_open
 
     with safe_open(str(directory / WEIGHTS), framework="pt", device=str(device)) as f:
         aliases: dict[str, str] = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    return tensors, aliases
+
+
+def load_lifted(directory: Path, device: torch.device, lifted: tuple[LiftedInput, ...]) -> list[torch.Tensor]:
+    """The weights `lifted` names, in its order, from `directory`'s weights.safetensors on `device`;
+    a missing or mismatched tensor is a ValueError."""
+    tensors, aliases = _stored(directory, device)
+    values = []
+    for spec in lifted:
+        stored = aliases.get(spec.name, spec.name)
+        if stored not in tensors:
+            raise ValueError(f"{WEIGHTS} has no tensor {stored}")
+        spec.check(tensors[stored])
+        values.append(tensors[stored])
+    return values
+
+
+def attach_weights(program: torch.export.ExportedProgram, directory: Path, device: torch.device) -> None:
+    """Put the weights of `directory`'s weights.safetensors, on `device`, into `program` (loaded from
+    its program.pt2); a missing or mismatched tensor is a ValueError."""
+    tensors, aliases = _stored(directory, device)
     for table in (program.state_dict, program.constants):
         for name, old in list(table.items()):
             if not isinstance(old, torch.Tensor):
@@ -158,6 +179,7 @@ __all__ = [
     "attach_weights",
     "load_graph",
     "load_exported",
+    "load_lifted",
     "save_program",
     "stored_tensors",
     "without_weights",

@@ -8,6 +8,7 @@ kiln's namespaces (the manifest's `op_modules`) are imported first; one that fai
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import zipfile
@@ -18,8 +19,9 @@ from typing import Any, Protocol
 
 import torch
 
-from kiln.engine.manifest import COMPILED, PROGRAM, WEIGHTS
-from kiln.engine.program_files import attach_weights, load_graph
+from kiln.engine.manifest import COMPILED, PROGRAM, PROGRAM_INDEX, WEIGHTS
+from kiln.engine.program_files import attach_weights, load_graph, load_lifted
+from kiln.engine.program_index import ProgramIndex, cpu_vec_isa, read_index
 from kiln.engine.weight_bytes import decode_weight_bytes
 from kiln.errors import EngineMismatchError, KilnError
 
@@ -55,24 +57,54 @@ class EagerProgram:
 
 
 class CompiledProgram:
-    """A loaded CompiledArtifact fed with the program's weights."""
+    """A loaded CompiledArtifact fed with the program's weights (`state`, in the lifted graph's order)."""
 
-    def __init__(self, artifact: Any, program: torch.export.ExportedProgram) -> None:
+    def __init__(self, artifact: Any, state: list[torch.Tensor], output: int) -> None:
         self.artifact = artifact
-        self.state = _lifted_state(program)
-        self.output = _user_output_index(program)
+        self.state = state
+        self.output = output
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.artifact(*self.state, *inputs)[self.output]
 
 
-def load_compiled(program: torch.export.ExportedProgram, path: Path) -> CompiledProgram:
-    """The artifact `kiln.compiler.inductor.compile_program` saved at `path`, fed with `program`'s weights."""
-    from torch._inductor import CompiledArtifact
+def _isa_probe_needless(built_for: str | None) -> bool:
+    """Whether the CPU vector ISA Inductor picks from this CPU's flags alone is the one the build picked.
+
+    Inductor otherwise checks each ISA the CPU reports at every load, by compiling a probe and loading
+    it in a child Python (torch's checks of ISA extensions, which set compiler flags, still run). When
+    the two differ (an engine from another CPU) Inductor probes as before and compiles its kernels for
+    this CPU."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    if built_for is None:
+        return False
+    with config.patch({"cpp.vec_isa_ok": True}):
+        same = cpu_vec_isa() == built_for
+    if not same:
+        valid_vec_isa_list.cache_clear()  # picked from the flags alone: probe again
+    return same
+
+
+def _load_artifact(path: Path, vec_isa: str | None = None) -> Any:
+    from torch._inductor import CompiledArtifact, config
 
     if not path.is_file():
         raise KilnError(f"{path} is missing: the engine's compiled program is gone; rebuild the engine")
-    return CompiledProgram(CompiledArtifact.load(path=str(path), format="binary"), program)
+    skip = _isa_probe_needless(vec_isa)
+    with config.patch({"cpp.vec_isa_ok": True}) if skip else contextlib.nullcontext():
+        return CompiledArtifact.load(path=str(path), format="binary")
+
+
+def load_compiled(program: torch.export.ExportedProgram, path: Path) -> CompiledProgram:
+    """The artifact `kiln.compiler.inductor.compile_program` saved at `path`, fed with `program`'s weights."""
+    return CompiledProgram(_load_artifact(path), _lifted_state(program), _user_output_index(program))
+
+
+def load_indexed(index: ProgramIndex, directory: Path, state: list[torch.Tensor]) -> CompiledProgram:
+    """The compiled program in `directory` fed with `state`, the weights its index lists (no torch.export.load)."""
+    return CompiledProgram(_load_artifact(directory / COMPILED, index.vec_isa), state, index.output)
 
 
 @dataclass(frozen=True)
@@ -142,6 +174,14 @@ def load_program(
         if not zipfile.is_zipfile(path):  # before torch, which logs a traceback of its own
             raise ValueError("not a torch.export archive")
         _check_operators(path)
+        path = directory / PROGRAM_INDEX
+        index = read_index(directory) if compiled else None
+        path = directory / PROGRAM
+        if index is not None:
+            path = directory / WEIGHTS
+            state = load_lifted(directory, device, index.lifted)
+            path = directory / COMPILED
+            return LoadedProgram(load_indexed(index, directory, state), index.weight_bytes)
         exported = load_graph(path)
         path = directory / WEIGHTS
         attach_weights(exported, directory, device)

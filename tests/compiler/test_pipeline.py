@@ -17,7 +17,7 @@ from kiln.compiler.model_facts import cache_shape
 from kiln.compiler.pipeline import build_program, prepare_program, write_program
 from kiln.compiler.program_spec import ProgramSpec
 from kiln.config import BuildConfig
-from kiln.engine.manifest import COMPILED, PROGRAM, WEIGHTS
+from kiln.engine.manifest import COMPILED, PROGRAM, PROGRAM_INDEX, WEIGHTS
 from kiln.engine.programs import load_program
 from kiln.engine.weight_bytes import decode_weight_bytes
 from kiln.errors import EngineMismatchError, KilnError
@@ -87,6 +87,7 @@ def test_a_text_spec_goes_through_the_passes_and_loads_back_as_the_same_program(
     assert written.compiled is False and written.op_modules == {}  # torch's and kiln's operators only
     assert {"export", "passes", "write", "write weights"} <= set(progress.timings)
     assert (tmp_path / PROGRAM).is_file() and (tmp_path / WEIGHTS).is_file() and not (tmp_path / COMPILED).exists()
+    assert not (tmp_path / PROGRAM_INDEX).exists()  # written for compiled programs only
 
     loaded = load_program(tmp_path, CPU, compiled=False)
     assert loaded.weight_bytes == decode_weight_bytes(program) > 0

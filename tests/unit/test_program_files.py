@@ -12,6 +12,7 @@ from kiln.engine.program_files import (
     ALIASES_KEY,
     ProgramWrite,
     load_exported,
+    load_lifted,
     save_program,
     stored_tensors,
     without_weights,
@@ -88,3 +89,19 @@ def test_a_failed_background_write_is_raised_when_the_build_waits(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         with ProgramWrite(_program(), tmp_path) as writing:
             writing.wait()
+
+
+def test_the_index_names_the_lifted_weights_and_they_load_in_its_order(tmp_path):
+    from kiln.engine.program_index import read_index, write_index
+
+    program = _program()
+    save_program(program, tmp_path)
+    assert read_index(tmp_path) is None  # the build writes it for compiled programs only
+    write_index(program, tmp_path)
+    index = read_index(tmp_path)
+    assert index is not None and index.output == 0
+    specs = [s for s in program.graph_signature.input_specs if s.kind.name != "USER_INPUT"]
+    assert [x.name for x in index.lifted] == [s.target for s in specs]
+    values = load_lifted(tmp_path, torch.device("cpu"), index.lifted)
+    table = {**program.state_dict, **program.constants}
+    assert all(torch.equal(v, table[s.target]) for v, s in zip(values, specs, strict=True))
