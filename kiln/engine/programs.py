@@ -175,7 +175,9 @@ def load_program(
             raise ValueError("not a torch.export archive")
         _check_operators(path)
         path = directory / PROGRAM_INDEX
-        index = read_index(directory) if compiled else None
+        # The index path (no torch.export.load) is taken on the CPU only until it has run on a GPU; a CUDA
+        # engine loads as before.
+        index = read_index(directory) if compiled and device.type == "cpu" else None
         path = directory / PROGRAM
         if index is not None:
             path = directory / WEIGHTS
