@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Context tokens decoded before the first generated one (as in vLLM): enough for a
@@ -92,6 +92,7 @@ class IncrementalDetokenizer:
             if not isinstance(item, str) or item == "":
                 raise ValueError(f"stop[{index}] must be a non-empty string, got {item!r}")
         self._tokenizer = tokenizer
+        self._backend = _backend_decoder(tokenizer)
         self._stop = tuple(stop)
         self._stop_first_chars = frozenset(item[0] for item in self._stop)
         self._max_held = max((len(item) for item in self._stop), default=1) - 1
@@ -184,6 +185,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._backend is not None:  # what the wrapper's decode does without clean-up, minus its overhead
+            return str(self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens))
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
         )
@@ -285,3 +288,16 @@ class IncrementalDetokenizer:
                 if any(stop.startswith(tail) for stop in self._stop):
                     return len(buffer) - start
         return 0
+
+
+def _backend_decoder(tokenizer: Any) -> Any:
+    """The Rust `tokenizers.Tokenizer` behind a fast transformers tokenizer whose class does not change how
+    it decodes (no `decode`/`_decode` override below the class that owns `backend_tokenizer`); else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    mro = type(tokenizer).__mro__
+    owner = next((cls for cls in mro if "backend_tokenizer" in vars(cls)), None)
+    if backend is None or owner is None or not callable(getattr(backend, "decode", None)):
+        return None
+    if any("decode" in vars(cls) or "_decode" in vars(cls) for cls in mro[: mro.index(owner)]):
+        return None
+    return backend

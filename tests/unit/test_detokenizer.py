@@ -378,3 +378,32 @@ def test_rejects_bad_arguments(byte_tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(RuntimeError, match="after flush"):
         detok.push(5)
     assert detok.flush() == ""
+
+
+def test_the_rust_decoder_behind_a_fast_tokenizer_gives_the_wrappers_text():
+    import random
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from kiln.runtime.detokenizer import _backend_decoder
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[2] / "demo" / "tiny-kiln")
+    backend = _backend_decoder(tok)
+    assert backend is not None
+    rng = random.Random(7)
+    specials = list(tok.all_special_ids)
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))] + rng.sample(specials, 1)
+        rng.shuffle(ids)
+        for skip in (True, False):
+            assert backend.decode(ids, skip_special_tokens=skip) == tok.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+            )
+
+    class Overrides(type(tok)):  # a class that changes decoding keeps the wrapper's path
+        def _decode(self, *args, **kwargs):
+            return "x"
+
+    overriding = Overrides.from_pretrained(Path(__file__).resolve().parents[2] / "demo" / "tiny-kiln")
+    assert overriding.backend_tokenizer is not None and _backend_decoder(overriding) is None
