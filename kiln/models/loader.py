@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from kiln.errors import KilnError, UnsupportedModelError
+from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.models.registry import ModelRecipe, recipe_for
 from kiln.models.rope import freeze_dynamic_rope
 
@@ -24,6 +25,7 @@ class LoadedCheckpoint:
     tokenizer: Any
     recipe: ModelRecipe
     generation_config: Any | None
+    quantized: QuantizedLinears | None = None  # a pre-quantized checkpoint's linears (the model holds them dense)
 
 
 def _offline() -> None:
