@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,14 @@ import torch
 
 from kiln.errors import KilnError, UnsupportedModelError
 from kiln.models.quantized_checkpoint import QuantizedLinears
+from kiln.models.quantized_formats import (
+    CheckpointTensors,
+    check_files,
+    load_dense_weights,
+    quiet_transformers,
+    reader_for,
+    strip_quantization,
+)
 from kiln.models.registry import ModelRecipe, recipe_for
 from kiln.models.rope import freeze_dynamic_rope
 
@@ -91,29 +100,41 @@ def require_attention(config: Any, architecture: str) -> None:
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool = False
 ) -> LoadedCheckpoint:
-    """Load model (weights streamed from safetensors), tokenizer and generation config."""
+    """Load model (weights streamed from safetensors), tokenizer and generation config.
+
+    A pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors) is read and checked before anything is
+    built, then loaded dense with the weights its quantized linears stand for (`quantized` keeps them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from kiln.models.attention_interface import register_attention
 
     path = Path(path)
+    check_files(path)
     check_checkpoint_dir(path)
+    tensors = CheckpointTensors(path)
+    reader = reader_for(path, tensors)
     config = load_config(path, trust_remote_code=trust_remote_code)
     recipe = recipe_for(
         getattr(config, "architectures", None), trust_remote_code=trust_remote_code, has_code=checkpoint_has_code(path)
     )
     require_attention(config, recipe.architecture)
+    quantized = reader.read(tensors, dtype) if reader is not None else None
+    if quantized is not None:
+        strip_quantization(config)
     register_attention()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            attn_implementation=ATTENTION_NAME,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            local_files_only=True,
-            device_map=str(device) if device.type != "cpu" else None,
-        )
+        with quiet_transformers() if quantized is not None else nullcontext():
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=config,
+                output_loading_info=True,
+                dtype=dtype,
+                attn_implementation=ATTENTION_NAME,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                local_files_only=True,
+                device_map=str(device) if device.type != "cpu" else None,
+            )
     except KeyError as exc:
         if exc.args == (ATTENTION_NAME,):
             raise UnsupportedModelError(
@@ -125,6 +146,9 @@ def load_checkpoint(
         raise UnsupportedModelError(
             f"transformers could not load {recipe.architecture} from {path} with kiln's attention: {exc}"
         ) from exc
+    model: torch.nn.Module = loaded[0]
+    if quantized is not None:
+        load_dense_weights(model, quantized, list(loaded[1]["missing_keys"]))
     model.eval()
     freeze_dynamic_rope(model)
     if device.type == "cpu":
@@ -134,4 +158,4 @@ def load_checkpoint(
         generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:
         generation_config = None
-    return LoadedCheckpoint(model, config, tokenizer, recipe, generation_config)
+    return LoadedCheckpoint(model, config, tokenizer, recipe, generation_config, quantized)
