@@ -59,7 +59,7 @@ class AwqFormat:
             scales = tensors.get(f"{module}.scales")
             k, n = qweight.shape[0], scales.shape[1]
             group = k if self.group_size == -1 else self.group_size
-            check_groups(module, k, group)
+            check_groups(f"AWQ {module}", k, group)
             if tuple(scales.shape) != (k // group, n) or qweight.shape[1] * 8 != n:
                 raise UnsupportedQuantizationError(
                     f"AWQ {module}: qweight {list(qweight.shape)} and scales {list(scales.shape)} do not match "

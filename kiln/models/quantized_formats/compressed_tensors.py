@@ -81,7 +81,7 @@ class CompressedTensorsFormat:
             scales = tensors.get(f"{module}.weight_scale")
             n, k = (int(x) for x in tensors.get(f"{module}.weight_shape").tolist())
             group = k if self.group_size == -1 else self.group_size
-            check_groups(module, k, group)
+            check_groups(f"compressed-tensors {module}", k, group)
             if tuple(scales.shape) != (n, k // group) or packed.shape[1] * (32 // self.bits) < k:
                 raise UnsupportedQuantizationError(
                     f"compressed-tensors {module}: weight_packed {list(packed.shape)} and weight_scale "
@@ -95,6 +95,6 @@ class CompressedTensorsFormat:
                 zeros = torch.full(scales.shape, half, dtype=torch.int32)
             perm = None
             if f"{module}.weight_g_idx" in tensors:
-                perm = act_order(module, tensors.get(f"{module}.weight_g_idx"), group)
+                perm = act_order(f"compressed-tensors {module}", tensors.get(f"{module}.weight_g_idx"), group)
             weights[f"{module}.weight"] = kiln_weight(values, scales, zeros, self.bits, group, perm, dtype)
         return QuantizedLinears("compressed-tensors", self.bits, self.group_size, weights)

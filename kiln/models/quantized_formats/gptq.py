@@ -52,7 +52,7 @@ class GptqFormat:
             scales = tensors.get(f"{module}.scales")
             k, n = qweight.shape[0] * per, qweight.shape[1]
             group = k if self.group_size == -1 else self.group_size
-            check_groups(module, k, group)
+            check_groups(f"GPTQ {module}", k, group)
             if tuple(scales.shape) != (k // group, n):
                 raise UnsupportedQuantizationError(
                     f"GPTQ {module}: scales {list(scales.shape)} do not match qweight {list(qweight.shape)} "
@@ -63,6 +63,6 @@ class GptqFormat:
             zeros = zeros + ZERO_OFFSET[self.checkpoint_format]
             name = f"{module}.g_idx"
             g_idx = tensors.get(name) if name in tensors else torch.arange(k) // group
-            perm = act_order(module, g_idx, group)
+            perm = act_order(f"GPTQ {module}", g_idx, group)
             weights[f"{module}.weight"] = kiln_weight(values, scales.T, zeros, self.bits, group, perm, dtype)
         return QuantizedLinears("gptq", self.bits, self.group_size, weights)
