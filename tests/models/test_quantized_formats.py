@@ -303,3 +303,31 @@ def test_act_order_groups_of_unequal_size_are_refused(tmp_path: Path) -> None:
         match="GPTQ model.layers.0.self_attn.q_proj: its g_idx does not give every group exactly 32",
     ):
         load_checkpoint(tmp_path, torch.float32, CPU)
+
+
+def test_compressed_tensors_group_act_order(tmp_path: Path) -> None:
+    """Older llm-compressor checkpoints (actorder "group") add weight_g_idx: each column's group."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    write_compressed_tensors(tmp_path, "W4A16_ASYM", 32)
+    tensors = CheckpointTensors(tmp_path)
+    state = {name: tensors.get(name) for name in tensors.names()}
+    module = "model.layers.1.mlp.down_proj"
+    k = int(state[f"{module}.weight_shape"][1])
+    torch.manual_seed(3)
+    g_idx = torch.empty(k, dtype=torch.int64)
+    g_idx[torch.randperm(k)] = torch.arange(k) // 32
+    state[f"{module}.weight_g_idx"] = g_idx.to(torch.int32)
+    (tmp_path / "model.safetensors").unlink()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    scale = state[f"{module}.weight_scale"]
+    signed = unpack_from_int32(state[f"{module}.weight_packed"], 4, torch.Size([scale.shape[0], k]))
+    zp = unpack_from_int32(state[f"{module}.weight_zero_point"], 4, scale.shape, packed_dim=0)
+    expected = (signed.float() - zp[:, g_idx].float()) * scale[:, g_idx]
+    weight = _read(tmp_path).weights[f"{module}.weight"]
+    perm = torch.sort(g_idx, stable=True).indices
+    assert weight.perm is not None and torch.equal(weight.perm, perm)
+    assert torch.equal(weight.values, (signed[:, perm] + 8).to(torch.int8))
+    loaded = load_checkpoint(tmp_path, torch.float32, CPU)
+    assert torch.equal(dict(loaded.model.named_parameters())[f"{module}.weight"], expected)
