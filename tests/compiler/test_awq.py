@@ -103,6 +103,7 @@ def random_model(family: str, **options):
         ("llama", {}, 3),  # GQA: v_proj's outputs are not o_proj's inputs
         ("qwen2", {"num_key_value_heads": 4}, 4),  # q/k/v biases, and v -> o folded
         ("mistral", {}, 3),
+        ("qwen3", {}, 3),  # q/k norms after the projections
     ],
 )
 def test_folding_scales_keeps_the_function(family, options, groups):
@@ -193,3 +194,20 @@ def test_awq_in_bfloat16_keeps_its_scales_in_the_model_dtype():
     for name, weight in result.weights.items():
         assert weight.scales.dtype == torch.bfloat16 and weight.zeros is not None
         assert torch.equal(params[name], weight.dequantize(torch.bfloat16))
+
+
+def test_calibration_ids_cut_the_text_into_sequences(demo):
+    from kiln.compiler.quantize.calibration import calibration_ids
+    from kiln.errors import KilnError
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    text = (REPO / "demo" / "corpus.txt").read_text()
+    ids = tokenizer(text)["input_ids"]
+    sequences = calibration_ids(tokenizer, text, seq_len=100, max_sequences=5)
+    assert [len(s) for s in sequences] == [100] * 5
+    assert torch.equal(torch.cat(sequences), torch.tensor(ids[:500]))
+    everything = calibration_ids(tokenizer, text, seq_len=400)
+    assert torch.equal(torch.cat(everything), torch.tensor(ids[: sum(len(s) for s in everything)]))
+    assert len(everything) == -(-len(ids) // 400) - (len(ids) % 400 == 1)
+    with pytest.raises(KilnError, match="empty"):
+        calibration_ids(tokenizer, " \n")

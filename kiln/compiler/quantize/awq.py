@@ -187,6 +187,7 @@ class _Inputs:
         self.sums: dict[str, torch.Tensor] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self.reader: dict[str, str] = {}  # linear -> the linear whose recorded input it shares
 
     def hook(self, name: str) -> Any:
         def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -250,6 +251,26 @@ def _layer_linears(layer: torch.nn.Module, groups: Sequence[ScaleGroup], group_s
     return linears
 
 
+def _record_inputs(
+    layer: torch.nn.Module,
+    groups: Sequence[ScaleGroup],
+    linears: dict[str, torch.nn.Linear],
+    hidden: Sequence[torch.Tensor],
+    kwargs: Sequence[dict[str, Any]],
+) -> _Inputs:
+    """Run the layer on every calibration sample, recording each group's input once (at its first linear)."""
+    inputs = _Inputs()
+    inputs.reader = {p: group.linears[0] for group in groups for p in group.linears}
+    handles = [linears[p].register_forward_pre_hook(inputs.hook(p)) for p in set(inputs.reader.values())]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            _run_layer(layer, h, kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
 def _search_and_fold(
     layer: torch.nn.Module, groups: Sequence[ScaleGroup], linears: dict[str, torch.nn.Linear], inputs: _Inputs, g: int
 ) -> dict[str, torch.Tensor]:
@@ -305,17 +326,10 @@ def awq_quantize(
         stage = progress.stage("awq", f"layer {index + 1}/{len(layers)}") if progress is not None else nullcontext()
         with stage:
             linears = _layer_linears(layer, groups, group_size)
-            inputs = _Inputs()
-            handles = [m.register_forward_pre_hook(inputs.hook(p)) for p, m in linears.items()]
-            try:
-                for h, (_, kwargs) in zip(hidden, samples):
-                    _run_layer(layer, h, kwargs[index])
-            finally:
-                for handle in handles:
-                    handle.remove()
+            inputs = _record_inputs(layer, groups, linears, hidden, [kwargs[index] for _, kwargs in samples])
             scaled = _search_and_fold(layer, groups, linears, inputs, group_size)
             for path, linear in linears.items():
-                gram = inputs.gram(path)
+                gram = inputs.gram(inputs.reader[path])
                 if path in scaled:  # the input is now x / s
                     inv = 1.0 / scaled[path]
                     gram = gram * inv[:, None] * inv[None, :]
