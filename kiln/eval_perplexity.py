@@ -99,17 +99,21 @@ def engine_nll(llm: Any, windows: list[list[int]], advance: Callable[[int], None
     return total
 
 
+def check_checkpoint(path: str | Path) -> Path:
+    checkpoint = Path(path)
+    if not (checkpoint / "config.json").is_file():
+        raise KilnError(f"--compare-hf {checkpoint} is not a checkpoint directory (no config.json)")
+    return checkpoint
+
+
 def hf_nll(
-    checkpoint: str | Path, windows: list[list[int]], dtype: Any, device: str, advance: Callable[[int], None]
+    checkpoint: Path, windows: list[list[int]], dtype: Any, device: str, advance: Callable[[int], None]
 ) -> float:
     """The same sum as `engine_nll`, by transformers on `checkpoint` (float32 log-softmax)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise KilnError(f"--compare-hf {path} is not a checkpoint directory (no config.json)")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    model: Any = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
     model = model.to(device).eval()
     total = 0.0
     with torch.no_grad():
@@ -122,53 +126,78 @@ def hf_nll(
     return total
 
 
-def evaluate(options: EvalOptions, **runtime: Any) -> PerplexityResult:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as Bar
+@dataclass(frozen=True)
+class _EngineScore:
+    windows: list[list[int]]
+    window: int
+    nll_sum: float
+    dtype: str  # the engine's, for transformers
+    device: str
 
+
+def _score_engine(options: EvalOptions, text: str, bar: Any, runtime: dict[str, Any]) -> _EngineScore:
     from kiln.api import LLM
-    from kiln.config import torch_dtype
-    from kiln.progress import Progress
 
-    text = read_text(options.text)
-    stages = Progress(enabled=options.progress)
     llm = LLM(options.engine, progress=options.progress, **runtime)
     build = llm.engine.build
     limit = min(build.input_len, build.seq_len - 1)  # max_tokens=1 must still fit
     window = limit if options.window is None else options.window
     if window > limit:
         raise KilnError(f"--window {window} is longer than this engine's prompts can be ({limit} tokens)")
-    ids = llm.encode(text)
-    if options.max_tokens is not None:
-        if options.max_tokens < 2:
-            raise KilnError(f"--max-tokens must be at least 2, got {options.max_tokens}")
-        ids = ids[: options.max_tokens]
+    ids = llm.encode(text)[: options.max_tokens]
     windows = split_windows(ids, window)
     if not windows:
         raise KilnError(f"--text {options.text} has {len(ids)} token(s): nothing to score (at least 2 are needed)")
-    scored = sum(len(w) - 1 for w in windows)
+    task = bar.add_task("kiln windows", total=len(windows))
+    nll_sum = engine_nll(llm, windows, lambda n: bar.advance(task, n))
+    return _EngineScore(windows, window, nll_sum, build.dtype, str(llm.engine.device))
+
+
+def evaluate(options: EvalOptions, **runtime: Any) -> PerplexityResult:
+    """Score the text with the engine, then (with `compare_hf`) with transformers once the engine is
+    released (on a GPU its KV pool holds most of the memory)."""
+    import gc
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    from kiln.config import torch_dtype
+    from kiln.progress import Progress
+
+    text = read_text(options.text)
+    checkpoint = check_checkpoint(options.compare_hf) if options.compare_hf is not None else None
+    if options.max_tokens is not None and options.max_tokens < 2:
+        raise KilnError(f"--max-tokens must be at least 2, got {options.max_tokens}")
+    if options.window is not None:
+        split_windows([], options.window)  # refuses a window under 2 before the engine loads
+    stages = Progress(enabled=options.progress)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Bar(
-        *columns, console=stages.console, transient=True, disable=not (options.progress and stages.console.is_terminal)
-    ) as bar:
-        task = bar.add_task("kiln windows", total=len(windows))
-        nll = engine_nll(llm, windows, lambda n: bar.advance(task, n)) / scored
+    shown = options.progress and stages.console.is_terminal
+    with Bar(*columns, console=stages.console, transient=True, disable=not shown) as bar:
+        score = _score_engine(options, text, bar, runtime)
+        gc.collect()  # the engine, and its KV pool, are gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         hf = None
-        if options.compare_hf is not None:
-            task = bar.add_task("transformers windows", total=len(windows))
-            dtype, device = torch_dtype(build.dtype), llm.engine.device
-            hf = hf_nll(options.compare_hf, windows, dtype, str(device), lambda n: bar.advance(task, n)) / scored
-    stages.note(f"{scored} tokens scored in {len(windows)} window(s) of at most {window}")
+        if checkpoint is not None:
+            task = bar.add_task("transformers windows", total=len(score.windows))
+            dtype = torch_dtype(score.dtype)
+            hf = hf_nll(checkpoint, score.windows, dtype, score.device, lambda n: bar.advance(task, n))
+    scored = sum(len(w) - 1 for w in score.windows)
+    stages.note(f"{scored} tokens scored in {len(score.windows)} window(s) of at most {score.window}")
+    nll = score.nll_sum / scored
+    hf_mean = hf / scored if hf is not None else None
     return PerplexityResult(
         engine=str(options.engine),
         tokens=scored,
-        windows=len(windows),
-        window=window,
+        windows=len(score.windows),
+        window=score.window,
         nll=nll,
         perplexity=math.exp(nll),
-        hf_nll=hf,
-        hf_perplexity=math.exp(hf) if hf is not None else None,
-        ratio=math.exp(nll - hf) if hf is not None else None,
+        hf_nll=hf_mean,
+        hf_perplexity=math.exp(hf_mean) if hf_mean is not None else None,
+        ratio=math.exp(nll - hf_mean) if hf_mean is not None else None,
         quantization=quantization_of(options.engine),
     )
 
