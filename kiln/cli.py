@@ -1,4 +1,4 @@
-"""`kiln build`, `kiln run`, `kiln chat`, `kiln serve` and `kiln bench`."""
+"""`kiln build`, `kiln run`, `kiln chat`, `kiln serve`, `kiln bench` and `kiln eval`."""
 
 from __future__ import annotations
 
@@ -87,6 +87,32 @@ def _add_bench(sub: Any) -> None:
     _add_runtime_options(p)
 
 
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="perplexity of an engine over a text file (optionally beside transformers)")
+    p.add_argument("engine", help="engine directory written by `kiln build`")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--compare-hf", default=None, metavar="CHECKPOINT", help="also score it with transformers")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
+    p.add_argument(
+        "--window",
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens per non-overlapping window (default: the engine's max_input_len)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_runtime_options(p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kiln.eval_perplexity import EvalOptions, evaluate, summary
+
+    options = EvalOptions(args.engine, args.text, args.compare_hf, args.max_tokens, args.window, not args.json)
+    result = evaluate(options, **_runtime(args))
+    print(result.to_json() if args.json else summary(result))
+    return 0
+
+
 def _add_chat(sub: Any) -> None:
     p = sub.add_parser("chat", help="chat with an engine on the terminal, turn by turn (/reset, /exit)")
     p.add_argument("engine", help="engine directory written by `kiln build`")
@@ -142,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_serve(sub)
     _add_bench(sub)
+    _add_eval(sub)
     return p
 
 
@@ -350,7 +377,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     _quiet_transformers()
     try:
-        commands = {"build": cmd_build, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench}
+        commands = {
+            "build": cmd_build,
+            "run": cmd_run,
+            "chat": cmd_chat,
+            "serve": cmd_serve,
+            "bench": cmd_bench,
+            "eval": cmd_eval,
+        }
         return commands[args.command](args)
     except KilnError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)

@@ -34,7 +34,9 @@ def probe(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("args", [["--version"], ["--help"], ["build", "--help"], ["serve", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--version"], ["--help"], ["build", "--help"], ["serve", "--help"], ["eval", "--help"]]
+)
 def test_cli_paths_that_load_nothing_import_no_torch(args):
     result = probe(args)
     assert result["exit"] == 0, result
