@@ -1,0 +1,148 @@
+"""Pre-quantized vision-language checkpoints: a tiny LLaVA whose language model's linears are AWQ, GPTQ or
+compressed-tensors (the vision tower and projector dense, as published checkpoints have them) loads dense,
+equal to the reference, with `quantized` keyed by the model's parameter names."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from vlm_checkpoints import make_vlm_checkpoint
+
+from kiln.models.loader import LoadedCheckpoint
+from kiln.models.vlm_loader import load_vision_language
+from tests.quantized_checkpoints import Tiny, write_awq, write_compressed_tensors, write_gptq
+
+CPU = torch.device("cpu")
+SEED = 5
+# The language model's decoder linears, as transformers (4.x, and 5.x when saving) lays a LLaVA checkpoint out.
+LLAVA = Tiny(
+    lambda d, seed: make_vlm_checkpoint("llava", d, seed=seed),
+    re.compile(r"language_model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight"),
+    "LlavaForConditionalGeneration",
+    ("lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"),
+)
+# transformers >= 4.52 checkpoint names -> the parameter names of transformers 5's LlavaForConditionalGeneration
+NEW_LAYOUT = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def model_name(checkpoint_name: str) -> str:
+    for old, new in NEW_LAYOUT:
+        if checkpoint_name.startswith(old):
+            return new + checkpoint_name.removeprefix(old)
+    return checkpoint_name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The dense tiny LLaVA the quantized ones start from, as transformers loads it."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = make_vlm_checkpoint("llava", tmp_path_factory.mktemp("llava-dense"), seed=SEED)
+    return {k: v.clone() for k, v in LlavaForConditionalGeneration.from_pretrained(path).state_dict().items()}
+
+
+def _load(path: Path) -> LoadedCheckpoint:
+    loaded, family, _ = load_vision_language(path, torch.float32, CPU)
+    assert family.architecture == "LlavaForConditionalGeneration"
+    assert getattr(loaded.config, "quantization_config", None) is None
+    return loaded
+
+
+def _assert_dense(loaded: LoadedCheckpoint, reference: dict[str, torch.Tensor], dense: dict[str, torch.Tensor]) -> None:
+    """The model is the reference with each quantized linear (by parameter name) replaced by its dense weight;
+    every other weight (vision tower, projector, embeddings, norms, lm_head) is the reference's."""
+    assert loaded.quantized is not None
+    assert set(loaded.quantized.weights) == set(dense)
+    assert all(name.startswith("model.language_model.layers.") for name in dense)
+    state = loaded.model.state_dict()
+    assert set(state) == set(reference) and set(dense) <= set(state)
+    for name, tensor in state.items():
+        expected = dense.get(name, reference[name])
+        assert torch.equal(tensor, expected), name
+    for name, weight in loaded.quantized.weights.items():
+        assert torch.equal(weight.dequantize(torch.float32), dense[name]), name
+
+
+def _set_quantization(path: Path, **fields: Any) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_awq_llava(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
+    assert len(written) == 14  # 2 layers x 7 linears, nothing of the vision side
+    # AutoAWQ names what it left dense; kiln reads what is packed, so the list changes nothing
+    _set_quantization(tmp_path, modules_to_not_convert=["vision_tower", "multi_modal_projector"])
+    loaded = _load(tmp_path)
+    assert loaded.quantized is not None and loaded.quantized.method == "awq"
+    _assert_dense(loaded, reference, {model_name(name): lin.dense() for name, lin in written.items()})
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(bits=4, group_size=32, sym=False, desc_act=True, checkpoint_format="gptq"),
+        dict(bits=8, group_size=-1, sym=True, desc_act=False, checkpoint_format="gptq_v2"),
+    ],
+    ids=["4bit-act-order", "8bit-channel"],
+)
+def test_gptq_llava(tmp_path: Path, reference: dict[str, torch.Tensor], case: dict[str, Any]) -> None:
+    written = write_gptq(tmp_path, seed=SEED, tiny=LLAVA, **case)
+    loaded = _load(tmp_path)
+    assert loaded.quantized is not None
+    assert (loaded.quantized.method, loaded.quantized.bits) == ("gptq", case["bits"])
+    _assert_dense(loaded, reference, {model_name(name): lin.dense() for name, lin in written.items()})
+
+
+def test_awq_llava_in_the_new_layout(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    """A checkpoint saved with transformers' newer names (`model.language_model.layers...`) loads the same."""
+    written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
+    file = tmp_path / "model.safetensors"
+    state = load_file(str(file))
+    renamed = {model_name(name): tensor for name, tensor in state.items()}
+    assert "model.language_model.layers.0.self_attn.q_proj.qweight" in renamed
+    file.unlink()
+    save_file(renamed, str(file), metadata={"format": "pt"})
+    loaded = _load(tmp_path)
+    _assert_dense(loaded, reference, {model_name(name): lin.dense() for name, lin in written.items()})
+
+
+def test_compressed_tensors_llava_with_an_ignore_list(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    from kiln.models.quantized_formats import CheckpointTensors
+
+    write_compressed_tensors(tmp_path, "W4A16_ASYM", 32, seed=SEED, tiny=LLAVA)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    # the library writes its ignore list out as the modules it left dense: the vision side and lm_head
+    assert "multi_modal_projector.linear_1" in qc["ignore"] and "language_model.lm_head" in qc["ignore"]
+    assert "vision_tower.encoder.layers.1.mlp.fc2" in qc["ignore"]
+    args = QuantizationArgs(**qc["config_groups"]["group_0"]["weights"])
+    tensors = CheckpointTensors(tmp_path)
+    dense = {}
+    for module in tensors.prefixes("weight_packed"):
+        assert LLAVA.linears.fullmatch(f"{module}.weight"), module  # the library packed the language model only
+        shape = torch.Size(tensors.get(f"{module}.weight_shape").tolist())
+        scale = tensors.get(f"{module}.weight_scale")
+        signed = unpack_from_int32(tensors.get(f"{module}.weight_packed"), 4, shape)
+        zp_shape = torch.Size([shape[0], scale.shape[1]])
+        zp = unpack_from_int32(tensors.get(f"{module}.weight_zero_point"), 4, zp_shape, packed_dim=0)
+        dense[model_name(f"{module}.weight")] = dequantize(signed, scale, zp, args)
+    assert len(dense) == 14
+    loaded = _load(tmp_path)
+    assert loaded.quantized is not None and loaded.quantized.method == "compressed-tensors"
+    _assert_dense(loaded, reference, dense)
