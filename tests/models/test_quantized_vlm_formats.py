@@ -1,6 +1,6 @@
-"""Pre-quantized vision-language checkpoints: a tiny LLaVA whose language model's linears are AWQ, GPTQ or
-compressed-tensors (the vision tower and projector dense, as published checkpoints have them) loads dense,
-equal to the reference, with `quantized` keyed by the model's parameter names."""
+"""Pre-quantized vision-language checkpoints: a tiny LLaVA (and BLIP-2) whose language model's linears are AWQ,
+GPTQ or compressed-tensors (the vision tower and projector dense, as published checkpoints have them) loads
+dense, equal to the reference, with `quantized` keyed by the model's parameter names."""
 
 from __future__ import annotations
 
@@ -27,16 +27,29 @@ LLAVA = Tiny(
     "LlavaForConditionalGeneration",
     ("lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"),
 )
-# transformers >= 4.52 checkpoint names -> the parameter names of transformers 5's LlavaForConditionalGeneration
+# LLaVA's legacy checkpoint names -> its parameter names in transformers 5 (what transformers >= 4.52 saves too)
 NEW_LAYOUT = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
+# BLIP-2's OPT decoder keeps its checkpoint names in transformers 5 (`language_model.model.decoder.layers...`).
+BLIP2 = Tiny(
+    lambda d, seed: make_vlm_checkpoint("blip2", d, seed=seed),
+    re.compile(r"language_model\.model\.decoder\.layers\.\d+\.(self_attn\.\w+_proj|fc1|fc2)\.weight"),
+    "Blip2ForConditionalGeneration",
+    ("language_model.lm_head", "re:.*vision_model.*", "re:.*qformer.*", "language_projection"),
+)
+# family -> (the parameter names of its language model's decoder layers, how many linears those have)
+LANGUAGE_LAYERS = {
+    "llava": ("model.language_model.layers.", 2 * 7),
+    "blip2": ("language_model.model.decoder.layers.", 2 * 6),
+}
 
 
 def model_name(checkpoint_name: str) -> str:
+    """A LLaVA checkpoint name -> its parameter name in transformers 5 (the same in 5.17 and 5.25)."""
     for old, new in NEW_LAYOUT:
         if checkpoint_name.startswith(old):
             return new + checkpoint_name.removeprefix(old)
@@ -44,27 +57,46 @@ def model_name(checkpoint_name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The dense tiny LLaVA the quantized ones start from, as transformers loads it."""
-    from transformers import LlavaForConditionalGeneration
+def references(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """family -> the dense tiny checkpoint the quantized ones start from, as transformers loads it."""
+    import transformers
 
-    path = make_vlm_checkpoint("llava", tmp_path_factory.mktemp("llava-dense"), seed=SEED)
-    return {k: v.clone() for k, v in LlavaForConditionalGeneration.from_pretrained(path).state_dict().items()}
+    made: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(family: str) -> dict[str, torch.Tensor]:
+        if family not in made:
+            path = make_vlm_checkpoint(family, tmp_path_factory.mktemp(f"{family}-dense"), seed=SEED)
+            model_class = getattr(transformers, {"llava": LLAVA, "blip2": BLIP2}[family].model_class)
+            made[family] = {k: v.clone() for k, v in model_class.from_pretrained(path).state_dict().items()}
+        return made[family]
+
+    return get
 
 
-def _load(path: Path) -> LoadedCheckpoint:
+@pytest.fixture
+def reference(references: Any) -> dict[str, torch.Tensor]:
+    return references("llava")
+
+
+def _load(path: Path, architecture: str = "LlavaForConditionalGeneration") -> LoadedCheckpoint:
     loaded, family, _ = load_vision_language(path, torch.float32, CPU)
-    assert family.architecture == "LlavaForConditionalGeneration"
+    assert family.architecture == architecture
     assert getattr(loaded.config, "quantization_config", None) is None
     return loaded
 
 
-def _assert_dense(loaded: LoadedCheckpoint, reference: dict[str, torch.Tensor], dense: dict[str, torch.Tensor]) -> None:
+def _assert_dense(
+    loaded: LoadedCheckpoint,
+    reference: dict[str, torch.Tensor],
+    dense: dict[str, torch.Tensor],
+    family: str = "llava",
+) -> None:
     """The model is the reference with each quantized linear (by parameter name) replaced by its dense weight;
     every other weight (vision tower, projector, embeddings, norms, lm_head) is the reference's."""
     assert loaded.quantized is not None
     assert set(loaded.quantized.weights) == set(dense)
-    assert all(name.startswith("model.language_model.layers.") for name in dense)
+    layers, count = LANGUAGE_LAYERS[family]
+    assert len(dense) == count and all(name.startswith(layers) for name in dense)
     state = loaded.model.state_dict()
     assert set(state) == set(reference) and set(dense) <= set(state)
     for name, tensor in state.items():
@@ -82,7 +114,7 @@ def _set_quantization(path: Path, **fields: Any) -> None:
 
 def test_awq_llava(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
     written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
-    assert len(written) == 14  # 2 layers x 7 linears, nothing of the vision side
+    assert len(written) == 14  # 2 layers x 7 linears, nothing of the vision side (checked again on loading)
     # AutoAWQ names what it left dense; kiln reads what is packed, so the list changes nothing
     _set_quantization(tmp_path, modules_to_not_convert=["vision_tower", "multi_modal_projector"])
     loaded = _load(tmp_path)
@@ -104,6 +136,14 @@ def test_gptq_llava(tmp_path: Path, reference: dict[str, torch.Tensor], case: di
     assert loaded.quantized is not None
     assert (loaded.quantized.method, loaded.quantized.bits) == ("gptq", case["bits"])
     _assert_dense(loaded, reference, {model_name(name): lin.dense() for name, lin in written.items()})
+
+
+def test_gptq_blip2(tmp_path: Path, references: Any) -> None:
+    """BLIP-2-OPT: the OPT decoder's linears (with biases, kept dense) quantized, vision model and Q-Former dense."""
+    written = write_gptq(tmp_path, bits=4, group_size=32, desc_act=True, seed=SEED, tiny=BLIP2)
+    loaded = _load(tmp_path, "Blip2ForConditionalGeneration")
+    dense = {name: lin.dense() for name, lin in written.items()}  # OPT's checkpoint names are its parameter names
+    _assert_dense(loaded, references("blip2"), dense, "blip2")
 
 
 def test_awq_llava_in_the_new_layout(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -142,7 +182,6 @@ def test_compressed_tensors_llava_with_an_ignore_list(tmp_path: Path, reference:
         zp_shape = torch.Size([shape[0], scale.shape[1]])
         zp = unpack_from_int32(tensors.get(f"{module}.weight_zero_point"), 4, zp_shape, packed_dim=0)
         dense[model_name(f"{module}.weight")] = dequantize(signed, scale, zp, args)
-    assert len(dense) == 14
     loaded = _load(tmp_path)
     assert loaded.quantized is not None and loaded.quantized.method == "compressed-tensors"
     _assert_dense(loaded, reference, dense)
