@@ -1,6 +1,6 @@
-"""Pre-quantized vision-language checkpoints: a tiny LLaVA (and BLIP-2) whose language model's linears are AWQ,
-GPTQ or compressed-tensors (the vision tower and projector dense, as published checkpoints have them) loads
-dense, equal to the reference, with `quantized` keyed by the model's parameter names."""
+"""Pre-quantized vision-language checkpoints: a tiny LLaVA (BLIP-2-OPT, Qwen2.5-VL) whose language model's linears
+are AWQ, GPTQ or compressed-tensors (the vision tower and projector dense, as published checkpoints have them)
+loads dense, equal to the reference, with `quantized` keyed by the model's parameter names."""
 
 from __future__ import annotations
 
@@ -41,10 +41,20 @@ BLIP2 = Tiny(
     "Blip2ForConditionalGeneration",
     ("language_model.lm_head", "re:.*vision_model.*", "re:.*qformer.*", "language_projection"),
 )
+# Qwen2.5-VL checkpoints (Qwen's own AWQ ones too) name the language model `model.layers...`, the vision side
+# `visual...`; transformers 5 loads them as `model.language_model.layers...` and `model.visual...`.
+QWEN2_5_VL = Tiny(
+    lambda d, seed: make_vlm_checkpoint("qwen2_5_vl", d, seed=seed),
+    re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight"),
+    "Qwen2_5_VLForConditionalGeneration",
+    ("lm_head", "re:.*visual.*"),
+)
+TINY = {"llava": LLAVA, "blip2": BLIP2, "qwen2_5_vl": QWEN2_5_VL}
 # family -> (the parameter names of its language model's decoder layers, how many linears those have)
 LANGUAGE_LAYERS = {
     "llava": ("model.language_model.layers.", 2 * 7),
     "blip2": ("language_model.model.decoder.layers.", 2 * 6),
+    "qwen2_5_vl": ("model.language_model.layers.", 2 * 7),
 }
 
 
@@ -66,7 +76,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> Any:
     def get(family: str) -> dict[str, torch.Tensor]:
         if family not in made:
             path = make_vlm_checkpoint(family, tmp_path_factory.mktemp(f"{family}-dense"), seed=SEED)
-            model_class = getattr(transformers, {"llava": LLAVA, "blip2": BLIP2}[family].model_class)
+            model_class = getattr(transformers, TINY[family].model_class)
             made[family] = {k: v.clone() for k, v in model_class.from_pretrained(path).state_dict().items()}
         return made[family]
 
@@ -144,6 +154,14 @@ def test_gptq_blip2(tmp_path: Path, references: Any) -> None:
     loaded = _load(tmp_path, "Blip2ForConditionalGeneration")
     dense = {name: lin.dense() for name, lin in written.items()}  # OPT's checkpoint names are its parameter names
     _assert_dense(loaded, references("blip2"), dense, "blip2")
+
+
+def test_awq_qwen2_5_vl(tmp_path: Path, references: Any) -> None:
+    written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=QWEN2_5_VL)
+    _set_quantization(tmp_path, modules_to_not_convert=["visual"])  # as Qwen's published AWQ checkpoints say
+    loaded = _load(tmp_path, "Qwen2_5_VLForConditionalGeneration")
+    dense = {"model.language_model." + name.removeprefix("model."): lin.dense() for name, lin in written.items()}
+    _assert_dense(loaded, references("qwen2_5_vl"), dense, "qwen2_5_vl")
 
 
 def test_awq_llava_in_the_new_layout(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:

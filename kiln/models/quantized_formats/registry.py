@@ -1,4 +1,9 @@
-"""Which reader a checkpoint's `quantization_config["quant_method"]` selects, and the formats kiln refuses."""
+"""Which reader a checkpoint's `quantization_config["quant_method"]` selects, and the formats kiln refuses.
+
+Readers take every module that has its format's packed tensors, and only those: the modules a checkpoint left
+dense (AWQ/GPTQ `modules_to_not_convert`, compressed-tensors `ignore`: a VLM's vision tower and projector,
+`lm_head`) keep a plain `.weight` and load as any dense weight, so those lists need no reading.
+"""
 
 from __future__ import annotations
 
