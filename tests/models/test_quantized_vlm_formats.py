@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from vlm_checkpoints import make_vlm_checkpoint
 
-from kiln.models.loader import LoadedCheckpoint
+from kiln.models.loader import LoadedCheckpoint, load_checkpoint
+from kiln.models.quantized_formats import UnsupportedQuantizationError
 from kiln.models.vlm_loader import load_vision_language
 from tests.quantized_checkpoints import Tiny, write_awq, write_compressed_tensors, write_gptq
+from tests.tiny_checkpoints import make_checkpoint
 
 CPU = torch.device("cpu")
 SEED = 5
@@ -203,3 +205,16 @@ def test_compressed_tensors_llava_with_an_ignore_list(tmp_path: Path, reference:
     loaded = _load(tmp_path)
     assert loaded.quantized is not None and loaded.quantized.method == "compressed-tensors"
     _assert_dense(loaded, reference, dense)
+
+
+def test_quantized_weights_transformers_converts_are_refused(tmp_path: Path) -> None:
+    """Mixtral's per-expert weights are fused by transformers 5 while loading: their AWQ form has no parameter."""
+    mixtral = Tiny(
+        lambda d, seed: make_checkpoint("mixtral", d, seed=seed),
+        re.compile(r"model\.layers\.\d+\.(self_attn\.\w+_proj|block_sparse_moe\.experts\.\d+\.w\d)\.weight"),
+        "AutoModelForCausalLM",
+        (),
+    )
+    write_awq(tmp_path, group_size=16, tiny=mixtral)
+    with pytest.raises(UnsupportedQuantizationError, match=r"experts\.0\.w1\.weight: transformers merges or splits"):
+        load_checkpoint(tmp_path, torch.float32, CPU)

@@ -36,8 +36,9 @@ def model_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
             renamed, converted = rename_source_key(name, [], [], prefix, params)
         if converted is not None:
             raise UnsupportedQuantizationError(
-                f"{name}: transformers converts this weight while loading ({converted}) instead of loading it "
-                "as it is, so its quantized form cannot be used"
+                f"{name}: transformers merges or splits this weight while loading (pattern {converted}), so its "
+                "quantized form has no parameter of its own; pre-quantized checkpoints whose quantized weights "
+                "transformers converts (such as per-expert MoE weights it fuses) are not supported"
             )
         out[name] = renamed
     return out
