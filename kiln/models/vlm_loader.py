@@ -34,6 +34,7 @@ def attention_choice(config: Any) -> dict[str, str]:
 
 def checkpoint_recipe(path: str | Path, *, trust_remote_code: bool = False) -> ModelRecipe:
     path = Path(path)
+    check_files(path)  # a GGUF directory is named as such, not as one without config.json
     check_checkpoint_dir(path)
     config = load_config(path, trust_remote_code=trust_remote_code)
     return recipe_for(

@@ -218,3 +218,14 @@ def test_quantized_weights_transformers_converts_are_refused(tmp_path: Path) -> 
     write_awq(tmp_path, group_size=16, tiny=mixtral)
     with pytest.raises(UnsupportedQuantizationError, match=r"experts\.0\.w1\.weight: transformers merges or splits"):
         load_checkpoint(tmp_path, torch.float32, CPU)
+
+
+def test_build_names_a_gguf_directory(tmp_path: Path) -> None:
+    """`kiln build` looks at the checkpoint's kind first: a GGUF directory is refused as GGUF there already."""
+    from kiln import build
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UnsupportedQuantizationError, match="GGUF"):
+        build(tmp_path / "ckpt", tmp_path / "engine", compile=False, progress=False)
+    assert not (tmp_path / "engine").exists()
