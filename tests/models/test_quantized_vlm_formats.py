@@ -229,3 +229,16 @@ def test_build_names_a_gguf_directory(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedQuantizationError, match="GGUF"):
         build(tmp_path / "ckpt", tmp_path / "engine", compile=False, progress=False)
     assert not (tmp_path / "engine").exists()
+
+
+def test_two_quantized_weights_for_one_parameter_are_refused(tmp_path: Path) -> None:
+    """A linear packed under both its legacy and its new name is ambiguous: refused, naming both."""
+    write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
+    file = tmp_path / "model.safetensors"
+    state = load_file(str(file))
+    module = "language_model.model.layers.1.mlp.up_proj"
+    state.update({model_name(f"{module}.{k}"): state[f"{module}.{k}"].clone() for k in ("qweight", "qzeros", "scales")})
+    file.unlink()
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedQuantizationError, match=r"up_proj.weight'\] load into the same parameter"):
+        load_vision_language(tmp_path, torch.float32, CPU)

@@ -48,4 +48,7 @@ def by_model_names(quantized: QuantizedLinears, model: torch.nn.Module) -> Quant
     """`quantized` keyed by the model's parameter names instead of the checkpoint's."""
     names = model_names(model, list(quantized.weights))
     weights = {names[name]: weight for name, weight in quantized.weights.items()}
+    if len(weights) != len(names):
+        twice = sorted(n for n in names if list(names.values()).count(names[n]) > 1)
+        raise UnsupportedQuantizationError(f"quantized weights {twice[:4]} load into the same parameter")
     return QuantizedLinears(quantized.method, quantized.bits, quantized.group_size, weights)
