@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from vlm_checkpoints import make_vlm_checkpoint
 
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint
-from kiln.models.quantized_formats import UnsupportedQuantizationError
+from kiln.models.quantized_formats import CheckpointTensors, UnsupportedQuantizationError
 from kiln.models.vlm_loader import load_vision_language
 from tests.quantized_checkpoints import Tiny, write_awq, write_compressed_tensors, write_gptq
 from tests.tiny_checkpoints import make_checkpoint
@@ -124,9 +124,18 @@ def _set_quantization(path: Path, **fields: Any) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+def _rename_tensors(path: Path, rename: Any) -> None:
+    file = path / "model.safetensors"
+    state = load_file(str(file))
+    file.unlink()
+    save_file({rename(name): tensor for name, tensor in state.items()}, str(file), metadata={"format": "pt"})
+
+
 def test_awq_llava(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Laid out as AutoAWQ writes llava-hf/llava-1.5-7b-hf (transformers 4.x names, `vision_tower.vision_model.`)."""
     written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
     assert len(written) == 14  # 2 layers x 7 linears, nothing of the vision side (checked again on loading)
+    _rename_tensors(tmp_path, lambda n: re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n))
     # AutoAWQ names what it left dense; kiln reads what is packed, so the list changes nothing
     _set_quantization(tmp_path, modules_to_not_convert=["vision_tower", "multi_modal_projector"])
     loaded = _load(tmp_path)
@@ -169,12 +178,8 @@ def test_awq_qwen2_5_vl(tmp_path: Path, references: Any) -> None:
 def test_awq_llava_in_the_new_layout(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
     """A checkpoint saved with transformers' newer names (`model.language_model.layers...`) loads the same."""
     written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
-    file = tmp_path / "model.safetensors"
-    state = load_file(str(file))
-    renamed = {model_name(name): tensor for name, tensor in state.items()}
-    assert "model.language_model.layers.0.self_attn.q_proj.qweight" in renamed
-    file.unlink()
-    save_file(renamed, str(file), metadata={"format": "pt"})
+    _rename_tensors(tmp_path, model_name)
+    assert "model.language_model.layers.0.self_attn.q_proj.qweight" in CheckpointTensors(tmp_path).names()
     loaded = _load(tmp_path)
     _assert_dense(loaded, reference, {model_name(name): lin.dense() for name, lin in written.items()})
 
@@ -183,8 +188,6 @@ def test_compressed_tensors_llava_with_an_ignore_list(tmp_path: Path, reference:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
-
-    from kiln.models.quantized_formats import CheckpointTensors
 
     write_compressed_tensors(tmp_path, "W4A16_ASYM", 32, seed=SEED, tiny=LLAVA)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
