@@ -245,3 +245,19 @@ def test_two_quantized_weights_for_one_parameter_are_refused(tmp_path: Path) -> 
     save_file(state, str(file), metadata={"format": "pt"})
     with pytest.raises(UnsupportedQuantizationError, match=r"up_proj.weight'\] load into the same parameter"):
         load_vision_language(tmp_path, torch.float32, CPU)
+
+
+def test_quantization_config_of_the_text_model(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    """A VLM whose `quantization_config` sits in its text_config (the language model alone quantized) loads
+    the same; packed tensors with no quantization_config anywhere are refused rather than left random."""
+    written = write_awq(tmp_path, group_size=32, seed=SEED, tiny=LLAVA)
+    config = json.loads((tmp_path / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedQuantizationError, match=r"packed quantized tensors \(.*qweight\) but"):
+        load_vision_language(tmp_path, torch.float32, CPU)
+    config["text_config"]["quantization_config"] = qc
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = _load(tmp_path)
+    assert getattr(loaded.config.text_config, "quantization_config", None) is None
+    _assert_dense(loaded, reference, {model_name(name): lin.dense() for name, lin in written.items()})
