@@ -1,14 +1,16 @@
-"""Tiny pre-quantized checkpoints (a tiny Llama) in AWQ, GPTQ and compressed-tensors formats.
+"""Tiny pre-quantized checkpoints (a tiny Llama by default) in AWQ, GPTQ and compressed-tensors formats.
 
 AWQ and GPTQ are packed here from each format's published layout, from random integer values, zero
 points and scales that the writers return (`Quantized`), so tests know what every file stands for.
 compressed-tensors writes its own checkpoint with the library's quantization and compressor.
+A `Tiny` names the dense checkpoint to start from and which of its linears are quantized.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,20 @@ from tests.tiny_checkpoints import make_checkpoint
 
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column of its block of 8 that field i of an int32 holds
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A dense tiny checkpoint to quantize: how to write it, the checkpoint weights AWQ/GPTQ quantize, the
+    transformers class compressed-tensors loads it with, and the modules compressed-tensors leaves dense."""
+
+    make: Callable[[Path, int], Any]  # (directory, seed)
+    linears: re.Pattern[str]
+    model_class: str
+    ignore: tuple[str, ...]
+
+
+LLAMA = Tiny(lambda d, seed: make_checkpoint("llama", d, seed=seed), LINEAR, "AutoModelForCausalLM", ("lm_head",))
 
 
 @dataclass(frozen=True)
@@ -55,12 +71,14 @@ def _random_linear(k: int, n: int, bits: int, group: int, sym: bool, desc_act: b
     return Quantized(torch.randint(0, top, (k, n)), zeros, scales, g_idx)
 
 
-def _rewrite(directory: Path, qc: dict[str, Any], pack: Any, **spec: Any) -> dict[str, Quantized]:
+def _rewrite(
+    directory: Path, qc: dict[str, Any], pack: Any, linears: re.Pattern[str], **spec: Any
+) -> dict[str, Quantized]:
     state = load_file(str(directory / "model.safetensors"))
     written: dict[str, Quantized] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if not LINEAR.fullmatch(name):
+        if not linears.fullmatch(name):
             out[name] = tensor
             continue
         n, k = tensor.shape
@@ -96,15 +114,16 @@ def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return _as_int32(words)
 
 
-def write_awq(directory: Path, group_size: int = 32, seed: int = 0) -> dict[str, Quantized]:
-    make_checkpoint("llama", directory, seed=seed)
+def write_awq(directory: Path, group_size: int = 32, seed: int = 0, tiny: Tiny = LLAMA) -> dict[str, Quantized]:
+    tiny.make(directory, seed)
     torch.manual_seed(seed + 1)
     qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm", "zero_point": True}
 
     def pack(lin: Quantized) -> dict[str, torch.Tensor]:
         return {"qweight": _pack_awq(lin.q), "qzeros": _pack_awq(lin.zeros), "scales": lin.scales}
 
-    return _rewrite(directory, qc, pack, bits=4, group_size=group_size, sym=False, desc_act=False, min_zero=0)
+    spec = dict(bits=4, group_size=group_size, sym=False, desc_act=False, min_zero=0)
+    return _rewrite(directory, qc, pack, tiny.linears, **spec)
 
 
 def write_gptq(
@@ -115,9 +134,10 @@ def write_gptq(
     desc_act: bool = False,
     checkpoint_format: str = "gptq",
     seed: int = 0,
+    tiny: Tiny = LLAMA,
 ) -> dict[str, Quantized]:
     """`checkpoint_format` "gptq" (v1) stores zero - 1 (its zero points are then 1 or more), "gptq_v2" the zero."""
-    make_checkpoint("llama", directory, seed=seed)
+    tiny.make(directory, seed)
     torch.manual_seed(seed + 1)
     qc = {
         "quant_method": "gptq",
@@ -139,12 +159,16 @@ def write_gptq(
         }
 
     spec = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, min_zero=offset)
-    return _rewrite(directory, qc, pack, **spec)
+    return _rewrite(directory, qc, pack, tiny.linears, **spec)
 
 
-def write_compressed_tensors(directory: Path, scheme: str = "W4A16", group_size: int = 32, seed: int = 0) -> None:
-    """A tiny Llama quantized and packed by compressed-tensors itself (`scheme`: a preset name such as
-    W4A16, W4A16_ASYM, W8A16), with min/max scales per group of `group_size` (-1: per output channel)."""
+def write_compressed_tensors(
+    directory: Path, scheme: str = "W4A16", group_size: int = 32, seed: int = 0, tiny: Tiny = LLAMA
+) -> None:
+    """A tiny checkpoint quantized and packed by compressed-tensors itself (`scheme`: a preset name such as
+    W4A16, W4A16_ASYM, W8A16), with min/max scales per group of `group_size` (-1: per output channel); every
+    Linear but those `tiny.ignore` names."""
+    import transformers
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -153,10 +177,9 @@ def write_compressed_tensors(directory: Path, scheme: str = "W4A16", group_size:
         preset_name_to_scheme,
     )
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
-    from transformers import AutoModelForCausalLM
 
-    make_checkpoint("llama", directory, seed=seed)
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tiny.make(directory, seed)
+    model = getattr(transformers, tiny.model_class).from_pretrained(directory).eval()
     base: QuantizationScheme = preset_name_to_scheme(scheme, ["Linear"])
     weights = base.weights
     assert weights is not None
@@ -165,7 +188,7 @@ def write_compressed_tensors(directory: Path, scheme: str = "W4A16", group_size:
     else:
         weights = weights.model_copy(update={"strategy": "group", "group_size": group_size})
     config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=list(tiny.ignore)
     )
     apply_quantization_config(model, config)
     for module in model.modules():

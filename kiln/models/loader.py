@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +12,7 @@ import torch
 
 from kiln.errors import KilnError, UnsupportedModelError
 from kiln.models.quantized_checkpoint import QuantizedLinears
-from kiln.models.quantized_formats import (
-    CheckpointTensors,
-    check_files,
-    load_dense_weights,
-    quiet_transformers,
-    reader_for,
-    strip_quantization,
-)
+from kiln.models.quantized_formats import CheckpointQuantization, check_files, from_pretrained_dense
 from kiln.models.registry import ModelRecipe, recipe_for
 from kiln.models.rope import freeze_dynamic_rope
 
@@ -111,30 +103,27 @@ def load_checkpoint(
     path = Path(path)
     check_files(path)
     check_checkpoint_dir(path)
-    tensors = CheckpointTensors(path)
-    reader = reader_for(path, tensors)
+    quantization = CheckpointQuantization.of(path)
     config = load_config(path, trust_remote_code=trust_remote_code)
     recipe = recipe_for(
         getattr(config, "architectures", None), trust_remote_code=trust_remote_code, has_code=checkpoint_has_code(path)
     )
     require_attention(config, recipe.architecture)
-    quantized = reader.read(tensors, dtype) if reader is not None else None
-    if quantized is not None:
-        strip_quantization(config)
+    quantized = quantization.read(dtype)
     register_attention()
     try:
-        with quiet_transformers() if quantized is not None else nullcontext():
-            loaded: Any = AutoModelForCausalLM.from_pretrained(
-                path,
-                config=config,
-                output_loading_info=True,
-                dtype=dtype,
-                attn_implementation=ATTENTION_NAME,
-                use_safetensors=True,
-                trust_remote_code=trust_remote_code,
-                local_files_only=True,
-                device_map=str(device) if device.type != "cpu" else None,
-            )
+        model, quantized = from_pretrained_dense(
+            AutoModelForCausalLM.from_pretrained,
+            path,
+            config,
+            quantized,
+            dtype=dtype,
+            attn_implementation=ATTENTION_NAME,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            device_map=str(device) if device.type != "cpu" else None,
+        )
     except KeyError as exc:
         if exc.args == (ATTENTION_NAME,):
             raise UnsupportedModelError(
@@ -146,9 +135,6 @@ def load_checkpoint(
         raise UnsupportedModelError(
             f"transformers could not load {recipe.architecture} from {path} with kiln's attention: {exc}"
         ) from exc
-    model: torch.nn.Module = loaded[0]
-    if quantized is not None:
-        load_dense_weights(model, quantized, list(loaded[1]["missing_keys"]))
     model.eval()
     freeze_dynamic_rope(model)
     if device.type == "cpu":

@@ -16,6 +16,7 @@ from kiln.models.loader import (
     checkpoint_has_code,
     load_config,
 )
+from kiln.models.quantized_formats import CheckpointQuantization, check_files, from_pretrained_dense
 from kiln.models.registry import ModelRecipe, recipe_for
 from kiln.models.rope import freeze_dynamic_rope
 from kiln.models.vlm import VisionLanguageFamily, family_for
@@ -33,6 +34,7 @@ def attention_choice(config: Any) -> dict[str, str]:
 
 def checkpoint_recipe(path: str | Path, *, trust_remote_code: bool = False) -> ModelRecipe:
     path = Path(path)
+    check_files(path)  # a GGUF directory is named as such, not as one without config.json
     check_checkpoint_dir(path)
     config = load_config(path, trust_remote_code=trust_remote_code)
     return recipe_for(
@@ -43,7 +45,10 @@ def checkpoint_recipe(path: str | Path, *, trust_remote_code: bool = False) -> M
 def load_vision_language(
     path: str | Path, dtype: torch.dtype, device: torch.device
 ) -> tuple[LoadedCheckpoint, VisionLanguageFamily, Any]:
-    """(model + config + tokenizer + recipe + generation config, the family, the checkpoint's processor)."""
+    """(model + config + tokenizer + recipe + generation config, the family, the checkpoint's processor).
+
+    A pre-quantized checkpoint (its language model's linears in AWQ, GPTQ or compressed-tensors form) loads
+    dense as in `load_checkpoint`; `quantized` keeps those linears under the model's parameter names."""
     import transformers
     from transformers import GenerationConfig
 
@@ -51,15 +56,21 @@ def load_vision_language(
 
     _offline()
     path = Path(path)
+    check_files(path)
     check_checkpoint_dir(path)
+    quantization = CheckpointQuantization.of(path)
     config = load_config(path)
     recipe = recipe_for(getattr(config, "architectures", None))
     family = family_for(recipe.architecture)
+    quantized = quantization.read(dtype)
     register_attention()
     model_class = getattr(transformers, family.architecture)
     try:
-        model = model_class.from_pretrained(
+        model, quantized = from_pretrained_dense(
+            model_class.from_pretrained,
             path,
+            config,
+            quantized,
             dtype=dtype,
             attn_implementation=attention_choice(config),
             use_safetensors=True,
@@ -83,5 +94,5 @@ def load_vision_language(
         generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:
         generation_config = None
-    loaded = LoadedCheckpoint(model, config, processor.tokenizer, recipe, generation_config)
+    loaded = LoadedCheckpoint(model, config, processor.tokenizer, recipe, generation_config, quantized)
     return loaded, family, processor

@@ -1,4 +1,9 @@
-"""Which reader a checkpoint's `quantization_config["quant_method"]` selects, and the formats kiln refuses."""
+"""Which reader a checkpoint's `quantization_config["quant_method"]` selects, and the formats kiln refuses.
+
+Readers take every module that has its format's packed tensors, and only those: the modules a checkpoint left
+dense (AWQ/GPTQ `modules_to_not_convert`, compressed-tensors `ignore`: a VLM's vision tower and projector,
+`lm_head`) keep a plain `.weight` and load as any dense weight, so those lists need no reading.
+"""
 
 from __future__ import annotations
 
@@ -35,15 +40,21 @@ REFUSED: dict[str, str] = {
 
 # Tensor names only an EXL2 checkpoint has (exllamav2 writes no quantization_config).
 EXL2_SUFFIXES = (".q_invperm", ".q_scale_max", ".q_groups")
+# Tensor names of the packed linears kiln reads: found without a quantization_config, they are an error.
+PACKED_SUFFIXES = (".qweight", ".weight_packed")
 
 
 def quantization_config(path: Path) -> dict[str, Any] | None:
-    """The raw `quantization_config` of `path/config.json` (None when absent or unreadable)."""
+    """The raw `quantization_config` of `path/config.json`, or of its `text_config` (a VLM whose language model
+    alone was quantized); None when absent or unreadable."""
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    text = raw.get("text_config")
+    qc = raw.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
     return qc if isinstance(qc, dict) else None
 
 
@@ -64,6 +75,12 @@ def reader_for(path: Path, tensors: CheckpointTensors) -> FormatReader | None:
         raise UnsupportedQuantizationError(f"{path} is an EXL2 (exllamav2) checkpoint ({exl2[0]}): not supported")
     qc = quantization_config(path)
     if qc is None:
+        packed = [name for name in tensors.names() if name.endswith(PACKED_SUFFIXES)]
+        if packed:
+            raise UnsupportedQuantizationError(
+                f"{path} holds packed quantized tensors ({packed[0]}) but its config.json has no "
+                "quantization_config saying their format"
+            )
         return None
     method = str(qc.get("quant_method", "")).lower()
     if qc.get("load_in_4bit") or qc.get("load_in_8bit"):
