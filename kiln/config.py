@@ -19,6 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "reference")  # auto: the Triton kernels where they apply
 QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq")  # weight-only, at build
 GROUP_SIZES = (32, 64, 128)  # int4: columns of K that share one scale and zero point
+# What an engine's linears may be quantized with: the build's methods and the checkpoint formats kiln reads.
+QUANTIZATION_METHODS = ("int8_wo", "int4_wo", "int4_awq", "awq", "gptq", "compressed-tensors")
 
 T = TypeVar("T")
 
@@ -48,6 +50,11 @@ def _check_bools(config: object) -> None:
 def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise KilnError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+
+
+def check_quantization_method(method: str) -> None:
+    if method not in QUANTIZATION_METHODS:
+        raise KilnError(f"unsupported quantization method {method!r}; kiln supports {', '.join(QUANTIZATION_METHODS)}")
 
 
 def _check_int(owner: str, name: str, value: object, low: int) -> None:
@@ -114,9 +121,11 @@ class BuildConfig:
         default=False, metadata={"help": "also quantize lm_head (int8 per channel with int8_wo, else as the others)"}
     )
     calib_data: str | None = field(
-        default=None, metadata={"help": "int4_awq: a text file of calibration text (default: built-in text)"}
+        default=None, metadata={"help": "int4_awq: a text file of calibration text (required for it)"}
     )
-    calib_size: int = field(default=64, metadata={"help": "int4_awq: calibration samples taken from --calib-data"})
+    calib_size: int = field(
+        default=64, metadata={"help": "int4_awq: calibration samples of 512 tokens taken from --calib-data"}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("BuildConfig", "dtype", self.dtype, DTYPES)
