@@ -150,3 +150,23 @@ def test_the_five_kiln_linear_ops_take_the_packed_weights():
         weight.data = q.dequantize(torch.float32)
     with torch.no_grad():
         assert torch.equal(result.program.module()(*inputs), module(*inputs))
+
+
+def test_an_attention_prefetch_of_a_quantized_weight_reads_its_packed_weight(captured):
+    from kiln.compiler.passes.prefetch_output_weights import prefetch_output_weights
+    from kiln.compiler.passes.small_batch_linear import rewrite_linears
+
+    program, shape, context = captured
+    program = run_passes(program, context).program
+    forced = prefetch_output_weights(rewrite_linears(program, lambda node: True).program, context).program
+    build = BuildConfig(quantization="int8_wo")
+    quantized = quantize_linears(forced, dataclasses.replace(context, build=build)).program
+    calls = nodes_calling(quantized.graph, torch.ops.kiln.paged_attention.default)
+    for layer, call in enumerate(calls):
+        assert call.args[-2].name == f"p_model_model_layers_{layer}_self_attn_o_proj_qweight"
+        assert call.args[-1].name == f"p_model_model_layers_{layer}_mlp_fused_gate_proj_up_proj_qweight"
+    assert not [name for name in quantized.state_dict if name.endswith("o_proj.weight")]
+    assert torch.equal(
+        _run(quantized, shape),
+        _run(quantize_linears(program, dataclasses.replace(context, build=build)).program, shape),
+    )
