@@ -28,7 +28,6 @@ NEW_TOKENS = 10
 FORMATS = {  # name: (writer, its options, method, bits, whether q/k/v and gate/up are fused)
     "awq": ("write_awq", {}, "awq", 4, True),
     "gptq-act-order": ("write_gptq", {"desc_act": True}, "gptq", 4, False),
-    "gptq-int8": ("write_gptq", {"bits": 8, "sym": True}, "gptq", 8, True),
 }
 
 

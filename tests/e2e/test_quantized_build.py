@@ -39,12 +39,25 @@ def _generate(engine: Path) -> list[list[int]]:
     return [o.token_ids for o in LLM(engine).generate(PROMPTS, params)]
 
 
+@pytest.fixture(scope="module")
+def int8_engine(checkpoints, tmp_path_factory):
+    return build_tiny_engine(checkpoints("llama"), tmp_path_factory.mktemp("int8") / "e", quantization="int8_wo")
+
+
+def _engine(checkpoints, tmp_path, int8_engine, method, compile):
+    if (method, compile) == ("int8_wo", False):
+        return int8_engine
+    return build_tiny_engine(checkpoints("llama"), tmp_path / "e", quantization=method, group_size=32, compile=compile)
+
+
 @pytest.mark.parametrize(
     ("method", "bits", "compile"), [("int8_wo", 8, False), ("int4_wo", 4, False), ("int4_wo", 4, True)]
 )
-def test_quantized_engine_matches_transformers_on_the_dequantized_weights(checkpoints, tmp_path, method, bits, compile):
+def test_quantized_engine_matches_transformers_on_the_dequantized_weights(
+    checkpoints, tmp_path, int8_engine, method, bits, compile
+):
     checkpoint = checkpoints("llama")
-    engine = build_tiny_engine(checkpoint, tmp_path / "e", quantization=method, group_size=32, compile=compile)
+    engine = _engine(checkpoints, tmp_path, int8_engine, method, compile)
     assert _generate(engine) == _reference_tokens(checkpoint, bits, 32)
     block = read_manifest(engine).quantization
     assert block is not None and (block.method, block.bits, block.lm_head) == (method, bits, False)
@@ -59,11 +72,11 @@ def test_quantized_engine_matches_transformers_on_the_dequantized_weights(checkp
     assert dtypes == {"I8" if bits == 8 else "U8"}
 
 
-def test_a_quantized_engine_reads_fewer_weight_bytes_per_step(checkpoints, tmp_path):
-    checkpoint = checkpoints("llama")
-    dense = LLM(build_tiny_engine(checkpoint, tmp_path / "dense")).engine.weight_bytes
-    int8 = LLM(build_tiny_engine(checkpoint, tmp_path / "int8", quantization="int8_wo")).engine.weight_bytes
-    # 2 layers of 64x64 x4 (q, k, v, o at 4 heads of 16; k/v 2 heads) and 3 of 64x128 in float32
+def test_a_quantized_engine_reads_fewer_weight_bytes_per_step(checkpoints, tmp_path, int8_engine):
+    dense = LLM(build_tiny_engine(checkpoints("llama"), tmp_path / "dense")).engine.weight_bytes
+    int8 = LLM(int8_engine).engine.weight_bytes
+    # per layer: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128 -- float32 before, int8 + a float32
+    # scale per row after
     projections = 2 * (64 * (64 + 32 + 32 + 64) + 3 * 64 * 128)
     scales = 2 * (64 + 32 + 32 + 64 + 128 * 2 + 64) * 4
     assert dense - int8 == projections * 4 - projections - scales
