@@ -14,7 +14,7 @@ import kiln.kernels  # noqa: F401
 from kiln.compiler.capture import example_inputs
 from kiln.compiler.passes import QUANTIZATION_PASSES, active_passes, run_passes
 from kiln.compiler.passes.context import PassContext, nodes_calling
-from kiln.compiler.passes.quantize_linears import quantize_linears, quantized_layers
+from kiln.compiler.passes.quantize_linears import quantize_linears, quantized_layers, scale_dtype
 from kiln.compiler.quantize.rtn import quantize, quantize_int8
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
@@ -170,3 +170,14 @@ def test_an_attention_prefetch_of_a_quantized_weight_reads_its_packed_weight(cap
         _run(quantized, shape),
         _run(quantize_linears(program, dataclasses.replace(context, build=build)).program, shape),
     )
+
+
+def test_scales_keep_their_precision_where_it_costs_little():
+    w = torch.randn(8, 64)
+    bf16 = torch.bfloat16
+    assert scale_dtype(quantize_int8(w), bf16) == torch.float32  # one per row
+    assert scale_dtype(quantize(w, 4, 32), bf16) == bf16  # per group: the model's dtype
+    assert scale_dtype(quantize(w, 4, 32), torch.float32) == torch.float32
+    checkpoint = quantize(w, 4, 32)
+    checkpoint = dataclasses.replace(checkpoint, scales=checkpoint.scales.half(), zeros=checkpoint.zeros.half())
+    assert scale_dtype(checkpoint, bf16) == torch.float16  # a checkpoint's, as stored

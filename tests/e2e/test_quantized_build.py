@@ -92,6 +92,12 @@ def test_quantization_errors_are_clear_and_leave_nothing_behind(checkpoints, tmp
         build_tiny_engine(checkpoint, out, quantization="int4_gptq")
     with pytest.raises(KilnError, match="give --quantization too"):
         build_tiny_engine(checkpoint, out, quantize_lm_head=True)
-    with pytest.raises(KilnError, match="int4_awq"):
-        build_tiny_engine(checkpoint, out, quantization="int4_awq")  # no --calib-data (or no AWQ module yet)
+    calibration = tmp_path.parent / f"{tmp_path.name}-calib.txt"
+    calibration.write_text("the kiln fires clay " * 200)
+    # until kiln's AWQ search is in: a clear error naming it (after it is: an engine, which other tests check)
+    try:
+        from kiln.compiler.quantize import awq  # noqa: F401
+    except ImportError:
+        with pytest.raises(KilnError, match="int4_awq needs kiln.compiler.quantize.awq"):
+            build_tiny_engine(checkpoint, out, quantization="int4_awq", calib_data=str(calibration))
     assert list(tmp_path.iterdir()) == []

@@ -66,6 +66,16 @@ def test_a_pre_quantized_checkpoint_takes_no_other_quantization():
         check_request(BuildConfig(), QuantizedLinears("bitsandbytes", 4, 64, {}), "ckpt")
 
 
+def test_awq_needs_calibration_text_and_gptq_a_gptq_checkpoint():
+    with pytest.raises(KilnError, match="give --calib-data FILE"):
+        check_request(BuildConfig(quantization="int4_awq"), None, "ckpt")
+    check_request(BuildConfig(quantization="int4_awq", calib_data="notes.txt"), None, "ckpt")
+    with pytest.raises(KilnError, match="kiln does not run GPTQ itself"):
+        check_request(BuildConfig(quantization="int4_gptq"), None, "ckpt")
+    with pytest.raises(KilnError, match="give --quantization too"):
+        check_request(BuildConfig(quantize_lm_head=True), None, "ckpt")
+
+
 def test_the_block_records_the_checkpoint_s_method_or_the_build_s():
     block = engine_quantization(BuildConfig(), _gptq(), LAYERS)
     assert block is not None and (block.method, block.bits, block.group_size) == ("gptq", 4, 32)

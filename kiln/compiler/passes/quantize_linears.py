@@ -156,11 +156,11 @@ def _place(
 ) -> tuple[torch.fx.Node, ...]:
     """Placeholders of the packed tensors (qweight, scales, zeros, perm; None where absent) before `dense`."""
     quantized, names = found
-    dtype = state[params[dense.name]].dtype
+    dtype = scale_dtype(quantized, state[params[dense.name]].dtype)
     packed = pack(quantized)
     values = PackedWeight(
         packed.qweight,
-        packed.scales.to(dtype),  # the model dtype, as the kernels read x's
+        packed.scales.to(dtype),
         None if packed.zeros is None else packed.zeros.to(dtype),
         packed.perm,
     )
@@ -188,6 +188,15 @@ def _place(
     qweight.meta["dense"] = dense.name
     scales.meta["group_size"] = quantized.group_size
     return tuple(nodes)  # type: ignore[arg-type]
+
+
+def scale_dtype(quantized: QuantizedWeight, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a program stores the scales (and zero points) in: a checkpoint's 16-bit scales as they
+    are; float32 ones (round-to-nearest, AWQ) in float32 for one scale per row (a few bytes a row) and
+    in the model dtype per group (halving their bytes in a 16-bit model)."""
+    if quantized.scales.dtype != torch.float32:
+        return quantized.scales.dtype
+    return torch.float32 if quantized.group_size == quantized.shape[1] else model_dtype
 
 
 def _filled(node: torch.fx.Node, op: _Op) -> tuple[object, ...]:
@@ -224,4 +233,4 @@ def _drop_unread(
     return specs
 
 
-__all__ = ["OPS", "quantize_linears", "quantized_layers"]
+__all__ = ["OPS", "quantize_linears", "quantized_layers", "scale_dtype"]

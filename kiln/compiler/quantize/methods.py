@@ -21,8 +21,8 @@ RTN_BITS = {"int8_wo": 8, "int4_wo": 4, "int4_awq": 4}
 
 
 def check_request(config: BuildConfig, quantized: QuantizedLinears | None, checkpoint: str | Path) -> None:
-    """Refuse a --quantization that conflicts with a pre-quantized checkpoint, GPTQ without one, and
-    --quantize-lm-head with nothing quantized."""
+    """Refuse a --quantization that conflicts with a pre-quantized checkpoint, GPTQ without one, AWQ
+    without calibration text, and --quantize-lm-head with nothing quantized."""
     if config.quantize_lm_head and quantized is None and config.quantization == "none":
         raise KilnError("--quantize-lm-head quantizes lm_head with the other linears: give --quantization too")
     if quantized is not None:
@@ -33,6 +33,8 @@ def check_request(config: BuildConfig, quantized: QuantizedLinears | None, check
                 f"{checkpoint} is already quantized ({quantized.method}, {quantized.bits} bits); "
                 f"build it without --quantization (got {config.quantization})"
             )
+    elif config.quantization == "int4_awq" and config.calib_data is None:
+        raise KilnError("int4_awq searches its scales on calibration text: give --calib-data FILE")
     elif config.quantization == "int4_gptq":
         raise KilnError(
             "int4_gptq builds a GPTQ checkpoint (one whose config.json has a quantization_config); "
