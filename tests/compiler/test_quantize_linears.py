@@ -150,6 +150,7 @@ def test_the_five_kiln_linear_ops_take_the_packed_weights():
         weight.data = q.dequantize(torch.float32)
     with torch.no_grad():
         assert torch.equal(result.program.module()(*inputs), module(*inputs))
+    assert QUANTIZATION_PASSES[0](result.program, context).program is result.program  # nothing left to pack
 
 
 def test_an_attention_prefetch_of_a_quantized_weight_reads_its_packed_weight(captured):

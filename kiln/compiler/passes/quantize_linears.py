@@ -66,8 +66,8 @@ def quantize_linears(program: torch.export.ExportedProgram, context: PassContext
     sites = 0
     for node in list(graph.nodes):
         op = OPS.get(node.target) if node.op == "call_function" else None
-        if node.target != LINEAR and op is None:
-            continue
+        if (node.target != LINEAR and op is None) or (op is not None and len(node.args) > op.leading):
+            continue  # not a linear, or one that reads a quantized weight already
         weight = node.args[op.weight if op else 1] if len(node.args) > 1 else None
         if not isinstance(weight, torch.fx.Node) or weight.name not in params or node.kwargs:
             continue
