@@ -1,0 +1,226 @@
+"""The quantized few-row linear's Triton kernel (launched by `kiln.kernels.triton.qgemv.qlinear_gemv`).
+
+The dense kernel's structure (`kiln.kernels.triton.gemv_kernel`) with the weight read as packed
+bytes and dequantized in registers (`qgemv_dequant`): each program owns BLOCK_N weight rows and
+one split of K, reads them in steps of BLOCK_K bytes, one step ahead of the arithmetic, and
+accumulates in float32 on the CUDA cores. Its prologues (silu_mul, rms_norm) and epilogues
+(bias, residual, rope pairs, gated pairs) are the dense kernel's own helpers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton.gemv_kernel import (
+    _inverse_rms,
+    _prologue,
+    _rotate_pair,
+    _silu_times_up,
+    _tile_columns,
+    _tile_product,
+)
+from kiln.kernels.triton.pdl import handoff
+from kiln.kernels.triton.qgemv_dequant import dequantize, unpack
+
+
+@triton.jit
+def _load_bytes(w_rows, n_ok, offs_b, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    ptrs = w_rows + (kb + offs_b)[None, :]
+    if EVEN_K:
+        if EVEN_N:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=n_ok[:, None], other=0)
+    else:
+        return tl.load(ptrs, mask=n_ok[:, None] & (kb + offs_b < KB)[None, :], other=0)
+
+
+@triton.jit
+def _x_tile(  # type: ignore[no-untyped-def]
+    x,
+    offs_m,
+    m_ok,
+    cols,
+    limit,
+    K,
+    stride_xm,
+    stride_xk,
+    norm_w,
+    inv_rms,
+    eps,
+    PROLOGUE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """x's columns `cols` (zero at and past `limit`) through the prologue."""
+    ptrs = x + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+    if EVEN_K:
+        xv = tl.load(ptrs, mask=m_ok[:, None], other=0.0)
+    else:
+        xv = tl.load(ptrs, mask=m_ok[:, None] & (cols < limit)[None, :], other=0.0)
+    return _prologue(xv, ptrs, m_ok, cols, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K, False)
+
+
+@triton.jit
+def _step(  # type: ignore[no-untyped-def]
+    raw,
+    kb,
+    offs_b,
+    offs_n,
+    n_ok,
+    x,
+    offs_m,
+    m_ok,
+    K,
+    KB,
+    stride_xm,
+    stride_xk,
+    scales,
+    zeros,
+    stride_sn,
+    stride_zn,
+    norm_w,
+    inv_rms,
+    eps,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    MODE: tl.constexpr,
+    GPT: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One byte tile's contribution to the accumulator ([BN, BK], or [BM, BN, BK])."""
+    first, second = unpack(raw, BITS)
+    cols = kb + offs_b
+    w = dequantize(
+        first, scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn,
+        BITS, GROUP, MODE, GPT, HAS_ZEROS, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
+    part = _tile_product(xv, w, BLOCK_M, False, False, False)
+    if BITS == 4:  # the high nibbles: columns K/2 + kb..
+        cols = KB + kb + offs_b
+        w = dequantize(
+            second, scales, zeros, offs_n, n_ok, KB + kb, cols, K, stride_sn, stride_zn,
+            BITS, GROUP, MODE, GPT, HAS_ZEROS, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
+        part += _tile_product(xv, w, BLOCK_M, False, False, False)
+    return part
+
+
+@triton.jit
+def _qlinear_kernel(  # type: ignore[no-untyped-def]
+    x,
+    w,  # packed bytes [N, KB] (uint8; int8 values viewed as uint8)
+    scales,  # [N, K // GROUP]
+    zeros,  # [N, K // GROUP] (HAS_ZEROS)
+    bias,
+    out,  # [M, N] in x's dtype ([M, N / 2] GATED), or [SPLIT, M, N] fp32 partial sums when SPLIT > 1
+    M,
+    N,
+    K,  # columns of x used by the product
+    KB,  # bytes of a packed row: K (int8) or K / 2 (int4)
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_sn,
+    stride_zn,
+    stride_om,
+    stride_on,
+    stride_os,
+    residual,
+    stride_rm,
+    stride_rn,
+    norm_w,
+    eps,
+    cos,
+    sin,
+    stride_cm,
+    stride_sm,
+    rope_pairs,
+    half_n,
+    KB_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
+    K_PAD: tl.constexpr,  # K rounded up to a multiple of 256 (the rms_norm statistics' loop)
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    MODE: tl.constexpr,  # qgemv_dequant.GROUP_*
+    GPT: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,  # KB == SPLIT * KB_PER_SPLIT
+    SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY_W: tl.constexpr,  # the weight is constant: its first tile may be read before the wait
+    PROLOGUE: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ROPE: tl.constexpr,
+    HALF_D: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_b = tl.arange(0, BLOCK_K)
+    kb_begin = pid_k * KB_PER_SPLIT
+    offs_n = _tile_columns(tile, rope_pairs, half_n, BLOCK_N, ROPE, GATED, HALF_D)
+    n_ok = offs_n < N
+    w_rows = w + offs_n[:, None] * stride_wn
+    if not EARLY_W:
+        handoff(PDL)
+    raw = _load_bytes(w_rows, n_ok, offs_b, kb_begin, KB, EVEN_N, EVEN_K)
+    if EARLY_W:
+        handoff(PDL)
+    if PROLOGUE == 2:
+        inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, K_PAD, BLOCK_M, 256)
+    else:
+        inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for step in range(BLOCK_K, KB_PER_SPLIT, BLOCK_K):  # the next byte tile is read before this one is used
+        following = _load_bytes(w_rows, n_ok, offs_b, kb_begin + step, KB, EVEN_N, EVEN_K)
+        acc += _step(
+            raw, kb_begin + step - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
+            scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps,
+            BITS, GROUP, MODE, GPT, HAS_ZEROS, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        raw = following
+    acc += _step(
+        raw, kb_begin + KB_PER_SPLIT - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
+        scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps,
+        BITS, GROUP, MODE, GPT, HAS_ZEROS, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    if BLOCK_M == 1:
+        result = tl.sum(acc, axis=1)[None, :]
+    else:
+        result = tl.sum(acc, axis=2)
+    mask = m_ok[:, None] & n_ok[None, :]
+    out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT > 1:
+        tl.store(out_ptrs + pid_k * stride_os, result, mask=mask)
+    else:
+        if HAS_BIAS:
+            result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        result = result.to(out.dtype.element_ty)
+        if ROPE:
+            if tile < rope_pairs:
+                result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
+        if RESIDUAL:
+            res = tl.load(residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+            result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
+        if GATED:
+            tl.store(out + offs_m * stride_om + tile * stride_on, _silu_times_up(result), mask=m_ok)
+        else:
+            tl.store(out_ptrs, result, mask=mask)
