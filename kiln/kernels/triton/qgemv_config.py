@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import triton
 
 MAX_GEMV_ROWS = 4  # more rows go to the tl.dot kernel (`kiln.kernels.triton.qgemm`)
-TILE_BYTES = 4096  # packed weight bytes a program reads per step (16 bytes a thread at 8 warps)
+TILE_BYTES = 4096  # packed weight bytes a program reads per step
 
 
 @dataclass(frozen=True)
@@ -21,18 +21,17 @@ class QGemvConfig:
 
 
 def default_qconfig(bits: int, m: int, n: int, k: int, sms: int = 132) -> QGemvConfig:
-    """4 weight rows by TILE_BYTES / 4 bytes per step (fewer bytes per row for more x rows, keeping
-    the fp32 accumulator at 16 registers a thread), 8 warps for int8 and 4 for int4 (whose byte
-    dequantizes to two columns); K is split in powers of two while the programs do not fill the
-    SMs twice and each split keeps at least 4 steps. Not yet tuned on a GPU (run
-    `benchmarks/quantized_linear.py --sweep`)."""
+    """8 weight rows by 512 bytes per step on 4 warps (4 KB: one 16-byte load a thread and row,
+    each thread holding two rows, so each x value it loads serves two of them), fewer bytes per
+    row for more x rows (the fp32 accumulator stays at 32 registers a thread); K split in powers
+    of two while the programs do not fill the SMs twice and each split keeps 4 steps. Chosen
+    from the layout, not yet timed on a GPU (`benchmarks/quantized_linear.py --sweep`)."""
     block_m = min(MAX_GEMV_ROWS, triton.next_power_of_2(max(m, 1)))
     row_bytes = k // 2 if bits == 4 else k
-    block_n = 4
+    block_n = 8
     block_k = min(TILE_BYTES // (block_n * block_m), max(16, triton.next_power_of_2(max(row_bytes, 1))))
-    warps = 8 if bits == 8 else 4
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split = 1
     while programs * split < 2 * sms and row_bytes // (split * 2) >= 4 * block_k:
         split *= 2
-    return QGemvConfig(block_m, block_n, block_k, split, warps)
+    return QGemvConfig(block_m, block_n, block_k, split, 4)
