@@ -144,4 +144,3 @@ def text_spec(
         check_inputs=mixed_step_inputs(cache, dtype, device, block_size),
         cache=cache,
     )
-

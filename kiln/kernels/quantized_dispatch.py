@@ -5,13 +5,15 @@
 when none applies to these rows, dtypes or device, and the op then runs its reference path
 (`dequantize_packed` + the dense op), which is also the CPU path.
 
-Rows 1..`MAX_GEMV_ROWS` go to the few-row kernel (`kiln.kernels.triton.qgemv`) with every
-prologue and epilogue fused (rope and gated at one row only); more rows to the tl.dot kernel
-(`kiln.kernels.triton.qgemm`), with the prologue run before it (torch's rms_norm, Triton's
-silu_mul) and rope / gated after it (Triton's rope_ and silu_mul passes), as the dense ops do at
-many rows. None for: CPU tensors, x not fp16/bf16, act-order weights (perm: their columns would
-need a gather of x; left to the reference path), the kernel selection's `linear` = "reference",
-no triton, or a tensor the kernels do not take (dtypes, layouts, weights of 2**31 bytes or more).
+One row goes to the GEMV (`kiln.kernels.triton.qgemv`) with every prologue and epilogue fused;
+more rows to the tl.dot kernel (`kiln.kernels.triton.qgemm`), with the prologue run before it
+(torch's rms_norm, Triton's silu_mul) and rope / gated after it (Triton's rope_ and silu_mul
+passes), as the dense ops do at many rows. (The GEMV can hold up to 4 rows, but its [rows,
+weight rows, bytes] accumulator compiled to ~165 registers and shared-memory shuffles for sm_90,
+where the GEMM's tiles compile to mma with no shuffle.) None for: CPU tensors, x not fp16/bf16,
+act-order weights (perm: their columns would need a gather of x; left to the reference path),
+the kernel selection's `linear` = "reference", no triton, or tensors the kernels do not take
+(dtypes, layouts, weights of 2**31 bytes or more).
 The choice depends on shapes, dtypes and the device only, so it is stable under CUDA graphs.
 """
 
@@ -24,7 +26,7 @@ import torch
 from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
 
-MAX_GEMV_ROWS = 4  # kiln.kernels.triton.qgemv_config.MAX_GEMV_ROWS (not imported: no triton needed here)
+GEMV_ROWS = 1  # rows up to which the GEMV runs (see the module docstring)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,7 +98,7 @@ def quantized_kernel(
         rope = (rope[0].reshape(rows, -1).contiguous(), rope[1].reshape(rows, -1).contiguous(), int(rope[2]))
     if prologue == "silu_mul" and flat.stride(1) != 1:
         flat = flat.contiguous()
-    if rows <= MAX_GEMV_ROWS and (rows == 1 or (rope is None and not gated)):
+    if rows <= GEMV_ROWS:
         from kiln.kernels.triton.qgemv import qlinear_gemv
 
         return qlinear_gemv(
@@ -147,4 +149,4 @@ def _many_rows(
     return silu_mul(out) if gated else out
 
 
-__all__ = ["MAX_GEMV_ROWS", "quantized_kernel"]
+__all__ = ["GEMV_ROWS", "quantized_kernel"]

@@ -129,4 +129,3 @@ def test_the_manifest_keeps_the_modules_and_reads_manifests_without_them(tmp_pat
     del data["op_modules"]  # a manifest from before the field
     (tmp_path / MANIFEST).write_text(json.dumps(data))
     assert read_manifest(tmp_path) == dataclasses.replace(recorded, op_modules={})
-

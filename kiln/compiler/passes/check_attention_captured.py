@@ -16,9 +16,7 @@ _RAW_ATTENTION = (
 )
 
 
-def check_attention_captured(
-    program: torch.export.ExportedProgram, context: PassContext
-) -> PassResult:
+def check_attention_captured(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """Every layer's attention went through kiln's attention function, exactly once."""
     graph = program.graph_module.graph
     raw = [n for op in _RAW_ATTENTION for n in nodes_calling(graph, op)]

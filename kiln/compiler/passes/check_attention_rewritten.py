@@ -8,9 +8,7 @@ import kiln.kernels  # noqa: F401
 from kiln.compiler.passes.context import PassContext, PassResult, nodes_calling
 
 
-def check_attention_rewritten(
-    program: torch.export.ExportedProgram, context: PassContext
-) -> PassResult:
+def check_attention_rewritten(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """Each layer now reads and writes the paged KV cache."""
     graph = program.graph_module.graph
     left = nodes_calling(graph, torch.ops.kiln.attention_site.default)

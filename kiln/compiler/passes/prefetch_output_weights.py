@@ -61,9 +61,7 @@ def _next_weights(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | N
         return None if weight is None else (weight, _following_weight(user))
 
 
-def prefetch_output_weights(
-    program: torch.export.ExportedProgram, context: PassContext
-) -> PassResult:
+def prefetch_output_weights(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """kiln.paged_attention(...) -> kiln.paged_attention(..., prefetch=W_o, prefetch_next=W_next)."""
 
     def rewrite(

@@ -45,9 +45,7 @@ def constant_inputs(program: torch.export.ExportedProgram) -> set[str]:
     return {*signature.inputs_to_parameters, *buffers, *signature.inputs_to_lifted_tensor_constants}
 
 
-def rewrite_linears(
-    program: torch.export.ExportedProgram, select: Callable[[torch.fx.Node], bool]
-) -> PassResult:
+def rewrite_linears(program: torch.export.ExportedProgram, select: Callable[[torch.fx.Node], bool]) -> PassResult:
     """aten.linear(x, w, b) -> kiln.linear(x, w, b, constant_weight) for each linear node that
     `select` accepts; constant_weight says whether w is a parameter, buffer or constant."""
     if not any(select(n) for n in nodes_calling(program.graph_module.graph, LINEAR)):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import triton
 
-MAX_GEMV_ROWS = 4  # more rows go to the tl.dot kernel (`kiln.kernels.triton.qgemm`)
+MAX_GEMV_ROWS = 4  # x rows a program holds
 TILE_BYTES = 4096  # packed weight bytes a program reads per step
 
 
@@ -21,14 +21,15 @@ class QGemvConfig:
 
 
 def default_qconfig(bits: int, m: int, n: int, k: int, sms: int = 132) -> QGemvConfig:
-    """8 weight rows by 512 bytes per step on 4 warps (4 KB: one 16-byte load a thread and row,
-    each thread holding two rows, so each x value it loads serves two of them), fewer bytes per
-    row for more x rows (the fp32 accumulator stays at 32 registers a thread); K split in powers
-    of two while the programs do not fill the SMs twice and each split keeps 4 steps. Chosen
-    from the layout, not yet timed on a GPU (`benchmarks/quantized_linear.py --sweep`)."""
+    """4 weight rows by 1024 bytes per step on 4 warps: each thread holds 8 bytes of each row, and
+    its x values (8 a thread: one 16-byte load) serve all 4 rows; a step's x tile then has the
+    weight tile's layout, with no shared-memory shuffle between them (checked in the ttgir/ptxas
+    output for sm_90: 96 registers, no spills, for int8 per channel and int4 g128). Fewer bytes per
+    row for more x rows. K split in powers of two while the programs do not fill the SMs twice and
+    each split keeps 4 steps. Not yet timed on a GPU: `benchmarks/quantized_linear.py --sweep`."""
     block_m = min(MAX_GEMV_ROWS, triton.next_power_of_2(max(m, 1)))
     row_bytes = k // 2 if bits == 4 else k
-    block_n = 8
+    block_n = 4
     block_k = min(TILE_BYTES // (block_n * block_m), max(16, triton.next_power_of_2(max(row_bytes, 1))))
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split = 1

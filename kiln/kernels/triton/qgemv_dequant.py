@@ -92,7 +92,10 @@ def dequantize(  # type: ignore[no-untyped-def]
         ok = n_ok[:, None]
     s = tl.load(scales + _group_index(offs_n, stride_sn, col0, cols, GROUP, MODE, GPT), mask=ok, other=0.0)
     s = s.to(tl.float32)
-    base = 8388608.0 if BITS == 4 else 8388736.0  # 2**23 (+ 128 for int8)
+    if BITS == 4:
+        base = 8388608.0  # 2**23
+    else:
+        base = 8388736.0  # 2**23 + 128: int8 read offset-binary
     if HAS_ZEROS:
         z = tl.load(zeros + _group_index(offs_n, stride_zn, col0, cols, GROUP, MODE, GPT), mask=ok, other=0.0)
         zm = z.to(tl.float32) + base

@@ -26,7 +26,9 @@ from kiln.kernels.triton.qgemv_dequant import dequantize, unpack
 
 @triton.jit
 def _load_bytes(w_rows, n_ok, offs_b, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
-    ptrs = w_rows + (kb + offs_b)[None, :]
+    # 8 bytes a thread and load, not 16: the x tile's layout (8 fp16/bf16 values a thread, 16 bytes)
+    # then is the weight tile's, so the bytes need no shared-memory shuffle each step (ptxas, sm_90)
+    ptrs = w_rows + tl.max_contiguous(kb + offs_b, 8)[None, :]
     if EVEN_K:
         if EVEN_N:
             return tl.load(ptrs)
