@@ -120,7 +120,7 @@ def test_every_gemv_variant_matches_the_reference(config):
     dtype = DTYPES[0]
     rows = min(config.block_m + 1, 4)
     x = random(rows, K, dtype=dtype, seed=3)
-    for bits, group, zeros in [(8, K, False), (4, 32, True), (4, 128, True)]:
+    for bits, group, zeros in [(8, K, False), (4, K, True), (4, 32, True), (4, 128, True)]:
         p = packed_weight(N, K, bits, group, zeros, dtype, seed=group)
         got = qlinear_gemv(x, p.qweight, p.scales, p.zeros, group, config=config)
         assert_close(got, want(x, p, group), f"int{bits} g{group}")

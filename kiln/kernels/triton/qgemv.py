@@ -26,6 +26,7 @@ from kiln.kernels.triton.qgemv_dequant import GROUP_SPLIT, group_mode
 from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
 
 SUM_BLOCK = 1024
+MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
 
 
 def check_packed(
@@ -136,6 +137,7 @@ def qlinear_gemv(
         rope[1].stride(0) if rope is not None else 0,
         rope[2] // 2 if rope is not None else 0,
         n // 2,
+        MAGIC,
         KB_PER_SPLIT=per_split,
         K_PAD=triton.cdiv(k, 256) * 256,
         BITS=bits,
@@ -143,6 +145,7 @@ def qlinear_gemv(
         MODE=mode,
         GPT=block_k // group_size if mode == GROUP_SPLIT else 1,
         HAS_ZEROS=zeros is not None,
+        ONE_GROUP=group_size >= k,
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,

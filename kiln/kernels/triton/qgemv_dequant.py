@@ -66,8 +66,7 @@ def _group_index(offs_n, stride, col0, cols, GROUP: tl.constexpr, MODE: tl.const
 
 
 @triton.jit
-def dequantize(  # type: ignore[no-untyped-def]
-    f,  # [BN, BK] float32 from `unpack`
+def group_params(  # type: ignore[no-untyped-def]
     scales,
     zeros,
     offs_n,
@@ -77,33 +76,60 @@ def dequantize(  # type: ignore[no-untyped-def]
     K,
     stride_sn,
     stride_zn,
-    BITS: tl.constexpr,
     GROUP: tl.constexpr,
     MODE: tl.constexpr,  # GROUP_*
     GPT: tl.constexpr,  # GROUP_SPLIT: groups per tile (BK // GROUP), else 1
     HAS_ZEROS: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
 ):
-    """The float32 weight tile (value - zero) * scale; rows past N and columns past K give 0."""
+    """(scale, zero) float32 of the tile's groups, compact: [BN, 1] (GROUP_TILE), [BN, GPT]
+    (GROUP_SPLIT) or [BN, BK] (GROUP_GATHER); zero 0 without zero points, scale 0 past N and K."""
     if MODE == 2:
         ok = n_ok[:, None] & (cols < K)[None, :]
     else:
         ok = n_ok[:, None]
     s = tl.load(scales + _group_index(offs_n, stride_sn, col0, cols, GROUP, MODE, GPT), mask=ok, other=0.0)
     s = s.to(tl.float32)
-    if BITS == 4:
-        base = 8388608.0  # 2**23
-    else:
-        base = 8388736.0  # 2**23 + 128: int8 read offset-binary
     if HAS_ZEROS:
         z = tl.load(zeros + _group_index(offs_n, stride_zn, col0, cols, GROUP, MODE, GPT), mask=ok, other=0.0)
-        zm = z.to(tl.float32) + base
+        z = z.to(tl.float32)
     else:
-        zm = s * 0.0 + base
+        z = s * 0.0
+    return s, z
+
+
+@triton.jit
+def spread(p, MODE: tl.constexpr, GPT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A compact group parameter from `group_params` over its tile's elements ([BN, 1] stays so)."""
     if MODE == 1:
-        f3 = tl.reshape(f, (BN, GPT, BK // GPT))
-        w3 = (f3 - zm[:, :, None]) * s[:, :, None]
-        return tl.reshape(w3, (BN, BK))
+        return tl.reshape(tl.broadcast_to(p[:, :, None], (BN, GPT, BK // GPT)), (BN, BK))
     else:
-        return (f - zm) * s
+        return p
+
+
+@triton.jit
+def dequantize(  # type: ignore[no-untyped-def]
+    f,  # [BN, BK] float32 from `unpack`
+    scales,
+    zeros,
+    offs_n,
+    n_ok,
+    col0,
+    cols,
+    K,
+    stride_sn,
+    stride_zn,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    MODE: tl.constexpr,
+    GPT: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The float32 weight tile (value - zero) * scale (see `group_params`); 0 past N and K."""
+    s, z = group_params(scales, zeros, offs_n, n_ok, col0, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS)
+    if BITS == 4:
+        zm = z + 8388608.0  # 2**23
+    else:
+        zm = z + 8388736.0  # 2**23 + 128: int8 read offset-binary
+    return (f - spread(zm, MODE, GPT, BN, BK)) * spread(s, MODE, GPT, BN, BK)

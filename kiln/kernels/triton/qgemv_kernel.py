@@ -21,7 +21,7 @@ from kiln.kernels.triton.gemv_kernel import (
     _tile_product,
 )
 from kiln.kernels.triton.pdl import handoff
-from kiln.kernels.triton.qgemv_dequant import dequantize, unpack
+from kiln.kernels.triton.qgemv_dequant import dequantize, group_params, spread, unpack
 
 
 @triton.jit
@@ -65,6 +65,7 @@ def _x_tile(  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _step(  # type: ignore[no-untyped-def]
+    acc,
     raw,
     kb,
     offs_b,
@@ -84,35 +85,70 @@ def _step(  # type: ignore[no-untyped-def]
     norm_w,
     inv_rms,
     eps,
+    magic,  # 0x4B000000, a register operand (a constant would cost an instruction per byte)
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     MODE: tl.constexpr,
     GPT: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
     PROLOGUE: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One byte tile's contribution to the accumulator ([BN, BK], or [BM, BN, BK])."""
-    first, second = unpack(raw, BITS)
+    """The accumulator ([BN, BK], or [BM, BN, BK]) after one byte tile.
+
+    One row: a byte u becomes float32 2**23 + u by one OR; int4's low nibble by one AND-OR, and
+    its high nibble, times 16, as (2**23 + u) - (2**23 + low), both exact, so each byte costs three
+    integer instructions. ONE_GROUP (one scale per weight row): the scale multiplies the sum once,
+    at the end."""
     cols = kb + offs_b
-    w = dequantize(
-        first, scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn,
-        BITS, GROUP, MODE, GPT, HAS_ZEROS, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-    xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
-    part = _tile_product(xv, w, BLOCK_M, False, False, False)
-    if BITS == 4:  # the high nibbles: columns K/2 + kb..
-        cols = KB + kb + offs_b
+    if BLOCK_M == 1:
+        u = raw.to(tl.int32)
+        s, z = group_params(scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS)
+        xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
+        xv = xv.to(tl.float32)
+        if BITS == 4:
+            low = ((u & 0xF) | magic).to(tl.float32, bitcast=True)
+            d = low - spread(z + 8388608.0, MODE, GPT, BLOCK_N, BLOCK_K)
+        else:
+            d = ((u ^ 0x80) | magic).to(tl.float32, bitcast=True) - spread(z + 8388736.0, MODE, GPT, BLOCK_N, BLOCK_K)
+        if ONE_GROUP:
+            acc = acc + d * xv
+        else:
+            acc = acc + (d * spread(s, MODE, GPT, BLOCK_N, BLOCK_K)) * xv
+        if BITS == 4:  # the high nibbles: columns K/2 + kb..
+            cols = KB + kb + offs_b
+            s, z = group_params(
+                scales, zeros, offs_n, n_ok, KB + kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS
+            )
+            xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
+            xv = xv.to(tl.float32)
+            d = ((u | magic).to(tl.float32, bitcast=True) - low) - spread(z * 16.0, MODE, GPT, BLOCK_N, BLOCK_K)
+            if ONE_GROUP:  # d is 16 (value - zero)
+                acc = acc + d * (xv * 0.0625)
+            else:
+                acc = acc + (d * spread(s * 0.0625, MODE, GPT, BLOCK_N, BLOCK_K)) * xv
+        return acc
+    else:
+        first, second = unpack(raw, BITS)
         w = dequantize(
-            second, scales, zeros, offs_n, n_ok, KB + kb, cols, K, stride_sn, stride_zn,
+            first, scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn,
             BITS, GROUP, MODE, GPT, HAS_ZEROS, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
-        part += _tile_product(xv, w, BLOCK_M, False, False, False)
-    return part
+        xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
+        acc += _tile_product(xv, w, BLOCK_M, False, False, False)
+        if BITS == 4:
+            cols = KB + kb + offs_b
+            w = dequantize(
+                second, scales, zeros, offs_n, n_ok, KB + kb, cols, K, stride_sn, stride_zn,
+                BITS, GROUP, MODE, GPT, HAS_ZEROS, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
+            acc += _tile_product(xv, w, BLOCK_M, False, False, False)
+        return acc
 
 
 @triton.jit
@@ -146,6 +182,7 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
     stride_sm,
     rope_pairs,
     half_n,
+    magic,  # 0x4B000000 (see _step)
     KB_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     K_PAD: tl.constexpr,  # K rounded up to a multiple of 256 (the rms_norm statistics' loop)
     BITS: tl.constexpr,
@@ -153,6 +190,7 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
     MODE: tl.constexpr,  # qgemv_dequant.GROUP_*
     GPT: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
+    ONE_GROUP: tl.constexpr,  # one group spans K: at one row the scale multiplies the row's sum
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -193,19 +231,22 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for step in range(BLOCK_K, KB_PER_SPLIT, BLOCK_K):  # the next byte tile is read before this one is used
         following = _load_bytes(w_rows, n_ok, offs_b, kb_begin + step, KB, EVEN_N, EVEN_K)
-        acc += _step(
-            raw, kb_begin + step - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
-            scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps,
-            BITS, GROUP, MODE, GPT, HAS_ZEROS, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        acc = _step(
+            acc, raw, kb_begin + step - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
+            scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
+            BITS, GROUP, MODE, GPT, HAS_ZEROS, ONE_GROUP, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         raw = following
-    acc += _step(
-        raw, kb_begin + KB_PER_SPLIT - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
-        scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps,
-        BITS, GROUP, MODE, GPT, HAS_ZEROS, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+    acc = _step(
+        acc, raw, kb_begin + KB_PER_SPLIT - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
+        scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
+        BITS, GROUP, MODE, GPT, HAS_ZEROS, ONE_GROUP, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if BLOCK_M == 1:
         result = tl.sum(acc, axis=1)[None, :]
+        if ONE_GROUP:
+            row_scale = tl.load(scales + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+            result = result * row_scale[None, :]
     else:
         result = tl.sum(acc, axis=2)
     mask = m_ok[:, None] & n_ok[None, :]
