@@ -22,11 +22,12 @@ from kiln.kernels.triton.gemv_kernel import _sum_splits_kernel
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import launch_options
 from kiln.kernels.triton.qgemv_config import QGemvConfig, default_qconfig
-from kiln.kernels.triton.qgemv_dequant import GROUP_SPLIT, group_mode
+from kiln.kernels.triton.qgemv_dequant import GROUP_GATHER, GROUP_SPLIT, group_mode
 from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
 
 SUM_BLOCK = 1024
 MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
+CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgemv_kernel._step`)
 
 
 def check_packed(
@@ -97,6 +98,7 @@ def qlinear_gemv(
     per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
     split = triton.cdiv(row_bytes, per_split)  # no empty splits
     mode = group_mode(block_k, row_bytes, group_size, config.gather)
+    chunked = config.block_m == 1 and mode != GROUP_GATHER and group_size % CHUNK == 0 and block_k % CHUNK == 0
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     if rope is not None:
         n_tiles = rope[2] // 2 + triton.cdiv(n - rope[2], config.block_n)
@@ -145,7 +147,8 @@ def qlinear_gemv(
         MODE=mode,
         GPT=block_k // group_size if mode == GROUP_SPLIT else 1,
         HAS_ZEROS=zeros is not None,
-        ONE_GROUP=group_size >= k,
+        CHUNKED=chunked,
+        CHUNK=CHUNK,
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,

@@ -64,6 +64,17 @@ def _x_tile(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _chunk_sums(  # type: ignore[no-untyped-def]
+    acc, d, xv, s, z, MODE: tl.constexpr, GPT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr
+):
+    """acc [BN, BK / CHUNK] + scale * (sum(d * x) - zero * sum(x)) over each run of CHUNK columns."""
+    runs: tl.constexpr = BK // CHUNK
+    dx = tl.sum(tl.reshape(d * xv, (BN, runs, CHUNK)), axis=2)
+    xs = tl.sum(tl.reshape(xv, (1, runs, CHUNK)), axis=2)
+    return acc + spread(s, MODE, GPT, BN, runs) * (dx - spread(z, MODE, GPT, BN, runs) * xs)
+
+
+@triton.jit
 def _step(  # type: ignore[no-untyped-def]
     acc,
     raw,
@@ -85,52 +96,48 @@ def _step(  # type: ignore[no-untyped-def]
     norm_w,
     inv_rms,
     eps,
-    magic,  # 0x4B000000, a register operand (a constant would cost an instruction per byte)
+    magic,  # 0x4B000000, a register operand (a constant would cost an AND-OR two instructions)
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     MODE: tl.constexpr,
     GPT: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
-    ONE_GROUP: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    CHUNK: tl.constexpr,
     PROLOGUE: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The accumulator ([BN, BK], or [BM, BN, BK]) after one byte tile.
+    """The accumulator after one byte tile: [BN, BK / CHUNK] (CHUNKED), [BN, BK] or [BM, BN, BK].
 
-    One row: a byte u becomes float32 2**23 + u by one OR; int4's low nibble by one AND-OR, and
-    its high nibble, times 16, as (2**23 + u) - (2**23 + low), both exact, so each byte costs three
-    integer instructions. ONE_GROUP (one scale per weight row): the scale multiplies the sum once,
-    at the end."""
+    CHUNKED (one row, tiles of whole groups): a byte u becomes float32 2**23 + u by one OR with a
+    register (int4's low nibble by one AND-OR), and the exact value by one subtraction (int4's
+    high nibble, times 16, as (2**23 + u) - (2**23 + low)); each run of CHUNK columns, one
+    thread's, sums value * x, and only the run's sum meets its group's scale and zero point:
+    scale * (sum(value * x) - zero * sum(x)). About two float instructions a weight."""
     cols = kb + offs_b
-    if BLOCK_M == 1:
+    if CHUNKED:
         u = raw.to(tl.int32)
         s, z = group_params(scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS)
         xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
         xv = xv.to(tl.float32)
         if BITS == 4:
             low = ((u & 0xF) | magic).to(tl.float32, bitcast=True)
-            d = low - spread(z + 8388608.0, MODE, GPT, BLOCK_N, BLOCK_K)
+            d = low - 8388608.0
         else:
-            d = ((u ^ 0x80) | magic).to(tl.float32, bitcast=True) - spread(z + 8388736.0, MODE, GPT, BLOCK_N, BLOCK_K)
-        if ONE_GROUP:
-            acc = acc + d * xv
-        else:
-            acc = acc + (d * spread(s, MODE, GPT, BLOCK_N, BLOCK_K)) * xv
-        if BITS == 4:  # the high nibbles: columns K/2 + kb..
+            d = ((u ^ 0x80) | magic).to(tl.float32, bitcast=True) - 8388736.0
+        acc = _chunk_sums(acc, d, xv, s, z, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
+        if BITS == 4:  # the high nibbles (columns K/2 + kb..), as 16 * value
             cols = KB + kb + offs_b
             s, z = group_params(
                 scales, zeros, offs_n, n_ok, KB + kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS
             )
             xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
             xv = xv.to(tl.float32)
-            d = ((u | magic).to(tl.float32, bitcast=True) - low) - spread(z * 16.0, MODE, GPT, BLOCK_N, BLOCK_K)
-            if ONE_GROUP:  # d is 16 (value - zero)
-                acc = acc + d * (xv * 0.0625)
-            else:
-                acc = acc + (d * spread(s * 0.0625, MODE, GPT, BLOCK_N, BLOCK_K)) * xv
+            d = (u | magic).to(tl.float32, bitcast=True) - low
+            acc = _chunk_sums(acc, d, xv, s * 0.0625, z * 16.0, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
         return acc
     else:
         first, second = unpack(raw, BITS)
@@ -190,7 +197,8 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
     MODE: tl.constexpr,  # qgemv_dequant.GROUP_*
     GPT: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
-    ONE_GROUP: tl.constexpr,  # one group spans K: at one row the scale multiplies the row's sum
+    CHUNKED: tl.constexpr,  # one row, whole groups a tile (GROUP_TILE / GROUP_SPLIT), groups of whole chunks
+    CHUNK: tl.constexpr,  # columns a thread holds in a row of a tile (the load's 8 bytes)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -225,7 +233,9 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, K_PAD, BLOCK_M, 256)
     else:
         inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if BLOCK_M == 1:
+    if CHUNKED:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
+    elif BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -234,19 +244,16 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         acc = _step(
             acc, raw, kb_begin + step - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
             scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
-            BITS, GROUP, MODE, GPT, HAS_ZEROS, ONE_GROUP, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+            BITS, GROUP, MODE, GPT, HAS_ZEROS, CHUNKED, CHUNK, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         raw = following
     acc = _step(
         acc, raw, kb_begin + KB_PER_SPLIT - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
         scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
-        BITS, GROUP, MODE, GPT, HAS_ZEROS, ONE_GROUP, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        BITS, GROUP, MODE, GPT, HAS_ZEROS, CHUNKED, CHUNK, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if BLOCK_M == 1:
         result = tl.sum(acc, axis=1)[None, :]
-        if ONE_GROUP:
-            row_scale = tl.load(scales + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-            result = result * row_scale[None, :]
     else:
         result = tl.sum(acc, axis=2)
     mask = m_ok[:, None] & n_ok[None, :]
