@@ -98,7 +98,14 @@ def qlinear_gemv(
     per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
     split = triton.cdiv(row_bytes, per_split)  # no empty splits
     mode = group_mode(block_k, row_bytes, group_size, config.gather)
-    chunked = config.block_m == 1 and mode != GROUP_GATHER and group_size % CHUNK == 0 and block_k % CHUNK == 0
+    chunked = (
+        config.block_m == 1
+        and mode != GROUP_GATHER
+        and group_size % CHUNK == 0
+        and block_k % CHUNK == 0
+        and row_bytes % 4 == 0
+        and qweight.data_ptr() % 4 == 0
+    )
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     if rope is not None:
         n_tiles = rope[2] // 2 + triton.cdiv(n - rope[2], config.block_n)

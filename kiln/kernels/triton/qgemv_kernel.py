@@ -39,6 +39,28 @@ def _load_bytes(w_rows, n_ok, offs_b, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.c
 
 
 @triton.jit
+def _load_words(w_rows, n_ok, offs_w, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The tile's bytes as int32 words [BN, BK / 4] (two a thread and load, as `_load_bytes`)."""
+    ptrs = w_rows.to(tl.pointer_type(tl.int32)) + tl.max_contiguous(kb // 4 + offs_w, 2)[None, :]
+    if EVEN_K:
+        if EVEN_N:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=n_ok[:, None], other=0)
+    else:
+        return tl.load(ptrs, mask=n_ok[:, None] & (kb + 4 * offs_w < KB)[None, :], other=0)
+
+
+@triton.jit
+def _word_fields(words, SHIFT: tl.constexpr, MASK: tl.constexpr, magic, BN: tl.constexpr, BK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """float32 2**23 + field of each byte of words [BN, BK / 4] (bits SHIFT.. of MASK), as [BN, BK]
+    in column order (byte j of word i is column 4 i + j)."""
+    shifts = (tl.arange(0, 4) * 8 + SHIFT)[None, None, :]
+    fields = ((words[:, :, None] >> shifts) & MASK) | magic
+    return tl.reshape(fields, (BN, BK)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _x_tile(  # type: ignore[no-untyped-def]
     x,
     offs_m,
@@ -118,26 +140,24 @@ def _step(  # type: ignore[no-untyped-def]
     thread's, sums value * x, and only the run's sum meets its group's scale and zero point:
     scale * (sum(value * x) - zero * sum(x)). About two float instructions a weight."""
     cols = kb + offs_b
-    if CHUNKED:
-        u = raw.to(tl.int32)
+    if CHUNKED:  # raw: int32 words
         s, z = group_params(scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS)
         xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
         xv = xv.to(tl.float32)
         if BITS == 4:
-            low = ((u & 0xF) | magic).to(tl.float32, bitcast=True)
-            d = low - 8388608.0
-        else:
-            d = ((u ^ 0x80) | magic).to(tl.float32, bitcast=True) - 8388736.0
+            d = _word_fields(raw, 0, 0xF, magic, BLOCK_N, BLOCK_K) - 8388608.0
+        else:  # the sign bits flipped: offset binary, value + 128
+            d = _word_fields(raw ^ -2139062144, 0, 0xFF, magic, BLOCK_N, BLOCK_K) - 8388736.0
         acc = _chunk_sums(acc, d, xv, s, z, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
-        if BITS == 4:  # the high nibbles (columns K/2 + kb..), as 16 * value
+        if BITS == 4:  # the high nibbles: columns K/2 + kb..
             cols = KB + kb + offs_b
             s, z = group_params(
                 scales, zeros, offs_n, n_ok, KB + kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS
             )
             xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
             xv = xv.to(tl.float32)
-            d = (u | magic).to(tl.float32, bitcast=True) - low
-            acc = _chunk_sums(acc, d, xv, s * 0.0625, z * 16.0, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
+            d = _word_fields(raw, 4, 0xF, magic, BLOCK_N, BLOCK_K) - 8388608.0
+            acc = _chunk_sums(acc, d, xv, s, z, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
         return acc
     else:
         first, second = unpack(raw, BITS)
@@ -226,7 +246,11 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
     w_rows = w + offs_n[:, None] * stride_wn
     if not EARLY_W:
         handoff(PDL)
-    raw = _load_bytes(w_rows, n_ok, offs_b, kb_begin, KB, EVEN_N, EVEN_K)
+    offs_w = tl.arange(0, BLOCK_K // 4)
+    if CHUNKED:
+        raw = _load_words(w_rows, n_ok, offs_w, kb_begin, KB, EVEN_N, EVEN_K)
+    else:
+        raw = _load_bytes(w_rows, n_ok, offs_b, kb_begin, KB, EVEN_N, EVEN_K)
     if EARLY_W:
         handoff(PDL)
     if PROLOGUE == 2:
@@ -240,7 +264,10 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for step in range(BLOCK_K, KB_PER_SPLIT, BLOCK_K):  # the next byte tile is read before this one is used
-        following = _load_bytes(w_rows, n_ok, offs_b, kb_begin + step, KB, EVEN_N, EVEN_K)
+        if CHUNKED:
+            following = _load_words(w_rows, n_ok, offs_w, kb_begin + step, KB, EVEN_N, EVEN_K)
+        else:
+            following = _load_bytes(w_rows, n_ok, offs_b, kb_begin + step, KB, EVEN_N, EVEN_K)
         acc = _step(
             acc, raw, kb_begin + step - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
             scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
