@@ -28,6 +28,9 @@ from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
 SUM_BLOCK = 1024
 MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
 CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgemv_kernel._step`)
+# The one-row kernel turns bytes into floats with PTX `prmt` (one instruction a byte); False: with
+# shifts and masks (three), as it always does under the interpreter, which runs no PTX.
+USE_PRMT = True
 
 
 def check_packed(
@@ -156,6 +159,7 @@ def qlinear_gemv(
         HAS_ZEROS=zeros is not None,
         CHUNKED=chunked,
         CHUNK=CHUNK,
+        ASM=USE_PRMT and not triton.knobs.runtime.interpret,
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,

@@ -61,6 +61,38 @@ def _word_fields(words, SHIFT: tl.constexpr, MASK: tl.constexpr, magic, BN: tl.c
 
 
 @triton.jit
+def _byte_floats(words, magic, BN: tl.constexpr, BK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """float32 2**23 + byte for each byte of words [BN, BK / 4], as [BN, BK] in column order: one
+    `prmt` a byte puts it under magic's (0x4B000000) exponent bits (selector 0x744j: byte j of the
+    word, two zero bytes of magic, then magic's top byte)."""
+    shape: tl.constexpr = (BN, BK // 4, 4)
+    a = tl.broadcast_to(words[:, :, None], shape)
+    b = tl.broadcast_to((magic + tl.zeros((1, 1, 1), dtype=tl.int32)), shape)
+    select = tl.broadcast_to((0x7440 + tl.arange(0, 4))[None, None, :], shape)
+    fields = tl.inline_asm_elementwise(
+        "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, select], dtype=tl.int32, is_pure=True, pack=1
+    )
+    return tl.reshape(fields, (BN, BK)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fields(  # type: ignore[no-untyped-def]
+    words, SHIFT: tl.constexpr, MASK: tl.constexpr, magic, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
+    """float32 2**23 + (byte >> SHIFT) & MASK for each byte of words, as [BN, BK] (see `_byte_floats`;
+    without ASM, by shifts and masks: the interpreter runs no PTX)."""
+    if ASM:
+        if SHIFT == 0 and MASK == 0xFF:
+            return _byte_floats(words, magic, BN, BK)
+        elif SHIFT == 0:
+            return _byte_floats(words & 0x0F0F0F0F, magic, BN, BK)
+        else:
+            return _byte_floats((words >> 4) & 0x0F0F0F0F, magic, BN, BK)
+    else:
+        return _word_fields(words, SHIFT, MASK, magic, BN, BK)
+
+
+@triton.jit
 def _x_tile(  # type: ignore[no-untyped-def]
     x,
     offs_m,
@@ -126,6 +158,7 @@ def _step(  # type: ignore[no-untyped-def]
     HAS_ZEROS: tl.constexpr,
     CHUNKED: tl.constexpr,
     CHUNK: tl.constexpr,
+    ASM: tl.constexpr,
     PROLOGUE: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -145,9 +178,9 @@ def _step(  # type: ignore[no-untyped-def]
         xv = _x_tile(x, offs_m, m_ok, cols, KB, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
         xv = xv.to(tl.float32)
         if BITS == 4:
-            d = _word_fields(raw, 0, 0xF, magic, BLOCK_N, BLOCK_K) - 8388608.0
+            d = _fields(raw, 0, 0xF, magic, ASM, BLOCK_N, BLOCK_K) - 8388608.0
         else:  # the sign bits flipped: offset binary, value + 128
-            d = _word_fields(raw ^ -2139062144, 0, 0xFF, magic, BLOCK_N, BLOCK_K) - 8388736.0
+            d = _fields(raw ^ -2139062144, 0, 0xFF, magic, ASM, BLOCK_N, BLOCK_K) - 8388736.0
         acc = _chunk_sums(acc, d, xv, s, z, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
         if BITS == 4:  # the high nibbles: columns K/2 + kb..
             cols = KB + kb + offs_b
@@ -156,7 +189,7 @@ def _step(  # type: ignore[no-untyped-def]
             )
             xv = _x_tile(x, offs_m, m_ok, cols, K, K, stride_xm, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
             xv = xv.to(tl.float32)
-            d = _word_fields(raw, 4, 0xF, magic, BLOCK_N, BLOCK_K) - 8388608.0
+            d = _fields(raw, 4, 0xF, magic, ASM, BLOCK_N, BLOCK_K) - 8388608.0
             acc = _chunk_sums(acc, d, xv, s, z, MODE, GPT, BLOCK_N, BLOCK_K, CHUNK)
         return acc
     else:
@@ -219,6 +252,7 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
     HAS_ZEROS: tl.constexpr,
     CHUNKED: tl.constexpr,  # one row, whole groups a tile (GROUP_TILE / GROUP_SPLIT), groups of whole chunks
     CHUNK: tl.constexpr,  # columns a thread holds in a row of a tile (the load's 8 bytes)
+    ASM: tl.constexpr,  # CHUNKED: bytes to floats with PTX prmt (not under the interpreter)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -271,13 +305,13 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         acc = _step(
             acc, raw, kb_begin + step - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
             scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
-            BITS, GROUP, MODE, GPT, HAS_ZEROS, CHUNKED, CHUNK, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+            BITS, GROUP, MODE, GPT, HAS_ZEROS, CHUNKED, CHUNK, ASM, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         raw = following
     acc = _step(
         acc, raw, kb_begin + KB_PER_SPLIT - BLOCK_K, offs_b, offs_n, n_ok, x, offs_m, m_ok, K, KB, stride_xm, stride_xk,
         scales, zeros, stride_sn, stride_zn, norm_w, inv_rms, eps, magic,
-        BITS, GROUP, MODE, GPT, HAS_ZEROS, CHUNKED, CHUNK, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        BITS, GROUP, MODE, GPT, HAS_ZEROS, CHUNKED, CHUNK, ASM, PROLOGUE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if BLOCK_M == 1:
         result = tl.sum(acc, axis=1)[None, :]
