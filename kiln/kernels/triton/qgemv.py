@@ -1,10 +1,11 @@
 """Triton kernel: `x @ W.T (+ bias)` for a few rows of x and a packed int8 / int4 weight W.
 
-A decode step reads every weight once for 1..4 token rows, so it is bound by the bytes read:
-int8 halves them and int4 g128 makes them ~0.28 of bf16's. The kernel (`qgemv_kernel`) streams
-the packed bytes in wide tiles (16-byte loads), dequantizes them in registers exactly as
-`kiln.kernels.quantized_weight.dequantize_packed` (float32) and accumulates in float32, with
-the dense kernel's prologues and epilogues (`kiln.kernels.triton.gemv.linear_triton`'s meaning).
+A decode step reads every weight once for a token row, so it is bound by the bytes read: int8
+halves them and int4 g128 makes them ~0.28 of bf16's. The kernel (`qgemv_kernel`) streams the
+packed bytes in 4 KB steps, dequantizes them in registers with `dequantize_packed`'s formula
+(`kiln.kernels.quantized_weight`, in float32) and accumulates in float32, with the dense
+kernel's prologues and epilogues (`kiln.kernels.triton.gemv.linear_triton`'s meaning); it also
+takes 2..4 rows a program (slower per row: the dispatch sends those to `qgemm`).
 Act-order weights (perm) are not handled here: the caller keeps its reference path for them.
 Every launch choice comes from shapes, so a call can be captured in a CUDA graph.
 """

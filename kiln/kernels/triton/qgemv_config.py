@@ -22,11 +22,10 @@ class QGemvConfig:
 
 def default_qconfig(bits: int, m: int, n: int, k: int, sms: int = 132) -> QGemvConfig:
     """4 weight rows by 1024 bytes per step on 4 warps: each thread holds 8 bytes of each row, and
-    its x values (8 a thread: one 16-byte load) serve all 4 rows; a step's x tile then has the
-    weight tile's layout, with no shared-memory shuffle between them (checked in the ttgir/ptxas
-    output for sm_90: 96 registers, no spills, for int8 per channel and int4 g128). Fewer bytes per
-    row for more x rows. K split in powers of two while the programs do not fill the SMs twice and
-    each split keeps 4 steps. Not yet timed on a GPU: `benchmarks/quantized_linear.py --sweep`."""
+    its 8 x values (one 16-byte load) serve all 4 rows; a step's x tile then has the weight tile's
+    layout, with no shared-memory shuffle between them (checked in the sm_90 compile). Fewer bytes
+    per row for more x rows. K split in powers of two while the programs do not fill the SMs twice
+    and each split keeps 4 steps. Not yet timed on a GPU: `benchmarks/quantized_linear.py --sweep`."""
     block_m = min(MAX_GEMV_ROWS, triton.next_power_of_2(max(m, 1)))
     row_bytes = k // 2 if bits == 4 else k
     block_n = 4

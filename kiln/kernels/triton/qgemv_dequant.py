@@ -1,5 +1,7 @@
 """Dequantization in registers, shared by the quantized GEMV (`qgemv_kernel`) and GEMM (`qgemm`).
 
+(The GEMV's one-row loop reads the same tensors its own way: see `qgemv_kernel`.)
+
 A packed weight tile is a [BN, BK] block of bytes (`kiln.kernels.quantized_weight`): int8 (read as
 uint8) holds one column per byte; int4 holds column j in the low nibble and column j + K/2 in the
 high one, so a byte tile at byte offset kb gives two column tiles, kb.. and K/2 + kb...

@@ -1,10 +1,18 @@
 """The quantized few-row linear's Triton kernel (launched by `kiln.kernels.triton.qgemv.qlinear_gemv`).
 
 The dense kernel's structure (`kiln.kernels.triton.gemv_kernel`) with the weight read as packed
-bytes and dequantized in registers (`qgemv_dequant`): each program owns BLOCK_N weight rows and
-one split of K, reads them in steps of BLOCK_K bytes, one step ahead of the arithmetic, and
-accumulates in float32 on the CUDA cores. Its prologues (silu_mul, rms_norm) and epilogues
-(bias, residual, rope pairs, gated pairs) are the dense kernel's own helpers.
+bytes and dequantized in registers: each program owns BLOCK_N weight rows and one split of K,
+reads them in steps of BLOCK_K bytes, one step ahead of the arithmetic, and accumulates in
+float32 on the CUDA cores. Its prologues (silu_mul, rms_norm) and epilogues (bias, residual,
+rope pairs, gated pairs) are the dense kernel's own helpers.
+
+At one row (CHUNKED, see `_step`) the loop is built for instruction count, since int4 at copy
+bandwidth leaves an H100 SM about 4.5 instructions a weight: the tile is read as int32 words,
+each byte becomes a float by one `prmt`, and scales and zero points meet sums of 8 products, not
+single weights. For sm_90 that compiled to ~6.4 instructions a weight for int4 g128 and ~6 for
+int8 (ptxas, 40-64 registers, no spills, no shared-memory shuffles); timings: the benchmark.
+Other shapes (2..4 rows a program, groups that do not tile) dequantize whole tiles
+(`qgemv_dequant.dequantize`) and multiply them as the dense kernel does.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from kiln.kernels.triton.qgemv_dequant import dequantize, group_params, spread, 
 @triton.jit
 def _load_bytes(w_rows, n_ok, offs_b, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
     # 8 bytes a thread and load, not 16: the x tile's layout (8 fp16/bf16 values a thread, 16 bytes)
-    # then is the weight tile's, so the bytes need no shared-memory shuffle each step (ptxas, sm_90)
+    # then is the weight tile's, so the bytes need no shared-memory shuffle each step (ttgir, sm_90)
     ptrs = w_rows + tl.max_contiguous(kb + offs_b, 8)[None, :]
     if EVEN_K:
         if EVEN_N:
@@ -150,7 +158,7 @@ def _step(  # type: ignore[no-untyped-def]
     norm_w,
     inv_rms,
     eps,
-    magic,  # 0x4B000000, a register operand (a constant would cost an AND-OR two instructions)
+    magic,  # 0x4B000000 (float32 2**23), a register operand
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     MODE: tl.constexpr,
@@ -165,13 +173,13 @@ def _step(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The accumulator after one byte tile: [BN, BK / CHUNK] (CHUNKED), [BN, BK] or [BM, BN, BK].
+    """The accumulator after one tile: [BN, BK / CHUNK] (CHUNKED), [BN, BK] or [BM, BN, BK].
 
-    CHUNKED (one row, tiles of whole groups): a byte u becomes float32 2**23 + u by one OR with a
-    register (int4's low nibble by one AND-OR), and the exact value by one subtraction (int4's
-    high nibble, times 16, as (2**23 + u) - (2**23 + low)); each run of CHUNK columns, one
-    thread's, sums value * x, and only the run's sum meets its group's scale and zero point:
-    scale * (sum(value * x) - zero * sum(x)). About two float instructions a weight."""
+    CHUNKED (one row, tiles of whole groups; raw is int32 words): each byte (int4: each nibble)
+    becomes float32 2**23 + value by one `prmt` (`_fields`), the exact value by one subtraction;
+    each run of CHUNK columns, one thread's, sums value * x, and only the run's sum meets its
+    group's scale and zero point: scale * (sum(value * x) - zero * sum(x)), all small numbers, so
+    nothing cancels. Else (raw is bytes): whole tiles dequantized, then multiplied."""
     cols = kb + offs_b
     if CHUNKED:  # raw: int32 words
         s, z = group_params(scales, zeros, offs_n, n_ok, kb, cols, K, stride_sn, stride_zn, GROUP, MODE, GPT, HAS_ZEROS)
