@@ -40,22 +40,30 @@ def _usable(
     group_size: int,
     bias: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
+    prologue: str,
     epilogue: dict[str, Any],
 ) -> bool:
     if perm is not None or not (flat.is_cuda and flat.dtype in KERNEL_DTYPES and flat.dim() == 2):
         return False
     if not (qweight.is_cuda and qweight.dim() == 2 and qweight.dtype in (torch.int8, torch.uint8)):
         return False
+    if qweight.stride(1) != 1:
+        return False
     if qweight.numel() >= 2**31 or scales.dim() != 2 or scales.dtype not in SCALE_DTYPES or group_size <= 0:
         return False
     if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape):
+        return False
+    k = qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
+    if flat.shape[1] != (2 * k if prologue == "silu_mul" else k) or k % group_size:
+        return False
+    if tuple(scales.shape) != (qweight.shape[0], k // group_size):
         return False
     if bias is not None and (bias.dtype != flat.dtype or bias.dim() != 1):
         return False
     if norm_weight is not None and norm_weight.dim() != 1:
         return False
     residual = epilogue.get("residual")
-    if residual is not None and residual.dtype != flat.dtype:
+    if residual is not None and (residual.dtype != flat.dtype or residual.shape != (flat.shape[0], qweight.shape[0])):
         return False
     rope = epilogue.get("rope")
     if rope is not None:
@@ -84,7 +92,7 @@ def quantized_kernel(
 
     prologue: "none" | "rms_norm" | "silu_mul" (then flat is [M, 2K]); epilogue: residual=[M, N] |
     rope=(cos, sin, width) | gated=True, with `kiln.kernels.triton.gemv.linear_triton`'s meaning."""
-    if not _usable(flat, qweight, scales, zeros, perm, group_size, bias, norm_weight, epilogue):
+    if not _usable(flat, qweight, scales, zeros, perm, group_size, bias, norm_weight, prologue, epilogue):
         return None
     residual = epilogue.get("residual")
     rope = epilogue.get("rope")

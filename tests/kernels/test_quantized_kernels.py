@@ -171,7 +171,7 @@ def test_gemv_rope_and_gated_epilogues(bits, prologue):
     """One row: the rotated projection is the reference projection rotated; the gated one is its
     silu(gate) * up (within the projection's tolerance: its sums are rounded differently)."""
     dtype = DTYPES[0]
-    head_dim = 64 if ON_GPU else 16
+    head_dim = 64 if ON_GPU else 8
     n = 6 * head_dim if not ON_GPU else 48 * head_dim  # q, k and v heads
     group = 128 if bits == 4 else K
     p = packed_weight(n, K, bits, group, bits == 4, dtype, seed=21)
