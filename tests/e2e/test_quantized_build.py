@@ -94,10 +94,28 @@ def test_quantization_errors_are_clear_and_leave_nothing_behind(checkpoints, tmp
         build_tiny_engine(checkpoint, out, quantize_lm_head=True)
     calibration = tmp_path.parent / f"{tmp_path.name}-calib.txt"
     calibration.write_text("the kiln fires clay " * 200)
-    # until kiln's AWQ search is in: a clear error naming it (after it is: an engine, which other tests check)
-    try:
-        from kiln.compiler.quantize import awq  # noqa: F401
-    except ImportError:
-        with pytest.raises(KilnError, match="int4_awq needs kiln.compiler.quantize.awq"):
-            build_tiny_engine(checkpoint, out, quantization="int4_awq", calib_data=str(calibration))
+    with pytest.raises(KilnError, match="no such file"):
+        build_tiny_engine(checkpoint, out, quantization="int4_awq", calib_data=str(tmp_path / "missing.txt"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_awq_engine_matches_transformers_on_the_awq_weights(checkpoints, tmp_path):
+    """int4_awq: the engine generates what transformers does on the model AWQ left (scales folded into
+    the norms, every projection holding its dequantized int4 weight), searched on the same text."""
+    from tiny_checkpoints import make_tokenizer
+
+    from kiln.compiler.quantize.awq import awq_quantize
+    from kiln.compiler.quantize.methods import calibration_ids
+
+    checkpoint = checkpoints("llama")
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text("the kiln fires clay and glaze at night, slowly " * 60)
+    engine = build_tiny_engine(
+        checkpoint, tmp_path / "e", quantization="int4_awq", group_size=32, calib_data=str(calibration), calib_size=4
+    )
+    model = load_reference(checkpoint)
+    with torch.no_grad():
+        awq_quantize(model, calibration_ids(make_tokenizer(), str(calibration), 4), 32)
+    assert _generate(engine) == [greedy(model, p, NEW_TOKENS)[0] for p in PROMPTS]
+    block = read_manifest(engine).quantization
+    assert block is not None and (block.method, block.bits, block.group_size) == ("int4_awq", 4, 32)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kiln.compiler.quantize.calibration import calibration_ids as cut_calibration_text
 from kiln.config import BuildConfig, check_quantization_method
 from kiln.engine.manifest import QuantizationFacts
 from kiln.errors import KilnError
@@ -35,6 +36,8 @@ def check_request(config: BuildConfig, quantized: QuantizedLinears | None, check
             )
     elif config.quantization == "int4_awq" and config.calib_data is None:
         raise KilnError("int4_awq searches its scales on calibration text: give --calib-data FILE")
+    elif config.quantization == "int4_awq" and not Path(str(config.calib_data)).is_file():
+        raise KilnError(f"cannot read the calibration text {config.calib_data}: no such file")
     elif config.quantization == "int4_gptq":
         raise KilnError(
             "int4_gptq builds a GPTQ checkpoint (one whose config.json has a quantization_config); "
@@ -63,31 +66,20 @@ def engine_quantization(
 
 def awq_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> QuantizedLinears:
     """int4_awq: kiln's AWQ search over the calibration text (it also rewrites the model's dense weights)."""
-    try:
-        from kiln.compiler.quantize.awq import awq_quantize  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as exc:
-        raise KilnError(
-            "int4_awq needs kiln.compiler.quantize.awq (kiln's AWQ search), which this kiln does not have; "
-            "build with --quantization int4_wo instead"
-        ) from exc
-    ids = calibration_ids(tokenizer, config.calib_data, config.calib_size)
-    return awq_quantize(model, ids, config.group_size)  # type: ignore[no-any-return]
+    from kiln.compiler.quantize.awq import awq_quantize
+
+    return awq_quantize(model, calibration_ids(tokenizer, config.calib_data, config.calib_size), config.group_size)
 
 
-def calibration_ids(tokenizer: Any, path: str | None, samples: int) -> torch.Tensor:
-    """Up to `samples` rows of CALIBRATION_TOKENS token ids from the text file at `path` (int64 [rows, tokens])."""
+def calibration_ids(tokenizer: Any, path: str | None, samples: int) -> list[torch.Tensor]:
+    """Up to `samples` sequences of CALIBRATION_TOKENS token ids from the text file at `path`."""
     if path is None:
         raise KilnError("int4_awq needs calibration text: --calib-data FILE")
     try:
         text = Path(path).read_text()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise KilnError(f"cannot read the calibration text {path}: {exc}") from exc
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-    if ids.numel() == 0:
-        raise KilnError(f"the calibration text {path} is empty")
-    length = min(CALIBRATION_TOKENS, ids.numel())
-    rows = min(samples, ids.numel() // length)
-    return ids[: rows * length].reshape(rows, length)
+    return cut_calibration_text(tokenizer, text, seq_len=CALIBRATION_TOKENS, max_sequences=samples)
 
 
 __all__ = ["RTN_BITS", "awq_linears", "calibration_ids", "check_request", "engine_quantization"]
