@@ -95,8 +95,9 @@ def load_module(directory: Path) -> Call:
     facts = ModuleFacts.from_json((directory / FACTS).read_text())
     source = (directory / SOURCE).read_text()
     # The libraries read torch's tensor data-pointer function from this variable when loaded (as Inductor sets it).
-    pointer = torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr  # type: ignore[attr-defined]
-    os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(pointer)
+    pointer = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
+    if pointer is not None:
+        os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(pointer)
 
     def kernel(name: str) -> Any:
         if name not in facts.kernels:

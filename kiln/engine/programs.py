@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -20,11 +21,14 @@ from typing import Any, Protocol
 import torch
 
 from kiln.engine.cpu_module import ModuleProgram, load_module, usable_module
+from kiln.engine.dynamo_free import defer_dynamo_import
 from kiln.engine.manifest import COMPILED, PROGRAM, PROGRAM_INDEX, WEIGHTS
 from kiln.engine.program_files import attach_weights, load_graph, load_lifted
 from kiln.engine.program_index import ProgramIndex, cpu_vec_isa, read_index
 from kiln.engine.weight_bytes import decode_weight_bytes
 from kiln.errors import EngineMismatchError, KilnError
+
+_log = logging.getLogger(__name__)
 
 
 class Program(Protocol):
@@ -109,9 +113,11 @@ def load_indexed(index: ProgramIndex, directory: Path, state: list[torch.Tensor]
     module = usable_module(directory) if index.vec_isa is not None else None
     if module is not None:
         try:
-            return ModuleProgram(load_module(module), state, index.output)
+            program = ModuleProgram(load_module(module), state, index.output)
+            defer_dynamo_import()  # else the first call of a custom operator imports torch._dynamo
+            return program
         except Exception:  # a damaged or foreign cpu_module/: the artifact holds the same program
-            pass
+            _log.debug("%s cannot be loaded; loading %s instead", module, COMPILED, exc_info=True)
     return CompiledProgram(_load_artifact(directory / COMPILED, index.vec_isa), state, index.output)
 
 
