@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from kiln.compiler import inductor
+from kiln.compiler.cpu_module import write_cpu_module
 from kiln.compiler.export import export_program
 from kiln.compiler.op_modules import op_modules
 from kiln.compiler.passes import PassContext, run_passes
@@ -31,6 +32,7 @@ from kiln.engine.manifest import (
 )
 from kiln.engine.program_files import ProgramWrite
 from kiln.engine.program_index import write_index
+from kiln.engine.programs import lifted_state
 from kiln.errors import UnsupportedModelError
 from kiln.kernels.selection import selected
 from kiln.models.quantized_checkpoint import QuantizedLinears
@@ -124,6 +126,9 @@ def write_program(
                     program, directory / COMPILED, spec.verify_inputs, torch_dtype(config.dtype)
                 )
                 progress.note(str(agreement))
+            if _device_type(spec) == "cpu":
+                with progress.stage(f"cpu module{suffix}", "the output code, loadable without torch._inductor"):
+                    progress.note(write_cpu_module(directory / COMPILED, lifted_state(program), spec.verify_inputs))
             progress.note(f"compiled program: {(directory / COMPILED).stat().st_size / 1e6:.1f} MB")
         with progress.stage(f"write weights{suffix}", "waiting for the background write"):
             writing.wait()

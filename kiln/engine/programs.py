@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -19,18 +20,22 @@ from typing import Any, Protocol
 
 import torch
 
+from kiln.engine.cpu_module import ModuleProgram, load_module, usable_module
+from kiln.engine.dynamo_free import defer_dynamo_import
 from kiln.engine.manifest import COMPILED, PROGRAM, PROGRAM_INDEX, WEIGHTS
 from kiln.engine.program_files import attach_weights, load_graph, load_lifted
 from kiln.engine.program_index import ProgramIndex, cpu_vec_isa, read_index
 from kiln.engine.weight_bytes import decode_weight_bytes
 from kiln.errors import EngineMismatchError, KilnError
 
+_log = logging.getLogger(__name__)
+
 
 class Program(Protocol):
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
 
 
-def _lifted_state(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+def lifted_state(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
     """Parameters, buffers and constants in the order the lifted graph takes them."""
     values = []
     for spec in program.graph_signature.input_specs:
@@ -99,11 +104,20 @@ def _load_artifact(path: Path, vec_isa: str | None = None) -> Any:
 
 def load_compiled(program: torch.export.ExportedProgram, path: Path) -> CompiledProgram:
     """The artifact `kiln.compiler.inductor.compile_program` saved at `path`, fed with `program`'s weights."""
-    return CompiledProgram(_load_artifact(path), _lifted_state(program), _user_output_index(program))
+    return CompiledProgram(_load_artifact(path), lifted_state(program), _user_output_index(program))
 
 
-def load_indexed(index: ProgramIndex, directory: Path, state: list[torch.Tensor]) -> CompiledProgram:
-    """The compiled program in `directory` fed with `state`, the weights its index lists (no torch.export.load)."""
+def load_indexed(index: ProgramIndex, directory: Path, state: list[torch.Tensor]) -> Program:
+    """The compiled program in `directory` fed with `state`, the weights its index lists (no torch.export.load):
+    its `cpu_module/` where there is one this process and CPU can run, else its artifact."""
+    module = usable_module(directory) if index.vec_isa is not None else None
+    if module is not None:
+        try:
+            program = ModuleProgram(load_module(module), state, index.output)
+            defer_dynamo_import()  # else the first call of a custom operator imports torch._dynamo
+            return program
+        except Exception:  # a damaged or foreign cpu_module/: the artifact holds the same program
+            _log.debug("%s cannot be loaded; loading %s instead", module, COMPILED, exc_info=True)
     return CompiledProgram(_load_artifact(directory / COMPILED, index.vec_isa), state, index.output)
 
 

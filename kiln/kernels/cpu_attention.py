@@ -161,7 +161,9 @@ def _attend(group: _Group, q: torch.Tensor, pages: torch.Tensor, scale: float, s
         rows, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale
     )  # [B, Hkv, per_kv * Tq, Dv]
     dv = out.shape[-1]
-    return out.view(batch, hkv, per_kv, tq, dv).permute(0, 3, 1, 2, 4).reshape(batch * tq, hq, dv)
+    # contiguous, as the op's fake kernel says (a compiled program checks it): one sequence's prompt alone
+    # would otherwise come back as a head-major view
+    return out.view(batch, hkv, per_kv, tq, dv).permute(0, 3, 1, 2, 4).reshape(batch * tq, hq, dv).contiguous()
 
 
 def paged_attention(

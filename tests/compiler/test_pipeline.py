@@ -145,6 +145,7 @@ def test_a_handed_over_spec_s_module_is_freed_before_the_program_is_written(tmp_
         "write vision": False,
         "compile vision": False,
         "verify vision": False,
+        "cpu module vision": False,
         "write weights vision": False,
     }
 

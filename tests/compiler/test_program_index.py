@@ -16,6 +16,7 @@ from kiln.compiler.pipeline import build_program
 from kiln.compiler.program_spec import ProgramSpec
 from kiln.config import BuildConfig
 from kiln.engine import programs
+from kiln.engine.cpu_module import CPU_MODULE, FACTS
 from kiln.engine.manifest import PROGRAM_INDEX, WEIGHTS
 from kiln.engine.program_index import read_index
 from kiln.errors import EngineMismatchError
@@ -164,5 +165,7 @@ def test_a_fresh_load_probes_the_cpu_isa_only_for_an_engine_from_another_isa(bui
     shutil.copytree(directory, foreign)
     index = json.loads((foreign / PROGRAM_INDEX).read_text())
     (foreign / PROGRAM_INDEX).write_text(json.dumps({**index, "vec_isa": "an isa of another cpu"}))
+    facts = foreign / CPU_MODULE / FACTS  # the kernels kiln keeps beside the artifact: another CPU's too
+    facts.write_text(json.dumps({**json.loads(facts.read_text()), "cpu_flags": ["a_flag_of_another_cpu"]}))
     probes, total = _load_in_a_fresh_process(foreign)
     assert probes > 0 and total == pytest.approx(want, rel=1e-5)

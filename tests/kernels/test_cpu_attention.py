@@ -45,6 +45,19 @@ def test_against_reference(shapes, padding, hq, hkv, window, dtype):
         assert not got[-padding:].any(), "rows of no sequence must stay zero, as in the reference"
 
 
+@pytest.mark.parametrize("shapes", [[(0, 3)], MIXED, DECODE])
+def test_the_output_is_contiguous_for_head_major_queries(shapes):
+    """A compiled program asserts the op's fake layout (contiguous); queries sliced from a fused projection
+    (GPT-NeoX) come head-major, and SDPA gives its output their layout."""
+    batch = make_batch(shapes, 4, 4, 16, 16, torch.float32, "cpu", seed=5)
+    ref = reference.paged_attention(*batch.clone().args(), 0.25, -1, 0.0)
+    args = list(batch.args())
+    args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)
+    got = cpu_attention.paged_attention(*args, 0.25, -1, 0.0)
+    assert_close(got, ref, torch.float32)
+    assert got.is_contiguous()
+
+
 @pytest.mark.parametrize("window", [-1, 24])
 def test_attend_end(window):
     """Per-query bounds: image tokens that see their whole image, text rows causal, a decode row."""
