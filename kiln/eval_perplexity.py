@@ -69,9 +69,9 @@ def split_windows(ids: Sequence[int], window: int) -> list[list[int]]:
 
 
 def quantization_of(engine_dir: str | Path) -> Any:
-    """The manifest's quantization entry (top level or under build), or None."""
+    """The manifest's quantization block (method, bits, group size, layers), or None for a dense engine."""
     data = json.loads((Path(engine_dir) / "manifest.json").read_text())
-    return data.get("quantization") or data.get("build", {}).get("quantization")
+    return data.get("quantization")
 
 
 def engine_nll(llm: Any, windows: list[list[int]], advance: Callable[[int], None]) -> float:
