@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kiln.cli_options import add_options, values
+from kiln.cli_quantization import add_aliases, resolve_aliases
 from kiln.cli_sampling import add_sampling_options, sampling_from_args
 from kiln.config import BuildConfig, RuntimeConfig
 from kiln.errors import KilnError, RequestError
@@ -22,6 +23,7 @@ def _add_build(sub: Any) -> None:
     p.add_argument("checkpoint", help="local checkpoint directory (config.json, *.safetensors, tokenizer files)")
     p.add_argument("-o", "--output", required=True, help="engine directory to write")
     add_options(p, BuildConfig)
+    add_aliases(p)
 
 
 def _add_run(sub: Any) -> None:
@@ -176,7 +178,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from kiln.api import build
 
     start = time.perf_counter()
-    out = build(args.checkpoint, args.output, **values(args, BuildConfig))
+    out = build(args.checkpoint, args.output, **{**values(args, BuildConfig), **resolve_aliases(args)})
     print(f"engine written to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -17,6 +17,10 @@ DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "reference")  # auto: the Triton kernels where they apply
+QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq")  # weight-only, at build
+GROUP_SIZES = (32, 64, 128)  # int4: columns of K that share one scale and zero point
+# What an engine's linears may be quantized with: the build's methods and the checkpoint formats kiln reads.
+QUANTIZATION_METHODS = ("int8_wo", "int4_wo", "int4_awq", "awq", "gptq", "compressed-tensors")
 
 T = TypeVar("T")
 
@@ -46,6 +50,11 @@ def _check_bools(config: object) -> None:
 def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise KilnError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+
+
+def check_quantization_method(method: str) -> None:
+    if method not in QUANTIZATION_METHODS:
+        raise KilnError(f"unsupported quantization method {method!r}; kiln supports {', '.join(QUANTIZATION_METHODS)}")
 
 
 def _check_int(owner: str, name: str, value: object, low: int) -> None:
@@ -97,9 +106,35 @@ class BuildConfig:
         default=True,
         metadata={"help": "CUDA, compute capability 9+: kernels launch with programmatic dependent launch"},
     )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "choices": QUANTIZATIONS,
+            "help": "weight-only quantization of the linears: int8 per output channel, int4 per group (round to "
+            "nearest), int4 with AWQ's scale search; a pre-quantized checkpoint needs none",
+        },
+    )
+    group_size: int = field(
+        default=128, metadata={"choices": GROUP_SIZES, "help": "int4: input columns sharing a scale and zero point"}
+    )
+    quantize_lm_head: bool = field(
+        default=False, metadata={"help": "also quantize lm_head (int8 per channel with int8_wo, else as the others)"}
+    )
+    calib_data: str | None = field(
+        default=None, metadata={"help": "int4_awq: a text file of calibration text (required for it)"}
+    )
+    calib_size: int = field(
+        default=64, metadata={"help": "int4_awq: calibration samples of 512 tokens taken from --calib-data"}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("BuildConfig", "dtype", self.dtype, DTYPES)
+        _check_choice("BuildConfig", "quantization", self.quantization, QUANTIZATIONS)
+        if self.group_size not in GROUP_SIZES:
+            raise KilnError(f"BuildConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        _check_int("BuildConfig", "calib_size", self.calib_size, 1)
+        if self.calib_data is not None and not isinstance(self.calib_data, str):
+            raise KilnError(f"BuildConfig.calib_data must be a file path, got {self.calib_data!r}")
         _check_choice("BuildConfig", "device", self.device, DEVICES)
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             if getattr(self, name) is not None or name not in ("max_input_len", "max_seq_len"):

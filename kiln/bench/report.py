@@ -27,9 +27,12 @@ def latency_rows(results: list[dict[str, Any]], copy_bytes_per_s: float) -> list
             None,
         )
         gbps = r["step_bytes"] / (r["ms_per_token"] / 1000) / 1e9
+        weights = r.get("weight_bytes")
         rows.append(
             {
                 **r,
+                # the weights a decode step reads (packed ones as stored), shared by the batch's tokens
+                "weight_bytes_per_token": None if weights is None else weights / r["batch"],
                 "achieved_gb_s": gbps,
                 "roofline_fraction": gbps * 1e9 / copy_bytes_per_s,
                 "vs_transformers": r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None,
@@ -63,15 +66,18 @@ def print_tables(report: dict[str, Any]) -> None:
     if report.get("latency"):
         table = Table(title=f"decode latency on {report['device']} (copy bandwidth {report['copy_gb_s']:.0f} GB/s)")
         ratio_title, ratios = ratio_column(report["latency"])
-        for col in ("system", "batch", "TTFT ms", "ms/token", "tok/s", "GB/s", "of copy BW", ratio_title):
+        columns = ("system", "batch", "TTFT ms", "ms/token", "tok/s", "weight MB/token", "GB/s", "of copy BW")
+        for col in (*columns, ratio_title):
             table.add_column(col, justify="left" if col == "system" else "right")
         for r, ratio in zip(report["latency"], ratios):
+            per_token = r.get("weight_bytes_per_token")
             table.add_row(
                 r["system"],
                 str(r["batch"]),
                 f"{r['ttft_ms']:.1f}",
                 f"{r['ms_per_token']:.3f}",
                 f"{r['tokens_per_s']:.0f}",
+                "-" if per_token is None else f"{per_token / 1e6:.2f}",
                 f"{r['achieved_gb_s']:.0f}",
                 f"{r['roofline_fraction']:.0%}",
                 ratio,

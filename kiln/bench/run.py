@@ -13,6 +13,7 @@ import torch
 from kiln.bench import limits, measure, report, roofline
 from kiln.config import torch_dtype
 from kiln.engine.manifest import check_compatible, read_manifest
+from kiln.engine.weight_bytes import module_weight_bytes
 from kiln.errors import KilnError
 
 
@@ -76,6 +77,7 @@ def run(options: BenchOptions, argv: list[str] | None = None) -> dict[str, Any]:
         latency.append(
             {
                 **r.to_dict(),
+                "weight_bytes": engine.weight_bytes,
                 "step_bytes": roofline.decode_step_bytes(engine.weight_bytes, kv_token, batch, mean_context),
             }
         )
@@ -117,12 +119,13 @@ def _transformers_latency(
     out["versions"]["transformers"] = transformers.__version__
     assert options.compare_hf is not None
     hf = measure.TransformersBaseline(options.compare_hf, dtype, device)
+    weights = module_weight_bytes(hf.model)  # its own: dense where a quantized engine's are packed
     rows = []
     for system in options.hf_systems:
         for batch in options.batch_sizes:
             r = hf.latency(batch, options.input_len, options.output_len, static=system == "static")
-            step = roofline.decode_step_bytes(out["weight_bytes"], kv_token, batch, mean_context)
-            rows.append({**r.to_dict(), "step_bytes": step})
+            step = roofline.decode_step_bytes(weights, kv_token, batch, mean_context)
+            rows.append({**r.to_dict(), "weight_bytes": weights, "step_bytes": step})
             _progress(f"{r.system} batch {batch}: {r.ms_per_token:.3f} ms/token")
     return rows
 

@@ -11,6 +11,7 @@ from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
+from kiln.compiler.quantize.methods import awq_linears, check_request, engine_quantization
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR
 from kiln.errors import KilnError
@@ -52,15 +53,21 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         shape = cache_shape(loaded.config)
         facts = model_facts(loaded, shape)
         config = config.resolved(facts.max_position_embeddings)
+        check_request(config, loaded.quantized, checkpoint)
     progress.note(
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
+    quantized = loaded.quantized
+    if config.quantization == "int4_awq" and quantized is None:
+        with progress.stage("awq", f"activation-aware int4 scales, groups of {config.group_size}"):
+            quantized = awq_linears(config, loaded.model, loaded.tokenizer)
     written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
         _text_program(loaded, shape, config, architecture=facts.architecture),
         output,
         config,
         progress,
+        quantized,
     )
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     engine = EngineFacts(
@@ -70,6 +77,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules=written.op_modules,
         passes=written.passes,
+        quantization=engine_quantization(config, quantized, written.quantized_layers),
     )
     write_engine_manifest(output, engine, device, progress)
 

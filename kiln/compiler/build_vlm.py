@@ -9,8 +9,10 @@ from kiln.compiler.capture_mm import llm_spec, vision_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
+from kiln.compiler.quantize.methods import check_request, engine_quantization
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import PROCESSOR_DIR, TOKENIZER_DIR, VISION_DIR, VISION_STATE, MultimodalFacts
+from kiln.errors import KilnError
 from kiln.models.loader import LoadedCheckpoint
 from kiln.models.vlm import VisionLanguageFamily
 from kiln.models.vlm_loader import load_vision_language
@@ -36,6 +38,9 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         shape = cache_shape(loaded.config)
         facts = model_facts(loaded, shape)
         config = config.resolved(facts.max_position_embeddings)
+        check_request(config, loaded.quantized, checkpoint)
+        if config.quantization == "int4_awq" and loaded.quantized is None:
+            raise KilnError("int4_awq quantizes text models only; build a vision-language model with int4_wo")
     text_config = family.text_config(loaded.config)
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)
@@ -53,11 +58,13 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     )
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
+    quantized = loaded.quantized  # the language model's linears only: the vision program is never quantized
     written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
         _llm_program(loaded, family, shape, config, hidden=hidden, architecture=facts.architecture),
         output,
         config,
         progress,
+        quantized,
     )
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     processor.save_pretrained(output / PROCESSOR_DIR)
@@ -79,6 +86,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules={**vision_written.op_modules, **written.op_modules},
         passes=written.passes,
+        quantization=engine_quantization(config, quantized, written.quantized_layers),
     )
     write_engine_manifest(output, engine, device, progress)
 

@@ -15,6 +15,7 @@ from kiln.compiler import inductor
 from kiln.compiler.export import export_program
 from kiln.compiler.op_modules import op_modules
 from kiln.compiler.passes import PassContext, run_passes
+from kiln.compiler.passes.quantize_linears import quantized_layers
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.compiler.verify import check_programs_agree
 from kiln.config import BuildConfig, torch_dtype
@@ -24,6 +25,7 @@ from kiln.engine.manifest import (
     Manifest,
     ModelFacts,
     MultimodalFacts,
+    QuantizationFacts,
     describe_device,
     write_manifest,
 )
@@ -31,6 +33,7 @@ from kiln.engine.program_files import ProgramWrite
 from kiln.engine.program_index import write_index
 from kiln.errors import UnsupportedModelError
 from kiln.kernels.selection import selected
+from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.progress import Progress
 from kiln.version import __version__
 
@@ -51,14 +54,19 @@ def check_cache_shape(program: torch.export.ExportedProgram, shape: CacheShape, 
 
 @dataclass(frozen=True)
 class PreparedProgram:
-    """The program as it is written, and {pass: "16 sites"} of the passes that changed it."""
+    """The program as it is written, {pass: "16 sites"} of the passes that changed it, and the dense
+    weights it reads quantized."""
 
     program: torch.export.ExportedProgram
     passes: dict[str, str] = field(default_factory=dict)
+    quantized_layers: tuple[str, ...] = ()
 
 
-def prepare_program(spec: ProgramSpec, config: BuildConfig, progress: Progress) -> PreparedProgram:
-    """Export, check and (for a program with a KV cache) rewrite; the build lists the passes that changed it."""
+def prepare_program(
+    spec: ProgramSpec, config: BuildConfig, progress: Progress, quantized: QuantizedLinears | None = None
+) -> PreparedProgram:
+    """Export, check and (for a program with a KV cache) rewrite; the build lists the passes that changed it.
+    `quantized`: a checkpoint's (or AWQ's) quantized linears, which the quantization pass puts in place."""
     suffix = spec.stage_suffix
     with progress.stage(f"export{suffix}", f"torch.export, {spec.what}"):
         program = export_program(spec)
@@ -67,13 +75,17 @@ def prepare_program(spec: ProgramSpec, config: BuildConfig, progress: Progress) 
     if not spec.passes or spec.cache is None:
         return PreparedProgram(program)
     context = PassContext(
-        architecture=spec.architecture, num_layers=spec.cache.num_layers, input_names=spec.input_names, build=config
+        architecture=spec.architecture,
+        num_layers=spec.cache.num_layers,
+        input_names=spec.input_names,
+        build=config,
+        quantized=quantized,
     )
     with progress.stage(f"passes{suffix}"):
         run = run_passes(program, context)
     for name, change in run.summary().items():
         progress.note(f"{name}: {change}")
-    return PreparedProgram(run.program, run.summary())
+    return PreparedProgram(run.program, run.summary(), tuple(quantized_layers(run.program)))
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class WrittenProgram:
     compiled: bool
     op_modules: dict[str, tuple[str, ...]]  # {operator: modules whose import registers it} (see op_modules)
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the passes that changed it
+    quantized_layers: tuple[str, ...] = ()  # the dense weights it reads quantized
 
 
 def write_program(
@@ -117,15 +130,21 @@ def write_program(
     return WrittenProgram(compiled=config.compile, op_modules=imports)
 
 
-def build_program(spec: ProgramSpec, engine_dir: Path, config: BuildConfig, progress: Progress) -> WrittenProgram:
+def build_program(
+    spec: ProgramSpec,
+    engine_dir: Path,
+    config: BuildConfig,
+    progress: Progress,
+    quantized: QuantizedLinears | None = None,
+) -> WrittenProgram:
     """The whole pipeline for one program. The caller hands its spec over (`build_program(make_spec(...), ...)`,
     keeping no reference to it or its module): the source weights the passes replaced (fused projections)
     are then freed before the program is written and compiled."""
-    prepared = prepare_program(spec, config, progress)
+    prepared = prepare_program(spec, config, progress, quantized)
     spec = spec.exported()  # drops the last reference to the source module
     gc.collect()  # torch.export's tracer keeps it in a reference cycle
     written = write_program(prepared.program, spec, engine_dir, config, progress)
-    return dataclasses.replace(written, passes=prepared.passes)
+    return dataclasses.replace(written, passes=prepared.passes, quantized_layers=prepared.quantized_layers)
 
 
 def _device_type(spec: ProgramSpec) -> str:
@@ -143,6 +162,7 @@ class EngineFacts:
     source_checkpoint: str | None = None
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)  # of all the engine's programs
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"} of the LLM program
+    quantization: QuantizationFacts | None = None
 
 
 def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
@@ -161,6 +181,7 @@ def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.de
         source_checkpoint=facts.source_checkpoint,
         op_modules=facts.op_modules,
         passes=facts.passes,
+        quantization=facts.quantization,
     )
     write_manifest(engine_dir, manifest)
     return manifest

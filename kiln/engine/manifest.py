@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, check_quantization_method
 from kiln.errors import EngineMismatchError, KilnError
 from kiln.version import __version__
 
@@ -67,6 +67,27 @@ class MultimodalFacts:
         return cls(**values)
 
 
+@dataclass(frozen=True, kw_only=True)
+class QuantizationFacts:
+    """How the engine's linears are quantized (weight-only); the embedding and a vision program never are."""
+
+    method: str  # one of kiln.config.QUANTIZATION_METHODS
+    bits: int
+    group_size: int | None  # None: one scale per output channel
+    layers: tuple[str, ...]  # the dense weights replaced by quantized ones (program parameter names)
+    lm_head: bool
+
+    def __post_init__(self) -> None:
+        check_quantization_method(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantizationFacts":
+        return cls(**{**values, "layers": tuple(values["layers"])})
+
+
 def describe_device(device: torch.device) -> dict[str, Any]:
     """The device facts an engine is tied to."""
     if device.type == "cuda":
@@ -91,6 +112,7 @@ class Manifest:
     # {operator: modules whose import registers it} for operators outside torch's and kiln's namespaces
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the graph passes that changed it
+    quantization: QuantizationFacts | None = None  # weight-only quantized engines only
 
     def to_json(self) -> str:
         data = {
@@ -110,6 +132,8 @@ class Manifest:
             data["multimodal"] = dict(self.multimodal.__dict__)
         if self.source_checkpoint is not None:
             data["source_checkpoint"] = self.source_checkpoint
+        if self.quantization is not None:
+            data["quantization"] = self.quantization.to_dict()
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -129,6 +153,7 @@ class Manifest:
             source_checkpoint=data.get("source_checkpoint"),
             op_modules={op: tuple(modules) for op, modules in data.get("op_modules", {}).items()},
             passes=data.get("passes", {}),  # engines built before kiln recorded them have none
+            quantization=QuantizationFacts.from_dict(data["quantization"]) if data.get("quantization") else None,
         )
 
 

@@ -9,6 +9,12 @@ weights of 32 MiB and more: benchmarks/linear_kernels.py), when triton is import
 kernel selection's `linear` is not `reference` (`kiln.kernels.selection`); everything else (prefill, CPU, fp32,
 small weights at 2..16 rows) is `torch.nn.functional.linear`. The choice depends on
 shapes, dtypes and the device only, so the op can run inside CUDA graphs.
+
+Every op also takes a weight-only quantized weight (`kiln.kernels.quantized_weight`): given
+`scales`, `weight` is the packed qweight ([N, K] int8 or [N, K // 2] uint8), and the op runs
+`quantized_dispatch.quantized_kernel` (CUDA), else dequantizes the weight to x's dtype for this
+call and runs the dense path (the CPU path). The op is opaque to Inductor, so no program keeps
+a dequantized weight.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import torch
 
 from kiln.kernels import reference
+from kiln.kernels.quantized_weight import dequantize_packed
 from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
 
@@ -105,6 +112,37 @@ def _kernel(
     )
 
 
+def _quantized(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    constant_weight: bool,
+    prologue: str = "none",
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    **epilogue: Any,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(the quantized kernel's output shaped like x's rows, or None; the dense weight when it is None)."""
+    from kiln.kernels.quantized_dispatch import quantized_kernel
+
+    rows = x.numel() // max(x.shape[-1], 1)
+    flat = x.reshape(rows, x.shape[-1])
+    out = quantized_kernel(
+        flat, qweight, scales, zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps, **epilogue
+    )
+    if out is not None:
+        return out.view(*x.shape[:-1], out.shape[-1]), qweight
+    return None, dequantize_packed(qweight, scales, zeros, perm, group_size, x.dtype)
+
+
+def _residual_rows(x: torch.Tensor, n: int, residual: torch.Tensor | None) -> dict[str, Any]:
+    return {} if residual is None else {"residual": residual.reshape(x.numel() // max(x.shape[-1], 1), n)}
+
+
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: one Triton pass on CUDA fp16/bf16 (the selection's `linear` not `reference`), else PyTorch."""
     if gate_up.is_cuda and gate_up.dtype in KERNEL_DTYPES and _triton_elementwise_ok():
@@ -121,13 +159,23 @@ def linear(
     bias: torch.Tensor | None = None,
     constant_weight: bool = False,
     residual: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     """[residual +] x @ weight.T + bias.
 
     constant_weight: no kernel ever writes `weight` (a model parameter); the kernel may then read
     it before the previous kernel has finished (see `kiln.kernels.triton.pdl`). residual: added
     to the product; the Triton kernel and the CPU path round the product to x's dtype first, as
-    `residual + linear(x)` rounds; the CUDA path for many rows (addmm) rounds once."""
+    `residual + linear(x)` rounds; the CUDA path for many rows (addmm) rounds once.
+    scales, zeros, perm, group_size: a packed quantized `weight` (see the module docstring)."""
+    if scales is not None:
+        rows = _residual_rows(x, weight.shape[0], residual)
+        out, weight = _quantized(x, weight, scales, zeros, perm, group_size, bias, constant_weight, **rows)
+        if out is not None:
+            return out
     return _linear(x, weight, bias, constant_weight, residual)
 
 
@@ -138,9 +186,20 @@ def silu_mul_linear(
     bias: torch.Tensor | None = None,
     constant_weight: bool = False,
     residual: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     """[residual +] linear(silu(gate) * up, weight, bias) for gate_up = [gate | up] on the last dim
     (a gated MLP's down projection, with its activation read straight from the fused gate/up output)."""
+    if scales is not None:
+        rows = _residual_rows(gate_up, weight.shape[0], residual)
+        out, weight = _quantized(
+            gate_up, weight, scales, zeros, perm, group_size, bias, constant_weight, "silu_mul", **rows
+        )
+        if out is not None:
+            return out
     return _linear(gate_up, weight, bias, constant_weight, residual, prologue="silu_mul")
 
 
@@ -152,8 +211,18 @@ def rms_norm_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     constant_weight: bool = False,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     """linear(rms_norm(x) * norm_weight, weight, bias) with Llama's RMSNorm (`reference.rms_norm`)."""
+    if scales is not None:
+        out, weight = _quantized(
+            x, weight, scales, zeros, perm, group_size, bias, constant_weight, "rms_norm", norm_weight, eps
+        )
+        if out is not None:
+            return out
     return _linear(x, weight, bias, constant_weight, None, prologue="rms_norm", norm_weight=norm_weight, eps=eps)
 
 
@@ -168,6 +237,10 @@ def linear_rope(
     cos: torch.Tensor,
     sin: torch.Tensor,
     rope_width: int,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     """A fused q/k/v projection with its rotary embedding: linear([rms_norm(x) * norm_weight | x], weight,
     bias), then the first rope_width output columns (the query and key heads) rotated with cos/sin
@@ -179,6 +252,12 @@ def linear_rope(
     head_dim = cos.shape[-1]
     cos2, sin2 = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
     prologue = "none" if norm_weight is None else "rms_norm"
+    if scales is not None:
+        rope = (cos2.contiguous(), sin2.contiguous(), rope_width)
+        quantized = (zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps)
+        out, weight = _quantized(x, weight, scales, *quantized, rope=rope)
+        if out is not None:
+            return out
     flat = x.reshape(rows, x.shape[-1])
     tables_ok = cos.dtype == sin.dtype == x.dtype and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0
     if tables_ok and use_kernel(flat, weight, bias, fused=True):
@@ -203,6 +282,10 @@ def linear_silu_mul(
     constant_weight: bool,
     norm_weight: torch.Tensor | None,
     eps: float,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     """A gated MLP's fused gate/up projection with its activation: silu(gate) * up of
     linear([rms_norm(x) * norm_weight | x], weight = [gate | up], bias) -> [..., N / 2].
@@ -212,6 +295,11 @@ def linear_silu_mul(
     as `kiln::linear` / `kiln::rms_norm_linear` runs it, then one silu-mul pass."""
     rows = x.numel() // max(x.shape[-1], 1)
     prologue = "none" if norm_weight is None else "rms_norm"
+    if scales is not None:
+        quantized = (zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps)
+        out, weight = _quantized(x, weight, scales, *quantized, gated=True)
+        if out is not None:
+            return out
     flat = x.reshape(rows, x.shape[-1])
     if weight.shape[0] % 2 == 0 and x.shape[-1] > 0 and use_kernel(flat, weight, bias, fused=True):
         out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, gated=True)
@@ -228,25 +316,25 @@ def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias=None, constant_weight=False, residual=None):  # type: ignore[no-untyped-def]
-    return _out_like(x, weight)
+def _linear_fake(x, weight, *_args, **_kwargs):  # type: ignore[no-untyped-def]
+    return _out_like(x, weight)  # the quantized arguments change nothing: N is weight.shape[0] packed or not
 
 
 @silu_mul_linear.register_fake
-def _silu_mul_linear_fake(gate_up, weight, bias=None, constant_weight=False, residual=None):  # type: ignore[no-untyped-def]
+def _silu_mul_linear_fake(gate_up, weight, *_args, **_kwargs):  # type: ignore[no-untyped-def]
     return _out_like(gate_up, weight)
 
 
 @rms_norm_linear.register_fake
-def _rms_norm_linear_fake(x, norm_weight, eps, weight, bias=None, constant_weight=False):  # type: ignore[no-untyped-def]
+def _rms_norm_linear_fake(x, norm_weight, eps, weight, *_args, **_kwargs):  # type: ignore[no-untyped-def]
     return _out_like(x, weight)
 
 
 @linear_rope.register_fake
-def _linear_rope_fake(x, weight, bias, constant_weight, norm_weight, eps, cos, sin, rope_width):  # type: ignore[no-untyped-def]
+def _linear_rope_fake(x, weight, *_args, **_kwargs):  # type: ignore[no-untyped-def]
     return _out_like(x, weight)
 
 
 @linear_silu_mul.register_fake
-def _linear_silu_mul_fake(x, weight, bias, constant_weight, norm_weight, eps):  # type: ignore[no-untyped-def]
+def _linear_silu_mul_fake(x, weight, *_args, **_kwargs):  # type: ignore[no-untyped-def]
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)

@@ -27,6 +27,7 @@ from kiln.compiler.passes.image_attention_limits import image_attention_limits
 from kiln.compiler.passes.outer_products import outer_products
 from kiln.compiler.passes.paged_attention import paged_attention
 from kiln.compiler.passes.prefetch_output_weights import prefetch_output_weights
+from kiln.compiler.passes.quantize_linears import quantize_linears
 from kiln.compiler.passes.small_batch_linear import small_batch_linear
 from kiln.config import BuildConfig
 
@@ -56,16 +57,26 @@ FUSED_LINEAR_PASSES: list[Pass] = [
 ]
 
 
-def active_passes(build: BuildConfig) -> list[Pass]:
+# Weight-only quantization, after every other pass: it packs the weights of the linears the
+# passes before it fused, whatever op reads them. Active when the build quantizes or the
+# checkpoint comes quantized.
+QUANTIZATION_PASSES: list[Pass] = [quantize_linears]
+
+
+def active_passes(build: BuildConfig, quantized: bool = False) -> list[Pass]:
     """PASSES, then FUSED_LINEAR_PASSES when `build.fused_linears` (all but `fuse_rope` when
-    `build.fuse_rope` is false: to time its kernels against Inductor's)."""
-    if not build.fused_linears:
-        return list(PASSES)
-    return PASSES + [p for p in FUSED_LINEAR_PASSES if p is not fuse_rope or build.fuse_rope]
+    `build.fuse_rope` is false: to time its kernels against Inductor's), then QUANTIZATION_PASSES when
+    `build.quantization` is set or the checkpoint's linears are `quantized`."""
+    passes = list(PASSES)
+    if build.fused_linears:
+        passes += [p for p in FUSED_LINEAR_PASSES if p is not fuse_rope or build.fuse_rope]
+    if quantized or build.quantization != "none":
+        passes += QUANTIZATION_PASSES
+    return passes
 
 
-def describe(build: BuildConfig) -> list[str]:
-    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in active_passes(build)]
+def describe(build: BuildConfig, quantized: bool = False) -> list[str]:
+    return [f"{p.__name__}: {(p.__doc__ or '').strip().splitlines()[0]}" for p in active_passes(build, quantized)]
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ def run_passes(
     changes: dict[str, int] = {}
     with warnings.catch_warnings():  # torch's own pytree deprecation notice while programs are copied
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        for graph_pass in active_passes(context.build):
+        for graph_pass in active_passes(context.build, context.quantized is not None):
             result = graph_pass(program, context)
             program = result.program
             if result.sites:
@@ -102,6 +113,7 @@ def run_passes(
 __all__ = [
     "FUSED_LINEAR_PASSES",
     "PASSES",
+    "QUANTIZATION_PASSES",
     "Pass",
     "PassContext",
     "PassResult",

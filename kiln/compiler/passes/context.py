@@ -12,6 +12,7 @@ from torch.export.graph_signature import ExportGraphSignature, OutputSpec, Tenso
 
 from kiln.compiler.capture import INPUT_NAMES
 from kiln.config import BuildConfig
+from kiln.models.quantized_checkpoint import QuantizedLinears
 
 M = TypeVar("M")
 
@@ -22,6 +23,7 @@ class PassContext:
     num_layers: int
     input_names: tuple[str, ...] = ()  # the program's user inputs; empty: the text engine's INPUT_NAMES
     build: BuildConfig = BuildConfig()
+    quantized: QuantizedLinears | None = None  # a checkpoint's (or AWQ's) quantized linears, by dense name
 
 
 @dataclass(frozen=True)

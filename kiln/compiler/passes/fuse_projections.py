@@ -20,6 +20,8 @@ import torch
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from kiln.compiler.passes.context import PassContext, PassResult, copy_graph, nodes_calling, output_specs
+from kiln.compiler.quantize.lookup import FUSED_FROM, fusable
+from kiln.models.quantized_checkpoint import QuantizedLinears
 
 LINEAR = torch.ops.aten.linear.default
 SLICE = torch.ops.aten.slice.Tensor
@@ -38,7 +40,7 @@ class _Group:
 
 def fuse_projections(program: torch.export.ExportedProgram, context: PassContext) -> PassResult:
     """linear(x, Wq), linear(x, Wk), ... -> slices of linear(x, cat(Wq, Wk, ...)): one weight read, one launch."""
-    groups = _groups(program, program.graph_module.graph)
+    groups = _groups(program, program.graph_module.graph, context.quantized)
     if not groups:
         return PassResult(program)
     try:
@@ -50,8 +52,11 @@ def fuse_projections(program: torch.export.ExportedProgram, context: PassContext
         return PassResult(program)
 
 
-def _groups(program: torch.export.ExportedProgram, graph: torch.fx.Graph) -> list[list[str]]:
-    """Names of the linear nodes to fuse, one list per group, in graph order."""
+def _groups(
+    program: torch.export.ExportedProgram, graph: torch.fx.Graph, quantized: QuantizedLinears | None = None
+) -> list[list[str]]:
+    """Names of the linear nodes to fuse, one list per group, in graph order; linears whose quantized
+    weights (`quantized`) cannot be stacked into one stay apart."""
     params = program.graph_signature.inputs_to_parameters
     shared = _aliased_targets(program)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -77,7 +82,11 @@ def _groups(program: torch.export.ExportedProgram, graph: torch.fx.Graph) -> lis
         if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
             continue
         buckets[(x, b is not None, weight.dtype, weight.device, weight.shape[1])].append(node)
-    groups = [sorted(nodes, key=order.__getitem__) for nodes in buckets.values() if len(nodes) > 1]
+    groups = [
+        sorted(nodes, key=order.__getitem__)
+        for nodes in buckets.values()
+        if len(nodes) > 1 and fusable(quantized, [params[n.args[1].name] for n in nodes])  # type: ignore[union-attr]
+    ]
     return [[n.name for n in nodes] for nodes in sorted(groups, key=lambda nodes: order[nodes[0]])]
 
 
@@ -163,6 +172,7 @@ def _new_parameter(
         node = graph.placeholder("p_" + target.replace(".", "_"))
     node.meta = {k: v for k, v in first.meta.items() if k != "val"}
     node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+    node.meta[FUSED_FROM] = tuple(params[n.name] for n in olds)  # the quantization pass looks its parts up
     at = next(i for i, s in enumerate(specs) if s.arg.name == first.name)  # type: ignore[union-attr]
     specs.insert(at, InputSpec(kind=InputKind.PARAMETER, arg=TensorArgument(name=node.name), target=target))
     return node

@@ -1,0 +1,85 @@
+"""What a build quantizes with: the checkpoint's own quantized linears, AWQ's, or round-to-nearest in the pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.compiler.quantize.calibration import calibration_ids as cut_calibration_text
+from kiln.config import BuildConfig, check_quantization_method
+from kiln.engine.manifest import QuantizationFacts
+from kiln.errors import KilnError
+from kiln.models.quantized_checkpoint import QuantizedLinears
+
+# --quantization values that agree with a pre-quantized checkpoint's format (int4 only).
+SAME_AS_CHECKPOINT = {"awq": "int4_awq", "gptq": "int4_gptq"}
+CALIBRATION_TOKENS = 512  # tokens per AWQ calibration sample
+
+
+RTN_BITS = {"int8_wo": 8, "int4_wo": 4, "int4_awq": 4}
+
+
+def check_request(config: BuildConfig, quantized: QuantizedLinears | None, checkpoint: str | Path) -> None:
+    """Refuse a --quantization that conflicts with a pre-quantized checkpoint, GPTQ without one, AWQ
+    without calibration text, and --quantize-lm-head with nothing quantized."""
+    if config.quantize_lm_head and quantized is None and config.quantization == "none":
+        raise KilnError("--quantize-lm-head quantizes lm_head with the other linears: give --quantization too")
+    if quantized is not None:
+        check_quantization_method(quantized.method)
+        agreeing = SAME_AS_CHECKPOINT.get(quantized.method) if quantized.bits == 4 else None
+        if config.quantization not in ("none", agreeing):
+            raise KilnError(
+                f"{checkpoint} is already quantized ({quantized.method}, {quantized.bits} bits); "
+                f"build it without --quantization (got {config.quantization})"
+            )
+    elif config.quantization == "int4_awq" and config.calib_data is None:
+        raise KilnError("int4_awq searches its scales on calibration text: give --calib-data FILE")
+    elif config.quantization == "int4_awq" and not Path(str(config.calib_data)).is_file():
+        raise KilnError(f"cannot read the calibration text {config.calib_data}: no such file")
+    elif config.quantization == "int4_gptq":
+        raise KilnError(
+            "int4_gptq builds a GPTQ checkpoint (one whose config.json has a quantization_config); "
+            f"{checkpoint} is not one, and kiln does not run GPTQ itself: use int4_awq or int4_wo"
+        )
+
+
+def engine_quantization(
+    config: BuildConfig, quantized: QuantizedLinears | None, layers: tuple[str, ...]
+) -> QuantizationFacts | None:
+    """The manifest's quantization block for the layers the pass quantized (None: a dense engine)."""
+    if quantized is None and config.quantization == "none":
+        return None
+    if not layers:
+        raise KilnError("the quantization pass found no linear to quantize: kiln cannot build this model quantized")
+    group_size: int | None
+    if quantized is not None and config.quantization != "int4_awq":
+        method, bits, group_size = quantized.method, quantized.bits, quantized.group_size
+    else:
+        method, bits = config.quantization, RTN_BITS[config.quantization]
+        group_size = config.group_size if bits == 4 else None
+    return QuantizationFacts(
+        method=method, bits=bits, group_size=group_size, layers=layers, lm_head=config.quantize_lm_head
+    )
+
+
+def awq_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> QuantizedLinears:
+    """int4_awq: kiln's AWQ search over the calibration text (it also rewrites the model's dense weights)."""
+    from kiln.compiler.quantize.awq import awq_quantize
+
+    return awq_quantize(model, calibration_ids(tokenizer, config.calib_data, config.calib_size), config.group_size)
+
+
+def calibration_ids(tokenizer: Any, path: str | None, samples: int) -> list[torch.Tensor]:
+    """Up to `samples` sequences of CALIBRATION_TOKENS token ids from the text file at `path`."""
+    if path is None:
+        raise KilnError("int4_awq needs calibration text: --calib-data FILE")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KilnError(f"cannot read the calibration text {path}: {exc}") from exc
+    return cut_calibration_text(tokenizer, text, seq_len=CALIBRATION_TOKENS, max_sequences=samples)
+
+
+__all__ = ["RTN_BITS", "awq_linears", "calibration_ids", "check_request", "engine_quantization"]

@@ -1,0 +1,206 @@
+"""Triton kernel: `x @ W.T (+ bias)` for a few rows of x and a packed int8 / int4 weight W.
+
+A decode step reads every weight once for a token row, so it is bound by the bytes read: int8
+halves them and int4 g128 makes them ~0.28 of bf16's. The kernel (`qgemv_kernel`) streams the
+packed bytes in 4 KB steps, dequantizes them in registers with `dequantize_packed`'s formula
+(`kiln.kernels.quantized_weight`, in float32) and accumulates in float32, with the dense
+kernel's prologues and epilogues (`kiln.kernels.triton.gemv.linear_triton`'s meaning); it also
+takes 2..4 rows a program (slower per row: the dispatch sends those to `qgemm`).
+Act-order weights (perm) are not handled here: the caller keeps its reference path for them.
+Every launch choice comes from shapes, so a call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import triton
+
+from kiln.kernels.quantized_weight import bits_of
+from kiln.kernels.triton.gemv_config import PROLOGUE_RMS_NORM, PROLOGUE_SILU_MUL, PROLOGUES, num_sms
+from kiln.kernels.triton.gemv_kernel import _sum_splits_kernel
+from kiln.kernels.triton.pdl import enabled as pdl_enabled
+from kiln.kernels.triton.pdl import launch_options
+from kiln.kernels.triton.qgemv_config import QGemvConfig, default_qconfig
+from kiln.kernels.triton.qgemv_dequant import GROUP_GATHER, GROUP_SPLIT, group_mode
+from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
+
+SUM_BLOCK = 1024
+MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
+CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgemv_kernel._step`)
+# The one-row kernel turns bytes into floats with PTX `prmt` (one instruction a byte); False: with
+# shifts and masks (three), as it always does under the interpreter, which runs no PTX.
+USE_PRMT = True
+
+
+def check_packed(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, k: int
+) -> int:
+    """The weight's bits, after checking the packed tensors against in_features k."""
+    bits = bits_of(qweight)
+    n = qweight.shape[0]
+    assert qweight.dim() == 2 and qweight.stride(1) == 1, (tuple(qweight.shape), qweight.stride())
+    assert qweight.shape[1] == (k // 2 if bits == 4 else k) and (bits == 8 or k % 2 == 0), (tuple(qweight.shape), k)
+    assert group_size > 0 and k % group_size == 0 and scales.shape == (n, k // group_size), tuple(scales.shape)
+    assert scales.stride(1) == 1 and (zeros is None or (zeros.shape == scales.shape and zeros.stride(1) == 1))
+    return bits
+
+
+def qlinear_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: QGemvConfig | None = None,
+    constant_weight: bool = False,
+    prologue: str = "none",
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """[residual +] prologue(x) [M, K] @ W[N, K]^T + bias -> a new [M, N] in x's dtype, for the packed
+    W = (qweight, scales, zeros, group_size) of `kiln.kernels.quantized_weight` (no perm).
+
+    prologue / residual / rope / gated / constant_weight: as `linear_triton` (rope and gated at one
+    row). M should be small (the accumulator holds up to 4 rows per program): more rows belong to
+    `kiln.kernels.triton.qgemm.qlinear_gemm`."""
+    m, k = x.shape
+    code = PROLOGUES[prologue]
+    if code == PROLOGUE_SILU_MUL:
+        assert k % 2 == 0 and x.stride(1) == 1, (tuple(x.shape), x.stride())
+        k //= 2
+    if code == PROLOGUE_RMS_NORM:
+        assert norm_weight is not None and norm_weight.shape == (k,) and norm_weight.is_contiguous()
+    bits = check_packed(qweight, scales, zeros, group_size, k)
+    n = qweight.shape[0]
+    row_bytes = qweight.shape[1]
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
+    config = config or default_qconfig(bits, m, n, k, num_sms(x.device))
+    if rope is not None:
+        cos, sin, rope_width = rope
+        half = cos.shape[-1] // 2
+        assert m == 1 and residual is None and k > 0, "rope is fused at one row without a residual"
+        assert cos.shape == sin.shape == (m, 2 * half) and half > 0 and half & (half - 1) == 0, tuple(cos.shape)
+        assert cos.stride(-1) == sin.stride(-1) == 1 and rope_width % (2 * half) == 0 and rope_width <= n
+        config = replace(config, block_m=1, block_n=2, split_k=1)
+    if gated:
+        assert m == 1 and residual is None and rope is None and n % 2 == 0 and k > 0, "gated: one row, [gate | up]"
+        config = replace(config, block_m=1, block_n=2, split_k=1)
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    block_k = config.block_k
+    split = min(config.split_k, triton.cdiv(row_bytes, block_k))
+    per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
+    split = triton.cdiv(row_bytes, per_split)  # no empty splits
+    mode = group_mode(block_k, row_bytes, group_size, config.gather)
+    chunked = (
+        config.block_m == 1
+        and mode != GROUP_GATHER
+        and group_size % CHUNK == 0
+        and block_k % CHUNK == 0
+        and row_bytes % 4 == 0
+        and qweight.data_ptr() % 4 == 0
+    )
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    if rope is not None:
+        n_tiles = rope[2] // 2 + triton.cdiv(n - rope[2], config.block_n)
+    elif gated:
+        n_tiles = n // 2
+    else:
+        n_tiles = triton.cdiv(n, config.block_n)
+    grid = (n_tiles, triton.cdiv(m, config.block_m), split)
+    pdl = pdl_enabled(x.device)
+    wbytes = qweight.view(torch.uint8)
+    _qlinear_kernel[grid](
+        x,
+        wbytes,
+        scales,
+        zeros if zeros is not None else scales,
+        bias if bias is not None else scales,
+        target,
+        m,
+        n,
+        k,
+        row_bytes,
+        x.stride(0),
+        x.stride(1),
+        wbytes.stride(0),
+        scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0,
+        target.stride(-2),
+        target.stride(-1),
+        target.stride(0) if split > 1 else 0,
+        residual if residual is not None else scales,
+        residual.stride(0) if residual is not None else 0,
+        residual.stride(1) if residual is not None else 0,
+        norm_weight if norm_weight is not None else scales,
+        eps,
+        rope[0] if rope is not None else scales,
+        rope[1] if rope is not None else scales,
+        rope[0].stride(0) if rope is not None else 0,
+        rope[1].stride(0) if rope is not None else 0,
+        rope[2] // 2 if rope is not None else 0,
+        n // 2,
+        MAGIC,
+        KB_PER_SPLIT=per_split,
+        K_PAD=triton.cdiv(k, 256) * 256,
+        BITS=bits,
+        GROUP=group_size,
+        MODE=mode,
+        GPT=block_k // group_size if mode == GROUP_SPLIT else 1,
+        HAS_ZEROS=zeros is not None,
+        CHUNKED=chunked,
+        CHUNK=CHUNK,
+        ASM=USE_PRMT and not triton.knobs.runtime.interpret,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=block_k,
+        EVEN_N=n % config.block_n == 0 and rope is None,
+        EVEN_K=row_bytes == split * per_split,
+        SPLIT=split,
+        PDL=pdl,
+        EARLY_W=pdl and constant_weight,
+        PROLOGUE=code,
+        RESIDUAL=residual is not None and split == 1,
+        ROPE=rope is not None,
+        HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
+        GATED=gated,
+        num_warps=config.num_warps,
+        num_stages=1,
+        enable_fp_fusion=rope is None,  # the rotary epilogue rounds as the reference (kiln.kernels.triton.rope)
+        **launch_options(pdl),
+    )
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+            target,
+            bias if bias is not None else scales,
+            out,
+            residual if residual is not None else scales,
+            m,
+            n,
+            out.stride(0),
+            out.stride(1),
+            residual.stride(0) if residual is not None else 0,
+            residual.stride(1) if residual is not None else 0,
+            HAS_BIAS=bias is not None,
+            RESIDUAL=residual is not None,
+            SPLIT=split,
+            BLOCK=SUM_BLOCK,
+            PDL=pdl,
+            num_warps=4,
+            **launch_options(pdl),
+        )
+    return out
+
+
+__all__ = ["QGemvConfig", "default_qconfig", "qlinear_gemv"]

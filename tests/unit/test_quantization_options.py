@@ -1,0 +1,59 @@
+"""The build's quantization fields, their flags, and TensorRT-LLM's spellings of them."""
+
+import pytest
+
+from kiln.cli import parser
+from kiln.cli_options import values
+from kiln.cli_quantization import PRECISIONS, resolve_aliases
+from kiln.config import QUANTIZATIONS, BuildConfig
+from kiln.errors import KilnError
+
+
+def _build_options(*argv: str) -> dict:
+    args = parser().parse_args(["build", "ckpt", "-o", "out", *argv])
+    return {**values(args, BuildConfig), **resolve_aliases(args)}
+
+
+def test_defaults_quantize_nothing():
+    config = BuildConfig()
+    assert (config.quantization, config.group_size, config.quantize_lm_head) == ("none", 128, False)
+    assert (config.calib_data, config.calib_size) == (None, 64)
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(KilnError, match="quantization must be one of"):
+        BuildConfig(quantization="int3_wo")
+    for bad in (16, 100, 0):
+        with pytest.raises(KilnError, match="group_size must be one of"):
+            BuildConfig(group_size=bad)
+    with pytest.raises(KilnError, match="calib_size"):
+        BuildConfig(calib_size=0)
+    with pytest.raises(KilnError, match="quantize_lm_head must be true or false"):
+        BuildConfig(quantize_lm_head="yes")  # type: ignore[arg-type]
+
+
+def test_kiln_flags_reach_the_config():
+    options = _build_options("--quantization", "int4_wo", "--group-size", "32", "--quantize-lm-head")
+    config = BuildConfig(**options)
+    assert (config.quantization, config.group_size, config.quantize_lm_head) == ("int4_wo", 32, True)
+    options = _build_options("--quantization", "int4_awq", "--calib-data", "notes.txt", "--calib-size", "8")
+    assert (options["calib_data"], options["calib_size"]) == ("notes.txt", 8)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_tensorrt_llm_spellings_map_onto_quantization(precision):
+    options = _build_options("--use-weight-only", "--weight-only-precision", precision)
+    assert options["quantization"] == PRECISIONS[precision] and PRECISIONS[precision] in QUANTIZATIONS
+    assert _build_options("--use-weight-only")["quantization"] == "int8_wo"
+    assert _build_options("--use-weight-only", "--weight-only-precision", "int4", "--per-group")["quantization"] == (
+        "int4_wo"
+    )
+
+
+def test_tensorrt_llm_spellings_that_conflict_are_refused():
+    with pytest.raises(KilnError, match="conflicts"):
+        _build_options("--use-weight-only", "--quantization", "int4_wo")
+    with pytest.raises(KilnError, match="need --use-weight-only"):
+        _build_options("--weight-only-precision", "int4")
+    with pytest.raises(KilnError, match="int8 is quantized per output channel"):
+        _build_options("--use-weight-only", "--per-group")
