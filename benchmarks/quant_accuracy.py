@@ -8,7 +8,7 @@ perplexity, ratio to the dense engine, |delta| to it. Writes the rows as JSON.
     python benchmarks/quant_accuracy.py CHECKPOINT --heldout TEXT --calib TEXT [--json OUT]
 
 --reference skips kiln: transformers scores the same windows on the float32 model whose decoder
-linears hold the dequantized weights of each method (round to nearest, or kiln's AWQ search), a
+linears hold the dequantized weights of each method (kiln's round to nearest, or its AWQ search), a
 cross-check of the engine numbers.
 """
 
@@ -112,13 +112,6 @@ def kiln_row(method: Method, args: argparse.Namespace, work: Path) -> Row:
 # ---- transformers reference ------------------------------------------------------------------------
 
 
-def _int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 round to nearest, one scale (absmax / 127) per output row, dequantized."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale).clamp(-127, 127) * scale
-
-
 def _decoder_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     from kiln.compiler.quantize.awq import decoder_layers
 
@@ -127,15 +120,16 @@ def _decoder_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 def quantize_reference(model: torch.nn.Module, method: Method, calib_ids: list[torch.Tensor]) -> None:
     """Replace the decoder linears' weights by the method's dequantized ones (in place)."""
-    from kiln.compiler.quantize.awq import _rtn_int4, awq_quantize
+    from kiln.compiler.quantize.awq import awq_quantize
+    from kiln.compiler.quantize.rtn import quantize
 
     if method.quantization == "int4_awq":
         awq_quantize(model, calib_ids, method.group_size)  # leaves the dequantized weights in the model
         return
     rounders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "none": lambda w: w,
-        "int8_wo": _int8_per_channel,
-        "int4_wo": lambda w: _rtn_int4(w, method.group_size).dequantize(torch.float32),
+        "int8_wo": lambda w: quantize(w, 8, w.shape[1]).dequantize(torch.float32),
+        "int4_wo": lambda w: quantize(w, 4, method.group_size).dequantize(torch.float32),
     }
     with torch.no_grad():
         for linear in _decoder_linears(model):
@@ -145,13 +139,13 @@ def quantize_reference(model: torch.nn.Module, method: Method, calib_ids: list[t
 def reference_rows(methods: tuple[Method, ...], args: argparse.Namespace) -> list[Row]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kiln.compiler.quantize.calibration import calibration_ids
+    from kiln.compiler.quantize.methods import calibration_ids
     from kiln.eval_perplexity import split_windows
 
     tok: Any = AutoTokenizer.from_pretrained(args.checkpoint)
     ids = tok(args.heldout.read_text(encoding="utf-8"))["input_ids"][: args.max_tokens]
     windows = split_windows(ids, args.window)
-    calib = calibration_ids(tok, args.calib.read_text(encoding="utf-8"), seq_len=512, max_sequences=64)
+    calib = calibration_ids(tok, str(args.calib), 64)  # what `kiln build --calib-data` cuts (64 x 512 tokens)
     rows = []
     for method in methods:
         model: Any = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
