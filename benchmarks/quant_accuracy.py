@@ -9,7 +9,8 @@ perplexity, ratio to the dense engine, |delta| to it. Writes the rows as JSON.
 
 --reference skips kiln: transformers scores the same windows on the float32 model whose decoder
 linears hold the dequantized weights of each method (kiln's round to nearest, or its AWQ search), a
-cross-check of the engine numbers.
+cross-check of the engine numbers; it also gives each method's mean KL divergence from the dense
+model's next-token distribution, a closer measure of how far a method moves the model.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Row:
     ratio: float = 1.0  # perplexity / dense perplexity
     delta: float = 0.0  # |perplexity - dense perplexity|
     hf_perplexity: float | None = None  # transformers on the dense checkpoint (dense row)
+    kl: float | None = None  # --reference: mean KL(dense || method) per scored token (nats)
 
 
 def linear_widths(checkpoint: Path) -> tuple[int, ...]:
@@ -146,19 +148,22 @@ def reference_rows(methods: tuple[Method, ...], args: argparse.Namespace) -> lis
     ids = tok(args.heldout.read_text(encoding="utf-8"))["input_ids"][: args.max_tokens]
     windows = split_windows(ids, args.window)
     calib = calibration_ids(tok, str(args.calib), 64)  # what `kiln build --calib-data` cuts (64 x 512 tokens)
+    dense: Any = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     rows = []
     for method in methods:
         model: Any = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
         quantize_reference(model, method, calib)
-        total, count = 0.0, 0
+        nll, kl, count = 0.0, 0.0, 0
         with torch.no_grad():
             for ids in windows:
                 tokens = torch.tensor([ids])
                 logp = torch.log_softmax(model(tokens).logits[0, :-1].float(), dim=-1)
-                total -= float(logp.gather(1, tokens[0, 1:, None]).sum())
+                base = torch.log_softmax(dense(tokens).logits[0, :-1].float(), dim=-1)
+                nll -= float(logp.gather(1, tokens[0, 1:, None]).sum())
+                kl += float((base.exp() * (base - logp)).sum())
                 count += len(ids) - 1
-        rows.append(Row(method.name, math.exp(total / count), total / count, count))
-        print(f"  {method.name}: {rows[-1].perplexity:.3f}", file=sys.stderr, flush=True)
+        rows.append(Row(method.name, math.exp(nll / count), nll / count, count, kl=kl / count))
+        print(f"  {method.name}: {rows[-1].perplexity:.3f}, KL {kl / count:.3g}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -166,8 +171,13 @@ def reference_rows(methods: tuple[Method, ...], args: argparse.Namespace) -> lis
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| method | perplexity | ratio to dense | abs delta |", "|---|---:|---:|---:|"]
-    lines += [f"| {r.method} | {r.perplexity:.3f} | {r.ratio:.4f} | {r.delta:.3f} |" for r in rows]
+    kl = rows[0].kl is not None
+    lines = ["| method | perplexity | ratio to dense | abs delta |" + (" KL to dense |" if kl else "")]
+    lines += ["|---|---:|---:|---:|" + ("---:|" if kl else "")]
+    for r in rows:
+        lines += [
+            f"| {r.method} | {r.perplexity:.3f} | {r.ratio:.4f} | {r.delta:.3f} |" + (f" {r.kl:.2e} |" if kl else "")
+        ]
     return "\n".join(lines)
 
 
