@@ -20,6 +20,12 @@ Everything is seeded, so re-running the script reproduces the same files
 Usage:
     python scripts/train_demo.py                    # writes demo/tiny-kiln
     python scripts/train_demo.py --out /tmp/tiny    # somewhere else
+
+``--corpus pydoc`` trains on the Python documentation shipped with Python
+(``pydoc_data.topics``) instead; ``--heldout-fraction`` then keeps whole topics
+out of tokenizer and model training and writes them to ``--heldout-out``, and
+``--calib-out`` writes calibration text drawn from the training split (the
+quantization-accuracy checkpoint in benchmarks/RESULTS.md is made this way).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from transformers import (  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT / "demo" / "corpus.txt"
 DEFAULT_OUT = REPO_ROOT / "demo" / "tiny-kiln"
+PYDOC_CORPUS = "pydoc"  # --corpus value: Python's own documentation topics
 
 BOS, EOS, USER, ASSISTANT, END = "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, END]
@@ -99,6 +106,41 @@ def split_documents(text: str) -> list[str]:
             block += "\n"
         docs.append(block)
     return docs
+
+
+def load_topics(corpus: str) -> list[str]:
+    """Top-level documents of a corpus: pydoc topics, or the whole file as one."""
+    if corpus == PYDOC_CORPUS:
+        from pydoc_data.topics import topics
+
+        return [topics[k].strip("\n") for k in sorted(topics)]
+    return [Path(corpus).read_text(encoding="utf-8")]
+
+
+def split_heldout(topics: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split of whole topics into (train, held-out); fraction 0 keeps all."""
+    if fraction <= 0:
+        return topics, []
+    order = list(range(len(topics)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(topics) * fraction))
+    held = set(order[:n_held])
+    train = [t for i, t in enumerate(topics) if i not in held]
+    return train, [topics[i] for i in sorted(held)]
+
+
+def calibration_text(docs: list[str], chars: int, seed: int) -> str:
+    """Seeded sample of training documents, joined by blank lines, about ``chars`` long."""
+    order = list(range(len(docs)))
+    random.Random(seed + 1).shuffle(order)
+    picked: list[str] = []
+    total = 0
+    for i in order:
+        if total >= chars:
+            break
+        picked.append(docs[i])
+        total += len(docs[i]) + 2
+    return "\n\n".join(picked) + "\n"
 
 
 # ----------------------------------------------------------------------------
@@ -351,9 +393,45 @@ def show_samples(model, tok, max_new_tokens: int = 40) -> None:
         log(f"[user: {q}] -> {text.strip()}")
 
 
+def heldout_report(model, tok, heldout_topics: list[str], train_ids: list[list[int]], args) -> dict:
+    """Held-out loss against a unigram model of the training tokens; writes --heldout-out."""
+    held_docs = [d for t in heldout_topics for d in split_documents(t)]
+    held_ids = [encode_document(tok, d) for d in held_docs]
+    loss = corpus_loss(model, held_ids)
+    counts = torch.bincount(torch.tensor([t for d in train_ids for t in d[1:]]), minlength=len(tok)).double()
+    logp = torch.log((counts + 1) / (counts.sum() + len(tok)))  # add-one smoothed
+    targets = torch.tensor([t for d in held_ids for t in d[1:]])
+    unigram = float(-logp[targets].mean())
+    log(
+        f"held-out: {len(heldout_topics)} topics, {targets.numel()} tokens; loss {loss:.4f} "
+        f"(ppl {math.exp(loss):.2f}) vs unigram {unigram:.4f} (ppl {math.exp(unigram):.2f})"
+    )
+    if args.heldout_out is not None:
+        args.heldout_out.parent.mkdir(parents=True, exist_ok=True)
+        args.heldout_out.write_text("\n\n".join(heldout_topics) + "\n", encoding="utf-8")
+    return {
+        "heldout_topics": len(heldout_topics),
+        "heldout_loss": round(loss, 4),
+        "heldout_unigram_loss": round(unigram, 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument(
+        "--corpus",
+        default=str(DEFAULT_CORPUS),
+        help=f"training text file, or '{PYDOC_CORPUS}' for Python's documentation topics",
+    )
+    ap.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of top-level documents (pydoc topics) kept out of all training",
+    )
+    ap.add_argument("--heldout-out", type=Path, default=None, help="write the held-out documents here")
+    ap.add_argument("--calib-out", type=Path, default=None, help="write calibration text from the training split here")
+    ap.add_argument("--calib-chars", type=int, default=20000, help="approximate length of --calib-out")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
@@ -395,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
-    text = args.corpus.read_text(encoding="utf-8")
-    docs = split_documents(text)
+    train_topics, heldout_topics = split_heldout(load_topics(args.corpus), args.heldout_fraction, args.seed)
+    docs = [d for t in train_topics for d in split_documents(t)]
     tok = train_tokenizer(docs, args.vocab_size)
     log(
         f"tokenizer: {len(tok)} tokens; bos={tok.bos_token_id} eos={tok.eos_token_id} "
@@ -411,24 +489,32 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model: {n_params:,d} parameters ({n_params * 4 / 1e6:.2f} MB in float32)")
 
     final_loss, steps, train_time = train(model, docs_ids, args)
+    heldout = heldout_report(model, tok, heldout_topics, docs_ids, args) if heldout_topics else {}
 
     meta = {
         "script": "scripts/train_demo.py",
         "args": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k not in ("out", "corpus", "max_seconds", "log_every")
+            if k not in ("out", "corpus", "max_seconds", "log_every", "heldout_out", "calib_out")
+            and (heldout_topics or k not in ("heldout_fraction", "calib_chars"))
         },
-        "corpus": "demo/corpus.txt",
+        "corpus": "demo/corpus.txt" if args.corpus == str(DEFAULT_CORPUS) else args.corpus,
         "parameters": n_params,
         "tokenizer_vocab_size": len(tok),  # BPE stops below --vocab-size on this small corpus
         "steps": steps,
         "final_corpus_loss": round(final_loss, 4),
         "torch_version": torch.__version__,
+        **heldout,
     }
     log(f"\nsaving to {args.out}")
     save(model, tok, args.out, meta)
-    show_samples(model, tok)
+    if args.calib_out is not None:
+        args.calib_out.parent.mkdir(parents=True, exist_ok=True)
+        args.calib_out.write_text(calibration_text(docs, args.calib_chars, args.seed), encoding="utf-8")
+        log(f"calibration text (training split) -> {args.calib_out}")
+    if args.corpus == str(DEFAULT_CORPUS):
+        show_samples(model, tok)
     return 0
 
 
