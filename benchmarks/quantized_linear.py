@@ -12,7 +12,7 @@ bytes + scales + zeros); "copy" is that rate over the measured device-to-device 
 The summary adds up one decode step's projections (layers x the four, + lm_head) per format, the
 number to set against issue 17's targets (8B: bf16 5.2 ms/token, int8 <= 3.0, int4 g128 <= 2.0).
 
---shifts turns bytes into floats with shifts and masks instead of PTX prmt (`qgemv.USE_PRMT`).
+--prmt turns bytes into floats with PTX prmt instead of shifts and masks (`qgemv.USE_PRMT`).
 --fused times each projection with the step's fusions (qkv: rms_norm + rope; o: residual;
 gate_up: rms_norm + gated; down: silu_mul + residual). --sweep also times a grid of one-row
 launch configurations per shape (rows, bytes per step, warps, scales gathered per element or
@@ -186,9 +186,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["8b", "1b"], choices=sorted(SHAPES))
     ap.add_argument("--fused", action="store_true", help="time each projection with the step's fusions")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations (quantized)")
-    ap.add_argument("--shifts", action="store_true", help="bytes to floats by shifts and masks, not prmt")
+    ap.add_argument("--prmt", action="store_true", help="bytes to floats by PTX prmt, not shifts and masks")
     args = ap.parse_args()
-    qgemv.USE_PRMT = not args.shifts
+    qgemv.USE_PRMT = args.prmt
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")

@@ -29,9 +29,10 @@ from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
 SUM_BLOCK = 1024
 MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
 CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgemv_kernel._step`)
-# The one-row kernel turns bytes into floats with PTX `prmt` (one instruction a byte); False: with
-# shifts and masks (three), as it always does under the interpreter, which runs no PTX.
-USE_PRMT = True
+# True: the one-row kernel turns bytes into floats with PTX `prmt` (one instruction a byte); False:
+# with shifts and masks (three), the code the interpreter tests run. Off until the prmt path has
+# passed tests/kernels/test_quantized_kernels.py on a GPU (`bash scripts/device_quant.sh tests`).
+USE_PRMT = False
 
 
 def check_packed(
