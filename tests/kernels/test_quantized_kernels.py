@@ -101,6 +101,19 @@ def test_gemv_matches_the_reference(weight, rows):
         assert_close(qlinear_gemv(x, p.qweight, p.scales, p.zeros, group, bias), want(x, p, group, bias), str(dtype))
 
 
+@pytest.mark.skipif(not ON_GPU, reason="PTX prmt runs on a GPU only (the interpreter takes shifts and masks)")
+@pytest.mark.parametrize("weight", WEIGHTS, ids=lambda w: f"int{w[0]}g{w[1]}")
+def test_gemv_with_prmt_matches_the_reference(weight, monkeypatch):
+    from kiln.kernels.triton import qgemv
+
+    monkeypatch.setattr(qgemv, "USE_PRMT", True)
+    bits, group, zeros = weight
+    for dtype in DTYPES:
+        p = packed_weight(N, K, bits, group, zeros, dtype, seed=bits + group + 11)
+        x = random(1, K, dtype=dtype, seed=12)
+        assert_close(qlinear_gemv(x, p.qweight, p.scales, p.zeros, group), want(x, p, group, None), f"prmt {dtype}")
+
+
 # block_m, block_n, block_k, split_k, warps, gather: scales per tile, whole groups per tile,
 # gathered per element, split K with a last split shorter than the others, 2 and 4 rows a program
 CONFIGS = [
