@@ -1,6 +1,6 @@
-"""LLaVA built with int8_wo and BLIP-2 (OPT) with int4_wo: the language model is quantized, the vision
-program is not, and the engine generates from images exactly what transformers does on the dequantized
-language model."""
+"""LLaVA and BLIP-2 (OPT) built with int8_wo and int4_wo: the language model is quantized, the vision
+program is not, the engine generates from images exactly what transformers does on the dequantized
+language model, and `kiln eval` scores text as transformers does on it."""
 
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ NEW_TOKENS = 8
 
 FAMILIES = [
     ("llava", "LlavaForConditionalGeneration", "<image>\nThe kiln", "int8_wo", 8, 7),
+    ("llava", "LlavaForConditionalGeneration", "<image>\nThe kiln", "int4_wo", 4, 7),
     ("blip2", "Blip2ForConditionalGeneration", "The kiln", "int4_wo", 4, 6),  # OPT: q, k, v, out, fc1, fc2
+    ("blip2", "Blip2ForConditionalGeneration", "The kiln", "int8_wo", 8, 6),
 ]
+EVAL_TEXT = "The kiln fires clay at night. Glaze melts slowly, and the potter waits for the kiln to cool. " * 3
 
 
 @pytest.mark.parametrize(("family", "architecture", "prompt", "method", "bits", "linears"), FAMILIES)
@@ -51,3 +54,22 @@ def test_quantized_vlm_generates_with_images(tmp_path, family, architecture, pro
     for prompt, out in zip(batch, outs):
         text, images = (prompt["prompt"], prompt["images"]) if isinstance(prompt, dict) else (prompt, [])
         assert out.token_ids == vlm_greedy(model, processor, text, images, NEW_TOKENS)[0], text
+    _check_eval(engine, tmp_path, model)
+
+
+def _check_eval(engine: Path, tmp_path: Path, model: torch.nn.Module) -> None:
+    """`kiln eval` on text: the engine's perplexity is transformers' on the dequantized language model."""
+    from kiln.eval_perplexity import EvalOptions, evaluate, split_windows
+
+    text = tmp_path / "heldout.txt"
+    text.write_text(EVAL_TEXT)
+    result = evaluate(EvalOptions(engine=str(engine), text=str(text), window=40, progress=False))
+    assert result.quantization is not None and result.windows >= 2
+    language_model = model.language_model if hasattr(model, "qformer") else model  # BLIP-2: its OPT
+    total = 0.0
+    with torch.no_grad():
+        for ids in split_windows(LLM(engine).encode(EVAL_TEXT), result.window):
+            tokens = torch.tensor([ids])
+            log_probs = torch.log_softmax(language_model(input_ids=tokens).logits[0, :-1].float(), dim=-1)
+            total -= float(log_probs.gather(1, tokens[0, 1:, None]).sum())
+    assert result.nll == pytest.approx(total / result.tokens, rel=1e-4)
