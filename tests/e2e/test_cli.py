@@ -107,8 +107,23 @@ def test_damaged_engine_file_says_rebuild(demo_engine, tmp_path, damaged):
 
     copy = tmp_path / "damaged"
     shutil.copytree(demo_engine, copy)
+    if damaged == "compiled.bin":  # read only where the CPU module is not usable (another CPU, a GPU)
+        shutil.rmtree(copy / "cpu_module")
     data = (copy / damaged).read_bytes()
     (copy / damaged).write_bytes(data[: len(data) // 2])
     proc = kiln("run", str(copy), "--prompt", "A kiln", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert damaged in proc.stderr and "rebuild" in proc.stderr
+
+
+@pytest.mark.parametrize("damaged", ["module.py", "facts.json"])
+def test_a_damaged_cpu_module_falls_back_to_the_compiled_artifact(demo_engine, tmp_path, damaged):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(demo_engine, copy)
+    data = (copy / "cpu_module" / damaged).read_bytes()
+    (copy / "cpu_module" / damaged).write_bytes(data[: len(data) // 2])
+    intact = kiln("run", str(demo_engine), "--prompt", "A kiln", "--max-new-tokens", "8")
+    proc = kiln("run", str(copy), "--prompt", "A kiln", "--max-new-tokens", "8")
+    assert proc.stdout == intact.stdout and "Traceback" not in proc.stderr
