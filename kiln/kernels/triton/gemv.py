@@ -157,26 +157,35 @@ def linear_triton(
         **launch_options(pdl),
     )
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
-            target,
-            bias if bias is not None else weight,
-            out,
-            residual if residual is not None else weight,
-            m,
-            n,
-            out.stride(0),
-            out.stride(1),
-            residual.stride(0) if residual is not None else 0,
-            residual.stride(1) if residual is not None else 0,
-            HAS_BIAS=bias is not None,
-            RESIDUAL=residual is not None,
-            SPLIT=split,
-            BLOCK=SUM_BLOCK,
-            PDL=pdl,
-            num_warps=4,
-            **launch_options(pdl),
-        )
+        sum_splits(target, out, bias, residual, pdl)
     return out
+
+
+def sum_splits(
+    target: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, pdl: bool
+) -> None:
+    """out = [residual +] the sum of a split-K launch's partial products (target: float32 [split, M, N])
+    [+ bias], rounded once to out's dtype (the GEMV's and the quantized kernels' last launch)."""
+    split, m, n = target.shape
+    _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+        target,
+        bias if bias is not None else out,
+        out,
+        residual if residual is not None else out,
+        m,
+        n,
+        out.stride(0),
+        out.stride(1),
+        residual.stride(0) if residual is not None else 0,
+        residual.stride(1) if residual is not None else 0,
+        HAS_BIAS=bias is not None,
+        RESIDUAL=residual is not None,
+        SPLIT=split,
+        BLOCK=SUM_BLOCK,
+        PDL=pdl,
+        num_warps=4,
+        **launch_options(pdl),
+    )
 
 
 __all__ = ["PROLOGUES", "GemvConfig", "default_config", "linear_triton", "num_sms"]

@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.gemv import sum_splits
 from kiln.kernels.triton.gemv_config import num_sms
-from kiln.kernels.triton.gemv_kernel import _sum_splits_kernel
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
-from kiln.kernels.triton.qgemv import SUM_BLOCK, check_packed
+from kiln.kernels.triton.qgemv import check_packed
 from kiln.kernels.triton.qgemv_dequant import GROUP_SPLIT, dequantize, group_mode, unpack
 
 
@@ -227,25 +227,7 @@ def qlinear_gemm(
         **launch_options(pdl),
     )
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
-            target,
-            bias if bias is not None else scales,
-            out,
-            residual if residual is not None else scales,
-            m,
-            n,
-            out.stride(0),
-            out.stride(1),
-            residual.stride(0) if residual is not None else 0,
-            residual.stride(1) if residual is not None else 0,
-            HAS_BIAS=bias is not None,
-            RESIDUAL=residual is not None,
-            SPLIT=split,
-            BLOCK=SUM_BLOCK,
-            PDL=pdl,
-            num_warps=4,
-            **launch_options(pdl),
-        )
+        sum_splits(target, out, bias, residual, pdl)
     return out
 
 

@@ -18,15 +18,14 @@ import torch
 import triton
 
 from kiln.kernels.quantized_weight import bits_of
+from kiln.kernels.triton.gemv import sum_splits
 from kiln.kernels.triton.gemv_config import PROLOGUE_RMS_NORM, PROLOGUE_SILU_MUL, PROLOGUES, num_sms
-from kiln.kernels.triton.gemv_kernel import _sum_splits_kernel
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import launch_options
 from kiln.kernels.triton.qgemv_config import QGemvConfig, default_qconfig
 from kiln.kernels.triton.qgemv_dequant import GROUP_GATHER, GROUP_SPLIT, group_mode
 from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
 
-SUM_BLOCK = 1024
 MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
 CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgemv_kernel._step`)
 # True: the one-row kernel turns bytes into floats with PTX `prmt` (one instruction a byte); False:
@@ -182,25 +181,7 @@ def qlinear_gemv(
         **launch_options(pdl),
     )
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
-            target,
-            bias if bias is not None else scales,
-            out,
-            residual if residual is not None else scales,
-            m,
-            n,
-            out.stride(0),
-            out.stride(1),
-            residual.stride(0) if residual is not None else 0,
-            residual.stride(1) if residual is not None else 0,
-            HAS_BIAS=bias is not None,
-            RESIDUAL=residual is not None,
-            SPLIT=split,
-            BLOCK=SUM_BLOCK,
-            PDL=pdl,
-            num_warps=4,
-            **launch_options(pdl),
-        )
+        sum_splits(target, out, bias, residual, pdl)
     return out
 
 
