@@ -17,6 +17,7 @@ synchronisation and can be captured in a CUDA graph.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import triton
@@ -34,6 +35,10 @@ from kiln.kernels.triton.gemv_kernel import _linear_kernel, _sum_splits_kernel
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import launch_options
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")  # a launch configuration (GemvConfig, QGemvConfig)
 SUM_BLOCK = 1024
 
 
@@ -74,16 +79,7 @@ def linear_triton(
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
     config = config or prologue_config(code, m, n, k, num_sms(x.device))
-    if rope is not None:
-        cos, sin, rope_width = rope
-        half = cos.shape[-1] // 2
-        assert m == 1 and residual is None and k > 0, "rope is fused at one row without a residual"
-        assert cos.shape == sin.shape == (m, 2 * half) and half > 0 and half & (half - 1) == 0, tuple(cos.shape)
-        assert cos.stride(-1) == sin.stride(-1) == 1 and rope_width % (2 * half) == 0 and rope_width <= n
-        config = replace(config, block_m=1, block_n=2, split_k=1)
-    if gated:
-        assert m == 1 and residual is None and rope is None and n % 2 == 0 and k > 0, "gated: one row, [gate | up]"
-        config = replace(config, block_m=1, block_n=2, split_k=1)
+    config = epilogue_config(config, m, n, k, residual, rope, gated)
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -159,6 +155,30 @@ def linear_triton(
     if split > 1:
         sum_splits(target, out, bias, residual, pdl)
     return out
+
+
+def epilogue_config(
+    config: C,
+    m: int,
+    n: int,
+    k: int,
+    residual: torch.Tensor | None,
+    rope: tuple[torch.Tensor, torch.Tensor, int] | None,
+    gated: bool,
+) -> C:
+    """The launch choice a rotary or gated epilogue needs (one row, two column tiles a program, no
+    split K), after checking the epilogue's inputs; `config` as it is without one."""
+    if rope is not None:
+        cos, sin, rope_width = rope
+        half = cos.shape[-1] // 2
+        assert m == 1 and residual is None and k > 0, "rope is fused at one row without a residual"
+        assert cos.shape == sin.shape == (m, 2 * half) and half > 0 and half & (half - 1) == 0, tuple(cos.shape)
+        assert cos.stride(-1) == sin.stride(-1) == 1 and rope_width % (2 * half) == 0 and rope_width <= n
+        config = replace(config, block_m=1, block_n=2, split_k=1)
+    if gated:
+        assert m == 1 and residual is None and rope is None and n % 2 == 0 and k > 0, "gated: one row, [gate | up]"
+        config = replace(config, block_m=1, block_n=2, split_k=1)
+    return config
 
 
 def sum_splits(

@@ -12,13 +12,11 @@ Every launch choice comes from shapes, so a call can be captured in a CUDA graph
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import triton
 
 from kiln.kernels.quantized_weight import bits_of
-from kiln.kernels.triton.gemv import sum_splits
+from kiln.kernels.triton.gemv import epilogue_config, sum_splits
 from kiln.kernels.triton.gemv_config import PROLOGUE_RMS_NORM, PROLOGUE_SILU_MUL, PROLOGUES, num_sms
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import launch_options
@@ -82,16 +80,7 @@ def qlinear_gemv(
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
     config = config or default_qconfig(bits, m, n, k, num_sms(x.device))
-    if rope is not None:
-        cos, sin, rope_width = rope
-        half = cos.shape[-1] // 2
-        assert m == 1 and residual is None and k > 0, "rope is fused at one row without a residual"
-        assert cos.shape == sin.shape == (m, 2 * half) and half > 0 and half & (half - 1) == 0, tuple(cos.shape)
-        assert cos.stride(-1) == sin.stride(-1) == 1 and rope_width % (2 * half) == 0 and rope_width <= n
-        config = replace(config, block_m=1, block_n=2, split_k=1)
-    if gated:
-        assert m == 1 and residual is None and rope is None and n % 2 == 0 and k > 0, "gated: one row, [gate | up]"
-        config = replace(config, block_m=1, block_n=2, split_k=1)
+    config = epilogue_config(config, m, n, k, residual, rope, gated)
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
