@@ -72,20 +72,28 @@ def _random_linear(k: int, n: int, bits: int, group: int, sym: bool, desc_act: b
 
 
 def _rewrite(
-    directory: Path, qc: dict[str, Any], pack: Any, linears: re.Pattern[str], **spec: Any
+    directory: Path,
+    qc: dict[str, Any],
+    pack: Any,
+    linears: re.Pattern[str],
+    overrides: Callable[[str], dict[str, Any] | None] = lambda module: {},
+    **spec: Any,
 ) -> dict[str, Quantized]:
+    """`overrides(module)`: that module's changes to `spec` (bits, group_size), or None to leave it dense."""
     state = load_file(str(directory / "model.safetensors"))
     written: dict[str, Quantized] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if not linears.fullmatch(name):
+        module = name.removesuffix(".weight")
+        changes = overrides(module) if linears.fullmatch(name) else None
+        if changes is None:
             out[name] = tensor
             continue
+        own = {**spec, **changes}
         n, k = tensor.shape
-        group = k if spec["group_size"] == -1 else spec["group_size"]
-        linear = _random_linear(k, n, spec["bits"], group, spec["sym"], spec["desc_act"], spec["min_zero"])
-        module = name.removesuffix(".weight")
-        out.update({f"{module}.{key}": value for key, value in pack(linear).items()})
+        group = k if own["group_size"] == -1 else own["group_size"]
+        linear = _random_linear(k, n, own["bits"], group, own["sym"], own["desc_act"], own["min_zero"])
+        out.update({f"{module}.{key}": value for key, value in pack(linear, own["bits"]).items()})
         written[name] = linear
     (directory / "model.safetensors").unlink()
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -119,7 +127,7 @@ def write_awq(directory: Path, group_size: int = 32, seed: int = 0, tiny: Tiny =
     torch.manual_seed(seed + 1)
     qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm", "zero_point": True}
 
-    def pack(lin: Quantized) -> dict[str, torch.Tensor]:
+    def pack(lin: Quantized, bits: int) -> dict[str, torch.Tensor]:
         return {"qweight": _pack_awq(lin.q), "qzeros": _pack_awq(lin.zeros), "scales": lin.scales}
 
     spec = dict(bits=4, group_size=group_size, sym=False, desc_act=False, min_zero=0)
@@ -135,8 +143,12 @@ def write_gptq(
     checkpoint_format: str = "gptq",
     seed: int = 0,
     tiny: Tiny = LLAMA,
+    dynamic: dict[str, dict[str, Any]] | None = None,
+    overrides: Callable[[str], dict[str, Any] | None] = lambda module: {},
 ) -> dict[str, Quantized]:
-    """`checkpoint_format` "gptq" (v1) stores zero - 1 (its zero points are then 1 or more), "gptq_v2" the zero."""
+    """`checkpoint_format` "gptq" (v1) stores zero - 1 (its zero points are then 1 or more), "gptq_v2" the zero.
+    `dynamic` goes into the config as GPTQModel writes it; `overrides` is what the test means it to say per module
+    (see `_rewrite`), written out by hand so the reader's rule matching is checked against it."""
     tiny.make(directory, seed)
     torch.manual_seed(seed + 1)
     qc = {
@@ -147,9 +159,11 @@ def write_gptq(
         "sym": sym,
         "checkpoint_format": checkpoint_format,
     }
+    if dynamic is not None:
+        qc["dynamic"] = dynamic
     offset = 1 if checkpoint_format == "gptq" else 0
 
-    def pack(lin: Quantized) -> dict[str, torch.Tensor]:
+    def pack(lin: Quantized, bits: int) -> dict[str, torch.Tensor]:
         qzeros = _pack_rows((lin.zeros - offset).T.contiguous(), bits).T.contiguous()
         return {
             "qweight": _pack_rows(lin.q, bits),
@@ -159,7 +173,7 @@ def write_gptq(
         }
 
     spec = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, min_zero=offset)
-    return _rewrite(directory, qc, pack, tiny.linears, **spec)
+    return _rewrite(directory, qc, pack, tiny.linears, overrides, **spec)
 
 
 def write_compressed_tensors(

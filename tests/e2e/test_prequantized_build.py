@@ -25,15 +25,27 @@ from kiln.models.loader import load_checkpoint  # noqa: E402
 
 PROMPTS = [[5, 6, 7], list(range(10, 31))]
 NEW_TOKENS = 10
-FORMATS = {  # name: (writer, its options, method, bits, whether q/k/v and gate/up are fused)
-    "awq": ("write_awq", {}, "awq", 4, True),
-    "gptq-act-order": ("write_gptq", {"desc_act": True}, "gptq", 4, False),
+# GPTQModel's per-module `dynamic` rules: layer 1's down_proj left dense, every other MLP linear 8 bits in groups
+# of 16, attention at the config's 4 bits in groups of 32 (the `overrides` say the same by hand).
+DYNAMIC = {r"-:model\.layers\.1\.mlp\.down_proj": {}, r"+:.*\.mlp\.": {"bits": 8, "group_size": 16}}
+
+
+def _dynamic_overrides(module: str) -> dict[str, int] | None:
+    if module == "model.layers.1.mlp.down_proj":
+        return None
+    return {"bits": 8, "group_size": 16} if ".mlp." in module else {}
+
+
+FORMATS = {  # name: (writer, its options, method, bits, quantized linears, whether q/k/v and gate/up are fused)
+    "awq": ("write_awq", {}, "awq", 4, 14, True),
+    "gptq-act-order": ("write_gptq", {"desc_act": True}, "gptq", 4, 14, False),
+    "gptq-dynamic": ("write_gptq", {"dynamic": DYNAMIC, "overrides": _dynamic_overrides}, "gptq", 4, 13, True),
 }
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_a_pre_quantized_checkpoint_builds_as_it_is(tmp_path, name):
-    writer, options, method, bits, fused = FORMATS[name]
+    writer, options, method, bits, layers, fused = FORMATS[name]
     checkpoint = tmp_path / "ckpt"
     getattr(quantized_checkpoints, writer)(checkpoint, **options)
     dense = load_checkpoint(checkpoint, torch.float32, torch.device("cpu")).model.eval()
@@ -41,7 +53,7 @@ def test_a_pre_quantized_checkpoint_builds_as_it_is(tmp_path, name):
     engine = build_tiny_engine(checkpoint, tmp_path / "engine")
     manifest = read_manifest(engine)
     block = manifest.quantization
-    assert block is not None and (block.method, block.bits, len(block.layers)) == (method, bits, 7 * 2)
+    assert block is not None and (block.method, block.bits, len(block.layers)) == (method, bits, layers)
     assert ("fuse_projections" in manifest.passes) == fused
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in LLM(engine).generate(PROMPTS, params)] == want

@@ -149,6 +149,41 @@ def test_gptq_unpacks_as_the_reference_and_loads_dense(tmp_path: Path, case: dic
     _assert_dense(tmp_path, {name: lin.dense() for name, lin in written.items()}, torch.float32, "gptq")
 
 
+def test_gptq_dynamic_rules_set_bits_and_groups_per_module(tmp_path: Path) -> None:
+    """GPTQModel's `dynamic`: the first matching rule decides; "-:" leaves a module dense."""
+    dynamic = {r"-:model\.layers\.1\.mlp\.down_proj": {}, r"+:.*\.mlp\.": {"bits": 8, "group_size": 16}}
+    skipped = "model.layers.1.mlp.down_proj"
+
+    def overrides(module: str) -> dict[str, int] | None:
+        return None if module == skipped else ({"bits": 8, "group_size": 16} if ".mlp." in module else {})
+
+    written = write_gptq(tmp_path, bits=4, group_size=32, dynamic=dynamic, overrides=overrides)
+    read = _read(tmp_path)
+    assert f"{skipped}.weight" not in read.weights and set(read.weights) == set(written)
+    assert len(written) == 13
+    for name, lin in written.items():
+        mlp = ".mlp." in name
+        assert (read.weights[name].bits, read.weights[name].group_size) == ((8, 16) if mlp else (4, 32)), name
+        assert torch.equal(read.weights[name].dequantize(torch.float32), lin.dense()), name
+    _assert_dense(tmp_path, {name: lin.dense() for name, lin in written.items()}, torch.float32, "gptq")
+    params = dict(load_checkpoint(tmp_path, torch.float32, CPU).model.named_parameters())
+    assert torch.equal(params[f"{skipped}.weight"], _raw(tmp_path, f"{skipped}.weight"))
+
+
+@pytest.mark.parametrize(
+    "dynamic,message",
+    [
+        ({r"-:.*q_proj": {}}, r"GPTQ model\.layers\.0\.self_attn\.q_proj: the checkpoint's `dynamic` config leaves"),
+        ({r"+:.*q_proj": {"bits": 3}}, r"GPTQ model\.layers\.0\.self_attn\.q_proj with 3 bits is not supported"),
+        ({r"+:(": {}}, r"GPTQ `dynamic` rule '\+:\(' is not a regex"),
+    ],
+)
+def test_gptq_dynamic_rules_that_do_not_fit_the_tensors(tmp_path: Path, dynamic: dict, message: str) -> None:
+    write_gptq(tmp_path, dynamic=dynamic)  # every linear written at 4 bits, whatever the rules say
+    with pytest.raises(UnsupportedQuantizationError, match=message):
+        load_checkpoint(tmp_path, torch.float32, CPU)
+
+
 CT_CASES = [("W4A16", 32), ("W4A16_ASYM", 32), ("W8A16", -1), ("W8A16", 32)]
 
 
