@@ -10,10 +10,11 @@ more rows to the tl.dot kernel (`kiln.kernels.triton.qgemm`), with the prologue 
 (torch's rms_norm, Triton's silu_mul) and rope / gated after it (Triton's rope_ and silu_mul
 passes), as the dense ops do at many rows. (The GEMV can hold up to 4 rows, but its [rows,
 weight rows, bytes] accumulator compiled to ~165 registers and shared-memory shuffles for sm_90,
-where the GEMM's tiles compile to mma with no shuffle.) None for: CPU tensors, x not fp16/bf16,
-act-order weights (perm: their columns would need a gather of x; left to the reference path),
-the kernel selection's `linear` = "reference", no triton, or tensors the kernels do not take
-(dtypes, layouts, weights of 2**31 bytes or more).
+where the GEMM's tiles compile to mma with no shuffle.) An act-order weight (perm) stores its columns in group order:
+x's columns (and an RMSNorm prologue's weight) are gathered into that order first
+(`act_order_inputs`), one small pass, and the kernels run as for any weight. None for: CPU
+tensors, x not fp16/bf16, the kernel selection's `linear` = "reference", no triton, or tensors
+the kernels do not take (dtypes, layouts, weights of 2**31 bytes or more).
 The choice depends on shapes, dtypes and the device only, so it is stable under CUDA graphs.
 """
 
@@ -43,7 +44,7 @@ def _usable(
     prologue: str,
     epilogue: dict[str, Any],
 ) -> bool:
-    if perm is not None or not (flat.is_cuda and flat.dtype in KERNEL_DTYPES and flat.dim() == 2):
+    if not (flat.is_cuda and flat.dtype in KERNEL_DTYPES and flat.dim() == 2):
         return False
     if not (qweight.is_cuda and qweight.dim() == 2 and qweight.dtype in (torch.int8, torch.uint8)):
         return False
@@ -57,6 +58,8 @@ def _usable(
     if flat.shape[1] != (2 * k if prologue == "silu_mul" else k) or k % group_size:
         return False
     if tuple(scales.shape) != (qweight.shape[0], k // group_size):
+        return False
+    if perm is not None and not (perm.is_cuda and perm.dim() == 1 and perm.numel() == k and perm.dtype == torch.int64):
         return False
     if bias is not None and (bias.dtype != flat.dtype or bias.dim() != 1):
         return False
@@ -104,6 +107,8 @@ def quantized_kernel(
     norm_weight = None if norm_weight is None else norm_weight.contiguous()
     if rope is not None:
         rope = (rope[0].reshape(rows, -1).contiguous(), rope[1].reshape(rows, -1).contiguous(), int(rope[2]))
+    if perm is not None:
+        flat, norm_weight = act_order_inputs(flat, perm, prologue, norm_weight)
     if prologue == "silu_mul" and flat.stride(1) != 1:
         flat = flat.contiguous()
     if rows <= GEMV_ROWS:
@@ -125,6 +130,17 @@ def quantized_kernel(
             gated=gated,
         )
     return _many_rows(flat, qweight, scales, zeros, group_size, bias, prologue, norm_weight, eps, residual, rope, gated)
+
+
+def act_order_inputs(
+    flat: torch.Tensor, perm: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x's rows and the RMSNorm weight in an act-order weight's column order: W[n, perm[k]] is stored at
+    column k, so x[:, perm] meets the stored columns in place (both halves of a silu_mul input alike;
+    RMSNorm's mean square does not depend on the order)."""
+    k = perm.numel()
+    index = torch.cat((perm, perm + k)) if prologue == "silu_mul" else perm
+    return flat.index_select(1, index), None if norm_weight is None else norm_weight.index_select(0, perm)
 
 
 def _many_rows(
@@ -157,4 +173,4 @@ def _many_rows(
     return silu_mul(out) if gated else out
 
 
-__all__ = ["GEMV_ROWS", "quantized_kernel"]
+__all__ = ["GEMV_ROWS", "act_order_inputs", "quantized_kernel"]

@@ -222,8 +222,6 @@ def test_dispatch_declines_what_it_does_not_run():
     p = packed_weight(N, K, 4, 64, True, dtype, seed=41)
     x = random(1, K, dtype=dtype, seed=42)
     common = (p.scales, p.zeros)
-    perm = torch.randperm(K).to(DEVICE)
-    assert quantized_kernel(x, p.qweight, *common, perm, 64, None, True, "none", None, 0.0) is None  # act-order
     assert quantized_kernel(x.float(), p.qweight, *common, None, 64, None, True, "none", None, 0.0) is None
     with selected(linear="reference"):
         assert quantized_kernel(x, p.qweight, *common, None, 64, None, True, "none", None, 0.0) is None
@@ -272,3 +270,27 @@ def test_dispatch_runs_every_op_shape(rows, bits):
     got = quantized_kernel(x, *q, None, True, "rms_norm", norm, 1e-5, gated=True)
     assert got is not None
     assert_close(got, reference.silu_mul(projected), "gated")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="quantized_kernel runs kernels on CUDA tensors only")
+@pytest.mark.parametrize("rows", [1, 40])
+def test_dispatch_runs_act_order_weights(rows):
+    """An act-order weight (perm) through the GEMV and the GEMM, with each prologue."""
+    dtype = torch.bfloat16
+    group = 128
+    p = packed_weight(N, K, 4, group, True, dtype, seed=61 + rows)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    w = dequantize_packed(p.qweight, p.scales, p.zeros, perm, group, torch.float32)
+    x = random(rows, K, dtype=dtype, seed=62, scale=2.0)
+    gate_up = random(rows, 2 * K, dtype=dtype, seed=63, scale=2.0)
+    norm = random(K, dtype=dtype, seed=64, scale=0.1) + 1
+    cases = [("none", x, None), ("rms_norm", x, norm), ("silu_mul", gate_up, None)]
+    for prologue, inputs, norm_weight in cases:
+        q = (p.qweight, p.scales, p.zeros, perm, group)
+        got = quantized_kernel(inputs, *q, None, True, prologue, norm_weight, 1e-5)
+        assert got is not None
+        if prologue == "rms_norm":
+            inputs = reference.rms_norm(inputs, norm, 1e-5)
+        elif prologue == "silu_mul":
+            inputs = reference.silu_mul(inputs)
+        assert_close(got, (inputs.float() @ w.T).to(dtype), prologue)

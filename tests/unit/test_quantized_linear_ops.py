@@ -63,3 +63,35 @@ def test_the_fake_output_has_the_packed_weight_s_out_features():
         x = torch.empty(5, 64)
         assert ops.linear(x, qweight, None, False, None, *quant).shape == (5, 96)
         assert ops.linear_silu_mul(x, qweight, None, False, None, 0.0, *quant).shape == (5, 48)
+
+
+@pytest.mark.parametrize("prologue", ["none", "rms_norm", "silu_mul"])
+def test_act_order_inputs_meet_the_stored_columns(prologue):
+    """The kernels' act-order path: x gathered by `act_order_inputs` times the weight as stored (its columns
+    in group order) is x times the weight the checkpoint means (`dequantize_packed` with perm)."""
+    from kiln.kernels import reference
+    from kiln.kernels.quantized_dispatch import act_order_inputs
+    from kiln.kernels.quantized_weight import QuantizedWeight, dequantize_packed
+
+    g = torch.Generator().manual_seed(7)
+    n, k, group = 24, 64, 16
+    values = torch.randint(0, 16, (n, k), generator=g).to(torch.int8)
+    scales = torch.rand(n, k // group, generator=g) + 0.5
+    zeros = torch.randint(0, 16, (n, k // group), generator=g).float()
+    perm = torch.randperm(k, generator=g)
+    p = pack(QuantizedWeight(values, scales, zeros, 4, group, perm=perm))
+    meant = dequantize_packed(p.qweight, p.scales, p.zeros, perm, group, torch.float32)
+    stored = dequantize_packed(p.qweight, p.scales, p.zeros, None, group, torch.float32)
+    assert not torch.equal(meant, stored)
+    x = torch.randn(3, 2 * k if prologue == "silu_mul" else k, generator=g)
+    norm = torch.rand(k, generator=g) + 0.5 if prologue == "rms_norm" else None
+    gathered, gathered_norm = act_order_inputs(x, perm, prologue, norm)
+
+    def prologue_of(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if prologue == "rms_norm":
+            assert weight is not None
+            return reference.rms_norm(rows, weight, 1e-5)
+        return reference.silu_mul(rows) if prologue == "silu_mul" else rows
+
+    want = prologue_of(x, norm) @ meant.T
+    torch.testing.assert_close(prologue_of(gathered, gathered_norm) @ stored.T, want, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ weight tiles in L2) and one split of K; per step it reads a [BLOCK_N, BLOCK_K] b
 turns it into x's dtype (`qgemv_dequant`: float32 (value - zero) * scale, then rounded, as
 `dequantize_packed(..., dtype)` rounds) and adds its products in float32. int4 bytes give two
 column tiles (j.. and K/2 + j..), each with its own x tile. With SPLIT > 1 the fp32 partial sums
-go through the dense linear's split sum. No perm (act-order): callers keep their reference path.
+go through the dense linear's split sum. No perm (act-order): the caller gathers x into the stored column order first.
 """
 
 from __future__ import annotations

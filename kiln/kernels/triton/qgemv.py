@@ -6,7 +6,7 @@ packed bytes in 4 KB steps, dequantizes them in registers with `dequantize_packe
 (`kiln.kernels.quantized_weight`, in float32) and accumulates in float32, with the dense
 kernel's prologues and epilogues (`kiln.kernels.triton.gemv.linear_triton`'s meaning); it also
 takes 2..4 rows a program (slower per row: the dispatch sends those to `qgemm`).
-Act-order weights (perm) are not handled here: the caller keeps its reference path for them.
+Act-order weights (perm): the caller gathers x into the stored column order first (quantized_dispatch).
 Every launch choice comes from shapes, so a call can be captured in a CUDA graph.
 """
 
