@@ -4,7 +4,9 @@
 # tests:  the quantized kernel tests (CUDA cases included)
 # linear: one-row linear timings, bf16 vs int8 vs int4 g128 (benchmarks/quantized_linear.py)
 # e2e8b / e2e1b: random-weight Llama-3.1-8B / 3.2-1B checkpoints built bf16, int8_wo and int4_wo (g128),
-#         each benched at batch 1 (128 in / 256 out); a table at the end (ms/token, weight MB/token, % of copy BW)
+#         each benched at batch 1 (128 in / 256 out); a table at the end (ms/token, weight MB/token, % of copy BW).
+#         The 8B engines are built for batch 256 and kept under $WORK for tp8b (on a machine still warm).
+# tp8b:   the kept 8B engines (built again where missing) at 1,000 x 1,000/1,000 (TP_N requests)
 # Results land in $OUT (or ./device-out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$PWD
@@ -14,17 +16,21 @@ checkpoint() {  # a random-weight checkpoint of config $1 at $2
   [ -d "$2" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); \
 from load_time import make_checkpoint; make_checkpoint('$1', Path('$2'))"
 }
-engines() {  # engines model-name checkpoint: bf16, int8_wo, int4_wo g128 builds, then batch-1 benches
+build() {  # build engine-dir checkpoint variant max-batch-size
+  [ -d "$1" ] && return
+  local opts=() t0; t0=$(date +%s)
+  [ "$3" != bf16 ] && opts=(--quantization "$3" --group-size 128)
+  python -m kiln build "$2" -o "$1" --dtype bfloat16 --device cuda --max-batch-size "$4" \
+      --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 8192 "${opts[@]}" 2>&1 | grep -v -i warn | tail -n 2
+  echo "build $(basename "$1"): $(( $(date +%s) - t0 )) s" | tee -a "$out/steps.txt"
+}
+engines() {  # engines model-name checkpoint max-batch-size keep: bf16, int8_wo, int4_wo g128, each benched at batch 1
   local name=$1 ck=$2 variant
   for variant in bf16 int8_wo int4_wo; do
-    local opts=() t0; t0=$(date +%s)
-    [ "$variant" != bf16 ] && opts=(--quantization "$variant" --group-size 128)
-    python -m kiln build "$ck" -o "$work/$name-$variant" --dtype bfloat16 --device cuda --max-batch-size 8 \
-        --max-seq-len 2048 --max-input-len 1024 --max-num-tokens 2048 "${opts[@]}" 2>&1 | grep -v -i warn | tail -n 2
-    echo "build $name-$variant: $(( $(date +%s) - t0 )) s" | tee -a "$out/steps.txt"
+    build "$work/$name-$variant" "$ck" "$variant" "$3"
     python -m kiln bench "$work/$name-$variant" --batch-sizes 1 --input-len 128 --output-len 256 \
         --output-dir "$out/$name-$variant" 2>&1 | grep -v -i warn | tail -n 4
-    rm -rf "$work/$name-$variant"
+    [ "$4" = keep ] || rm -rf "$work/$name-$variant"
   done
 }
 for step in "$@"; do
@@ -33,8 +39,17 @@ for step in "$@"; do
     tests) python -m pytest -q -x tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_weight.py \
              tests/unit/test_quantized_linear_ops.py 2>&1 | tail -n 15 ;;
     linear) python benchmarks/quantized_linear.py 2>&1 | tail -n 40 | tee "$out/quantized_linear.txt" ;;
-    e2e8b) checkpoint llama-3.1-8b "$work/8b-ckpt"; engines 8b "$work/8b-ckpt"; rm -rf "$work/8b-ckpt" ;;
-    e2e1b) checkpoint llama-3.2-1b "$work/1b-ckpt"; engines 1b "$work/1b-ckpt"; rm -rf "$work/1b-ckpt" ;;
+    e2e8b) checkpoint llama-3.1-8b "$work/8b-ckpt"; engines 8b "$work/8b-ckpt" 256 keep; rm -rf "$work/8b-ckpt" ;;
+    e2e1b) checkpoint llama-3.2-1b "$work/1b-ckpt"; engines 1b "$work/1b-ckpt" 8 drop; rm -rf "$work/1b-ckpt" ;;
+    tp8b)
+      for variant in ${TP_VARIANTS:-int8_wo bf16 int4_wo}; do
+        if [ ! -d "$work/8b-$variant" ]; then
+          checkpoint llama-3.1-8b "$work/8b-ckpt"; build "$work/8b-$variant" "$work/8b-ckpt" "$variant" 256
+        fi
+        python -m kiln bench "$work/8b-$variant" --batch-sizes 1 --input-len 1000 --output-len 1000 --throughput \
+            --num-requests "${TP_N:-1000}" --output-dir "$out/tp8b-$variant" 2>&1 | grep -v -i warn | tail -n 8
+      done
+      rm -rf "$work/8b-ckpt" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "== $step took $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
@@ -50,5 +65,8 @@ for path in sorted(out.glob("*/bench.json")):
             frac = r["step_bytes"] / (r["ms_per_token"] / 1000) / (report["copy_gb_s"] * 1e9)
             print(f"{path.parent.name} | {r['ms_per_token']:.3f} | {1000 / r['ms_per_token']:.0f} | "
                   f"{r['step_bytes'] / 1e6:.0f} | {frac:.0%}")
+    for r in report.get("throughput", []):
+        print(f"{path.parent.name} | {r['num_requests']} x {r['input_len']}/{r['output_len']} | "
+              f"{r['output_tokens_per_s']:.0f} output tok/s | {r['total_s']:.1f} s")
 PY
 exit 0
