@@ -26,6 +26,8 @@ ARCHITECTURE = {
     "blip2": "Blip2ForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "fuyu": "FuyuForCausalLM",
+    "kosmos2": "Kosmos2ForConditionalGeneration",
 }
 IMAGE_TOKEN = {
     "llava": "<image>",
@@ -33,6 +35,8 @@ IMAGE_TOKEN = {
     "blip2": "",
     "gemma3": "<start_of_image>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "fuyu": "",
+    "kosmos2": "",
 }
 
 

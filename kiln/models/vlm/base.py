@@ -154,6 +154,10 @@ class VisionLanguageFamily:
         features = run_in_batches(program, pixels, limit)
         return [features[i].reshape(-1, features.shape[-1]) for i in range(len(items))]
 
+    def image_mask(self, ids: torch.Tensor, processed: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+        """[prompt_len] bool: the prompt tokens that take image-feature rows, in order."""
+        return ids == image_token_id
+
     def mrope_positions(
         self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     ) -> tuple[torch.Tensor, int]:
