@@ -8,6 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 FUYU_MARKS = ("|SPEAKER|", "|NEWLINE|", "<0x00>", "<0x01>", "<0x02>", "<0x03>", "<0x04>")
 
 
@@ -34,7 +38,9 @@ def fuyu_tokenizer() -> Any:
     ]
     trainer = trainers.BpeTrainer(vocab_size=336, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=["▁"])
     tok.train_from_iterator(text * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
 
 
 def fuyu(v: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -87,9 +93,11 @@ def kosmos2_tokenizer() -> Any:
     tok.train_from_iterator(text * 20, trainer)
     # BOS first, as Kosmos2Processor writes a text-only prompt (kiln tokenizes those with the tokenizer alone)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(
+    wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
 
 
 def kosmos2(v: Mapping[str, Any]) -> tuple[Any, Any]:

@@ -64,6 +64,10 @@ class ShiftedPositions(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> Any:
         return self.text_model(inputs_embeds=inputs_embeds, position_ids=position_ids + self.offset, **kwargs)
 
+    def generate(self, **kwargs: Any) -> Any:
+        """transformers' own text generation (it places positions itself): the reference for text prompts."""
+        return self.text_model.generate(**kwargs)  # type: ignore[operator]
+
 
 class Kosmos2(VisionLanguageFamily):
     architecture = "Kosmos2ForConditionalGeneration"
