@@ -11,16 +11,17 @@ from kiln.errors import UnsupportedModelError
 
 REFUSED: dict[str, str] = {
     "CogVLMForCausalLM": (
-        "CogVLM's modelling code ships only inside its checkpoint (remote code), which kiln does not run offline "
-        "and cannot capture even with --trust-remote-code: every decoder layer routes image tokens through its own "
+        "CogVLM's modelling code ships only inside its checkpoint (remote code: transformers has no CogVLM), and "
+        "kiln cannot capture it even with --trust-remote-code: every decoder layer routes image tokens through its own "
         "'visual expert' attention and MLP weights, while kiln's LLM program only splices image features into the "
         "input embeddings of one shared language model"
     ),
     "Phi4MultimodalForCausalLM": (
-        "kiln does not capture Phi-4-multimodal's vision path yet: transformers merges each image's HD crops with "
-        "per-image Python (a crop grid from image_sizes, trimmed to the useful area read from the attention mask), "
-        "and the released checkpoint keeps its vision LoRA as a separate PEFT adapter that kiln does not merge; "
-        "building it as a text model would silently drop its images"
+        "kiln does not capture Phi-4-multimodal's vision path: its image processor exists only as a torchvision "
+        "one (transformers ships no PIL version, and kiln's image path runs without torchvision), and transformers "
+        "merges each image's HD crops with per-image Python (a crop grid from image_sizes, trimmed to the useful "
+        "area read from the attention mask) inside the embedding layer; building it as a text model would "
+        "silently drop its images"
     ),
 }
 
