@@ -118,9 +118,10 @@ def test_vlm_greedy_matches_transformers(family, variant, vlm_checkpoints, tmp_p
     check_against_transformers(LLM(engine), checkpoint, family, sweep_batch(family))
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl", "fuyu"])
 def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
-    # 6 tokens a step: each image's feature tokens (16; Qwen2.5-VL 6 and 16) are spread over several steps.
+    # 6 tokens a step: each image's feature tokens (16; Qwen2.5-VL 6 and 16; Fuyu 24 and 8, with a text newline
+    # token after each row of patches) are spread over several steps.
     checkpoint = vlm_checkpoints(family)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **{**LIMITS, "max_num_tokens": 6})
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))
