@@ -40,6 +40,8 @@ IMAGE_TOKEN = {
 }
 
 
+# Kosmos-2's grounding markup: special tokens of its processor that pass through as text.
+GROUNDED = "<grounding> The<phrase> kiln</phrase><object><patch_index_0044><patch_index_0863></object>"
 SWEEP = [(family, variant) for family in VLM_FAMILIES for variant in VLM_VARIANTS[family]]
 SIZES = ((56, 56), (112, 112), (56, 112), (100, 60), (30, 64))  # (height, width): square, tall, wide, small
 
@@ -81,7 +83,8 @@ def sweep_batch(family: str) -> list:
     tok = IMAGE_TOKEN[family]
     im = [random_image(10 + i, h, w) for i, (h, w) in enumerate(SIZES)]
     if not tok:
-        return [{"prompt": "The kiln", "images": [image]} for image in im[:4]] + ["The kiln fires clay"]
+        text = GROUNDED if family == "kosmos2" else "The kiln"
+        return [{"prompt": text, "images": [image]} for image in im[:4]] + ["The kiln fires clay", GROUNDED]
     return [
         {"prompt": f"{tok}\nThe kiln", "images": [im[0]]},
         {"prompt": f"Paged {tok} attention {tok} stores", "images": [im[1], im[4]]},
