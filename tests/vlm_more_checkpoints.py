@@ -91,8 +91,8 @@ def kosmos2_tokenizer() -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(text * 20, trainer)
-    # BOS first, as Kosmos2Processor writes a text-only prompt (kiln tokenizes those with the tokenizer alone)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    # <s> ... </s>, as the checkpoint's XLM-R tokenizer (Kosmos2Processor writes a text prompt <s> ... instead)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )

@@ -126,6 +126,10 @@ class VisionLanguageFamily:
 
         return AutoProcessor.from_pretrained(path, local_files_only=True)
 
+    def engine_tokenizer(self, tokenizer: Any) -> Any:
+        """The tokenizer kiln encodes text prompts with (saved as the engine's tokenizer/)."""
+        return tokenizer
+
     def prompt_image_token(self, processor: Any) -> str | None:
         """The text a prompt carries once per image, or None where the processor adds image tokens itself."""
         return str(processor.image_token)

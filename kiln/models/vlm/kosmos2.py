@@ -3,7 +3,8 @@
 The processor writes `<image>`, `latent_query_num` placeholder tokens and `</image>` at the start of
 a prompt (so one image per prompt) and marks the placeholders in `image_embeds_position_mask`; the
 placeholders are distinct token ids, so the mask, not a token id, says which tokens take image
-rows. Grounding tokens (`<grounding>`, `<phrase>`, `<patch_index_NNNN>`...) are ordinary text.
+rows. Grounding tokens (`<grounding>`, `<phrase>`, `<patch_index_NNNN>`...) are ordinary text. A text-only
+prompt is tokenized as the processor writes it: `<s>` first, no `</s>`.
 
 The language model's sinusoidal positions start after its padding index (fairseq style), so the
 LLM program shifts kiln's 0-based positions by `pad_token_id + 1`. The projection's cross-attention
@@ -92,6 +93,22 @@ class Kosmos2(VisionLanguageFamily):
 
     def tokens_per_image(self, config: Any) -> int:
         return int(config.latent_query_num)
+
+    def engine_tokenizer(self, tokenizer: Any) -> Any:
+        """Text prompts as `Kosmos2Processor` writes them: `<s>` first and no `</s>` at the end (the checkpoint's
+        XLM-R tokenizer appends one); saved as transformers' generic fast tokenizer so the rule stays."""
+        from tokenizers import Tokenizer, processors
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        bos = str(tokenizer.bos_token)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, int(tokenizer.bos_token_id))]
+        )
+        named = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        out = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+        out.chat_template = getattr(tokenizer, "chat_template", None)
+        return out
 
     def prompt_image_token(self, processor: Any) -> str | None:
         return None
