@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from tiny_checkpoints import make_tokenizer
+from vlm_more_checkpoints import MORE_FAMILIES, MORE_VARIANTS
 
 TEXT = dict(
     vocab_size=336,
@@ -247,6 +248,7 @@ VLM_FAMILIES: dict[str, Callable[[Mapping[str, Any]], tuple[Any, Any]]] = {
     "blip2": _blip2,
     "gemma3": _gemma3,
     "qwen2_5_vl": _qwen2_5_vl,
+    **MORE_FAMILIES,
 }
 
 
@@ -312,6 +314,7 @@ VLM_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "vision_heads": 2,
         },
     },
+    **MORE_VARIANTS,
 }
 
 

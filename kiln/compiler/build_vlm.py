@@ -66,7 +66,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         progress,
         quantized,
     )
-    loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
+    family.engine_tokenizer(loaded.tokenizer).save_pretrained(output / TOKENIZER_DIR)
     processor.save_pretrained(output / PROCESSOR_DIR)
     multimodal = MultimodalFacts(
         image_token_id=family.image_token_id(loaded.config),

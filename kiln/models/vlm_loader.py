@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from kiln.models.quantized_formats import CheckpointQuantization, check_files, f
 from kiln.models.registry import ModelRecipe, recipe_for
 from kiln.models.rope import freeze_dynamic_rope
 from kiln.models.vlm import VisionLanguageFamily, family_for
+from kiln.models.vlm.refused import refuse_known
 
 VISION_ATTENTION = "sdpa"
 
@@ -32,10 +34,20 @@ def attention_choice(config: Any) -> dict[str, str]:
     return choice
 
 
+def declared_architectures(path: Path) -> list[str] | None:
+    """config.json's `architectures`, read as plain JSON (None where it cannot be read)."""
+    try:
+        value = json.loads((path / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
 def checkpoint_recipe(path: str | Path, *, trust_remote_code: bool = False) -> ModelRecipe:
     path = Path(path)
     check_files(path)  # a GGUF directory is named as such, not as one without config.json
     check_checkpoint_dir(path)
+    refuse_known(declared_architectures(path))  # before transformers reads (or runs) anything of the checkpoint's
     config = load_config(path, trust_remote_code=trust_remote_code)
     return recipe_for(
         getattr(config, "architectures", None), trust_remote_code=trust_remote_code, has_code=checkpoint_has_code(path)

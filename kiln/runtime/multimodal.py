@@ -181,7 +181,7 @@ class MultimodalPipeline:
             digests = [tensor_digest(tuple(im) if isinstance(im, (tuple, list)) else (im,)) for im in images]
         processed = dict(self.family.process(self.processor, prompt, images, self.facts.family_config))
         ids = [int(t) for t in processed["input_ids"][0].tolist()]
-        num_image_tokens = sum(1 for t in ids if t == self.facts.image_token_id)
+        num_image_tokens = int(self._image_mask(ids, processed).sum())
         if len(ids) > self.max_input_len:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens with its {len(images)} image(s) expanded ({num_image_tokens} image "
@@ -192,9 +192,11 @@ class MultimodalPipeline:
         items = [item.to(self.device, self.dtype) for item in split]
         return _Pending(ids, items, digests, processed)
 
+    def _image_mask(self, ids: list[int], processed: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.family.image_mask(torch.tensor(ids, dtype=torch.int64), processed, self.facts.image_token_id)
+
     def _finish(self, pending: _Pending, features: list[torch.Tensor]) -> MultimodalPrompt:
-        ids = torch.tensor(pending.ids)
-        is_image = ids == self.facts.image_token_id
+        is_image = self._image_mask(pending.ids, pending.processed)
         if not features:
             if bool(is_image.any()):
                 raise RequestError("the prompt contains image tokens but no image was given")

@@ -81,3 +81,21 @@ def test_the_refusal_suggests_remote_code_when_the_checkpoint_has_code(checkpoin
     if code == "python_file":
         (ckpt / "modeling_foo.py").write_text("raise SystemExit('checkpoint code ran')\n")
     assert "pass --trust-remote-code" in _refusal(ckpt, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "trust", "why"),
+    [
+        ("CogVLMForCausalLM", True, "'visual expert' attention and MLP weights"),  # even with its code allowed
+        ("Phi4MultimodalForCausalLM", False, "HD crops with per-image Python"),
+    ],
+)
+def test_vision_language_models_kiln_cannot_build_are_refused_with_the_reason(
+    checkpoints, tmp_path, architecture, trust, why
+):
+    ckpt = _renamed(checkpoints, tmp_path, architecture, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
+    (ckpt / "modeling_x.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    with pytest.raises(UnsupportedModelError, match=f"{architecture} is not supported: ") as info:
+        build(ckpt, tmp_path / "engine", progress=False, compile=False, trust_remote_code=trust)
+    assert why in str(info.value)
+    assert not (tmp_path / "engine").exists()

@@ -26,6 +26,8 @@ ARCHITECTURE = {
     "blip2": "Blip2ForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "fuyu": "FuyuForCausalLM",
+    "kosmos2": "Kosmos2ForConditionalGeneration",
 }
 IMAGE_TOKEN = {
     "llava": "<image>",
@@ -33,9 +35,13 @@ IMAGE_TOKEN = {
     "blip2": "",
     "gemma3": "<start_of_image>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "fuyu": "",
+    "kosmos2": "",
 }
 
 
+# Kosmos-2's grounding markup: special tokens of its processor that pass through as text.
+GROUNDED = "<grounding> The<phrase> kiln</phrase><object><patch_index_0044><patch_index_0863></object>"
 SWEEP = [(family, variant) for family in VLM_FAMILIES for variant in VLM_VARIANTS[family]]
 SIZES = ((56, 56), (112, 112), (56, 112), (100, 60), (30, 64))  # (height, width): square, tall, wide, small
 
@@ -77,7 +83,8 @@ def sweep_batch(family: str) -> list:
     tok = IMAGE_TOKEN[family]
     im = [random_image(10 + i, h, w) for i, (h, w) in enumerate(SIZES)]
     if not tok:
-        return [{"prompt": "The kiln", "images": [image]} for image in im[:4]] + ["The kiln fires clay"]
+        text = GROUNDED if family == "kosmos2" else "The kiln"
+        return [{"prompt": text, "images": [image]} for image in im[:4]] + ["The kiln fires clay", GROUNDED]
     return [
         {"prompt": f"{tok}\nThe kiln", "images": [im[0]]},
         {"prompt": f"Paged {tok} attention {tok} stores", "images": [im[1], im[4]]},
@@ -114,9 +121,10 @@ def test_vlm_greedy_matches_transformers(family, variant, vlm_checkpoints, tmp_p
     check_against_transformers(LLM(engine), checkpoint, family, sweep_batch(family))
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl", "fuyu"])
 def test_chunked_prefill_splits_images(family, vlm_checkpoints, tmp_path):
-    # 6 tokens a step: each image's feature tokens (16; Qwen2.5-VL 6 and 16) are spread over several steps.
+    # 6 tokens a step: each image's feature tokens (16; Qwen2.5-VL 6 and 16; Fuyu 24 and 8, with a text newline
+    # token after each row of patches) are spread over several steps.
     checkpoint = vlm_checkpoints(family)
     engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, **{**LIMITS, "max_num_tokens": 6})
     check_against_transformers(LLM(engine), checkpoint, family, batch_for(family))

@@ -20,7 +20,12 @@ def load_vlm_reference(
         from vlm_checkpoints import qwen_vl_reference_processor
 
         return model.eval(), qwen_vl_reference_processor(checkpoint)
-    return model.eval(), AutoProcessor.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    if architecture == "FuyuForCausalLM":  # transformers' PIL image processor cannot patchify torch tensors
+        from kiln.models.vlm.fuyu import patchify_any
+
+        patchify_any(processor.image_processor)
+    return model.eval(), processor
 
 
 @torch.no_grad()
@@ -33,6 +38,8 @@ def vlm_greedy(
     inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     if not images and hasattr(model, "qformer"):  # BLIP-2's generate needs an image; text alone is its LM's
         model = model.language_model
+    if not images and hasattr(model, "image_to_text_projection"):  # so does Kosmos-2's (transformers < 5.2x)
+        model = model.text_model
     out = model.generate(
         **inputs,
         max_new_tokens=new_tokens,

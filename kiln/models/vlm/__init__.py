@@ -6,12 +6,14 @@ from kiln.errors import UnsupportedModelError
 from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily
 from kiln.models.vlm.blip2 import Blip2
 from kiln.models.vlm.custom import CUSTOM_ARCHITECTURE, CustomVision
+from kiln.models.vlm.fuyu import Fuyu
 from kiln.models.vlm.gemma3 import Gemma3
+from kiln.models.vlm.kosmos2 import Kosmos2
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
 from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
 
-_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), CustomVision())
+_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), Fuyu(), Kosmos2(), CustomVision())
 FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}
 
 

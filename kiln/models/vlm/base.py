@@ -126,6 +126,10 @@ class VisionLanguageFamily:
 
         return AutoProcessor.from_pretrained(path, local_files_only=True)
 
+    def engine_tokenizer(self, tokenizer: Any) -> Any:
+        """The tokenizer kiln encodes text prompts with (saved as the engine's tokenizer/)."""
+        return tokenizer
+
     def prompt_image_token(self, processor: Any) -> str | None:
         """The text a prompt carries once per image, or None where the processor adds image tokens itself."""
         return str(processor.image_token)
@@ -153,6 +157,10 @@ class VisionLanguageFamily:
         pixels = torch.stack([item.tensors["pixel_values"] for item in items])
         features = run_in_batches(program, pixels, limit)
         return [features[i].reshape(-1, features.shape[-1]) for i in range(len(items))]
+
+    def image_mask(self, ids: torch.Tensor, processed: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+        """[prompt_len] bool: the prompt tokens that take image-feature rows, in order."""
+        return ids == image_token_id
 
     def mrope_positions(
         self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]

@@ -1,0 +1,33 @@
+"""Vision-language checkpoints kiln refuses by name, each with the reason (checked before anything loads).
+
+A refusal here says why kiln cannot build the model today, so the user does not get a later, obscure
+failure (or, for a multimodal model that transformers also lists as a causal LM, a text-only engine
+that silently drops its images).
+"""
+
+from __future__ import annotations
+
+from kiln.errors import UnsupportedModelError
+
+REFUSED: dict[str, str] = {
+    "CogVLMForCausalLM": (
+        "CogVLM's modelling code ships only inside its checkpoint (remote code: transformers has no CogVLM), and "
+        "kiln cannot capture it even with --trust-remote-code: every decoder layer routes image tokens through its own "
+        "'visual expert' attention and MLP weights, while kiln's LLM program only splices image features into the "
+        "input embeddings of one shared language model"
+    ),
+    "Phi4MultimodalForCausalLM": (
+        "kiln does not capture Phi-4-multimodal's vision path: its image processor exists only as a torchvision "
+        "one (transformers ships no PIL version, and kiln's image path runs without torchvision), and transformers "
+        "merges each image's HD crops with per-image Python (a crop grid from image_sizes, trimmed to the useful "
+        "area read from the attention mask) inside the embedding layer; building it as a text model would "
+        "silently drop its images"
+    ),
+}
+
+
+def refuse_known(architectures: list[str] | None) -> None:
+    """Raise UnsupportedModelError with the reason when a declared architecture is one kiln refuses."""
+    for name in architectures or []:
+        if name in REFUSED:
+            raise UnsupportedModelError(f"{name} is not supported: {REFUSED[name]}.")
