@@ -18,7 +18,8 @@ loads the tokenizer and the image processor only and expands `<|image_pad|>` its
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,57 +28,80 @@ from torch import nn
 
 from kiln.errors import RequestError
 from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily, VisionProgram, detach_modules
+from kiln.models.vlm.qwen_video import DEFAULT_MAX_PIXELS, DEFAULT_NUM_FRAMES, QwenVideoConfig, video_patches
 
 IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
 DEFAULT_IMAGE_TOKENS = 1280  # feature rows of one image at the image processor's default max_pixels (28*28*1280)
 
 
 class QwenVLImageProcessor:
-    """Tokenizer + image processor with the output of `Qwen2_5_VLProcessor` for text and images (no video)."""
+    """Tokenizer + image processor with the output of `Qwen2_5_VLProcessor` for text, images and videos; the
+    videos' frames go through kiln's fallback for the video processor (`qwen_video`), which needs no torchvision."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+    def __init__(self, tokenizer: Any, image_processor: Any, video: QwenVideoConfig | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.video = video or QwenVideoConfig()
         self.image_token = str(getattr(tokenizer, "image_token", None) or IMAGE_TOKEN)
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(self.image_token))
+        self.video_token = str(getattr(tokenizer, "video_token", None) or VIDEO_TOKEN)
+        self.video_token_id = int(tokenizer.convert_tokens_to_ids(self.video_token))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "QwenVLImageProcessor":
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(path, local_files_only=True))
+        images = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return cls(tokenizer, images, QwenVideoConfig.from_files(Path(path), images))
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+        self.video.save(Path(path))
 
     def __call__(
-        self, text: str | list[str], images: list[Any] | None = None, return_tensors: str = "pt"
+        self,
+        text: str | list[str],
+        images: list[Any] | None = None,
+        return_tensors: str = "pt",
+        videos: list[Any] | None = None,  # kiln.runtime.video.VideoClip: .frames, .sampled_fps
     ) -> dict[str, torch.Tensor]:
         texts = [text] if isinstance(text, str) else list(text)
         out: dict[str, torch.Tensor] = {}
+        merge = int(self.image_processor.merge_size) ** 2
+        counts: dict[str, Iterator[int]] = {}
         if images:
             pixels = self.image_processor(images=images, return_tensors="pt")
             out["pixel_values"] = pixels["pixel_values"]
             out["image_grid_thw"] = pixels["image_grid_thw"]
-            merge = int(self.image_processor.merge_size) ** 2
-            counts = iter([int(g.prod()) // merge for g in out["image_grid_thw"]])
-            expanded = []
-            for t in texts:
-                pieces = t.split(self.image_token)
-                joined = pieces[0]
-                for piece in pieces[1:]:
-                    n = next(counts, None)
-                    if n is None:
-                        raise RequestError(f"the prompt has more {self.image_token} tokens than images")
-                    joined += self.image_token * n + piece
-                expanded.append(joined)
-            texts = expanded
+            counts[self.image_token] = iter([int(g.prod()) // merge for g in out["image_grid_thw"]])
+        if videos:
+            patches = [video_patches(list(clip.frames), self.video) for clip in videos]
+            out["pixel_values_videos"] = torch.cat([p for p, _ in patches])
+            out["video_grid_thw"] = torch.tensor([g for _, g in patches])
+            out["second_per_grid_ts"] = torch.tensor([self.video.temporal_patch_size / c.sampled_fps for c in videos])
+            counts[self.video_token] = iter([int(g.prod()) // merge for g in out["video_grid_thw"]])
+        if counts:
+            texts = [self._expand(t, counts) for t in texts]
         tokens = self.tokenizer(texts, return_tensors=return_tensors)
         out = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], **out}
-        out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
+        ids = out["input_ids"]
+        out["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
         return out
+
+    @staticmethod
+    def _expand(text: str, counts: dict[str, Iterator[int]]) -> str:
+        """Each image or video token repeated to its item's feature count, in prompt order."""
+        pattern = "(" + "|".join(re.escape(t) for t in counts) + ")"
+        pieces = re.split(pattern, text)
+        for k in range(1, len(pieces), 2):
+            n = next(counts[pieces[k]], None)
+            if n is None:
+                raise RequestError(f"the prompt has more {pieces[k]} tokens than it was given items for them")
+            pieces[k] = pieces[k] * n
+        return "".join(pieces)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,16 +182,21 @@ def patch_layout(grid: list[int], merge: int, window: int) -> tuple[torch.Tensor
 
 
 def vision_inputs(grids: list[list[int]], merge: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Positions [P, 2], image id [P] and window id [P] (unique over the batch) for images of these grids."""
-    positions, images, windows = [], [], []
-    window_offset = 0
-    for i, grid in enumerate(grids):
+    """Positions [P, 2], segment id [P] and window id [P] (unique over the batch) for images of these grids.
+
+    A segment is one temporal slice of an image or video (the full-attention layers attend within it,
+    as transformers' `cu_seqlens` split them); an image has one.
+    """
+    positions, segments, windows = [], [], []
+    window_offset = segment_offset = 0
+    for grid in grids:
         pos, win = patch_layout(grid, merge, window)
         positions.append(pos)
-        images.append(torch.full((pos.shape[0],), i, dtype=torch.int64))
+        segments.append(torch.arange(segment_offset, segment_offset + grid[0]).repeat_interleave(grid[1] * grid[2]))
+        segment_offset += grid[0]
         windows.append(win + window_offset)
         window_offset += int(win.max()) + 1
-    return torch.cat(positions), torch.cat(images), torch.cat(windows)
+    return torch.cat(positions), torch.cat(segments), torch.cat(windows)
 
 
 def group_by_merge_unit(unit: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -175,27 +204,44 @@ def group_by_merge_unit(unit: int, *tensors: torch.Tensor) -> tuple[torch.Tensor
     return tuple(t.reshape(-1, unit, *t.shape[1:]) for t in tensors)
 
 
-def rope_index(ids: list[int], grids: list[list[int]], image_token_id: int, merge: int) -> tuple[torch.Tensor, int]:
-    """[3, L] M-RoPE positions and the generated tokens' offset, as transformers' `get_rope_index` for images."""
+def rope_index(
+    ids: list[int],
+    grids: list[list[int]],
+    image_token_id: int,
+    merge: int,
+    videos: Sequence[tuple[list[int], float]] = (),
+    video_token_id: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """[3, L] M-RoPE positions and the generated tokens' offset, as transformers' `get_rope_index`.
+
+    `videos`: each video's grid and its temporal step (`tokens_per_second * second_per_grid_ts`): its
+    temporal patch k sits at `int(k * step)` past the start (an image's step is 1).
+    """
     pieces: list[torch.Tensor] = []
-    grid_iter = iter(grids)
+    media = {image_token_id: iter([(g, 1.0) for g in grids])}
+    if video_token_id is not None:
+        media[video_token_id] = iter(videos)
     current, i, n = 0, 0, len(ids)
     while i < n:
-        if ids[i] != image_token_id:
+        if ids[i] not in media:
             j = i
-            while j < n and ids[j] != image_token_id:
+            while j < n and ids[j] not in media:
                 j += 1
             pieces.append(torch.arange(current, current + j - i)[None].expand(3, -1))
             current += j - i
             i = j
             continue
-        grid = next(grid_iter, None)
-        if grid is None:
-            raise RequestError("the prompt has more image tokens than its images have features")
+        token = ids[i]
+        what = "image" if token == image_token_id else "video"
+        entry = next(media[token], None)
+        if entry is None:
+            raise RequestError(f"the prompt has more {what} tokens than its {what}s have features")
+        grid, step = entry
         t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-        if ids[i : i + t * h * w].count(image_token_id) != t * h * w:
-            raise RequestError("an image's tokens in the prompt do not match its feature count")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        if ids[i : i + t * h * w].count(token) != t * h * w:
+            raise RequestError(f"a {what}'s tokens in the prompt do not match its feature count")
+        temporal = (torch.arange(t) * torch.tensor(step, dtype=torch.float32)).long()
+        tt, hh, ww = torch.meshgrid(temporal, torch.arange(h), torch.arange(w), indexing="ij")
         pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + current)
         current += max(h, w)
         i += t * h * w
@@ -242,6 +288,16 @@ class Qwen2_5VL(VisionLanguageFamily):
         """Feature rows of one image at the image processor's default largest size."""
         return DEFAULT_IMAGE_TOKENS
 
+    def tokens_per_video(self, config: Any, num_frames: int = DEFAULT_NUM_FRAMES) -> int:
+        """Frames x feature rows per frame (Video NeVA's count): temporal patches x rows at the video max_pixels."""
+        vc = config.vision_config
+        temporal = -(-num_frames // int(vc.temporal_patch_size))
+        return temporal * DEFAULT_MAX_PIXELS // (int(vc.patch_size) * int(vc.spatial_merge_size)) ** 2
+
+    def default_max_multimodal_len(self, config: Any, max_batch_size: int) -> int:
+        """One largest image or one video of the default frame count per request, whichever has more rows."""
+        return max_batch_size * max(self.tokens_per_image(config), self.tokens_per_video(config))
+
     def vision_batch_limit(self, config: Any, max_multimodal_len: int) -> int:
         """In patches: every feature row is one merge unit of patches."""
         return max(1, max_multimodal_len) * self._merge_unit(config)
@@ -252,6 +308,8 @@ class Qwen2_5VL(VisionLanguageFamily):
             "image_token_id": int(config.image_token_id),
             "spatial_merge_size": int(vc.spatial_merge_size),
             "window": int(vc.window_size) // int(vc.spatial_merge_size) // int(vc.patch_size),
+            "video_token_id": int(config.video_token_id),
+            "tokens_per_second": int(getattr(vc, "tokens_per_second", 4)),
         }
 
     # ---- run --------------------------------------------------------------------------------------
@@ -259,11 +317,30 @@ class Qwen2_5VL(VisionLanguageFamily):
     def load_processor(self, path: Path) -> Any:
         return QwenVLImageProcessor.from_pretrained(path)
 
+    def prompt_video_token(self, processor: Any) -> str | None:
+        return str(processor.video_token)
+
+    def video_sampling(self, processor: Any) -> tuple[int, int]:
+        return processor.video.num_frames, processor.video.temporal_patch_size
+
+    def process_media(
+        self,
+        processor: Any,
+        prompt: str | list[int],
+        images: list[Any],
+        videos: list[Any],
+        config: Mapping[str, Any],
+    ) -> Mapping[str, torch.Tensor]:
+        if not videos:
+            return self.process(processor, prompt, images, config)
+        return processor(text=[prompt], images=images or None, videos=videos, return_tensors="pt")
+
     def split_images(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
-        grids = processed["image_grid_thw"]
-        sizes = [int(g.prod()) for g in grids]
-        pixels = torch.split(processed["pixel_values"], sizes)
-        return [ImageItem({"pixel_values": p, "image_grid_thw": g}) for p, g in zip(pixels, grids)]
+        return _split(processed, "pixel_values", "image_grid_thw")
+
+    def split_videos(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
+        """A video is one vision-program item: its temporal slices attend apart, as an image each."""
+        return _split(processed, "pixel_values_videos", "video_grid_thw") if "video_grid_thw" in processed else []
 
     def encode(
         self,
@@ -303,4 +380,20 @@ class Qwen2_5VL(VisionLanguageFamily):
         self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     ) -> tuple[torch.Tensor, int]:
         grids = [[int(v) for v in g.tolist()] for g in processed.get("image_grid_thw", torch.zeros(0, 3))]
-        return rope_index(prompt_ids, grids, int(config["image_token_id"]), int(config["spatial_merge_size"]))
+        video_grids = [[int(v) for v in g.tolist()] for g in processed.get("video_grid_thw", torch.zeros(0, 3))]
+        seconds = processed.get("second_per_grid_ts", torch.zeros(0)).tolist()
+        videos = [(g, int(config.get("tokens_per_second", 4)) * float(t)) for g, t in zip(video_grids, seconds)]
+        return rope_index(
+            prompt_ids,
+            grids,
+            int(config["image_token_id"]),
+            int(config["spatial_merge_size"]),
+            videos,
+            self.video_token_id(config),
+        )
+
+
+def _split(processed: Mapping[str, torch.Tensor], pixels_key: str, grid_key: str) -> list[ImageItem]:
+    grids = processed[grid_key]
+    pixels = torch.split(processed[pixels_key], [int(g.prod()) for g in grids])
+    return [ImageItem({"pixel_values": p, "image_grid_thw": g}) for p, g in zip(pixels, grids)]
