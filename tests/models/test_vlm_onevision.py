@@ -1,0 +1,133 @@
+"""LLaVA-OneVision: images and videos, kiln's batched greedy output against transformers' generate.
+
+A tiny random-weight checkpoint (SigLIP tower, Qwen2 language model) with its real config, model and
+image processor classes; the video processor needs torchvision, so the reference model gets the
+frames kiln prepares (`OnevisionProcessor`) and its own image processor's pixels.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_families import DEVICE, DTYPE, STRICT, compare
+from video_clips import tiny_video
+from vlm_checkpoints import TEXT, random_image, tokenizer_with
+
+from kiln import LLM, SamplingParams, build
+from kiln.models.vlm.llava_onevision import OnevisionProcessor
+from kiln.runtime.video import load_video
+
+pytest.importorskip("av")
+
+NEW_TOKENS = 6
+LIMITS = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+SETTINGS = {"num_image_tokens": 16, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_1"}
+
+
+def make_onevision_checkpoint(directory):
+    """SigLIP 28x28 / patch 7 (16 rows a patch), 2x2 grids at most, anyres_max_1 (larger grids downscaled)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil as Images,
+    )
+
+    torch.manual_seed(0)
+    tok = tokenizer_with("<image>", "<video>")
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=7,
+        ),
+        text_config=Qwen2Config(**TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_1",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    Images(size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS).save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps(SETTINGS))
+    (directory / "video_preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    checkpoint = make_onevision_checkpoint(tmp_path_factory.mktemp("onevision-ckpt"))
+    engine = build(checkpoint, tmp_path_factory.mktemp("onevision") / "engine", compile=False, progress=False, **LIMITS)
+    return checkpoint, engine
+
+
+@torch.no_grad()
+def reference(model, processor, prompt, images, videos, num_frames):
+    clips = [load_video(v, num_frames or processor.num_frames) for v in videos]
+    inputs = processor(text=[prompt], images=images or None, videos=clips or None)
+    param = next(model.parameters())
+    inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    out = model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [s[0].float().cpu() for s in out.logits]
+
+
+def test_onevision_images_and_videos_match_transformers(onevision):
+    # One batch: a video (8 frames), an image of a 2x2 grid (downscaled by anyres_max_1), two images (base patches
+    # only) around a 4-frame video, text alone.
+    checkpoint, engine = onevision
+    llm = LLM(engine)
+    a, b = random_image(0, 40, 60), random_image(1, 64, 30)
+    batch = [
+        {"prompt": "<video> The kiln", "videos": [tiny_video(0)]},
+        {"prompt": "<image> Describe", "images": [random_image(2, 56, 56)]},
+        {"prompt": "A <image> then <video> and <image>", "images": [a, b], "videos": [tiny_video(1)], "num_frames": 4},
+        "The kiln fires clay",
+    ]
+    seen: dict[str, list[torch.Tensor]] = {}
+    llm.engine.logits_hook = lambda seqs, logits: [
+        seen.setdefault(s.request_id, []).append(logits[i].float().cpu()) for i, s in enumerate(seqs)
+    ]
+    outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = (
+        LlavaOnevisionForConditionalGeneration.from_pretrained(
+            checkpoint, attn_implementation="eager", dtype=getattr(torch, DTYPE)
+        )
+        .to(DEVICE)
+        .eval()
+    )
+    processor = OnevisionProcessor.from_pretrained(checkpoint)
+    video_id = processor.inner.video_token_id
+    assert sum(t == video_id for t in outs[0].prompt_token_ids) == 8 * 2 * 2 + 1  # frames x pooled 2x2 + newline
+    for prompt, out in zip(batch, outs):
+        p = prompt if isinstance(prompt, dict) else {"prompt": prompt}
+        ref_tokens, ref_logits = reference(
+            model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames")
+        )
+        if not STRICT:
+            compare(
+                "llava_onevision", out.prompt_token_ids, out.token_ids, seen[out.request_id], ref_tokens, ref_logits
+            )
+            continue
+        assert out.token_ids == ref_tokens, p["prompt"]
+        worst = max(float((x - y).abs().max()) for x, y in zip(seen[out.request_id], ref_logits))
+        assert worst < 1e-3, f"{p['prompt']!r}: logits differ by {worst}"
