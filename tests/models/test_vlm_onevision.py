@@ -24,12 +24,18 @@ pytest.importorskip("av")
 NEW_TOKENS = 6
 LIMITS = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
 PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
-SETTINGS = {"num_image_tokens": 16, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_1"}
+# base: SigLIP, every row kept, anyres_max_1 (a 2x2 grid is downscaled); clip: a CLIP tower whose CLS row is
+# dropped ("default"), an earlier feature layer, anyres_max_9 (no downscaling)
+VARIANTS = {
+    "base": {"tower": "siglip", "strategy": "full", "layer": -1, "aspect": "anyres_max_1"},
+    "clip-default-layer-2": {"tower": "clip", "strategy": "default", "layer": -2, "aspect": "anyres_max_9"},
+}
 
 
-def make_onevision_checkpoint(directory):
-    """SigLIP 28x28 / patch 7 (16 rows a patch), 2x2 grids at most, anyres_max_1 (larger grids downscaled)."""
+def make_onevision_checkpoint(directory, variant="base"):
+    """Vision tower 28x28 / patch 7 (16 rows a patch), grids of at most 2x2 patches."""
     from transformers import (
+        CLIPVisionConfig,
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         Qwen2Config,
@@ -40,23 +46,19 @@ def make_onevision_checkpoint(directory):
     )
 
     torch.manual_seed(0)
+    v = VARIANTS[variant]
     tok = tokenizer_with("<image>", "<video>")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)
+    vision = (SiglipVisionConfig if v["tower"] == "siglip" else CLIPVisionConfig)(**tower, patch_size=7)
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=7,
-        ),
+        vision_config=vision,
         text_config=Qwen2Config(**TEXT),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_1",
+        vision_feature_layer=v["layer"],
+        vision_feature_select_strategy=v["strategy"],
+        vision_aspect_ratio=v["aspect"],
     )
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -65,14 +67,21 @@ def make_onevision_checkpoint(directory):
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     Images(size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS).save_pretrained(directory)
-    (directory / "processor_config.json").write_text(json.dumps(SETTINGS))
+    # the processor counts a CLIP tower's CLS row in num_image_tokens (and drops it again for "default")
+    rows = 16 + (v["tower"] == "clip")
+    settings = {
+        "num_image_tokens": rows,
+        "vision_feature_select_strategy": v["strategy"],
+        "vision_aspect_ratio": v["aspect"],
+    }
+    (directory / "processor_config.json").write_text(json.dumps(settings))
     (directory / "video_preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}}))
     return directory
 
 
-@pytest.fixture(scope="module")
-def onevision(tmp_path_factory):
-    checkpoint = make_onevision_checkpoint(tmp_path_factory.mktemp("onevision-ckpt"))
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def onevision(request, tmp_path_factory):
+    checkpoint = make_onevision_checkpoint(tmp_path_factory.mktemp("onevision-ckpt"), request.param)
     engine = build(checkpoint, tmp_path_factory.mktemp("onevision") / "engine", compile=False, progress=False, **LIMITS)
     return checkpoint, engine
 
