@@ -1,4 +1,4 @@
-"""Video input as a user meets it (Qwen2.5-VL): `kiln run --video`, and `video_url` parts in `kiln serve`.
+"""Video input as a user meets it: `kiln run --video` (Qwen2.5-VL, LLaVA-OneVision), `video_url` parts in `kiln serve`.
 
 `LLM.generate([{"prompt", "videos"}])` is checked against transformers in tests/models/test_vlm_video.py.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e_helpers import SHARED_GPU, ServerProcess
-from video_clips import VIDEO, VIDEO_CONFIG, tiny_video
+from video_clips import VIDEO, VIDEO_CONFIG, make_onevision_checkpoint, tiny_video
 from vlm_checkpoints import make_vlm_checkpoint
 
 from kiln import LLM, SamplingParams, build
@@ -41,30 +41,23 @@ def engine(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(checkpoint)
     tok.chat_template = TEMPLATE
     tok.save_pretrained(checkpoint)
-    (root / "clip.mp4").write_bytes(tiny_video(0))
     return root, build(checkpoint, root / "engine", compile=False, progress=False, **LIMITS)
 
 
-def test_kiln_run_video_matches_transformers(engine):
-    root, engine_dir = engine
+@pytest.fixture(scope="module")
+def onevision_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onevision-e2e")
+    checkpoint = make_onevision_checkpoint(root / "ckpt")
+    return root, build(checkpoint, root / "engine", compile=False, progress=False, **LIMITS)
+
+
+@pytest.mark.parametrize(("family", "video_token"), [("qwen2_5_vl", VIDEO), ("llava_onevision", "<video>")])
+def test_kiln_run_video_matches_transformers(family, video_token, request, tmp_path):
+    root, engine_dir = request.getfixturevalue("engine" if family == "qwen2_5_vl" else "onevision_engine")
+    (tmp_path / "clip.mp4").write_bytes(tiny_video(0))
     args = ["run", str(engine_dir), "--max-new-tokens", "4", "--json", "--check-accuracy", "--profile"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kiln",
-            *args,
-            "--video",
-            str(root / "clip.mp4"),
-            "--num-frames",
-            "4",
-            "--prompt",
-            VIDEO,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    video = ["--video", str(tmp_path / "clip.mp4"), "--num-frames", "4", "--prompt", f"{video_token} what?"]
+    proc = subprocess.run([sys.executable, "-m", "kiln", *args, *video], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert [a["match"] for a in result["accuracy"]] == [True] and result["profile"]["num_images"] == 1

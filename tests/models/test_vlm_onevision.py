@@ -7,13 +7,11 @@ frames kiln prepares (`OnevisionProcessor`) and its own image processor's pixels
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from test_families import DEVICE, DTYPE, STRICT, compare
-from video_clips import tiny_video
-from vlm_checkpoints import TEXT, random_image, tokenizer_with
+from video_clips import ONEVISION_VARIANTS, make_onevision_checkpoint, tiny_video
+from vlm_checkpoints import random_image
 
 from kiln import LLM, SamplingParams, build
 from kiln.models.vlm.llava_onevision import OnevisionProcessor
@@ -23,63 +21,9 @@ pytest.importorskip("av")
 
 NEW_TOKENS = 6
 LIMITS = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_tokens=256)
-PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
-# base: SigLIP, every row kept, anyres_max_1 (a 2x2 grid is downscaled); clip: a CLIP tower whose CLS row is
-# dropped ("default"), an earlier feature layer, anyres_max_9 (no downscaling)
-VARIANTS = {
-    "base": {"tower": "siglip", "strategy": "full", "layer": -1, "aspect": "anyres_max_1"},
-    "clip-default-layer-2": {"tower": "clip", "strategy": "default", "layer": -2, "aspect": "anyres_max_9"},
-}
 
 
-def make_onevision_checkpoint(directory, variant="base"):
-    """Vision tower 28x28 / patch 7 (16 rows a patch), grids of at most 2x2 patches."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil as Images,
-    )
-
-    torch.manual_seed(0)
-    v = VARIANTS[variant]
-    tok = tokenizer_with("<image>", "<video>")
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)
-    vision = (SiglipVisionConfig if v["tower"] == "siglip" else CLIPVisionConfig)(**tower, patch_size=7)
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=Qwen2Config(**TEXT),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        video_token_index=tok.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=PINPOINTS,
-        vision_feature_layer=v["layer"],
-        vision_feature_select_strategy=v["strategy"],
-        vision_aspect_ratio=v["aspect"],
-    )
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(directory, safe_serialization=True)
-    tok.save_pretrained(directory)
-    Images(size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS).save_pretrained(directory)
-    # the processor counts a CLIP tower's CLS row in num_image_tokens (and drops it again for "default")
-    rows = 16 + (v["tower"] == "clip")
-    settings = {
-        "num_image_tokens": rows,
-        "vision_feature_select_strategy": v["strategy"],
-        "vision_aspect_ratio": v["aspect"],
-    }
-    (directory / "processor_config.json").write_text(json.dumps(settings))
-    (directory / "video_preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}}))
-    return directory
-
-
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=list(ONEVISION_VARIANTS))
 def onevision(request, tmp_path_factory):
     checkpoint = make_onevision_checkpoint(tmp_path_factory.mktemp("onevision-ckpt"), request.param)
     engine = build(checkpoint, tmp_path_factory.mktemp("onevision") / "engine", compile=False, progress=False, **LIMITS)
