@@ -215,9 +215,12 @@ class MultimodalPipeline:
         num_image_tokens = sum(1 for t in ids if t in self._media_ids())
         if len(ids) > self.max_input_len:
             raise RequestError(
-                f"the prompt has {len(ids)} tokens with its {len(images)} image(s) expanded ({num_image_tokens} image "
-                f"tokens), more than this engine's max_input_len ({self.max_input_len}); shorten it, use fewer "
-                "images, or rebuild with a larger --max-input-len"
+                f"the prompt has {len(ids)} tokens with its {len(images)} image(s)"
+                + (f" and {len(clips)} video(s)" if clips else "")
+                + f" expanded ({num_image_tokens} image tokens), more than this engine's max_input_len "
+                f"({self.max_input_len}); shorten it, use fewer images"
+                + (" or frames (num_frames)" if clips else "")
+                + ", or rebuild with a larger --max-input-len"
             )
         split = self.family.split_images(processed, config) if images else []
         split += self.family.split_videos(processed, config) if clips else []

@@ -19,7 +19,7 @@ from vlm_reference import load_vlm_reference
 
 from kiln import LLM, SamplingParams, build
 from kiln.errors import RequestError
-from kiln.models.vlm.qwen2_5_vl import QwenVLImageProcessor
+from kiln.models.vlm.qwen_processor import QwenVLImageProcessor
 from kiln.runtime.video import load_video
 
 pytest.importorskip("av")
