@@ -33,6 +33,7 @@ from kiln.models.vlm.qwen_processor import QwenVLImageProcessor
 from kiln.models.vlm.qwen_video import DEFAULT_MAX_PIXELS, DEFAULT_NUM_FRAMES
 
 DEFAULT_IMAGE_TOKENS = 1280  # feature rows of one image at the image processor's default max_pixels (28*28*1280)
+MAX_VISION_BATCH_ROWS = 8 * DEFAULT_IMAGE_TOKENS  # the image-only default's vision batch at max_batch_size 8
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -230,8 +231,10 @@ class Qwen2_5VL(VisionLanguageFamily):
         return max_batch_size * max(self.tokens_per_image(config), self.tokens_per_video(config))
 
     def vision_batch_limit(self, config: Any, max_multimodal_len: int) -> int:
-        """In patches: every feature row is one merge unit of patches."""
-        return max(1, max_multimodal_len) * self._merge_unit(config)
+        """In patches (every feature row is one merge unit of patches), at most `MAX_VISION_BATCH_ROWS` rows or one
+        default video: the dense segment mask grows with the square of a vision batch."""
+        rows = min(max(1, max_multimodal_len), max(MAX_VISION_BATCH_ROWS, self.tokens_per_video(config)))
+        return rows * self._merge_unit(config)
 
     def runtime_config(self, config: Any) -> dict[str, Any]:
         vc = config.vision_config
