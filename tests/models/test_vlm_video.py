@@ -117,3 +117,16 @@ def test_corrupt_and_misplaced_videos_are_request_errors(qwen_video_engine):
     for message, prompt in cases.items():
         with pytest.raises(RequestError, match=message):
             llm.generate([prompt], SamplingParams(max_tokens=1))
+
+
+def test_qwen_video_sizes_the_default_build():
+    # Video NeVA's count: max_batch_size x frames x rows per frame (8 frames = 4 temporal patches of 768 rows at the
+    # video max_pixels); the vision batch stays at the image default's 10240 rows (x 4 patches a row).
+    from transformers import Qwen2_5_VLConfig
+
+    from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
+
+    family, config = Qwen2_5VL(), Qwen2_5_VLConfig()
+    assert family.tokens_per_video(config, 8) == 4 * 768 and family.tokens_per_video(config, 3) == 2 * 768
+    assert family.default_max_multimodal_len(config, 8) == 8 * 3072
+    assert family.vision_batch_limit(config, 8 * 3072) == 10240 * 4 and family.vision_batch_limit(config, 16) == 64
