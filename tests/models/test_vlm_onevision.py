@@ -26,7 +26,15 @@ LIMITS = dict(max_batch_size=4, max_input_len=200, max_seq_len=256, max_num_toke
 @pytest.fixture(scope="module", params=list(ONEVISION_VARIANTS))
 def onevision(request, tmp_path_factory):
     checkpoint = make_onevision_checkpoint(tmp_path_factory.mktemp("onevision-ckpt"), request.param)
-    engine = build(checkpoint, tmp_path_factory.mktemp("onevision") / "engine", compile=False, progress=False, **LIMITS)
+    engine = build(
+        checkpoint,
+        tmp_path_factory.mktemp("onevision") / "engine",
+        compile=False,
+        progress=False,
+        device=DEVICE,
+        dtype=DTYPE,
+        **LIMITS,
+    )
     return checkpoint, engine
 
 

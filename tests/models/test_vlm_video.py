@@ -34,7 +34,13 @@ def qwen_video_engine(tmp_path_factory):
     checkpoint = make_vlm_checkpoint("qwen2_5_vl", tmp_path_factory.mktemp("qwen-video-ckpt"))
     (checkpoint / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_CONFIG))
     engine = build(
-        checkpoint, tmp_path_factory.mktemp("qwen-video") / "engine", compile=False, progress=False, **LIMITS
+        checkpoint,
+        tmp_path_factory.mktemp("qwen-video") / "engine",
+        compile=False,
+        progress=False,
+        device=DEVICE,
+        dtype=DTYPE,
+        **LIMITS,
     )
     return checkpoint, engine
 
