@@ -67,7 +67,10 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         vision_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kiln", lifespan=lifespan)
-    describe_limits(app, settings.model_name, core.limits, takes_images=core.multimodal is not None)
+    takes_videos = core.multimodal is not None and core.multimodal.video_token is not None
+    describe_limits(
+        app, settings.model_name, core.limits, takes_images=core.multimodal is not None, takes_videos=takes_videos
+    )
     started = int(time.time())
     metrics = engine.metrics
 

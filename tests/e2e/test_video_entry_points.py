@@ -93,3 +93,5 @@ def test_video_chat_matches_offline_generate_and_bad_videos_get_400(server, engi
         r = chat(server, [{"type": "video_url", "video_url": {"url": bad}}, {"type": "text", "text": "?"}])
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     assert chat(server, "still there?").status_code == 200
+    content = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["ChatMessage"]["properties"]
+    assert "VideoPart" in str(content["content"]) and "ImagePart" in str(content["content"])
