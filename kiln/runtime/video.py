@@ -52,9 +52,7 @@ def frame_count(requested: int, total: int, multiple: int) -> int:
     if requested < 1:
         raise RequestError(f"num_frames must be at least 1, got {requested}")
     count = max(multiple, round(requested / multiple) * multiple)
-    if count > total:  # the clip is shorter: every frame it has, whole temporal patches where it can
-        count = max(total // multiple * multiple, total)
-    return count
+    return min(count, total)  # a shorter clip: every frame it has (the processor repeats the last to a whole patch)
 
 
 def sample_indices(total: int, count: int) -> list[int]:
