@@ -73,9 +73,12 @@ def check_accuracy(
     results = []
     for i, (request, ids, ours) in enumerate(zip(requests, prompt_ids, kiln_tokens)):
         images = request.get("images") if isinstance(request, dict) else None
+        videos = request.get("videos") if isinstance(request, dict) else None
         generator = model
-        if images:
-            inputs = processor(text=[request["prompt"]], images=[load_image(im) for im in images], return_tensors="pt")
+        if images or videos:
+            extra = {"videos": _clips(family, processor, videos, request.get("num_frames"))} if videos else {}
+            loaded = [load_image(im) for im in images or []] or None
+            inputs = processor(text=[request["prompt"]], images=loaded, return_tensors="pt", **extra)
             inputs = {k: v.to(device) for k, v in inputs.items()}
         else:
             inputs = {"input_ids": torch.tensor([ids], device=device)}
@@ -84,3 +87,11 @@ def check_accuracy(
         out = generator.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
         results.append(AccuracyResult(i, list(ours), out[0, inputs["input_ids"].shape[1] :].tolist()))
     return results
+
+
+def _clips(family: Any, processor: Any, videos: list[Any], num_frames: int | None) -> list[Any]:
+    """The videos' frames, sampled as the engine samples them."""
+    from kiln.runtime.video import load_video
+
+    default, multiple = family.video_sampling(processor)
+    return [load_video(v, num_frames or default, multiple) for v in videos]

@@ -19,6 +19,7 @@ from kiln.runtime.validation import check_text
 from kiln.sampling_params import SamplingParams
 
 # A prompt with images: {"prompt": "USER: <image>\nDescribe. ASSISTANT:", "images": [path, data URL, bytes or PIL]}
+# and/or videos: {"prompt": ..., "videos": [path, data URL or bytes], "num_frames": 8} (num_frames optional)
 MultimodalInput = dict[str, Any]
 PromptInput = Prompt | MultimodalInput
 Conversation = list[dict[str, Any]]  # [{"role": "user", "content": "Hi"}, ...]
@@ -48,15 +49,31 @@ class RequestOutput:
     index: int = 0  # which of the prompt's SamplingParams.n completions this is
 
 
+MULTIMODAL_KEYS = ("prompt", "images", "videos", "num_frames")
+
+
 def split_multimodal_input(prompt: MultimodalInput, index: int = 0) -> tuple[str | list[int], list[Any]]:
     """(prompt, images) of a {"prompt": ..., "images": [...]} request; unknown keys are errors."""
-    unknown = sorted(set(prompt) - {"prompt", "images"})
+    text, images, _, _ = split_media_input(prompt, index)
+    return text, images
+
+
+def split_media_input(
+    prompt: MultimodalInput, index: int = 0
+) -> tuple[str | list[int], list[Any], list[Any], int | None]:
+    """(prompt, images, videos, num_frames) of a {"prompt", "images", "videos", "num_frames"} request."""
+    unknown = sorted(set(prompt) - set(MULTIMODAL_KEYS))
     if unknown or "prompt" not in prompt:
-        raise RequestError(f"prompt {index}: a dict prompt has keys 'prompt' and 'images' (got {sorted(prompt)})")
-    images = prompt.get("images") or []
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    return prompt["prompt"], list(images)
+        keys = ", ".join(repr(k) for k in MULTIMODAL_KEYS)
+        raise RequestError(f"prompt {index}: a dict prompt has keys {keys} (got {sorted(prompt)})")
+    media = []
+    for key in ("images", "videos"):
+        items = prompt.get(key) or []
+        media.append(list(items) if isinstance(items, (list, tuple)) else [items])
+    num_frames = prompt.get("num_frames")
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+        raise RequestError(f"prompt {index}: num_frames must be a positive integer, got {num_frames!r}")
+    return prompt["prompt"], media[0], media[1], num_frames
 
 
 def _prompt_text(prompt: object) -> str | None:
@@ -84,16 +101,17 @@ class LLM:
         if self.engine.multimodal is not None:
             self.engine.multimodal.timings = PipelineTimings()
         encoded: list[tuple[list[int], MultimodalData | None] | None] = []
-        with_images: list[tuple[int, str | list[int], list[Any]]] = []
+        with_images: list[tuple[int, tuple[Any, ...]]] = []
         for i, prompt in enumerate(batch):
             if isinstance(prompt, dict):
-                text, images = split_multimodal_input(prompt, i)
-                if images:
+                text, images, videos, num_frames = split_media_input(prompt, i)
+                if images or videos:
                     if self.engine.multimodal is None:
+                        what = "images" if images else "videos"
                         raise RequestError(
-                            f"prompt {i}: this engine was built from a text-only checkpoint and takes no images"
+                            f"prompt {i}: this engine was built from a text-only checkpoint and takes no {what}"
                         )
-                    with_images.append((i, text, images))
+                    with_images.append((i, (text, images, videos, num_frames)))
                     encoded.append(None)
                     continue
                 prompt = text
@@ -105,9 +123,9 @@ class LLM:
                 raise RequestError(f"prompt {i}: {exc}") from exc
         if with_images and self.engine.multimodal is not None:
             prepared = self.engine.multimodal.prepare(
-                [(text, images) for _, text, images in with_images], labels=[i for i, _, _ in with_images]
+                [request for _, request in with_images], labels=[i for i, _ in with_images]
             )
-            for (i, _, _), mm_prompt in zip(with_images, prepared):
+            for (i, _), mm_prompt in zip(with_images, prepared):
                 encoded[i] = (mm_prompt.prompt_ids, mm_prompt.mm)
         return [e for e in encoded if e is not None]
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from kiln.cli_media import add_media_options, attach_media
 from kiln.cli_options import add_options, values
 from kiln.cli_quantization import add_aliases, resolve_aliases
 from kiln.cli_sampling import add_sampling_options, sampling_from_args
@@ -41,11 +42,12 @@ def _add_run(sub: Any) -> None:
         default=[],
         help="image file or data URL for the prompt (repeatable; the prompt has one image token per image)",
     )
+    add_media_options(p)
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help="with --image: run the prompt this many times, the images divided evenly among the copies",
+        help="with --image/--video: run the prompt this many times, the images and videos divided among the copies",
     )
     p.add_argument(
         "--profile",
@@ -201,8 +203,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not all(prompt_ids):
         raise KilnError("--prompt-ids is empty: give at least one token id")
     params = sampling_from_args(args)
+    media = bool(args.image or args.video)
+    if args.num_frames is not None and not args.video:
+        raise KilnError("--num-frames goes with --video")
     given = run_prompts.prepare(
-        args.engine, args.prompt, prompt_ids, chat=args.chat, params=params, check_lengths=not args.image
+        args.engine, args.prompt, prompt_ids, chat=args.chat, params=params, check_lengths=not media
     )
     from rich.console import Console
 
@@ -212,9 +217,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     llm = LLM(args.engine, progress=not args.json, **_runtime(args))
     load_s = time.perf_counter() - start
-    prompts = _attach_images([p.prompt for p in given], args.image, args.batch_size)
+    prompts = attach_media([p.prompt for p in given], args.image, args.video, args.num_frames, args.batch_size)
 
-    stream = not args.json and len(prompts) == 1 and not args.image
+    stream = not args.json and len(prompts) == 1 and not media
     echoed = False
 
     def show(update: Any) -> None:
@@ -287,23 +292,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not all(r.match for r in accuracy):
             return 1
     return 0
-
-
-def _attach_images(prompts: list[Any], images: list[str], batch_size: int | None) -> list[Any]:
-    """With --image: the single prompt, with all images or (--batch-size B) as B copies sharing them out."""
-    if batch_size is not None and batch_size < 1:
-        raise KilnError("--batch-size must be at least 1")
-    if not images:
-        if batch_size is not None:
-            return prompts * batch_size
-        return prompts
-    if len(prompts) != 1:
-        raise KilnError("--image goes with exactly one --prompt (use --batch-size to run it on several images)")
-    copies = batch_size or 1
-    if len(images) % copies:
-        raise KilnError(f"{len(images)} image(s) cannot be shared evenly by --batch-size {copies}")
-    per = len(images) // copies
-    return [{"prompt": prompts[0], "images": images[i * per : (i + 1) * per]} for i in range(copies)]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from kiln.errors import KilnError, RequestError
 from kiln.models.vlm import ImageItem, VisionLanguageFamily, family_for
 from kiln.models.vlm.custom import tensor_digest
 from kiln.runtime.images import ImageSource, image_digest, load_image
+from kiln.runtime.video import load_video
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,14 @@ class MultimodalPrompt:
 @dataclass
 class _Pending:
     ids: list[int]
-    items: list[ImageItem]
+    items: list[ImageItem]  # the images, then the videos
     digests: list[str]
     processed: dict[str, torch.Tensor]
+    num_images: int = 0
+
+
+# One request: (prompt, images) or (prompt, images, videos) or (prompt, images, videos, num_frames)
+MediaRequest = tuple[Any, ...]
 
 
 @dataclass
@@ -139,6 +145,8 @@ class MultimodalPipeline:
         self.max_num_tokens = manifest.build.max_num_tokens
         self.processor = load_processor(engine_dir, self.family)
         self.image_token = self.family.prompt_image_token(self.processor)
+        self.video_token_id = self.family.video_token_id(self.facts.family_config)
+        self.video_token = self.family.prompt_video_token(self.processor) if self.video_token_id is not None else None
         self.compiled = self.facts.vision_compiled and use_compiled
         self.program = self._load_program(engine_dir / VISION_DIR, manifest.op_modules)
         self.state = self._load_state(engine_dir / VISION_DIR / VISION_STATE)
@@ -169,34 +177,86 @@ class MultimodalPipeline:
                 f"write {self.image_token} once where each image goes"
             )
 
-    def _preprocess(self, prompt: str | list[int], sources: Sequence[ImageSource]) -> _Pending:
+    def _load_videos(self, prompt: str | list[int], sources: Sequence[Any], num_frames: int | None) -> list[Any]:
+        """The videos' sampled frames (`kiln.runtime.video`), after checking the engine and prompt take them."""
+        if not sources:
+            return []
+        if self.video_token is None:
+            raise RequestError(f"{self.family.architecture} takes no video input in kiln (images only)")
+        if not isinstance(prompt, str):
+            raise RequestError("a prompt with videos must be text (the processor places the video tokens)")
+        found = prompt.count(self.video_token)
+        if found != len(sources):
+            raise RequestError(
+                f"the prompt has {found} {self.video_token} token(s) for {len(sources)} video(s); "
+                f"write {self.video_token} once where each video goes"
+            )
+        default, multiple = self.family.video_sampling(self.processor)
+        return [load_video(s, num_frames or default, multiple) for s in sources]
+
+    def _preprocess(
+        self, prompt: str | list[int], sources: Sequence[ImageSource], videos: Sequence[Any], num_frames: int | None
+    ) -> _Pending:
         if self.family.loads_images:
-            if not isinstance(prompt, str):
+            if not isinstance(prompt, str) and (sources or videos):
                 raise RequestError("a prompt with images must be text (the processor places the image tokens)")
             images: list[Any] = [load_image(s) for s in sources]
-            self._check_prompt(prompt, len(images))
+            if isinstance(prompt, str):
+                self._check_prompt(prompt, len(images))
             digests = [image_digest(im) for im in images]
         else:  # the vision program's own input tensors
             images = list(sources)
             digests = [tensor_digest(tuple(im) if isinstance(im, (tuple, list)) else (im,)) for im in images]
-        processed = dict(self.family.process(self.processor, prompt, images, self.facts.family_config))
+        clips = self._load_videos(prompt, videos, num_frames)
+        digests += [clip.digest() for clip in clips]
+        config = self.facts.family_config
+        processed = dict(self.family.process_media(self.processor, prompt, images, clips, config))
         ids = [int(t) for t in processed["input_ids"][0].tolist()]
-        num_image_tokens = int(self._image_mask(ids, processed).sum())
+        num_image_tokens = int(self._media_mask(ids, processed).sum())
         if len(ids) > self.max_input_len:
             raise RequestError(
-                f"the prompt has {len(ids)} tokens with its {len(images)} image(s) expanded ({num_image_tokens} image "
-                f"tokens), more than this engine's max_input_len ({self.max_input_len}); shorten it, use fewer "
-                "images, or rebuild with a larger --max-input-len"
+                f"the prompt has {len(ids)} tokens with its {len(images)} image(s)"
+                + (f" and {len(clips)} video(s)" if clips else "")
+                + f" expanded ({num_image_tokens} image tokens), more than this engine's max_input_len "
+                f"({self.max_input_len}); shorten it, use fewer images"
+                + (" or frames (num_frames)" if clips else "")
+                + ", or rebuild with a larger --max-input-len"
             )
-        split = self.family.split_images(processed, self.facts.family_config) if images else []
+        split = self.family.split_images(processed, config) if images else []
+        split += self.family.split_videos(processed, config) if clips else []
         items = [item.to(self.device, self.dtype) for item in split]
-        return _Pending(ids, items, digests, processed)
+        return _Pending(ids, items, digests, processed, len(images))
 
-    def _image_mask(self, ids: list[int], processed: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.family.image_mask(torch.tensor(ids, dtype=torch.int64), processed, self.facts.image_token_id)
+    def _in_prompt_order(self, pending: _Pending, features: list[torch.Tensor]) -> list[int]:
+        """Order of the items (images first, then videos) as their tokens stand in the prompt."""
+        if self.video_token_id is None or pending.num_images == len(features):
+            return list(range(len(features)))
+        queues = {
+            self.facts.image_token_id: iter(range(pending.num_images)),
+            self.video_token_id: iter(range(pending.num_images, len(features))),
+        }
+        order, i, ids = [], 0, pending.ids
+        while i < len(ids):
+            queue = queues.get(ids[i])
+            item = next(queue, None) if queue is not None else None
+            if item is None:
+                i += 1
+                continue
+            order.append(item)
+            i += features[item].shape[0]
+        return order if sorted(order) == list(range(len(features))) else list(range(len(features)))
+
+    def _media_mask(self, ids: list[int], processed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prompt positions that take image or video feature rows (the family places images)."""
+        tokens = torch.tensor(ids, dtype=torch.int64)
+        mask = self.family.image_mask(tokens, processed, self.facts.image_token_id)
+        return mask if self.video_token_id is None else mask | (tokens == self.video_token_id)
 
     def _finish(self, pending: _Pending, features: list[torch.Tensor]) -> MultimodalPrompt:
-        is_image = self._image_mask(pending.ids, pending.processed)
+        is_image = self._media_mask(pending.ids, pending.processed)
+        order = self._in_prompt_order(pending, features)
+        features = [features[k] for k in order]
+        pending.digests = [pending.digests[k] for k in order]
         if not features:
             if bool(is_image.any()):
                 raise RequestError("the prompt contains image tokens but no image was given")
@@ -226,21 +286,21 @@ class MultimodalPipeline:
         mm = MultimodalData(torch.cat(features), rows, tuple(spans), blocks, positions, delta)
         return MultimodalPrompt(pending.ids, mm, len(counts))
 
-    def prepare(
-        self,
-        requests: Sequence[tuple[str | list[int], Sequence[ImageSource]]],
-        labels: Sequence[int] | None = None,
-    ) -> list[MultimodalPrompt]:
-        """Preprocess every request (all errors before any vision work), then encode all images in batches.
+    def prepare(self, requests: Sequence[MediaRequest], labels: Sequence[int] | None = None) -> list[MultimodalPrompt]:
+        """Preprocess every request (all errors before any vision work), then encode all images and videos
+        in batches. A request is (prompt, images[, videos[, num_frames]]) (`MediaRequest`).
 
         Errors name the request as `prompt {labels[i]}` (default: its index here).
         """
         labels = list(labels) if labels is not None else list(range(len(requests)))
         start = time.perf_counter()
         pending = []
-        for i, (prompt, images) in enumerate(requests):
+        for i, request in enumerate(requests):
+            prompt, images = request[0], request[1]
+            videos = request[2] if len(request) > 2 else ()
+            num_frames = request[3] if len(request) > 3 else None
             try:
-                pending.append(self._preprocess(prompt, images))
+                pending.append(self._preprocess(prompt, images, videos or (), num_frames))
             except RequestError as exc:
                 raise RequestError(f"prompt {labels[i]}: {exc}") from exc
         self.timings.preprocess_s = time.perf_counter() - start

@@ -39,6 +39,7 @@ from kiln.serve.responses import (
 )
 from kiln.serve.streaming import collect, merge, sse
 from kiln.serve.tokenization import tokenization_router
+from kiln.serve.video import video_sources
 
 log = logging.getLogger("kiln.serve")
 
@@ -66,7 +67,10 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         vision_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kiln", lifespan=lifespan)
-    describe_limits(app, settings.model_name, core.limits, takes_images=core.multimodal is not None)
+    takes_videos = core.multimodal is not None and core.multimodal.video_token is not None
+    describe_limits(
+        app, settings.model_name, core.limits, takes_images=core.multimodal is not None, takes_videos=takes_videos
+    )
     started = int(time.time())
     metrics = engine.metrics
 
@@ -208,20 +212,29 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_request(body)
         mm = None
-        if body.has_images():
+        if body.has_media():
             pipeline = core.multimodal
             if pipeline is None:
+                what = "images" if body.has_images() else "videos"
                 raise APIError(
-                    400, "this engine takes no images: it was built from a text-only checkpoint", param="messages"
+                    400, f"this engine takes no {what}: it was built from a text-only checkpoint", param="messages"
                 )
             sources = await image_sources(
                 body.image_urls(), allow_http=settings.allow_image_urls, max_bytes=settings.max_body_bytes
             )
-            text = chat_text(tokenizer, body.template_messages(pipeline.image_token))
-            # Images are decoded and encoded on one worker thread of their own (the processor's tokenizer
-            # must not be shared across threads), off the event loop.
+            parts = body.video_parts()
+            videos = await video_sources(
+                [p.url for p in parts], allow_http=settings.allow_image_urls, max_bytes=settings.max_body_bytes
+            )
+            frames = {p.num_frames for p in parts if p.num_frames is not None}
+            if len(frames) > 1:
+                raise APIError(400, "the videos of one request must ask for the same num_frames", param="messages")
+            text = chat_text(tokenizer, body.template_messages(pipeline.image_token, pipeline.video_token))
+            # Images and videos are decoded and encoded on one worker thread of their own (the processor's
+            # tokenizer must not be shared across threads), off the event loop.
             loop = asyncio.get_running_loop()
-            (prepared,) = await loop.run_in_executor(vision_worker, pipeline.prepare, [(text, sources)])
+            media = (text, sources, videos, next(iter(frames), None))
+            (prepared,) = await loop.run_in_executor(vision_worker, pipeline.prepare, [media])
             ids, mm = prepared.prompt_ids, prepared.mm
         else:
             ids = chat_ids(tokenizer, body.template_messages())

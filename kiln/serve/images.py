@@ -20,13 +20,14 @@ async def image_sources(urls: list[str], *, allow_http: bool, max_bytes: int, ti
                     f"image {i}: this server takes images as base64 data URLs; downloading http(s) images "
                     "needs `kiln serve --allow-image-urls`"
                 )
-            sources.append(await _download(url, i, max_bytes, timeout_s))
+            sources.append(await download(url, f"image {i}", max_bytes, timeout_s))
         else:
             raise RequestError(f"image {i}: an image_url must be a data:image/...;base64 URL (or http(s) if allowed)")
     return sources
 
 
-async def _download(url: str, index: int, max_bytes: int, timeout_s: float) -> bytes:
+async def download(url: str, what: str, max_bytes: int, timeout_s: float) -> bytes:
+    """The bytes at an http(s) URL, at most `max_bytes`; failures are RequestErrors naming `what`."""
     import httpx
 
     data = bytearray()
@@ -34,11 +35,11 @@ async def _download(url: str, index: int, max_bytes: int, timeout_s: float) -> b
         async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise RequestError(f"image {index}: {url[:80]} answered HTTP {response.status_code}")
+                    raise RequestError(f"{what}: {url[:80]} answered HTTP {response.status_code}")
                 async for chunk in response.aiter_bytes():
                     data += chunk
                     if len(data) > max_bytes:
-                        raise RequestError(f"image {index}: {url[:80]} is larger than {max_bytes} bytes")
+                        raise RequestError(f"{what}: {url[:80]} is larger than {max_bytes} bytes")
     except httpx.HTTPError as exc:
-        raise RequestError(f"image {index}: {url[:80]} could not be downloaded ({type(exc).__name__})") from exc
+        raise RequestError(f"{what}: {url[:80]} could not be downloaded ({type(exc).__name__})") from exc
     return bytes(data)

@@ -110,7 +110,18 @@ def _drop_image_parts(schema: dict[str, Any]) -> None:
             branch["items"] = {"$ref": "#/components/schemas/TextPart"}
 
 
-def describe_limits(app: FastAPI, model_name: str, limits: RequestLimits, *, takes_images: bool) -> None:
+def _drop_video_parts(schema: dict[str, Any]) -> None:
+    """An engine without video input refuses video parts: message content lists hold text and image parts."""
+    content = schema["components"]["schemas"]["ChatMessage"]["properties"]["content"]
+    for branch in content["anyOf"]:
+        parts = branch.get("items", {}).get("anyOf") if branch.get("type") == "array" else None
+        if parts is not None:
+            branch["items"]["anyOf"] = [p for p in parts if not p.get("$ref", "").endswith("/VideoPart")]
+
+
+def describe_limits(
+    app: FastAPI, model_name: str, limits: RequestLimits, *, takes_images: bool, takes_videos: bool = False
+) -> None:
     """Make `app.openapi()` name `model_name` as the only model and document the accepted values."""
     ranges = _field_ranges(limits)
 
@@ -128,6 +139,8 @@ def describe_limits(app: FastAPI, model_name: str, limits: RequestLimits, *, tak
                         fields[field] = {"title": fields[field].get("title", field), **off}
             if not takes_images:
                 _drop_image_parts(schema)
+            elif not takes_videos:
+                _drop_video_parts(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

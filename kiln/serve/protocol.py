@@ -190,10 +190,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class VideoURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    num_frames: int | None = Field(default=None, ge=1)  # kiln's own: frames sampled evenly (default: the model's)
+
+
+class VideoPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    content: str | list[TextPart | ImagePart | VideoPart]
     name: str | None = None
 
 
@@ -219,16 +231,31 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("top_logprobs needs logprobs=true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self, image_token: str | None = None) -> list[dict[str, Any]]:
-        """Messages as the chat template expects them: text parts joined, each image as `image_token`."""
+    def template_messages(self, image_token: str | None = None, video_token: str | None = None) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them: text parts joined, each image as `image_token`, each
+        video as `video_token`."""
         out = []
         for m in self.messages:
             if isinstance(m.content, str):
                 text = m.content
             else:
-                text = "".join(p.text if isinstance(p, TextPart) else (image_token or "") for p in m.content)
+                text = "".join(
+                    p.text
+                    if isinstance(p, TextPart)
+                    else (image_token if isinstance(p, ImagePart) else video_token) or ""
+                    for p in m.content
+                )
             out.append({"role": m.role, "content": text})
         return out
+
+    def video_parts(self) -> list[VideoURL]:
+        return [
+            p.video_url
+            for m in self.messages
+            if not isinstance(m.content, str)
+            for p in m.content
+            if isinstance(p, VideoPart)
+        ]
 
     def image_urls(self) -> list[str]:
         return [
@@ -242,4 +269,11 @@ class ChatCompletionRequest(_SamplingFields):
     def has_images(self) -> bool:
         return any(
             not isinstance(m.content, str) and any(isinstance(p, ImagePart) for p in m.content) for m in self.messages
+        )
+
+    def has_media(self) -> bool:
+        """Images or videos."""
+        return any(
+            not isinstance(m.content, str) and any(not isinstance(p, TextPart) for p in m.content)
+            for m in self.messages
         )

@@ -69,6 +69,8 @@ def test_image_chat_matches_offline_generate(server, engine):
     assert body["usage"]["prompt_tokens"] == len(want.prompt_token_ids)  # image tokens expanded
     text_only = chat(server, "just text")
     assert text_only.status_code == 200, text_only.text
+    content = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["ChatMessage"]["properties"]
+    assert "ImagePart" in str(content["content"]) and "VideoPart" not in str(content["content"])  # LLaVA: no video
 
 
 @pytest.mark.parametrize(

@@ -102,7 +102,10 @@ def test_images_from_paths_pil_bytes_and_data_urls_agree(llava, eager_llm):
         ({"prompt": "<image> <image> x", "images": ["a.png"]}, "2 <image> token(s) for 1 image(s)"),
         ({"prompt": "x", "images": ["a.png"]}, "0 <image> token(s) for 1 image(s)"),
         ({"prompt": "<image> <image> <image> x", "images": ["a.png"] * 3}, "more than this engine's max_input_len"),
-        ({"prompt": "<image> x", "images": ["a.png"], "detail": "high"}, "keys 'prompt' and 'images'"),
+        (
+            {"prompt": "<image> x", "images": ["a.png"], "detail": "high"},
+            "keys 'prompt', 'images', 'videos', 'num_frames'",
+        ),
     ],
 )
 def test_clear_errors(llava, eager_llm, request_, message):

@@ -11,9 +11,10 @@ from kiln.models.vlm.gemma3 import Gemma3
 from kiln.models.vlm.kosmos2 import Kosmos2
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
+from kiln.models.vlm.llava_onevision import LlavaOnevision
 from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
 
-_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), Fuyu(), Kosmos2(), CustomVision())
+_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), LlavaOnevision(), Fuyu(), Kosmos2(), CustomVision())
 FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}
 
 

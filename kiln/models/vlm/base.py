@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kiln.errors import RequestError
+
 VisionProgram = Callable[..., torch.Tensor]
 
 
@@ -139,6 +141,38 @@ class VisionLanguageFamily:
     ) -> Mapping[str, torch.Tensor]:
         """The processor's output for one prompt and its images (input_ids [1, L] expanded, pixel tensors)."""
         return processor(text=[prompt], images=images or None, return_tensors="pt")
+
+    # ---- video (families that take it override these) ------------------------------------------------
+
+    def video_token_id(self, config: Mapping[str, Any]) -> int | None:
+        """The token a video's features stand on (from `runtime_config`'s values), None: no video input."""
+        value = config.get("video_token_id")
+        return None if value is None else int(value)
+
+    def prompt_video_token(self, processor: Any) -> str | None:
+        """The text a prompt carries once per video."""
+        return None
+
+    def video_sampling(self, processor: Any) -> tuple[int, int]:
+        """(frames sampled from a video by default, the multiple a frame count is rounded to)."""
+        return 8, 1
+
+    def process_media(
+        self,
+        processor: Any,
+        prompt: str | list[int],
+        images: list[Any],
+        videos: list[Any],
+        config: Mapping[str, Any],
+    ) -> Mapping[str, torch.Tensor]:
+        """`process` with videos too (`kiln.runtime.video.VideoClip`s); families without video refuse them."""
+        if videos:
+            raise RequestError(f"{self.architecture} takes no video input in kiln")
+        return self.process(processor, prompt, images, config)
+
+    def split_videos(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
+        """Per-video inputs of the vision program (encoded by `encode` beside the images)."""
+        return []
 
     def split_images(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
         """Per-image inputs from the processor's output for one prompt."""

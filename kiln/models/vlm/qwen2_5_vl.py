@@ -5,20 +5,22 @@ into one feature row. transformers derives the vision tower's attention layout f
 data-dependent Python (`cu_seqlens.tolist()` splits, a window permutation); here the host computes,
 per batch of images, each patch's (row, column) for the 2-D rotary embedding, its image and its
 window, and the vision program masks attention by segment: the layers in `fullatt_block_indexes`
-attend within an image, the others within a window. Patches stay in the processor's order (the
+attend within an image (or video frame), the others within a window. Patches stay in the processor's order (the
 window permutation only made windows contiguous for the split attention), so the merger's output
 needs no un-permuting. The vision program's dynamic dimension is the patch count of a batch.
 
 The LLM takes `[3, T]` positions (temporal, height, width), computed as transformers' `get_rope_index`
 does; text after an image continues from the largest position + 1, and generated tokens at `p + delta`.
 
-The checkpoint's `Qwen2_5_VLProcessor` also builds a video processor, which needs torchvision, so kiln
-loads the tokenizer and the image processor only and expands `<|image_pad|>` itself, as that processor does.
+A video is an item of the same vision program (`video_grid_thw`: t temporal patches of 2 frames), each
+temporal slice its own full-attention segment as in transformers; its temporal positions step by
+`tokens_per_second * second_per_grid_ts`. The processor (images, videos, token expansion) is
+`qwen_processor.QwenVLImageProcessor`, which needs no torchvision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,57 +29,11 @@ from torch import nn
 
 from kiln.errors import RequestError
 from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily, VisionProgram, detach_modules
+from kiln.models.vlm.qwen_processor import QwenVLImageProcessor
+from kiln.models.vlm.qwen_video import DEFAULT_MAX_PIXELS, DEFAULT_NUM_FRAMES
 
-IMAGE_TOKEN = "<|image_pad|>"
 DEFAULT_IMAGE_TOKENS = 1280  # feature rows of one image at the image processor's default max_pixels (28*28*1280)
-
-
-class QwenVLImageProcessor:
-    """Tokenizer + image processor with the output of `Qwen2_5_VLProcessor` for text and images (no video)."""
-
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.image_token = str(getattr(tokenizer, "image_token", None) or IMAGE_TOKEN)
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids(self.image_token))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "QwenVLImageProcessor":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(path, local_files_only=True))
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-
-    def __call__(
-        self, text: str | list[str], images: list[Any] | None = None, return_tensors: str = "pt"
-    ) -> dict[str, torch.Tensor]:
-        texts = [text] if isinstance(text, str) else list(text)
-        out: dict[str, torch.Tensor] = {}
-        if images:
-            pixels = self.image_processor(images=images, return_tensors="pt")
-            out["pixel_values"] = pixels["pixel_values"]
-            out["image_grid_thw"] = pixels["image_grid_thw"]
-            merge = int(self.image_processor.merge_size) ** 2
-            counts = iter([int(g.prod()) // merge for g in out["image_grid_thw"]])
-            expanded = []
-            for t in texts:
-                pieces = t.split(self.image_token)
-                joined = pieces[0]
-                for piece in pieces[1:]:
-                    n = next(counts, None)
-                    if n is None:
-                        raise RequestError(f"the prompt has more {self.image_token} tokens than images")
-                    joined += self.image_token * n + piece
-                expanded.append(joined)
-            texts = expanded
-        tokens = self.tokenizer(texts, return_tensors=return_tensors)
-        out = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], **out}
-        out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
-        return out
+MAX_VISION_BATCH_ROWS = 8 * DEFAULT_IMAGE_TOKENS  # the image-only default's vision batch at max_batch_size 8
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,16 +114,21 @@ def patch_layout(grid: list[int], merge: int, window: int) -> tuple[torch.Tensor
 
 
 def vision_inputs(grids: list[list[int]], merge: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Positions [P, 2], image id [P] and window id [P] (unique over the batch) for images of these grids."""
-    positions, images, windows = [], [], []
-    window_offset = 0
-    for i, grid in enumerate(grids):
+    """Positions [P, 2], segment id [P] and window id [P] (unique over the batch) for images of these grids.
+
+    A segment is one temporal slice of an image or video (the full-attention layers attend within it,
+    as transformers' `cu_seqlens` split them); an image has one.
+    """
+    positions, segments, windows = [], [], []
+    window_offset = segment_offset = 0
+    for grid in grids:
         pos, win = patch_layout(grid, merge, window)
         positions.append(pos)
-        images.append(torch.full((pos.shape[0],), i, dtype=torch.int64))
+        segments.append(torch.arange(segment_offset, segment_offset + grid[0]).repeat_interleave(grid[1] * grid[2]))
+        segment_offset += grid[0]
         windows.append(win + window_offset)
         window_offset += int(win.max()) + 1
-    return torch.cat(positions), torch.cat(images), torch.cat(windows)
+    return torch.cat(positions), torch.cat(segments), torch.cat(windows)
 
 
 def group_by_merge_unit(unit: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -175,27 +136,44 @@ def group_by_merge_unit(unit: int, *tensors: torch.Tensor) -> tuple[torch.Tensor
     return tuple(t.reshape(-1, unit, *t.shape[1:]) for t in tensors)
 
 
-def rope_index(ids: list[int], grids: list[list[int]], image_token_id: int, merge: int) -> tuple[torch.Tensor, int]:
-    """[3, L] M-RoPE positions and the generated tokens' offset, as transformers' `get_rope_index` for images."""
+def rope_index(
+    ids: list[int],
+    grids: list[list[int]],
+    image_token_id: int,
+    merge: int,
+    videos: Sequence[tuple[list[int], float]] = (),
+    video_token_id: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """[3, L] M-RoPE positions and the generated tokens' offset, as transformers' `get_rope_index`.
+
+    `videos`: each video's grid and its temporal step (`tokens_per_second * second_per_grid_ts`): its
+    temporal patch k sits at `int(k * step)` past the start (an image's step is 1).
+    """
     pieces: list[torch.Tensor] = []
-    grid_iter = iter(grids)
+    media = {image_token_id: iter([(g, 1.0) for g in grids])}
+    if video_token_id is not None:
+        media[video_token_id] = iter(videos)
     current, i, n = 0, 0, len(ids)
     while i < n:
-        if ids[i] != image_token_id:
+        if ids[i] not in media:
             j = i
-            while j < n and ids[j] != image_token_id:
+            while j < n and ids[j] not in media:
                 j += 1
             pieces.append(torch.arange(current, current + j - i)[None].expand(3, -1))
             current += j - i
             i = j
             continue
-        grid = next(grid_iter, None)
-        if grid is None:
-            raise RequestError("the prompt has more image tokens than its images have features")
+        token = ids[i]
+        what = "image" if token == image_token_id else "video"
+        entry = next(media[token], None)
+        if entry is None:
+            raise RequestError(f"the prompt has more {what} tokens than its {what}s have features")
+        grid, step = entry
         t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-        if ids[i : i + t * h * w].count(image_token_id) != t * h * w:
-            raise RequestError("an image's tokens in the prompt do not match its feature count")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        if ids[i : i + t * h * w].count(token) != t * h * w:
+            raise RequestError(f"a {what}'s tokens in the prompt do not match its feature count")
+        temporal = (torch.arange(t) * torch.tensor(step, dtype=torch.float32)).long()
+        tt, hh, ww = torch.meshgrid(temporal, torch.arange(h), torch.arange(w), indexing="ij")
         pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + current)
         current += max(h, w)
         i += t * h * w
@@ -242,9 +220,21 @@ class Qwen2_5VL(VisionLanguageFamily):
         """Feature rows of one image at the image processor's default largest size."""
         return DEFAULT_IMAGE_TOKENS
 
+    def tokens_per_video(self, config: Any, num_frames: int = DEFAULT_NUM_FRAMES) -> int:
+        """Frames x feature rows per frame (Video NeVA's count): temporal patches x rows at the video max_pixels."""
+        vc = config.vision_config
+        temporal = -(-num_frames // int(vc.temporal_patch_size))
+        return temporal * DEFAULT_MAX_PIXELS // (int(vc.patch_size) * int(vc.spatial_merge_size)) ** 2
+
+    def default_max_multimodal_len(self, config: Any, max_batch_size: int) -> int:
+        """One largest image or one video of the default frame count per request, whichever has more rows."""
+        return max_batch_size * max(self.tokens_per_image(config), self.tokens_per_video(config))
+
     def vision_batch_limit(self, config: Any, max_multimodal_len: int) -> int:
-        """In patches: every feature row is one merge unit of patches."""
-        return max(1, max_multimodal_len) * self._merge_unit(config)
+        """In patches (every feature row is one merge unit of patches), at most `MAX_VISION_BATCH_ROWS` rows or one
+        default video: the dense segment mask grows with the square of a vision batch."""
+        rows = min(max(1, max_multimodal_len), max(MAX_VISION_BATCH_ROWS, self.tokens_per_video(config)))
+        return rows * self._merge_unit(config)
 
     def runtime_config(self, config: Any) -> dict[str, Any]:
         vc = config.vision_config
@@ -252,6 +242,8 @@ class Qwen2_5VL(VisionLanguageFamily):
             "image_token_id": int(config.image_token_id),
             "spatial_merge_size": int(vc.spatial_merge_size),
             "window": int(vc.window_size) // int(vc.spatial_merge_size) // int(vc.patch_size),
+            "video_token_id": int(config.video_token_id),
+            "tokens_per_second": int(getattr(vc, "tokens_per_second", 4)),
         }
 
     # ---- run --------------------------------------------------------------------------------------
@@ -259,11 +251,30 @@ class Qwen2_5VL(VisionLanguageFamily):
     def load_processor(self, path: Path) -> Any:
         return QwenVLImageProcessor.from_pretrained(path)
 
+    def prompt_video_token(self, processor: Any) -> str | None:
+        return str(processor.video_token)
+
+    def video_sampling(self, processor: Any) -> tuple[int, int]:
+        return processor.video.num_frames, processor.video.temporal_patch_size
+
+    def process_media(
+        self,
+        processor: Any,
+        prompt: str | list[int],
+        images: list[Any],
+        videos: list[Any],
+        config: Mapping[str, Any],
+    ) -> Mapping[str, torch.Tensor]:
+        if not videos:
+            return self.process(processor, prompt, images, config)
+        return processor(text=[prompt], images=images or None, videos=videos, return_tensors="pt")
+
     def split_images(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
-        grids = processed["image_grid_thw"]
-        sizes = [int(g.prod()) for g in grids]
-        pixels = torch.split(processed["pixel_values"], sizes)
-        return [ImageItem({"pixel_values": p, "image_grid_thw": g}) for p, g in zip(pixels, grids)]
+        return _split(processed, "pixel_values", "image_grid_thw")
+
+    def split_videos(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
+        """A video is one vision-program item: its temporal slices attend apart, as an image each."""
+        return _split(processed, "pixel_values_videos", "video_grid_thw") if "video_grid_thw" in processed else []
 
     def encode(
         self,
@@ -303,4 +314,20 @@ class Qwen2_5VL(VisionLanguageFamily):
         self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     ) -> tuple[torch.Tensor, int]:
         grids = [[int(v) for v in g.tolist()] for g in processed.get("image_grid_thw", torch.zeros(0, 3))]
-        return rope_index(prompt_ids, grids, int(config["image_token_id"]), int(config["spatial_merge_size"]))
+        video_grids = [[int(v) for v in g.tolist()] for g in processed.get("video_grid_thw", torch.zeros(0, 3))]
+        seconds = processed.get("second_per_grid_ts", torch.zeros(0)).tolist()
+        videos = [(g, int(config.get("tokens_per_second", 4)) * float(t)) for g, t in zip(video_grids, seconds)]
+        return rope_index(
+            prompt_ids,
+            grids,
+            int(config["image_token_id"]),
+            int(config["spatial_merge_size"]),
+            videos,
+            self.video_token_id(config),
+        )
+
+
+def _split(processed: Mapping[str, torch.Tensor], pixels_key: str, grid_key: str) -> list[ImageItem]:
+    grids = processed[grid_key]
+    pixels = torch.split(processed[pixels_key], [int(g.prod()) for g in grids])
+    return [ImageItem({"pixel_values": p, "image_grid_thw": g}) for p, g in zip(pixels, grids)]
