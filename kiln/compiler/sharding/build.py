@@ -43,7 +43,7 @@ def fake_world(world_size: int) -> Iterator[None]:
 
 
 def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
-    """Refuse what a tensor-parallel build does not do (yet): a pre-quantized checkpoint, AWQ, a split that does not divide."""
+    """Refuse what a tensor-parallel build does not do: a pre-quantized checkpoint, AWQ, a split that won't divide."""
     path = Path(checkpoint)
     if CheckpointQuantization.of(path).reader is not None:
         raise KilnError(f"{checkpoint} is pre-quantized: kiln builds such checkpoints with --tp-size 1 only")

@@ -4,12 +4,14 @@ all-reduces its masked lookups, a vocab-parallel head all-gathers its logits."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn import functional as F
 
-GROUP = "0"  # the default process group's name: a build under the fake backend and a torchrun launch share it
+GROUP: Any = "0"  # the default process group's name: a build under the fake backend and a torchrun launch share it
 
 
 class RowParallelLinear(nn.Module):

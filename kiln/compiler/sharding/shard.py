@@ -54,7 +54,7 @@ def shard_model(model: nn.Module, plan: ShardPlan, rank: int, tp_size: int, text
     start, stop, rows = vocab_rows(rank, tp_size, vocab)
     embed = model.get_submodule(plan.embedding)
     head = model.get_submodule(plan.head)
-    hidden = embed.weight.shape[1]
+    hidden = int(embed.get_parameter("weight").shape[1])
     embed_key = f"{plan.embedding}.weight"
     _set(model, plan.embedding, VocabParallelEmbedding(torch.empty(rows, hidden, device="meta"), start))
     slices[embed_key] = Slice(embed_key, 0, start, stop, rows)

@@ -1,0 +1,186 @@
+"""Tensor-parallel engines under torchrun: join the ranks, then rank 0 runs the engine and every other
+rank follows it. Each step, rank 0 broadcasts the program's packed inputs (a header over a CPU "control"
+group that may wait as long as the server idles, the inputs over the default group, which waits at most
+`RuntimeConfig.collective_timeout_s`); every rank runs its own program on its own KV pool, and the
+collectives inside the programs combine them. Only rank 0 samples. A failed collective names the ranks
+found dead (each rank's host and pid are in torchrun's store) and stops this rank with an error."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kiln.engine.manifest import WorldFacts
+from kiln.engine.programs import Program
+from kiln.errors import KilnError
+
+_STEP, _STOP = 1, 0
+_HEADER = 5  # command, tokens, sequences, block-table width, logits rows
+_IDLE = timedelta(days=30)  # the control group waits for rank 0's next step as long as the server idles
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Rank:
+    """This process's place in a tensor-parallel engine's world."""
+
+    rank: int
+    world_size: int
+    control: Any  # a gloo group for the step headers (no timeout while idle)
+
+    @property
+    def leads(self) -> bool:
+        return self.rank == 0
+
+
+def launch_hint(world: WorldFacts) -> str:
+    return f"torchrun --nproc-per-node {world.world_size} -m kiln ..."
+
+
+def join(world: WorldFacts, device_type: str, timeout_s: float) -> Rank:
+    """Join the torchrun launch this process is part of; a missing launch or a wrong world size is a clear error."""
+    missing = [name for name in _ENV if name not in os.environ]
+    if missing:
+        raise KilnError(
+            f"this engine is tensor-parallel over {world.world_size} ranks: launch it with `{launch_hint(world)}` "
+            f"(torchrun sets {', '.join(missing)}, which are missing here)"
+        )
+    size = int(os.environ["WORLD_SIZE"])
+    if size != world.world_size:
+        raise KilnError(
+            f"this engine was built for {world.world_size} ranks (tp {world.tp_size}), and {size} were launched: "
+            f"use `{launch_hint(world)}`"
+        )
+    rank = int(os.environ["RANK"])
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    control = dist.new_group(backend="gloo", timeout=_IDLE)
+    store = _store()
+    if store is not None:
+        store.set(f"kiln/rank{rank}", f"{socket.gethostname()}:{os.getpid()}")
+    return Rank(rank, size, control)
+
+
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no store (a process group made without one)
+        return None
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def dead_ranks(world_size: int, own: int) -> str:
+    """The ranks on this host whose process is gone (or those the store cannot tell about), in words."""
+    store = _store()
+    if store is None:
+        return "the other ranks could not be checked"
+    dead, unknown = [], []
+    host = socket.gethostname()
+    for rank in range(world_size):
+        if rank == own:
+            continue
+        try:
+            where = store.get(f"kiln/rank{rank}").decode()
+        except Exception:
+            unknown.append(rank)  # the store is gone with its host (rank 0 without torchrun's agent)
+            continue
+        name, _, pid = where.rpartition(":")
+        if name == host and _dead(int(pid)):
+            dead.append(rank)
+    if dead:
+        return "rank " + ", ".join(map(str, dead)) + " died"
+    if unknown:
+        return "rank " + ", ".join(map(str, unknown)) + " cannot be reached (died?)"
+    return "no rank on this host died: one on another host, or a collective timed out"
+
+
+def _failure(rank: Rank, exc: BaseException) -> KilnError:
+    return KilnError(
+        f"rank {rank.rank}: a tensor-parallel step failed: {dead_ranks(rank.world_size, rank.rank)} "
+        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
+    )
+
+
+def _header(command: int, inputs: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    if not inputs:
+        return torch.tensor([command, 0, 0, 0, 0], dtype=torch.int64)
+    tables = inputs[3]
+    return torch.tensor([command, inputs[0].numel(), tables.shape[0], tables.shape[1], inputs[6].numel()])
+
+
+class LeaderProgram:
+    """Rank 0's program: broadcasts each step's inputs (all but the KV cache), then runs its own shard."""
+
+    def __init__(self, program: Program, rank: Rank) -> None:
+        self.program = program
+        self.rank = rank
+        self.stopped = False
+        atexit.register(self.stop)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            dist.broadcast(_header(_STEP, inputs), 0, group=self.rank.control)
+            dist.broadcast(torch.cat([t.reshape(-1).to(torch.int64) for t in inputs[:7]]), 0)
+            return self.program(*inputs)
+        except RuntimeError as exc:
+            self.stopped = True  # the others are gone or stuck: nothing to tell them
+            raise _failure(self.rank, exc) from exc
+
+    def stop(self) -> None:
+        """Tell the other ranks to exit (best effort: they may be gone)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            dist.broadcast(_header(_STOP), 0, group=self.rank.control)
+        except Exception:
+            pass
+
+
+def follow(program: Program, kv_cache: torch.Tensor, rank: Rank) -> None:
+    """A rank other than 0: run each step rank 0 broadcasts, on this rank's KV pool, until it says stop."""
+    device = kv_cache.device
+    while True:
+        header = torch.empty(_HEADER, dtype=torch.int64)
+        try:
+            dist.broadcast(header, 0, group=rank.control)
+            command, tokens, seqs, width, rows = header.tolist()
+            if command == _STOP:
+                return
+            payload = torch.empty(3 * tokens + seqs * width + 2 * seqs + 1 + rows, dtype=torch.int64, device=device)
+            dist.broadcast(payload, 0)
+            ids, positions, slots, tables, lens, starts, logits = payload.split(
+                [tokens, tokens, tokens, seqs * width, seqs, seqs + 1, rows]
+            )
+            with torch.inference_mode():
+                program(
+                    ids, positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache
+                )
+        except RuntimeError as exc:
+            raise _failure(rank, exc) from exc
+
+
+def agree_on_blocks(num_blocks: int, device: torch.device) -> int:
+    """The fewest KV blocks any rank can hold: every rank's pool must hold the same blocks."""
+    value = torch.tensor([num_blocks], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
