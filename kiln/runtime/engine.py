@@ -134,6 +134,12 @@ class Engine:
         overlap = self.runtime.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
 
+    def release_ranks(self) -> None:
+        """A tensor-parallel engine's rank 0: tell the other ranks this engine is done (they leave `Engine(...)`).
+        Done at exit anyway; nothing for a one-rank engine."""
+        if isinstance(self.runner.program, distributed.LeaderProgram):
+            self.runner.program.stop()
+
     def _load_program(self) -> Program:
         """The engine's program, compiled or op by op; a damaged file is a clear rebuild message."""
         directory = self.path if self.rank is None else self.path / WorldFacts.rank_dir(self.rank.rank)

@@ -28,19 +28,23 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, start + rows) of the table; ids outside them look up zeros, and the ranks' sum is the lookup."""
+    """Rows [start, start + rows) of the table; ids outside them look up zeros, and the ranks' sum is the
+    lookup, times `embed_scale` where the model's embedding scales its rows (Gemma)."""
 
-    def __init__(self, weight: torch.Tensor, start: int) -> None:
+    def __init__(self, weight: torch.Tensor, start: int, embed_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.start = start
+        self.embed_scale: torch.Tensor | None
+        self.register_buffer("embed_scale", embed_scale, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
         inside = (local >= 0) & (local < self.weight.shape[0])
         rows = F.embedding(torch.where(inside, local, torch.zeros_like(local)), self.weight)
         rows = rows * inside.unsqueeze(-1).to(rows.dtype)
-        return funcol.all_reduce(rows, "sum", GROUP)
+        rows = funcol.all_reduce(rows, "sum", GROUP)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
 
 
 class VocabParallelHead(nn.Module):

@@ -56,7 +56,9 @@ def shard_model(model: nn.Module, plan: ShardPlan, rank: int, tp_size: int, text
     head = model.get_submodule(plan.head)
     hidden = int(embed.get_parameter("weight").shape[1])
     embed_key = f"{plan.embedding}.weight"
-    _set(model, plan.embedding, VocabParallelEmbedding(torch.empty(rows, hidden, device="meta"), start))
+    scale = getattr(embed, "embed_scale", None)
+    scale = scale.clone() if isinstance(scale, torch.Tensor) else None
+    _set(model, plan.embedding, VocabParallelEmbedding(torch.empty(rows, hidden, device="meta"), start, scale))
     slices[embed_key] = Slice(embed_key, 0, start, stop, rows)
     _set(model, plan.head, VocabParallelHead(torch.empty(rows, hidden, device="meta"), vocab, tp_size))
     slices[f"{plan.head}.weight"] = Slice(f"{plan.head}.weight", 0, start, stop, rows)

@@ -1,0 +1,131 @@
+"""Tensor-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens of the
+one-rank engine and of transformers (float32), with KV heads split or replicated, through a preemption;
+a missing launch, a wrong world size and a killed rank are clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+from hf_reference import greedy, load_reference  # noqa: E402
+from tiny_checkpoints import FAMILIES, build_tiny_engine, make_tokenizer  # noqa: E402
+
+from kiln import LLM, SamplingParams  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RANK_SCRIPT = Path(__file__).parent / "tp_rank.py"
+PROMPTS = [[5, 17, 40], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130], [3, 4, 250, 9, 77, 12, 301]]
+NEW_TOKENS = 20  # the third prompt is preempted on 4 KV blocks
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def checkpoint(directory: Path, family: str, **options: object) -> Path:
+    config, model_cls = FAMILIES[family](**options)
+    torch.manual_seed(0)
+    model_cls(config).eval().save_pretrained(directory, safe_serialization=True)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def torchrun(engines: list[Path], tmp: Path) -> dict:
+    """One torchrun launch of two ranks over the TP2 engines, each on 4 KV blocks (which hold one sequence
+    of 64 tokens, not the three prompts: the scheduler preempts)."""
+    prompts, out = tmp / "prompts.json", tmp / "out.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(RANK_SCRIPT)]
+    command += [str(out), str(prompts), *map(str, engines), "--new-tokens", str(NEW_TOKENS), "--num-kv-blocks", "4"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def references(ckpt: Path, engine: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """transformers' greedy tokens, and the one-rank engine's."""
+    model = load_reference(ckpt)
+    hf = [greedy(model, p, NEW_TOKENS)[0] for p in PROMPTS]
+    llm = LLM(engine)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    return hf, [o.token_ids for o in outs]
+
+
+CASES = {
+    # family, its options, whether the engines are compiled by Inductor
+    "llama-untied": ("llama", {"tie_word_embeddings": False, "head_dim": 32}, True),
+    "llama-one-kv-head": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 1}, False),
+    "qwen2": ("qwen2", {}, False),
+    "gemma2": ("gemma2", {}, False),
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Path, dict]]:
+    """{case: (checkpoint, one-rank engine, TP2 engine, what the TP2 engine generated under torchrun)}."""
+    made = {}
+    for case, (family, options, compile_) in CASES.items():
+        tmp = tmp_path_factory.mktemp(case)
+        ckpt = checkpoint(tmp / "ckpt", family, **options)
+        one = build_tiny_engine(ckpt, tmp / "tp1", compile=compile_)
+        made[case] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", compile=compile_, tp_size=2)
+    results = torchrun([two for _, _, two in made.values()], tmp_path_factory.mktemp("torchrun"))
+    return {case: (*paths, results[str(paths[2])]) for case, paths in made.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
+    ckpt, one, two, result = engines[case]
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["world"]["tp_size"] == 2 and (two / "rank0").is_dir() and (two / "rank1").is_dir()
+    hf, single = references(ckpt, one)
+    assert result["tokens"] == hf == single
+    assert len(set(sum(hf, []))) > 3  # the tokens are not one repeated id
+    assert result["preemptions"] > 0
+
+
+def test_launch_errors(engines) -> None:
+    two = engines["llama-one-kv-head"][2]
+    run = [sys.executable, "-m", "kiln", "run", str(two), "--prompt", "hi", "--max-new-tokens", "2"]
+    alone = subprocess.run(run, capture_output=True, text=True, env=ENV)
+    assert alone.returncode != 0 and "torchrun --nproc-per-node 2" in alone.stderr
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    wrong = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert wrong.returncode != 0 and "built for 2 ranks" in wrong.stderr and "3 were launched" in wrong.stderr
+
+
+def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> None:
+    two = engines["llama-one-kv-head"][2]
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [
+            sys.executable,
+            str(RANK_SCRIPT),
+            str(tmp_path / "out.json"),
+            str(tmp_path / "prompts.json"),
+            str(two),
+        ]
+        procs.append(subprocess.Popen([*command, "--hold", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ready").exists():
+        assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()[1][-3000:]
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    (tmp_path / "go").touch()
+    _, err = procs[0].communicate(timeout=60)  # bounded: well within the collective timeout and then some
+    assert procs[0].returncode != 0
+    assert "rank 1 died" in err, err[-3000:]
