@@ -21,6 +21,7 @@ from hf_reference import greedy, load_reference  # noqa: E402
 from tiny_checkpoints import FAMILIES, build_tiny_engine, make_tokenizer  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RANK_SCRIPT = Path(__file__).parent / "tp_rank.py"
@@ -67,6 +68,9 @@ CASES = {
 }
 
 
+QUANTIZED = ("int8_wo", "int4_wo")  # of the llama-untied checkpoint, in groups of 32 (64 columns a rank)
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Path, dict]]:
     """{case: (checkpoint, one-rank engine, TP2 engine, what the TP2 engine generated under torchrun)}."""
@@ -76,6 +80,12 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
         ckpt = checkpoint(tmp / "ckpt", family, **options)
         one = build_tiny_engine(ckpt, tmp / "tp1", compile=compile_)
         made[case] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", compile=compile_, tp_size=2)
+    ckpt = made["llama-untied"][0]
+    for method in QUANTIZED:
+        tmp = tmp_path_factory.mktemp(method)
+        options = {"quantization": method, "group_size": 32}
+        one = build_tiny_engine(ckpt, tmp / "tp1", **options)
+        made[method] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", tp_size=2, **options)
     results = torchrun([two for _, _, two in made.values()], tmp_path_factory.mktemp("torchrun"))
     return {case: (*paths, results[str(paths[2])]) for case, paths in made.items()}
 
@@ -89,6 +99,14 @@ def test_tp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
     assert result["tokens"] == hf == single
     assert len(set(sum(hf, []))) > 3  # the tokens are not one repeated id
     assert result["preemptions"] > 0
+
+
+@pytest.mark.parametrize("method", QUANTIZED)
+def test_quantized_tp2_tokens_match_one_rank(method: str, engines) -> None:
+    _, one, two, result = engines[method]
+    assert json.loads((two / "manifest.json").read_text())["quantization"]["method"] == method
+    outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert result["tokens"] == [o.token_ids for o in outs]
 
 
 def test_launch_errors(engines) -> None:
@@ -129,3 +147,11 @@ def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> N
     _, err = procs[0].communicate(timeout=60)  # bounded: well within the collective timeout and then some
     assert procs[0].returncode != 0
     assert "rank 1 died" in err, err[-3000:]
+
+
+def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None:
+    from kiln import build
+
+    with pytest.raises(KilnError, match="4 attention heads do not divide over 3 ranks"):
+        build(engines["qwen2"][0], tmp_path / "tp3", tp_size=3, progress=False)
+    assert not (tmp_path / "tp3").exists()

@@ -72,7 +72,7 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
     with fake_world(tp):
         for rank in range(tp):
             with progress.stage(f"load rank{rank}", f"slices of {checkpoint}"):
-                loaded = load_shard(checkpoint, dtype, rank, tp)
+                loaded = load_shard(checkpoint, dtype, rank, tp, int8=config.quantization == "int8_wo")
             if rank == 0:
                 shape = cache_shape(loaded.config)
                 facts = model_facts(loaded, shape)
@@ -92,9 +92,12 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
                 max_batch_size=config.max_batch_size,
                 architecture=facts.architecture,
             )
+            quantized = loaded.quantized
             del loaded
             written.append(
-                build_program(dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress)
+                build_program(
+                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress, quantized
+                )
             )
             del spec
             gc.collect()

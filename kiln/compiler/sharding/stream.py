@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from kiln.compiler.sharding.plans import plan_for
+from kiln.compiler.sharding.quantize import row_parallel_int8
 from kiln.compiler.sharding.shard import Slice, shard_model
 from kiln.errors import KilnError
 from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint, check_checkpoint_dir, load_config
@@ -68,8 +69,11 @@ def _read(files: dict[str, Path], piece: Slice, fallback: str | None, dtype: tor
     return tensor
 
 
-def load_shard(path: str | Path, dtype: torch.dtype, rank: int, tp_size: int) -> LoadedCheckpoint:
-    """Rank `rank`'s shard of the checkpoint at `path` (CPU), with its tokenizer and generation config."""
+def load_shard(
+    path: str | Path, dtype: torch.dtype, rank: int, tp_size: int, *, int8: bool = False
+) -> LoadedCheckpoint:
+    """Rank `rank`'s shard of the checkpoint at `path` (CPU), with its tokenizer and generation config;
+    `int8`: with its row-parallel linears quantized on whole-row scales (`quantized`, for the build's pass)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from kiln.models.attention_interface import register_attention
@@ -92,6 +96,10 @@ def load_shard(path: str | Path, dtype: torch.dtype, rank: int, tp_size: int) ->
         value = _read(files, piece, tied if name == f"{plan.head}.weight" else None, dtype)
         module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     _check_loaded(model)
+    quantized = None
+    if int8:
+        rows = {n: model.get_parameter(n) for n, p in slices.items() if p.dim == 1}
+        quantized = row_parallel_int8(rows, slices, tp_size, lambda piece: _read(files, piece, None, dtype))
     model.eval()
     freeze_dynamic_rope(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -99,7 +107,7 @@ def load_shard(path: str | Path, dtype: torch.dtype, rank: int, tp_size: int) ->
         generation_config: Any = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:
         generation_config = None
-    return LoadedCheckpoint(model, config, tokenizer, recipe, generation_config)
+    return LoadedCheckpoint(model, config, tokenizer, recipe, generation_config, quantized)
 
 
 def _check_loaded(model: nn.Module) -> None:
