@@ -129,6 +129,7 @@ class BuildConfig:
     tp_size: int = field(
         default=1, metadata={"help": "tensor-parallel ranks: one program per rank, run under torchrun"}
     )
+    pp_size: int = field(default=1, metadata={"help": "pipeline stages: the layers split over as many ranks"})
 
     def __post_init__(self) -> None:
         _check_choice("BuildConfig", "dtype", self.dtype, DTYPES)
@@ -137,6 +138,7 @@ class BuildConfig:
             raise KilnError(f"BuildConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         _check_int("BuildConfig", "calib_size", self.calib_size, 1)
         _check_int("BuildConfig", "tp_size", self.tp_size, 1)
+        _check_int("BuildConfig", "pp_size", self.pp_size, 1)
         if self.calib_data is not None and not isinstance(self.calib_data, str):
             raise KilnError(f"BuildConfig.calib_data must be a file path, got {self.calib_data!r}")
         _check_choice("BuildConfig", "device", self.device, DEVICES)

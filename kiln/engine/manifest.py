@@ -90,15 +90,19 @@ class QuantizationFacts:
 
 @dataclass(frozen=True, kw_only=True)
 class WorldFacts:
-    """A tensor-parallel engine's layout: rank r's program is in `rank{r}/`, its KV pool holds
-    `kv_heads_per_rank` heads (the model's split, or one replicated head where it has fewer than ranks)."""
+    """A tensor- or pipeline-parallel engine's layout: rank r's program is in `rank{r}/`, its KV pool holds
+    `kv_heads_per_rank` heads (the model's split, or one replicated head where it has fewer than ranks).
+    With `pp_size` stages (tp 1 for now) rank r is stage r, with the model's layers / pp_size layers, and
+    stages pass hidden states of `hidden_size`."""
 
     tp_size: int
     kv_heads_per_rank: int
+    pp_size: int = 1
+    hidden_size: int = 0  # pipeline stages only
 
     @property
     def world_size(self) -> int:
-        return self.tp_size
+        return self.tp_size * self.pp_size
 
     @staticmethod
     def rank_dir(rank: int) -> str:

@@ -1,8 +1,10 @@
-"""Tensor-parallel engines under torchrun: join the ranks, then rank 0 runs the engine and every other
-rank follows it. Each step, rank 0 broadcasts the program's packed inputs (a header over a CPU "control"
-group that may wait as long as the server idles, the inputs over the default group, which waits at most
-`RuntimeConfig.collective_timeout_s`); every rank runs its own program on its own KV pool, and the
-collectives inside the programs combine them. Only rank 0 samples. A failed collective names the ranks
+"""Tensor- and pipeline-parallel engines under torchrun: join the ranks, then rank 0 runs the engine and
+every other rank follows it. Each step, rank 0 broadcasts the program's packed inputs (a header over a
+CPU "control" group that may wait as long as the server idles, the inputs over the default group, which
+waits at most `RuntimeConfig.collective_timeout_s`); every rank runs its own program on its own KV pool.
+Tensor parallel: the collectives inside the programs combine the ranks. Pipeline parallel: each stage
+receives the previous one's hidden states and sends its own on; the last sends its logits back to rank 0
+(one step in flight: the stages do not overlap yet). Only rank 0 samples. A failed collective names the ranks
 found dead (each rank's host and pid are in torchrun's store) and stops this rank with an error."""
 
 from __future__ import annotations
@@ -32,8 +34,14 @@ class Rank:
     """This process's place in a tensor-parallel engine's world."""
 
     rank: int
-    world_size: int
+    world: WorldFacts
     control: Any  # a gloo group for the step headers (no timeout while idle)
+    dtype: torch.dtype  # of the hidden states pipeline stages pass on
+    vocab_size: int  # columns of the logits the last stage sends back to rank 0
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
 
     @property
     def leads(self) -> bool:
@@ -44,7 +52,7 @@ def launch_hint(world: WorldFacts) -> str:
     return f"torchrun --nproc-per-node {world.world_size} -m kiln ..."
 
 
-def join(world: WorldFacts, device_type: str, timeout_s: float) -> Rank:
+def join(world: WorldFacts, device_type: str, timeout_s: float, *, dtype: torch.dtype, vocab_size: int) -> Rank:
     """Join the torchrun launch this process is part of; a missing launch or a wrong world size is a clear error."""
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
@@ -68,7 +76,7 @@ def join(world: WorldFacts, device_type: str, timeout_s: float) -> Rank:
     store = _store()
     if store is not None:
         store.set(f"kiln/rank{rank}", f"{socket.gethostname()}:{os.getpid()}")
-    return Rank(rank, size, control)
+    return Rank(rank, world, control, dtype, vocab_size)
 
 
 def _store() -> Any:
@@ -140,7 +148,13 @@ class LeaderProgram:
         try:
             dist.broadcast(_header(_STEP, inputs), 0, group=self.rank.control)
             dist.broadcast(torch.cat([t.reshape(-1).to(torch.int64) for t in inputs[:7]]), 0)
-            return self.program(*inputs)
+            out = self.program(*inputs)
+            if self.rank.world.pp_size == 1:
+                return out
+            dist.send(out.contiguous(), 1)  # stage 0's hidden states to stage 1; the last stage's logits back
+            logits = out.new_empty(inputs[6].numel(), self.rank.vocab_size)
+            dist.recv(logits, self.rank.world_size - 1)
+            return logits
         except RuntimeError as exc:
             self.stopped = True  # the others are gone or stuck: nothing to tell them
             raise _failure(self.rank, exc) from exc
@@ -171,10 +185,15 @@ def follow(program: Program, kv_cache: torch.Tensor, rank: Rank) -> None:
             ids, positions, slots, tables, lens, starts, logits = payload.split(
                 [tokens, tokens, tokens, seqs * width, seqs, seqs + 1, rows]
             )
+            meta = (positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache)
             with torch.inference_mode():
-                program(
-                    ids, positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache
-                )
+                if rank.world.pp_size == 1:
+                    program(ids, *meta)
+                    continue
+                hidden = torch.empty(tokens, rank.world.hidden_size, dtype=rank.dtype, device=device)
+                dist.recv(hidden, rank.rank - 1)
+                out = program(hidden, *meta)
+                dist.send(out.contiguous(), (rank.rank + 1) % rank.world_size)  # the last stage: logits to rank 0
         except RuntimeError as exc:
             raise _failure(rank, exc) from exc
 

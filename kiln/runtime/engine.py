@@ -49,11 +49,15 @@ class Engine:
         self.manifest = read_manifest(self.path)
         # A tensor-parallel engine: this process is one rank of a torchrun launch (set before the device check).
         world = self.manifest.world
-        self.rank = (
-            None
-            if world is None
-            else distributed.join(world, self.manifest.device["type"], self.runtime.collective_timeout_s)
-        )
+        self.rank = None
+        if world is not None:
+            self.rank = distributed.join(
+                world,
+                self.manifest.device["type"],
+                self.runtime.collective_timeout_s,
+                dtype=torch_dtype(self.manifest.build.dtype),
+                vocab_size=self.manifest.model.vocab_size,
+            )
         self.device = check_compatible(self.manifest)
         # The kernels this engine's ops run: selected around its measured step, its graph capture and each step.
         self.kernels = from_configs(self.runtime, self.manifest.build)
@@ -149,8 +153,10 @@ class Engine:
 
     def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         facts, world = self.manifest.model, self.manifest.world
-        kv_heads = facts.num_kv_heads if world is None else world.kv_heads_per_rank
-        return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, kv_heads, facts.head_dim)
+        if world is None:
+            return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, facts.num_kv_heads, facts.head_dim)
+        layers = facts.num_layers // world.pp_size
+        return (layers, 2, num_blocks, self.build.tokens_per_block, world.kv_heads_per_rank, facts.head_dim)
 
     # ---- requests -------------------------------------------------------------------------------
 

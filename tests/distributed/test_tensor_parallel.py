@@ -1,6 +1,6 @@
-"""Tensor-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens of the
-one-rank engine and of transformers (float32), with KV heads split or replicated, through a preemption;
-a missing launch, a wrong world size and a killed rank are clear errors."""
+"""Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
+of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
+preemption; int8/int4 engines shard; a missing launch, a wrong world size and a killed rank are clear errors."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def references(ckpt: Path, engine: Path) -> tuple[list[list[int]], list[list[int
 
 
 CASES = {
-    # family, its options, whether the engines are compiled by Inductor
+    # family, its options, whether the TP2 engine is compiled by Inductor (one-rank engines run op by op)
     "llama-untied": ("llama", {"tie_word_embeddings": False, "head_dim": 32}, True),
     "llama-one-kv-head": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 1}, False),
     "qwen2": ("qwen2", {}, False),
@@ -68,6 +68,7 @@ CASES = {
 }
 
 
+PIPELINED = ("llama-untied", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
 QUANTIZED = ("int8_wo", "int4_wo")  # of the llama-untied checkpoint, in groups of 32 (64 columns a rank)
 
 
@@ -78,8 +79,11 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     for case, (family, options, compile_) in CASES.items():
         tmp = tmp_path_factory.mktemp(case)
         ckpt = checkpoint(tmp / "ckpt", family, **options)
-        one = build_tiny_engine(ckpt, tmp / "tp1", compile=compile_)
+        one = build_tiny_engine(ckpt, tmp / "tp1")
         made[case] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", compile=compile_, tp_size=2)
+    for case in PIPELINED:  # two stages of the same checkpoints
+        ckpt, one, _ = made[case]
+        made[f"pp2-{case}"] = ckpt, one, build_tiny_engine(ckpt, tmp_path_factory.mktemp(case) / "pp2", pp_size=2)
     ckpt = made["llama-untied"][0]
     for method in QUANTIZED:
         tmp = tmp_path_factory.mktemp(method)
@@ -98,6 +102,16 @@ def test_tp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
     hf, single = references(ckpt, one)
     assert result["tokens"] == hf == single
     assert len(set(sum(hf, []))) > 3  # the tokens are not one repeated id
+    assert result["preemptions"] > 0
+
+
+@pytest.mark.parametrize("case", PIPELINED)
+def test_pp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
+    ckpt, one, two, result = engines[f"pp2-{case}"]
+    world = json.loads((two / "manifest.json").read_text())["world"]
+    assert (world["pp_size"], world["tp_size"]) == (2, 1)
+    hf, single = references(ckpt, one)
+    assert result["tokens"] == hf == single
     assert result["preemptions"] > 0
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     results = {}
     for path in args.engines:
         try:
-            llm = LLM(path, num_kv_blocks=args.num_kv_blocks, collective_timeout_s=20.0)
+            llm = LLM(path, num_kv_blocks=args.num_kv_blocks, collective_timeout_s=10.0)
         except SystemExit as done:  # a following rank: rank 0 is done with this engine
             if done.code:
                 raise
