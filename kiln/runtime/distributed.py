@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from kiln.engine.manifest import WorldFacts
 from kiln.engine.programs import Program
+from kiln.engine.world import make_groups, pipeline_peers, tensor_group
 from kiln.errors import KilnError
 
 _STEP, _STOP = 1, 0
@@ -63,8 +64,8 @@ def join(world: WorldFacts, device_type: str, timeout_s: float, *, dtype: torch.
     size = int(os.environ["WORLD_SIZE"])
     if size != world.world_size:
         raise KilnError(
-            f"this engine was built for {world.world_size} ranks (tp {world.tp_size}), and {size} were launched: "
-            f"use `{launch_hint(world)}`"
+            f"this engine was built for {world.world_size} ranks (tp {world.tp_size} x pp {world.pp_size}), "
+            f"and {size} were launched: use `{launch_hint(world)}`"
         )
     rank = int(os.environ["RANK"])
     if device_type == "cuda":
@@ -72,6 +73,13 @@ def join(world: WorldFacts, device_type: str, timeout_s: float, *, dtype: torch.
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    groups = make_groups(world.tp_size, world.pp_size)  # the groups the programs' collectives name, made first
+    expected = tensor_group(rank, world.tp_size, world.pp_size)
+    if groups and groups[rank // world.tp_size].group_name != expected:
+        raise KilnError(
+            f"rank {rank}: this process made other process groups before the engine's (its programs name group "
+            f"{expected!r}): load a tensor x pipeline-parallel engine first in its process"
+        )
     control = dist.new_group(backend="gloo", timeout=_IDLE)
     store = _store()
     if store is not None:
@@ -149,11 +157,12 @@ class LeaderProgram:
             dist.broadcast(_header(_STEP, inputs), 0, group=self.rank.control)
             dist.broadcast(torch.cat([t.reshape(-1).to(torch.int64) for t in inputs[:7]]), 0)
             out = self.program(*inputs)
-            if self.rank.world.pp_size == 1:
+            world = self.rank.world
+            if world.pp_size == 1:
                 return out
-            dist.send(out.contiguous(), 1)  # stage 0's hidden states to stage 1; the last stage's logits back
+            dist.send(out.contiguous(), world.tp_size)  # stage 0's hidden states on to stage 1
             logits = out.new_empty(inputs[6].numel(), self.rank.vocab_size)
-            dist.recv(logits, self.rank.world_size - 1)
+            dist.recv(logits, (world.pp_size - 1) * world.tp_size)  # the last stage's logits back
             return logits
         except RuntimeError as exc:
             self.stopped = True  # the others are gone or stuck: nothing to tell them
@@ -186,14 +195,15 @@ def follow(program: Program, kv_cache: torch.Tensor, rank: Rank) -> None:
                 [tokens, tokens, tokens, seqs * width, seqs, seqs + 1, rows]
             )
             meta = (positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache)
+            source, target = pipeline_peers(rank.rank, rank.world.tp_size, rank.world.pp_size)
             with torch.inference_mode():
-                if rank.world.pp_size == 1:
-                    program(ids, *meta)
-                    continue
-                hidden = torch.empty(tokens, rank.world.hidden_size, dtype=rank.dtype, device=device)
-                dist.recv(hidden, rank.rank - 1)
-                out = program(hidden, *meta)
-                dist.send(out.contiguous(), (rank.rank + 1) % rank.world_size)  # the last stage: logits to rank 0
+                first = ids
+                if source is not None:  # a later stage: the previous stage's hidden states
+                    first = torch.empty(tokens, rank.world.hidden_size, dtype=rank.dtype, device=device)
+                    dist.recv(first, source)
+                out = program(first, *meta)
+                if target is not None:  # on to the next stage; the last stage's logits to rank 0
+                    dist.send(out.contiguous(), target)
         except RuntimeError as exc:
             raise _failure(rank, exc) from exc
 

@@ -38,12 +38,20 @@ def checkpoint(directory: Path, family: str, **options: object) -> Path:
     return directory
 
 
-def torchrun(engines: list[Path], tmp: Path) -> dict:
-    """One torchrun launch of two ranks over the TP2 engines, each on 4 KV blocks (which hold one sequence
+def torchrun(engines: list[Path], tmp: Path, ranks: int = 2) -> dict:
+    """One torchrun launch of `ranks` ranks over the engines, each on 4 KV blocks (which hold one sequence
     of 64 tokens, not the three prompts: the scheduler preempts)."""
     prompts, out = tmp / "prompts.json", tmp / "out.json"
     prompts.write_text(json.dumps(PROMPTS))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(RANK_SCRIPT)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        str(RANK_SCRIPT),
+    ]
     command += [str(out), str(prompts), *map(str, engines), "--new-tokens", str(NEW_TOKENS), "--num-kv-blocks", "4"]
     proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -110,6 +118,17 @@ def test_pp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
     ckpt, one, two, result = engines[f"pp2-{case}"]
     world = json.loads((two / "manifest.json").read_text())["world"]
     assert (world["pp_size"], world["tp_size"]) == (2, 1)
+    hf, single = references(ckpt, one)
+    assert result["tokens"] == hf == single
+    assert result["preemptions"] > 0
+
+
+def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(engines, tmp_path: Path) -> None:
+    ckpt, one, _, _ = engines["llama-untied"]  # 2 layers: one a stage, each split over 2 ranks
+    four = build_tiny_engine(ckpt, tmp_path / "tp2pp2", tp_size=2, pp_size=2)
+    world = json.loads((four / "manifest.json").read_text())["world"]
+    assert (world["tp_size"], world["pp_size"]) == (2, 2) and (four / "rank3").is_dir()
+    result = torchrun([four], tmp_path, ranks=4)[str(four)]
     hf, single = references(ckpt, one)
     assert result["tokens"] == hf == single
     assert result["preemptions"] > 0

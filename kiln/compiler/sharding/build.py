@@ -22,6 +22,7 @@ from kiln.compiler.sharding.layout import check_tp, head_split
 from kiln.compiler.sharding.stream import load_shard
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
+from kiln.engine.world import make_groups
 from kiln.errors import KilnError
 from kiln.models.loader import load_config
 from kiln.models.quantized_formats import CheckpointQuantization
@@ -29,13 +30,15 @@ from kiln.progress import Progress
 
 
 @contextlib.contextmanager
-def fake_world(world_size: int) -> Iterator[None]:
-    """A one-process default group of `world_size` ranks whose collectives do nothing (for export and compile)."""
+def fake_world(tp_size: int, pp_size: int = 1, rank: int = 0) -> Iterator[None]:
+    """A one-process world of tp x pp ranks, seen from `rank`, whose collectives do nothing (for export
+    and compile), with the groups a run makes (`kiln.engine.world.make_groups`)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise KilnError("a tensor-parallel build runs in one process: torch.distributed is already initialized here")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp_size * pp_size)
+    make_groups(tp_size, pp_size)
     try:
         yield
     finally:

@@ -12,6 +12,7 @@ from torch import nn
 from kiln.compiler.sharding.layout import HeadSplit, head_split, vocab_rows
 from kiln.compiler.sharding.modules import RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from kiln.compiler.sharding.plans import ShardPlan
+from kiln.engine.world import WORLD_GROUP
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,10 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def shard_model(model: nn.Module, plan: ShardPlan, rank: int, tp_size: int, text: Any) -> dict[str, Slice]:
-    """Split `model` in place for `rank` of `tp_size`; {parameter name: its checkpoint slice}."""
+def shard_model(
+    model: nn.Module, plan: ShardPlan, rank: int, tp_size: int, text: Any, group: str = WORLD_GROUP
+) -> dict[str, Slice]:
+    """Split `model` in place for `rank` of `tp_size` (collectives over `group`); {parameter name: its slice}."""
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -47,7 +50,8 @@ def shard_model(model: nn.Module, plan: ShardPlan, rank: int, tp_size: int, text
         if isinstance(module, nn.Linear):
             span = _linear_span(last, plan, split, head_dim, module, rank, tp_size)
             if span is not None:
-                slices.update(_split_linear(model, name, module, last in plan.attention_out + plan.mlp_out, span))
+                row = last in plan.attention_out + plan.mlp_out
+                slices.update(_split_linear(model, name, module, row, span, group))
         elif last == plan.attention and hasattr(module, "num_key_value_groups"):
             module.num_key_value_groups = split.q_heads // split.kv_heads
     vocab = text.vocab_size
@@ -58,9 +62,9 @@ def shard_model(model: nn.Module, plan: ShardPlan, rank: int, tp_size: int, text
     embed_key = f"{plan.embedding}.weight"
     scale = getattr(embed, "embed_scale", None)
     scale = scale.clone() if isinstance(scale, torch.Tensor) else None
-    _set(model, plan.embedding, VocabParallelEmbedding(torch.empty(rows, hidden, device="meta"), start, scale))
+    _set(model, plan.embedding, VocabParallelEmbedding(torch.empty(rows, hidden, device="meta"), start, group, scale))
     slices[embed_key] = Slice(embed_key, 0, start, stop, rows)
-    _set(model, plan.head, VocabParallelHead(torch.empty(rows, hidden, device="meta"), vocab, tp_size))
+    _set(model, plan.head, VocabParallelHead(torch.empty(rows, hidden, device="meta"), vocab, group))
     slices[f"{plan.head}.weight"] = Slice(f"{plan.head}.weight", 0, start, stop, rows)
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("a vocab-parallel head with a bias")
@@ -87,7 +91,7 @@ def _linear_span(
 
 
 def _split_linear(
-    model: nn.Module, name: str, module: nn.Linear, row_parallel: bool, span: tuple[int, int]
+    model: nn.Module, name: str, module: nn.Linear, row_parallel: bool, span: tuple[int, int], group: str
 ) -> dict[str, Slice]:
     start, stop = span
     width = stop - start
@@ -98,7 +102,9 @@ def _split_linear(
             model,
             name,
             RowParallelLinear(
-                torch.empty(module.out_features, width, device="meta"), _meta(module.out_features) if has_bias else None
+                torch.empty(module.out_features, width, device="meta"),
+                _meta(module.out_features) if has_bias else None,
+                group,
             ),
         )
         return {weight: Slice(weight, 1, start, stop, width)}  # the bias is whole, added once after the sum

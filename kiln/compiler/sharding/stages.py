@@ -1,10 +1,12 @@
-"""`kiln build --pp-size N`: the model's layers split into N consecutive stages, one program per stage.
+"""`kiln build --pp-size N`: the model's layers split into N consecutive stages, one program per stage
+(per rank of a stage, with --tp-size: each stage's ranks shard it as a tensor-parallel build does).
 Stage 0 maps token ids to hidden states through its layers; each later stage maps the hidden states it
 receives through its own; the last one ends with the norm and the head and returns logits. Each stage's
 attention layers are numbered from 0 in its own KV cache."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -19,8 +21,12 @@ from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.compiler.quantize.methods import engine_quantization
+from kiln.compiler.sharding.build import check_sharded_request, fake_world
+from kiln.compiler.sharding.layout import head_split
+from kiln.compiler.sharding.stream import load_shard
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
+from kiln.engine.world import tensor_group
 from kiln.errors import KilnError
 from kiln.models.loader import load_checkpoint
 from kiln.progress import Progress
@@ -91,7 +97,6 @@ def stage_spec(
         dynamic_shapes=dynamic_shapes(max(config.max_num_tokens, 9), max(config.max_batch_size, 2)),
         what=f"{architecture} stage {stage}",
         architecture=architecture,
-        directory=WorldFacts.rank_dir(stage),
         input_names=INPUT_NAMES if first else STAGE_INPUT_NAMES,
         check_inputs=check,
         cache=shape,
@@ -99,43 +104,54 @@ def stage_spec(
 
 
 def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
-    """Each stage loaded, cut to its layers and built in turn (one program per rank: stage = rank)."""
-    if config.tp_size > 1:
-        raise KilnError("--tp-size with --pp-size is not built yet: give one of them")
+    """Each rank's stage loaded (its tensor-parallel slices with --tp-size), cut to its layers and built in
+    turn: rank = stage x tp_size + tensor-parallel rank."""
     if config.quantization != "none":
         raise KilnError("pipeline-parallel engines are built unquantized (for now)")
-    stages = config.pp_size
+    if config.tp_size > 1:
+        check_sharded_request(checkpoint, config)
+    stages, tp = config.pp_size, config.tp_size
     device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
     written: list[WrittenProgram] = []
-    for stage in range(stages):
-        with progress.stage(f"load rank{stage}", str(checkpoint)):
-            loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
-        shape = cache_shape(loaded.config)
-        if shape.num_layers % stages:
-            raise KilnError(f"{shape.num_layers} layers do not divide into {stages} pipeline stages")
-        per = shape.num_layers // stages
-        if stage == 0:
-            facts = model_facts(loaded, shape)
-            config = config.resolved(facts.max_position_embeddings)
-            loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
-        hidden = int(loaded.config.get_text_config().hidden_size)
-        model = loaded.model
-        del loaded
-        keep_layers(model, stage * per, (stage + 1) * per, first=stage == 0, last=stage == stages - 1)
-        gc.collect()
-        stage_shape = dataclasses.replace(shape, num_layers=per)
-        spec = stage_spec(model, stage_shape, config, hidden, facts.architecture, stage=stage, stages=stages)
-        del model
-        written.append(build_program(spec, output, config, progress))
-        gc.collect()
+    for rank in range(stages * tp):
+        stage, t = divmod(rank, tp)
+        with fake_world(tp, stages, rank) if tp > 1 else contextlib.nullcontext():
+            with progress.stage(f"load rank{rank}", str(checkpoint)):
+                if tp > 1:
+                    loaded = load_shard(checkpoint, dtype, t, tp, group=tensor_group(rank, tp, stages))
+                else:
+                    loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
+            shape = cache_shape(loaded.config)
+            text = loaded.config.get_text_config()
+            if shape.num_layers % stages:
+                raise KilnError(f"{shape.num_layers} layers do not divide into {stages} pipeline stages")
+            per = shape.num_layers // stages
+            kv_heads = head_split(t, tp, text.num_attention_heads, shape.num_kv_heads).kv_heads
+            if rank == 0:
+                facts = model_facts(loaded, shape)
+                config = config.resolved(facts.max_position_embeddings)
+                loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
+            hidden = int(text.hidden_size)
+            model = loaded.model.to(device)
+            del loaded
+            keep_layers(model, stage * per, (stage + 1) * per, first=stage == 0, last=stage == stages - 1)
+            gc.collect()
+            rank_shape = CacheShape(per, kv_heads, shape.head_dim)
+            spec = stage_spec(model, rank_shape, config, hidden, facts.architecture, stage=stage, stages=stages)
+            del model
+            written.append(
+                build_program(dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress)
+            )
+            del spec
+            gc.collect()
     engine = EngineFacts(
         config=config,
         model=facts,
         compiled=written[0].compiled,
         source_checkpoint=str(Path(checkpoint).resolve()),
-        op_modules=written[0].op_modules,
+        op_modules={op: mods for w in written for op, mods in w.op_modules.items()},
         passes=written[-1].passes,
         quantization=engine_quantization(config, None, ()),
-        world=WorldFacts(tp_size=1, kv_heads_per_rank=shape.num_kv_heads, pp_size=stages, hidden_size=hidden),
+        world=WorldFacts(tp_size=tp, kv_heads_per_rank=kv_heads, pp_size=stages, hidden_size=hidden),
     )
     write_engine_manifest(output, engine, device, progress)

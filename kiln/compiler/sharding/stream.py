@@ -17,6 +17,7 @@ from torch import nn
 from kiln.compiler.sharding.plans import plan_for
 from kiln.compiler.sharding.quantize import row_parallel_int8
 from kiln.compiler.sharding.shard import Slice, shard_model
+from kiln.engine.world import WORLD_GROUP
 from kiln.errors import KilnError
 from kiln.models.loader import ATTENTION_NAME, LoadedCheckpoint, check_checkpoint_dir, load_config
 from kiln.models.registry import recipe_for
@@ -70,7 +71,7 @@ def _read(files: dict[str, Path], piece: Slice, fallback: str | None, dtype: tor
 
 
 def load_shard(
-    path: str | Path, dtype: torch.dtype, rank: int, tp_size: int, *, int8: bool = False
+    path: str | Path, dtype: torch.dtype, rank: int, tp_size: int, *, int8: bool = False, group: str = WORLD_GROUP
 ) -> LoadedCheckpoint:
     """Rank `rank`'s shard of the checkpoint at `path` (CPU), with its tokenizer and generation config;
     `int8`: with its row-parallel linears quantized on whole-row scales (`quantized`, for the build's pass)."""
@@ -87,7 +88,7 @@ def load_shard(
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, dtype=dtype)
     text = config.get_text_config()
-    slices = shard_model(model, plan, rank, tp_size, text)
+    slices = shard_model(model, plan, rank, tp_size, text, group)
     files = _key_files(path)
     tied = f"{plan.embedding}.weight"
     for name, piece in slices.items():
