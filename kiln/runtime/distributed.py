@@ -2,9 +2,10 @@
 every other rank follows it. Each step, rank 0 broadcasts the program's packed inputs (a header over a
 CPU "control" group that may wait as long as the server idles, the inputs over the default group, which
 waits at most `RuntimeConfig.collective_timeout_s`); every rank runs its own program on its own KV pool.
-Tensor parallel: the collectives inside the programs combine the ranks. Pipeline parallel: each stage
-receives the previous one's hidden states and sends its own on; the last sends its logits back to rank 0
-(one step in flight: the stages do not overlap yet). Only rank 0 samples. A failed collective names the ranks
+Tensor parallel: the collectives inside the programs combine the ranks. Pipeline parallel: a step's
+sequences go in micro-batches; each stage receives a micro-batch's hidden states from the previous one
+and sends its own on without waiting, the last sends its logits back to rank 0, so that stage 0 computes
+the next micro-batch while the later stages work on this one. Only rank 0 samples. A failed collective names the ranks
 found dead (each rank's host and pid are in torchrun's store) and stops this rank with an error."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kiln.engine.world import make_groups, pipeline_peers, tensor_group
 from kiln.errors import KilnError
 
 _STEP, _STOP = 1, 0
-_HEADER = 5  # command, tokens, sequences, block-table width, logits rows
+_SHAPE = 4  # a micro-batch's tokens, sequences, block-table width, logits rows
 _IDLE = timedelta(days=30)  # the control group waits for rank 0's next step as long as the server idles
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -136,11 +137,31 @@ def _failure(rank: Rank, exc: BaseException) -> KilnError:
     )
 
 
-def _header(command: int, inputs: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    if not inputs:
-        return torch.tensor([command, 0, 0, 0, 0], dtype=torch.int64)
-    tables = inputs[3]
-    return torch.tensor([command, inputs[0].numel(), tables.shape[0], tables.shape[1], inputs[6].numel()])
+def _header_size(world: WorldFacts) -> int:
+    return 2 + _SHAPE * world.pp_size  # command, micro-batches, then each one's shape (up to one a stage)
+
+
+def _header(world: WorldFacts, command: int, batches: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
+    batches = batches or []
+    header = torch.zeros(_header_size(world), dtype=torch.int64)
+    header[0], header[1] = command, len(batches)
+    for i, inputs in enumerate(batches):
+        tables = inputs[3]
+        shape = [inputs[0].numel(), tables.shape[0], tables.shape[1], inputs[6].numel()]
+        header[2 + _SHAPE * i : 2 + _SHAPE * (i + 1)] = torch.tensor(shape)
+    return header
+
+
+def _pack(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(torch.int64) for t in inputs[:7]])
+
+
+def _unpack(payload: torch.Tensor, shape: list[int], kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    tokens, seqs, width, rows = shape
+    ids, positions, slots, tables, lens, starts, logits = payload.split(
+        [tokens, tokens, tokens, seqs * width, seqs, seqs + 1, rows]
+    )
+    return ids, positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache
 
 
 class LeaderProgram:
@@ -153,16 +174,26 @@ class LeaderProgram:
         atexit.register(self.stop)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run_microbatches([inputs])[0]
+
+    def run_microbatches(self, batches: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        """The logits of each micro-batch. With pipeline stages, stage 0 sends each micro-batch's hidden
+        states on without waiting, then starts the next one while the later stages work on it."""
+        world = self.rank.world
         try:
-            dist.broadcast(_header(_STEP, inputs), 0, group=self.rank.control)
-            dist.broadcast(torch.cat([t.reshape(-1).to(torch.int64) for t in inputs[:7]]), 0)
-            out = self.program(*inputs)
-            world = self.rank.world
+            dist.broadcast(_header(world, _STEP, batches), 0, group=self.rank.control)
+            dist.broadcast(torch.cat([_pack(inputs) for inputs in batches]), 0)
             if world.pp_size == 1:
-                return out
-            dist.send(out.contiguous(), world.tp_size)  # stage 0's hidden states on to stage 1
-            logits = out.new_empty(inputs[6].numel(), self.rank.vocab_size)
-            dist.recv(logits, (world.pp_size - 1) * world.tp_size)  # the last stage's logits back
+                return [self.program(*inputs) for inputs in batches]
+            requests, logits = [], []
+            for inputs in batches:
+                out = self.program(*inputs).contiguous()
+                requests.append(dist.isend(out, world.tp_size))  # stage 0's hidden states on to stage 1
+                logits.append(out.new_empty(inputs[6].numel(), self.rank.vocab_size))
+                requests.append(dist.irecv(logits[-1], (world.pp_size - 1) * world.tp_size))  # the last stage's
+            for request in requests:
+                if request is not None:
+                    request.wait()
             return logits
         except RuntimeError as exc:
             self.stopped = True  # the others are gone or stuck: nothing to tell them
@@ -174,36 +205,42 @@ class LeaderProgram:
             return
         self.stopped = True
         try:
-            dist.broadcast(_header(_STOP), 0, group=self.rank.control)
+            dist.broadcast(_header(self.rank.world, _STOP), 0, group=self.rank.control)
         except Exception:
             pass
 
 
 def follow(program: Program, kv_cache: torch.Tensor, rank: Rank) -> None:
-    """A rank other than 0: run each step rank 0 broadcasts, on this rank's KV pool, until it says stop."""
-    device = kv_cache.device
+    """A rank other than 0: run each step rank 0 broadcasts, on this rank's KV pool, until it says stop;
+    a pipeline stage takes each micro-batch's hidden states from the previous stage and sends its own on."""
+    device, world = kv_cache.device, rank.world
+    source, target = pipeline_peers(rank.rank, world.tp_size, world.pp_size)
     while True:
-        header = torch.empty(_HEADER, dtype=torch.int64)
+        header = torch.empty(_header_size(world), dtype=torch.int64)
         try:
             dist.broadcast(header, 0, group=rank.control)
-            command, tokens, seqs, width, rows = header.tolist()
+            command, count, *shapes = header.tolist()
             if command == _STOP:
                 return
-            payload = torch.empty(3 * tokens + seqs * width + 2 * seqs + 1 + rows, dtype=torch.int64, device=device)
+            shapes = [shapes[_SHAPE * i : _SHAPE * (i + 1)] for i in range(count)]
+            sizes = [3 * t + s * w + 2 * s + 1 + r for t, s, w, r in shapes]
+            payload = torch.empty(sum(sizes), dtype=torch.int64, device=device)
             dist.broadcast(payload, 0)
-            ids, positions, slots, tables, lens, starts, logits = payload.split(
-                [tokens, tokens, tokens, seqs * width, seqs, seqs + 1, rows]
-            )
-            meta = (positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache)
-            source, target = pipeline_peers(rank.rank, rank.world.tp_size, rank.world.pp_size)
+            sent = []
             with torch.inference_mode():
-                first = ids
-                if source is not None:  # a later stage: the previous stage's hidden states
-                    first = torch.empty(tokens, rank.world.hidden_size, dtype=rank.dtype, device=device)
-                    dist.recv(first, source)
-                out = program(first, *meta)
-                if target is not None:  # on to the next stage; the last stage's logits to rank 0
-                    dist.send(out.contiguous(), target)
+                for part, shape in zip(payload.split(sizes), shapes):
+                    inputs = _unpack(part, shape, kv_cache)
+                    first = inputs[0]
+                    if source is not None:  # a later stage: the previous stage's hidden states
+                        first = torch.empty(shape[0], world.hidden_size, dtype=rank.dtype, device=device)
+                        dist.recv(first, source)
+                    out = program(first, *inputs[1:])
+                    if target is not None:  # on to the next stage; the last stage's logits to rank 0
+                        buffer = out.contiguous()
+                        sent.append((dist.isend(buffer, target), buffer))
+            for request, _ in sent:
+                if request is not None:
+                    request.wait()
         except RuntimeError as exc:
             raise _failure(rank, exc) from exc
 

@@ -113,6 +113,7 @@ class Engine:
                 distributed.follow(program, self.kv_cache, self.rank)
                 raise SystemExit(0)
             self.runner.program = distributed.LeaderProgram(program, self.rank)
+            self.runner.microbatches = self.rank.world.pp_size
         # Not yet with several ranks: each captured step must hold its collectives (checked on the GPU machine).
         if self.device.type == "cuda" and self.runtime.cuda_graphs and self.rank is None:
             with progress.stage("capture CUDA graphs", "decode steps"), selected(self.kernels):
