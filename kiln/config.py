@@ -126,6 +126,10 @@ class BuildConfig:
     calib_size: int = field(
         default=64, metadata={"help": "int4_awq: calibration samples of 512 tokens taken from --calib-data"}
     )
+    tp_size: int = field(
+        default=1, metadata={"help": "tensor-parallel ranks: one program per rank, run under torchrun"}
+    )
+    pp_size: int = field(default=1, metadata={"help": "pipeline stages: the layers split over as many ranks"})
 
     def __post_init__(self) -> None:
         _check_choice("BuildConfig", "dtype", self.dtype, DTYPES)
@@ -133,6 +137,8 @@ class BuildConfig:
         if self.group_size not in GROUP_SIZES:
             raise KilnError(f"BuildConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         _check_int("BuildConfig", "calib_size", self.calib_size, 1)
+        _check_int("BuildConfig", "tp_size", self.tp_size, 1)
+        _check_int("BuildConfig", "pp_size", self.pp_size, 1)
         if self.calib_data is not None and not isinstance(self.calib_data, str):
             raise KilnError(f"BuildConfig.calib_data must be a file path, got {self.calib_data!r}")
         _check_choice("BuildConfig", "device", self.device, DEVICES)
@@ -234,6 +240,10 @@ class RuntimeConfig:
         default="auto",
         metadata={"choices": KERNEL_CHOICES, "help": "greedy sampling: Triton on CUDA (auto) or torch.argmax"},
     )
+    collective_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "tensor-parallel engines: seconds a rank waits on the others before it stops with an error"},
+    )
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None:
@@ -242,6 +252,10 @@ class RuntimeConfig:
             raise KilnError(
                 f"RuntimeConfig.kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+        if isinstance(self.collective_timeout_s, bool) or not (
+            isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0
+        ):
+            raise KilnError(f"RuntimeConfig.collective_timeout_s must be > 0, got {self.collective_timeout_s!r}")
         for name in ("attention_kernel", "linear_kernel", "argmax_kernel"):
             _check_choice("RuntimeConfig", name, getattr(self, name), KERNEL_CHOICES)
         _check_bools(self)

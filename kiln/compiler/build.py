@@ -45,7 +45,17 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     from kiln.models.vlm_loader import checkpoint_recipe
 
     if checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind == "vision_language":
+        if config.tp_size > 1 or config.pp_size > 1:
+            raise KilnError("vision-language checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
         return write_vlm_engine(checkpoint, output, config, progress)
+    if config.pp_size > 1:
+        from kiln.compiler.sharding.stages import write_pipeline_engine
+
+        return write_pipeline_engine(checkpoint, output, config, progress)
+    if config.tp_size > 1:
+        from kiln.compiler.sharding.build import write_sharded_engine
+
+        return write_sharded_engine(checkpoint, output, config, progress)
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype)
     with progress.stage("load", str(checkpoint)):

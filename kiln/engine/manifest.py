@@ -88,6 +88,31 @@ class QuantizationFacts:
         return cls(**{**values, "layers": tuple(values["layers"])})
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorldFacts:
+    """A tensor- or pipeline-parallel engine's layout: rank r's program is in `rank{r}/`, its KV pool holds
+    `kv_heads_per_rank` heads (the model's split, or one replicated head where it has fewer than ranks).
+    With `pp_size` stages (tp 1 for now) rank r is stage r, with the model's layers / pp_size layers, and
+    stages pass hidden states of `hidden_size`."""
+
+    tp_size: int
+    kv_heads_per_rank: int
+    pp_size: int = 1
+    hidden_size: int = 0  # pipeline stages only
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @staticmethod
+    def rank_dir(rank: int) -> str:
+        return f"rank{rank}"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "WorldFacts":
+        return cls(**values)
+
+
 def describe_device(device: torch.device) -> dict[str, Any]:
     """The device facts an engine is tied to."""
     if device.type == "cuda":
@@ -113,6 +138,7 @@ class Manifest:
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the graph passes that changed it
     quantization: QuantizationFacts | None = None  # weight-only quantized engines only
+    world: WorldFacts | None = None  # tensor-parallel engines only
 
     def to_json(self) -> str:
         data = {
@@ -134,6 +160,8 @@ class Manifest:
             data["source_checkpoint"] = self.source_checkpoint
         if self.quantization is not None:
             data["quantization"] = self.quantization.to_dict()
+        if self.world is not None:
+            data["world"] = dict(self.world.__dict__)
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -154,6 +182,7 @@ class Manifest:
             op_modules={op: tuple(modules) for op, modules in data.get("op_modules", {}).items()},
             passes=data.get("passes", {}),  # engines built before kiln recorded them have none
             quantization=QuantizationFacts.from_dict(data["quantization"]) if data.get("quantization") else None,
+            world=WorldFacts.from_dict(data["world"]) if data.get("world") else None,
         )
 
 

@@ -13,13 +13,13 @@ import torch
 
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
 from kiln.config import RuntimeConfig, torch_dtype
-from kiln.engine.manifest import check_compatible, read_manifest
+from kiln.engine.manifest import WorldFacts, check_compatible, read_manifest
 from kiln.engine.programs import Program, load_program
 from kiln.engine.tokenizers import load_tokenizer
 from kiln.errors import KilnError, RequestError
 from kiln.kernels.selection import from_configs, selected
 from kiln.progress import Progress
-from kiln.runtime import grammar, memory_plan, prompt_logprobs, prompts, stats, validation
+from kiln.runtime import distributed, grammar, memory_plan, prompt_logprobs, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
@@ -47,6 +47,17 @@ class Engine:
         self.path = Path(engine_dir)
         self.runtime = runtime or RuntimeConfig()
         self.manifest = read_manifest(self.path)
+        # A tensor-parallel engine: this process is one rank of a torchrun launch (set before the device check).
+        world = self.manifest.world
+        self.rank = None
+        if world is not None:
+            self.rank = distributed.join(
+                world,
+                self.manifest.device["type"],
+                self.runtime.collective_timeout_s,
+                dtype=torch_dtype(self.manifest.build.dtype),
+                vocab_size=self.manifest.model.vocab_size,
+            )
         self.device = check_compatible(self.manifest)
         # The kernels this engine's ops run: selected around its measured step, its graph capture and each step.
         self.kernels = from_configs(self.runtime, self.manifest.build)
@@ -80,6 +91,8 @@ class Engine:
             num_blocks = memory_plan.num_blocks(
                 setup, facts, self.runtime, vision=self.multimodal, held_before=held_before
             )
+        if self.rank is not None:  # every rank's pool holds the same blocks
+            num_blocks = distributed.agree_on_blocks(num_blocks, self.device)
         # On CPU an inference tensor: the attention ops that write it then skip torch's Python
         # version-counter kernel (ADInplaceOrView), about 70 µs a call. Only steps (inference mode) write it.
         with torch.inference_mode() if self.device.type == "cpu" else contextlib.nullcontext():
@@ -95,7 +108,14 @@ class Engine:
         )
         self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self._kv, self.device)
         # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).
-        if self.device.type == "cuda" and self.runtime.cuda_graphs:
+        if self.rank is not None:  # rank 0 broadcasts each step; the other ranks follow it and exit here
+            if not self.rank.leads:
+                distributed.follow(program, self.kv_cache, self.rank)
+                raise SystemExit(0)
+            self.runner.program = distributed.LeaderProgram(program, self.rank)
+            self.runner.microbatches = self.rank.world.pp_size
+        # Not yet with several ranks: each captured step must hold its collectives (checked on the GPU machine).
+        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.rank is None:
             with progress.stage("capture CUDA graphs", "decode steps"), selected(self.kernels):
                 graphs = DecodeGraphs(
                     program,
@@ -119,15 +139,25 @@ class Engine:
         overlap = self.runtime.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
 
+    def release_ranks(self) -> None:
+        """A tensor-parallel engine's rank 0: tell the other ranks this engine is done (they leave `Engine(...)`).
+        Done at exit anyway; nothing for a one-rank engine."""
+        if isinstance(self.runner.program, distributed.LeaderProgram):
+            self.runner.program.stop()
+
     def _load_program(self) -> Program:
         """The engine's program, compiled or op by op; a damaged file is a clear rebuild message."""
-        loaded = load_program(self.path, self.device, compiled=self.compiled, op_modules=self.manifest.op_modules)
+        directory = self.path if self.rank is None else self.path / WorldFacts.rank_dir(self.rank.rank)
+        loaded = load_program(directory, self.device, compiled=self.compiled, op_modules=self.manifest.op_modules)
         self.weight_bytes = loaded.weight_bytes
         return loaded.program
 
     def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        facts = self.manifest.model
-        return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, facts.num_kv_heads, facts.head_dim)
+        facts, world = self.manifest.model, self.manifest.world
+        if world is None:
+            return (facts.num_layers, 2, num_blocks, self.build.tokens_per_block, facts.num_kv_heads, facts.head_dim)
+        layers = facts.num_layers // world.pp_size
+        return (layers, 2, num_blocks, self.build.tokens_per_block, world.kv_heads_per_rank, facts.head_dim)
 
     # ---- requests -------------------------------------------------------------------------------
 

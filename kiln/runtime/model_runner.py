@@ -28,6 +28,9 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA: replayed for decode steps
+        # A pipeline-parallel engine's rank 0: a step's sequences go through the stages in this many
+        # micro-batches, so that the stages overlap (the program is a distributed.LeaderProgram).
+        self.microbatches = 1
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
         """Packed inputs for `chunks`, and the indices of the chunks that sample.
@@ -92,6 +95,8 @@ class ModelRunner:
             positions = self.decode_positions(chunks) if graphs.bucket_for(len(chunks)) is not None else None
             if positions is not None:
                 return self._run_decode_graph(graphs, chunks, patch, positions), list(range(len(chunks)))
+        if self.microbatches > 1 and len(chunks) > 1 and not patch and not prompt_spans(chunks):
+            return self._run_microbatches(chunks)
         inputs, sampled = self.prepare(chunks)
         if patch:
             starts = [0]
@@ -100,6 +105,19 @@ class ModelRunner:
             apply_patch(inputs[0], patch, [starts[j + 1] - 1 for j in patch[0]])
         logits = self.program(*inputs)
         return logits[: len(sampled) + sum(s.count for s in prompt_spans(chunks))], sampled
+
+    def _run_microbatches(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
+        """The step's chunks in consecutive micro-batches; their sampled rows, concatenated in chunk order."""
+        size = -(-len(chunks) // min(self.microbatches, len(chunks)))
+        parts = [chunks[i : i + size] for i in range(0, len(chunks), size)]
+        prepared = [self.prepare(part) for part in parts]
+        outs = self.program.run_microbatches([inputs for inputs, _ in prepared])  # type: ignore[attr-defined]
+        sampled, rows, offset = [], [], 0
+        for part, (_, part_sampled), logits in zip(parts, prepared, outs):
+            sampled += [offset + i for i in part_sampled]
+            rows.append(logits[: len(part_sampled)])
+            offset += len(part)
+        return torch.cat(rows), sampled
 
     def decode_positions(self, chunks: Sequence[ScheduledChunk]) -> list[int] | None:
         """The position input of each one-token chunk of a decode step, or None when the step must

@@ -1,0 +1,157 @@
+"""`kiln build --pp-size N`: the model's layers split into N consecutive stages, one program per stage
+(per rank of a stage, with --tp-size: each stage's ranks shard it as a tensor-parallel build does).
+Stage 0 maps token ids to hidden states through its layers; each later stage maps the hidden states it
+receives through its own; the last one ends with the norm and the head and returns logits. Each stage's
+attention layers are numbered from 0 in its own KV cache."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.compiler.capture import INPUT_NAMES, dynamic_shapes, example_inputs, mixed_step_inputs
+from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
+from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
+from kiln.compiler.program_spec import CacheShape, ProgramSpec
+from kiln.compiler.quantize.methods import engine_quantization
+from kiln.compiler.sharding.build import check_sharded_request, fake_world
+from kiln.compiler.sharding.layout import head_split
+from kiln.compiler.sharding.stream import load_shard
+from kiln.config import BuildConfig, torch_dtype
+from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
+from kiln.engine.world import tensor_group
+from kiln.errors import KilnError
+from kiln.models.loader import load_checkpoint
+from kiln.progress import Progress
+
+STAGE_INPUT_NAMES = ("hidden_states", *INPUT_NAMES[1:])  # a later stage takes hidden states [T, hidden]
+
+
+class PipelineStage(nn.Module):
+    """One stage of the unmodified model (its layers only), behind the packed-token signature."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.first, self.last = first, last
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(
+        self,
+        tokens_or_hidden: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        logits_indices: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        given = {"input_ids": tokens_or_hidden[None]} if self.first else {"inputs_embeds": tokens_or_hidden[None]}
+        if not self.last:
+            return self.model.model(**given, position_ids=positions[None], use_cache=False).last_hidden_state[0]
+        if self._keeps_logits:
+            out = self.model(**given, position_ids=positions[None], use_cache=False, logits_to_keep=logits_indices)
+            return out.logits[0]
+        out = self.model(**given, position_ids=positions[None], use_cache=False)
+        return out.logits[0].index_select(0, logits_indices)
+
+
+def keep_layers(model: nn.Module, start: int, stop: int, *, first: bool, last: bool) -> None:
+    """Cut `model` to layers [start, stop), numbered from 0; a stage before the last drops the norm and head."""
+    body: Any = model.get_submodule("model")
+    layers = list(body.layers)[start:stop]
+    for index, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    body.layers = nn.ModuleList(layers)
+    if not last:
+        body.norm = nn.Identity()
+        setattr(model, "lm_head", nn.Identity())  # noqa: B010
+    if not first:
+        body.embed_tokens = nn.Identity()
+
+
+def stage_spec(
+    model: nn.Module, shape: CacheShape, config: BuildConfig, hidden: int, architecture: str, *, stage: int, stages: int
+) -> ProgramSpec:
+    dtype, device = torch_dtype(config.dtype), resolve_device(config.device)
+    first, last = stage == 0, stage == stages - 1
+    args = example_inputs(shape, dtype, device, config.tokens_per_block)
+    check = mixed_step_inputs(shape, dtype, device, config.tokens_per_block)
+    if not first:
+        gen = torch.Generator().manual_seed(stage)
+        args = (torch.randn(args[0].shape[0], hidden, generator=gen).to(dtype).to(device), *args[1:])
+        check = (torch.randn(check[0].shape[0], hidden, generator=gen).to(dtype).to(device), *check[1:])
+    return ProgramSpec(
+        module=PipelineStage(model, first, last).eval(),
+        args=args,
+        dynamic_shapes=dynamic_shapes(max(config.max_num_tokens, 9), max(config.max_batch_size, 2)),
+        what=f"{architecture} stage {stage}",
+        architecture=architecture,
+        input_names=INPUT_NAMES if first else STAGE_INPUT_NAMES,
+        check_inputs=check,
+        cache=shape,
+    )
+
+
+def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
+    """Each rank's stage loaded (its tensor-parallel slices with --tp-size), cut to its layers and built in
+    turn: rank = stage x tp_size + tensor-parallel rank."""
+    if config.quantization != "none":
+        raise KilnError("pipeline-parallel engines are built unquantized (for now)")
+    if config.tp_size > 1:
+        check_sharded_request(checkpoint, config)
+    stages, tp = config.pp_size, config.tp_size
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
+    written: list[WrittenProgram] = []
+    for rank in range(stages * tp):
+        stage, t = divmod(rank, tp)
+        with fake_world(tp, stages, rank) if tp > 1 else contextlib.nullcontext():
+            with progress.stage(f"load rank{rank}", str(checkpoint)):
+                if tp > 1:
+                    loaded = load_shard(checkpoint, dtype, t, tp, group=tensor_group(rank, tp, stages))
+                else:
+                    loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
+            shape = cache_shape(loaded.config)
+            text = loaded.config.get_text_config()
+            if shape.num_layers % stages:
+                raise KilnError(f"{shape.num_layers} layers do not divide into {stages} pipeline stages")
+            per = shape.num_layers // stages
+            kv_heads = head_split(t, tp, text.num_attention_heads, shape.num_kv_heads).kv_heads
+            if rank == 0:
+                facts = model_facts(loaded, shape)
+                config = config.resolved(facts.max_position_embeddings)
+                loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
+            hidden = int(text.hidden_size)
+            model = loaded.model.to(device)
+            del loaded
+            keep_layers(model, stage * per, (stage + 1) * per, first=stage == 0, last=stage == stages - 1)
+            gc.collect()
+            rank_shape = CacheShape(per, kv_heads, shape.head_dim)
+            spec = stage_spec(model, rank_shape, config, hidden, facts.architecture, stage=stage, stages=stages)
+            del model
+            written.append(
+                build_program(dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress)
+            )
+            del spec
+            gc.collect()
+    engine = EngineFacts(
+        config=config,
+        model=facts,
+        compiled=written[0].compiled,
+        source_checkpoint=str(Path(checkpoint).resolve()),
+        op_modules={op: mods for w in written for op, mods in w.op_modules.items()},
+        passes=written[-1].passes,
+        quantization=engine_quantization(config, None, ()),
+        world=WorldFacts(tp_size=tp, kv_heads_per_rank=kv_heads, pp_size=stages, hidden_size=hidden),
+    )
+    write_engine_manifest(output, engine, device, progress)

@@ -1,0 +1,190 @@
+"""Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
+of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
+preemption; int8/int4 engines shard; a missing launch, a wrong world size and a killed rank are clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+from hf_reference import greedy, load_reference  # noqa: E402
+from tiny_checkpoints import FAMILIES, build_tiny_engine, make_tokenizer  # noqa: E402
+
+from kiln import LLM, SamplingParams  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RANK_SCRIPT = Path(__file__).parent / "tp_rank.py"
+PROMPTS = [[5, 17, 40], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130], [3, 4, 250, 9, 77, 12, 301]]
+NEW_TOKENS = 20  # the third prompt is preempted on 4 KV blocks
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def checkpoint(directory: Path, family: str, **options: object) -> Path:
+    config, model_cls = FAMILIES[family](**options)
+    torch.manual_seed(0)
+    model_cls(config).eval().save_pretrained(directory, safe_serialization=True)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def torchrun(engines: list[Path], tmp: Path, ranks: int = 2) -> dict:
+    """One torchrun launch of `ranks` ranks over the engines, each on 4 KV blocks (which hold one sequence
+    of 64 tokens, not the three prompts: the scheduler preempts)."""
+    prompts, out = tmp / "prompts.json", tmp / "out.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        str(RANK_SCRIPT),
+    ]
+    command += [str(out), str(prompts), *map(str, engines), "--new-tokens", str(NEW_TOKENS), "--num-kv-blocks", "4"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def references(ckpt: Path, engine: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """transformers' greedy tokens, and the one-rank engine's."""
+    model = load_reference(ckpt)
+    hf = [greedy(model, p, NEW_TOKENS)[0] for p in PROMPTS]
+    llm = LLM(engine)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    return hf, [o.token_ids for o in outs]
+
+
+CASES = {
+    # family, its options, whether the TP2 engine is compiled by Inductor (one-rank engines run op by op)
+    "llama-untied": ("llama", {"tie_word_embeddings": False, "head_dim": 32}, True),
+    "llama-one-kv-head": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 1}, False),
+    "qwen2": ("qwen2", {}, False),
+    "gemma2": ("gemma2", {}, False),
+}
+
+
+PIPELINED = ("llama-untied", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
+QUANTIZED = ("int8_wo", "int4_wo")  # of the llama-untied checkpoint, in groups of 32 (64 columns a rank)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Path, dict]]:
+    """{case: (checkpoint, one-rank engine, TP2 engine, what the TP2 engine generated under torchrun)}."""
+    made = {}
+    for case, (family, options, compile_) in CASES.items():
+        tmp = tmp_path_factory.mktemp(case)
+        ckpt = checkpoint(tmp / "ckpt", family, **options)
+        one = build_tiny_engine(ckpt, tmp / "tp1")
+        made[case] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", compile=compile_, tp_size=2)
+    for case in PIPELINED:  # two stages of the same checkpoints
+        ckpt, one, _ = made[case]
+        made[f"pp2-{case}"] = ckpt, one, build_tiny_engine(ckpt, tmp_path_factory.mktemp(case) / "pp2", pp_size=2)
+    ckpt = made["llama-untied"][0]
+    for method in QUANTIZED:
+        tmp = tmp_path_factory.mktemp(method)
+        options = {"quantization": method, "group_size": 32}
+        one = build_tiny_engine(ckpt, tmp / "tp1", **options)
+        made[method] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", tp_size=2, **options)
+    results = torchrun([two for _, _, two in made.values()], tmp_path_factory.mktemp("torchrun"))
+    return {case: (*paths, results[str(paths[2])]) for case, paths in made.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
+    ckpt, one, two, result = engines[case]
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["world"]["tp_size"] == 2 and (two / "rank0").is_dir() and (two / "rank1").is_dir()
+    hf, single = references(ckpt, one)
+    assert result["tokens"] == hf == single
+    assert len(set(sum(hf, []))) > 3  # the tokens are not one repeated id
+    assert result["preemptions"] > 0
+
+
+@pytest.mark.parametrize("case", PIPELINED)
+def test_pp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
+    ckpt, one, two, result = engines[f"pp2-{case}"]
+    world = json.loads((two / "manifest.json").read_text())["world"]
+    assert (world["pp_size"], world["tp_size"]) == (2, 1)
+    hf, single = references(ckpt, one)
+    assert result["tokens"] == hf == single
+    assert result["preemptions"] > 0
+
+
+def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(engines, tmp_path: Path) -> None:
+    ckpt, one, _, _ = engines["llama-untied"]  # 2 layers: one a stage, each split over 2 ranks
+    four = build_tiny_engine(ckpt, tmp_path / "tp2pp2", tp_size=2, pp_size=2)
+    world = json.loads((four / "manifest.json").read_text())["world"]
+    assert (world["tp_size"], world["pp_size"]) == (2, 2) and (four / "rank3").is_dir()
+    result = torchrun([four], tmp_path, ranks=4)[str(four)]
+    hf, single = references(ckpt, one)
+    assert result["tokens"] == hf == single
+    assert result["preemptions"] > 0
+
+
+@pytest.mark.parametrize("method", QUANTIZED)
+def test_quantized_tp2_tokens_match_one_rank(method: str, engines) -> None:
+    _, one, two, result = engines[method]
+    assert json.loads((two / "manifest.json").read_text())["quantization"]["method"] == method
+    outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert result["tokens"] == [o.token_ids for o in outs]
+
+
+def test_launch_errors(engines) -> None:
+    two = engines["llama-one-kv-head"][2]
+    run = [sys.executable, "-m", "kiln", "run", str(two), "--prompt", "hi", "--max-new-tokens", "2"]
+    alone = subprocess.run(run, capture_output=True, text=True, env=ENV)
+    assert alone.returncode != 0 and "torchrun --nproc-per-node 2" in alone.stderr
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    wrong = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert wrong.returncode != 0 and "built for 2 ranks" in wrong.stderr and "3 were launched" in wrong.stderr
+
+
+def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> None:
+    two = engines["llama-one-kv-head"][2]
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [
+            sys.executable,
+            str(RANK_SCRIPT),
+            str(tmp_path / "out.json"),
+            str(tmp_path / "prompts.json"),
+            str(two),
+        ]
+        procs.append(subprocess.Popen([*command, "--hold", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ready").exists():
+        assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()[1][-3000:]
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    (tmp_path / "go").touch()
+    _, err = procs[0].communicate(timeout=60)  # bounded: well within the collective timeout and then some
+    assert procs[0].returncode != 0
+    assert "rank 1 died" in err, err[-3000:]
+
+
+def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None:
+    from kiln import build
+
+    with pytest.raises(KilnError, match="4 attention heads do not divide over 3 ranks"):
+        build(engines["qwen2"][0], tmp_path / "tp3", tp_size=3, progress=False)
+    assert not (tmp_path / "tp3").exists()
