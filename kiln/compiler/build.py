@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from kiln.compiler.build_encdec import write_encdec_engine
 from kiln.compiler.build_vlm import write_vlm_engine
 from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
@@ -44,8 +45,13 @@ def build_engine(
 def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
     from kiln.models.vlm_loader import checkpoint_recipe
 
-    if checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind == "vision_language":
+    kind = checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind
+    if kind == "vision_language":
         return write_vlm_engine(checkpoint, output, config, progress)
+    if kind == "encoder_decoder":
+        return write_encdec_engine(checkpoint, output, config, progress)
+    if config.max_encoder_input_len is not None:
+        raise KilnError("--max-encoder-input-len applies to encoder-decoder checkpoints (T5, BART, mBART) only")
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype)
     with progress.stage("load", str(checkpoint)):

@@ -23,6 +23,7 @@ from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import (
     COMPILED,
     FORMAT_VERSION,
+    EncoderDecoderFacts,
     Manifest,
     ModelFacts,
     MultimodalFacts,
@@ -168,6 +169,7 @@ class EngineFacts:
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)  # of all the engine's programs
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"} of the LLM program
     quantization: QuantizationFacts | None = None
+    encoder_decoder: EncoderDecoderFacts | None = None
 
 
 def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
@@ -187,6 +189,7 @@ def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.de
         op_modules=facts.op_modules,
         passes=facts.passes,
         quantization=facts.quantization,
+        encoder_decoder=facts.encoder_decoder,
     )
     write_manifest(engine_dir, manifest)
     return manifest

@@ -1,0 +1,58 @@
+"""`kiln::span_attention` and `kiln::store_kv`: the paged attention of encoder-decoder models.
+
+An encoder-decoder request's cache blocks hold, in every decoder layer, the cross-attention keys and
+values of its encoder output at positions [0, encoder length), then its decoder's own keys and
+values. The encoder program stores the first part once (`store_kv`); each decoder step attends over
+one span of positions per sequence: the decoder's own (causal, with T5's relative bias when given)
+or the encoder's (cross-attention). Both mutate `kv_cache` in place. The implementation is the
+PyTorch reference (`kiln.kernels.reference.span_attention`) on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import reference
+
+
+@torch.library.custom_op("kiln::span_attention", mutates_args=("kv_cache",))
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    key_begin: torch.Tensor,
+    key_end: torch.Tensor,
+    layer: int,
+    scale: float,
+    causal: bool,
+    bias: torch.Tensor | None,
+    max_distance: int,
+) -> torch.Tensor:
+    return reference.span_attention(
+        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, key_begin, key_end,
+        layer, scale, causal, bias, max_distance,
+    )  # fmt: skip
+
+
+@span_attention.register_fake
+def _span_attention_fake(  # type: ignore[no-untyped-def]
+    q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, key_begin, key_end,
+    layer, scale, causal, bias, max_distance,
+):  # fmt: skip
+    return q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
+
+
+@torch.library.custom_op("kiln::store_kv", mutates_args=("kv_cache",))
+def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, layer: int) -> None:
+    """Write keys/values [T, heads, head_dim] at their slots of layer `layer` (negative slots skipped)."""
+    reference.write_kv(kv_cache, layer, k, v, slot_mapping)
+
+
+@store_kv.register_fake
+def _store_kv_fake(kv_cache, k, v, slot_mapping, layer):  # type: ignore[no-untyped-def]
+    return None
