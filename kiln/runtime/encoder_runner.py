@@ -1,0 +1,148 @@
+"""The runtime of an encoder-decoder engine: each request's encoder input, the encoder program and the decoder step.
+
+A request is one `Sequence` whose tokens are its encoder input (E tokens), then the decoder's prefix
+(`decoder_start_token_id`, and a forced BOS where the model forces one), then the generated tokens.
+Its cache blocks follow the same positions: positions [0, E) hold every decoder layer's
+cross-attention keys/values, stored once by the encoder program; the decoder's own keys follow. So the
+scheduler allocates, counts and frees cross-attention blocks with the request like any other, and a
+step can mix new requests (encoder run + decoder prefill) with decode rows of running ones: the
+encoder program runs first on the step's new encoder inputs, then the decoder program on every
+decoder token of the step. A chunk that starts a request holds its whole encoder input and at least
+the first decoder token (`EncoderInput.clip_chunk`); prefix caching is off for these engines (cross
+keys depend on the whole input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kiln.engine.manifest import EncoderDecoderFacts
+from kiln.engine.programs import Program
+from kiln.errors import RequestError
+from kiln.runtime.in_flight import TokenPatch, apply_patch
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """Stands in `Sequence.mm` of an encoder-decoder request: its first `length` tokens are the encoder's."""
+
+    length: int
+
+    def clip_chunk(self, start: int, num_tokens: int) -> int:
+        """A chunk that starts the request runs its encoder input whole and at least one decoder token."""
+        if start > self.length:
+            return num_tokens
+        return num_tokens if start + num_tokens > self.length else 0
+
+    def block_at(self, start: int) -> int:
+        return max(1, self.length + 1 - start)
+
+    def block_extra_keys(self, block_size: int) -> list[Any]:
+        return []
+
+
+def encoder_length(seq: Any) -> int:
+    """The encoder length of a sequence (one without an `EncoderInput`, such as the memory plan's measured
+    step, is all encoder input but its last token)."""
+    mm = getattr(seq, "mm", None)
+    return mm.length if isinstance(mm, EncoderInput) else max(seq.num_tokens - 1, 1)
+
+
+def request_ids(encoder_ids: list[int], facts: EncoderDecoderFacts) -> tuple[list[int], EncoderInput]:
+    """The sequence of a request (encoder input + decoder prefix) and its `EncoderInput`; a clear error
+    for an input longer than the engine's max_encoder_input_len."""
+    if len(encoder_ids) > facts.max_encoder_input_len:
+        raise RequestError(
+            f"the encoder input has {len(encoder_ids)} tokens, more than this engine's max_encoder_input_len "
+            f"({facts.max_encoder_input_len}); shorten it or rebuild with a larger --max-encoder-input-len"
+        )
+    return [*encoder_ids, *facts.decoder_prefix], EncoderInput(len(encoder_ids))
+
+
+class EncoderDecoderRunner(ModelRunner):
+    """Runs a step: the encoder program on the step's new encoder inputs, then the decoder program."""
+
+    def __init__(
+        self, program: Program, encoder: Program, kv_cache: torch.Tensor, kv: KVCacheManager, device: torch.device
+    ) -> None:
+        super().__init__(program, kv_cache, kv, device)
+        self.encoder = encoder
+
+    def encoder_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, ...] | None:
+        """The encoder program's inputs for the chunks that start their request, or None when none does."""
+        ids: list[int] = []
+        positions: list[int] = []
+        seq_ids: list[int] = []
+        slots: list[int] = []
+        bs = self.block_size
+        for i, chunk in enumerate(c for c in chunks if c.start == 0):
+            length = encoder_length(chunk.seq)
+            table = self.kv.block_table(chunk.seq.request_id)
+            ids.extend(chunk.seq.token_slice(0, length))
+            positions.extend(range(length))
+            seq_ids.extend([i] * length)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(length))
+        if not ids:
+            return None
+        dev = self.device
+        longs = [torch.tensor(values, dtype=torch.int64, device=dev) for values in (ids, positions, seq_ids, slots)]
+        return (*longs, self.kv_cache)
+
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+        """The decoder program's inputs: each chunk's decoder tokens (those after its encoder input)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        encoder_lens: list[int] = []
+        starts = [0]
+        tables = []
+        sampled: list[int] = []
+        logits_rows: list[int] = []
+        bs = self.block_size
+        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            length = encoder_length(seq)
+            first, end = max(chunk.start, length), chunk.start + chunk.num_tokens
+            table = self.kv.block_table(seq.request_id)
+            input_ids.extend(seq.token_slice(first, end))
+            positions.extend(p - length for p in range(first, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(first, end))
+            seq_lens.append(end)
+            encoder_lens.append(length)
+            starts.append(starts[-1] + end - first)
+            tables.append(table[: -(-end // bs)])
+            if chunk.completes:
+                logits_rows.append(starts[-1] - 1)
+                sampled.append(i)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        tensors = (
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            torch.tensor(slots, dtype=torch.int64, device=dev),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            torch.tensor(starts, dtype=torch.int32, device=dev),
+            torch.tensor(logits_rows or [0], dtype=torch.int64, device=dev),
+            self.kv_cache,
+            torch.tensor(encoder_lens, dtype=torch.int32, device=dev),
+        )
+        return tensors, sampled
+
+    @torch.inference_mode()
+    def run(self, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None = None) -> tuple[torch.Tensor, list[int]]:
+        encoder = self.encoder_inputs(chunks)
+        if encoder is not None:
+            self.encoder(*encoder)
+        inputs, sampled = self.prepare(chunks)
+        if patch:  # decode rows only (a pipelined step): row j is chunk j's one token
+            apply_patch(inputs[0], patch, list(patch[0]))
+        return self.program(*inputs)[: len(sampled)], sampled
