@@ -47,6 +47,9 @@ def _reference(manifest: Manifest, checkpoint: Path) -> tuple[Any, Any, Any]:
         family = family_for(arch)
         model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
         return model.to(device).eval(), family.load_processor(checkpoint), family
+    if manifest.encoder_decoder is not None:
+        model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
+        return model.to(device).eval(), None, None
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval(), None, None
 
@@ -77,6 +80,12 @@ def check_accuracy(
         if images:
             inputs = processor(text=[request["prompt"]], images=[load_image(im) for im in images], return_tensors="pt")
             inputs = {k: v.to(device) for k, v in inputs.items()}
+        elif manifest.encoder_decoder is not None:  # ids: the encoder input, then the decoder's start tokens
+            prefix = len(manifest.encoder_decoder.decoder_prefix)
+            inputs = {"input_ids": torch.tensor([ids[:-prefix]], device=device)}
+            out = model.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
+            results.append(AccuracyResult(i, list(ours), out[0, prefix:].tolist()))
+            continue
         else:
             inputs = {"input_ids": torch.tensor([ids], device=device)}
             if family is not None:

@@ -1,0 +1,43 @@
+"""An encoder-decoder engine (tiny BART) through `kiln run` and `kiln serve`: the prompt is the encoder input."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from e2e_helpers import SHARED_GPU, ServerProcess, kiln
+from encdec_checkpoints import make_encdec_checkpoint
+from tiny_checkpoints import build_tiny_engine
+
+from kiln import LLM, SamplingParams
+
+MODEL = "bart"
+PROMPTS = ("The kiln fires clay into stone.", "héllo")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encdec-e2e")
+    checkpoint = make_encdec_checkpoint("bart", "forced-bos", root / "ckpt")
+    return build_tiny_engine(checkpoint, root / "engine", max_encoder_input_len=16)
+
+
+def test_kiln_run_matches_transformers(engine):
+    args = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    proc = kiln("run", str(engine), *args, "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
+    assert proc.stderr.count("vs transformers: match") == len(PROMPTS), proc.stdout + proc.stderr
+
+
+def test_kiln_serve_completions(engine):
+    offline = LLM(engine, **SHARED_GPU).generate(list(PROMPTS), SamplingParams(max_tokens=6, temperature=0.0))
+    server = ServerProcess(engine, "--served-model-name", MODEL)
+    try:
+        for prompt, expected in zip(PROMPTS, offline):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected.text
+        body = {"model": MODEL, "prompt": "clay " * 40, "max_tokens": 2}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "max_encoder_input_len (16)" in r.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0
