@@ -48,11 +48,11 @@ class EncoderInput:
         return []
 
 
-def encoder_length(seq: Any) -> int:
-    """The encoder length of a sequence (one without an `EncoderInput`, such as the memory plan's measured
-    step, is all encoder input but its last token)."""
+def encoder_length(seq: Any, limit: int) -> int:
+    """The encoder length of a sequence. One without an `EncoderInput` (the memory plan's measured step) is
+    encoder input up to `limit` (max_encoder_input_len) but its last token, then decoder tokens."""
     mm = getattr(seq, "mm", None)
-    return mm.length if isinstance(mm, EncoderInput) else max(seq.num_tokens - 1, 1)
+    return mm.length if isinstance(mm, EncoderInput) else max(min(seq.num_tokens - 1, limit), 1)
 
 
 def request_ids(encoder_ids: list[int], facts: EncoderDecoderFacts) -> tuple[list[int], EncoderInput]:
@@ -70,10 +70,17 @@ class EncoderDecoderRunner(ModelRunner):
     """Runs a step: the encoder program on the step's new encoder inputs, then the decoder program."""
 
     def __init__(
-        self, program: Program, encoder: Program, kv_cache: torch.Tensor, kv: KVCacheManager, device: torch.device
+        self,
+        program: Program,
+        encoder: Program,
+        kv_cache: torch.Tensor,
+        kv: KVCacheManager,
+        device: torch.device,
+        max_encoder_len: int,
     ) -> None:
         super().__init__(program, kv_cache, kv, device)
         self.encoder = encoder
+        self.max_encoder_len = max_encoder_len
 
     def encoder_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, ...] | None:
         """The encoder program's inputs for the chunks that start their request, or None when none does."""
@@ -83,7 +90,7 @@ class EncoderDecoderRunner(ModelRunner):
         slots: list[int] = []
         bs = self.block_size
         for i, chunk in enumerate(c for c in chunks if c.start == 0):
-            length = encoder_length(chunk.seq)
+            length = encoder_length(chunk.seq, self.max_encoder_len)
             table = self.kv.block_table(chunk.seq.request_id)
             ids.extend(chunk.seq.token_slice(0, length))
             positions.extend(range(length))
@@ -109,7 +116,7 @@ class EncoderDecoderRunner(ModelRunner):
         bs = self.block_size
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
-            length = encoder_length(seq)
+            length = encoder_length(seq, self.max_encoder_len)
             first, end = max(chunk.start, length), chunk.start + chunk.num_tokens
             table = self.kv.block_table(seq.request_id)
             input_ids.extend(seq.token_slice(first, end))

@@ -83,7 +83,7 @@ class Engine:
 
         def runner(cache: torch.Tensor, kv: KVCacheManager) -> Any:
             if encoder is not None:
-                return EncoderDecoderRunner(program, encoder, cache, kv, self.device)
+                return EncoderDecoderRunner(program, encoder, cache, kv, self.device, encoder_len)
             return make_runner(mm_spec, program, cache, kv, self.device)
 
         setup = memory_plan.StepSetup(
