@@ -64,3 +64,41 @@ def make_encdec_checkpoint(family: str, variant: str, directory: Path) -> Path:
     model.save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)
     return directory
+
+
+def make_blip2_t5_checkpoint(directory: Path, feed_forward_proj: str = "gated-gelu") -> Path:
+    """BLIP-2 with a tiny Flan-T5-style language model (T5 encoder-decoder), with its processor."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        T5Config,
+    )
+    from vlm_checkpoints import CLIP, tokenizer_with
+
+    tok = tokenizer_with("<image>")
+    text = T5Config(**{**_T5, "vocab_size": len(tok), "feed_forward_proj": feed_forward_proj})
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**{**CLIP, "image_size": 28, "patch_size": 14}),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32
+        ),
+        text_config=text,
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("language_model") and param.dim() > 1:
+                param.normal_(0.0, 0.5)
+            else:
+                param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(directory)
+    images = BlipImageProcessor(size={"height": 28, "width": 28})
+    Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=4).save_pretrained(directory)
+    return directory

@@ -8,12 +8,12 @@ from typing import Any
 
 from kiln.compiler.capture_encdec import decoder_spec, encoder_spec
 from kiln.compiler.model_facts import model_facts, resolve_device
-from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
+from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, EncoderDecoderFacts
 from kiln.errors import KilnError
-from kiln.models.encdec import decoder_prefix
+from kiln.models.encdec import EncoderDecoderFamily, decoder_prefix
 from kiln.models.encdec.loader import load_encoder_decoder
 from kiln.progress import Progress
 
@@ -52,16 +52,48 @@ def write_encdec_engine(checkpoint: str | Path, output: Path, config: BuildConfi
         f"max_encoder_input_len {config.max_encoder_input_len}"
     )
     output.mkdir(parents=True, exist_ok=True)
-    common: dict[str, Any] = dict(
-        dtype=dtype, device=device, block_size=config.tokens_per_block, architecture=facts.architecture
+    written, encoder_decoder = build_encdec_programs(
+        loaded.model, family, shape, config, output, progress, architecture=facts.architecture, prefix=prefix
     )
+    loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
+    engine = EngineFacts(
+        config=config,
+        model=facts,
+        compiled=written.compiled,
+        source_checkpoint=str(Path(checkpoint).resolve()),
+        op_modules=written.op_modules,
+        encoder_decoder=encoder_decoder,
+    )
+    write_engine_manifest(output, engine, device, progress)
+
+
+def build_encdec_programs(
+    model: Any,
+    family: EncoderDecoderFamily,
+    shape: CacheShape,
+    config: BuildConfig,
+    output: Path,
+    progress: Progress,
+    *,
+    architecture: str,
+    prefix: tuple[int, ...],
+    image_hidden: int | None = None,
+) -> tuple[WrittenProgram, EncoderDecoderFacts]:
+    """The encoder program (with image rows when `image_hidden`: a vision-language model's language model)
+    and the decoder program of `model`; the decoder's written program (with both programs' operator
+    modules) and the manifest's encoder-decoder facts."""
+    device = resolve_device(config.device)
+    common: dict[str, Any] = dict(
+        dtype=torch_dtype(config.dtype), device=device, block_size=config.tokens_per_block, architecture=architecture
+    )
+    encoder = family.encoder(model)
     encoder_written = build_program(
-        encoder_spec(family.encoder(loaded.model), shape, max_num_tokens=config.max_num_tokens, **common),
+        encoder_spec(encoder, shape, max_num_tokens=config.max_num_tokens, image_hidden=image_hidden, **common),
         output,
         config,
         progress,
     )
-    decoder = family.decoder(loaded.model)
+    decoder = family.decoder(model)
     written = build_program(
         decoder_spec(
             decoder, shape, max_num_tokens=config.max_num_tokens, max_batch_size=config.max_batch_size, **common
@@ -70,18 +102,10 @@ def write_encdec_engine(checkpoint: str | Path, output: Path, config: BuildConfi
         config,
         progress,
     )
-    loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     assert config.max_encoder_input_len is not None
-    engine = EngineFacts(
-        config=config,
-        model=facts,
-        compiled=written.compiled,
-        source_checkpoint=str(Path(checkpoint).resolve()),
-        op_modules={**encoder_written.op_modules, **written.op_modules},
-        encoder_decoder=EncoderDecoderFacts(
-            max_encoder_input_len=config.max_encoder_input_len,
-            decoder_prefix=prefix,
-            encoder_compiled=encoder_written.compiled,
-        ),
+    facts = EncoderDecoderFacts(
+        max_encoder_input_len=config.max_encoder_input_len,
+        decoder_prefix=prefix,
+        encoder_compiled=encoder_written.compiled,
     )
-    write_engine_manifest(output, engine, device, progress)
+    return dataclasses.replace(written, op_modules={**encoder_written.op_modules, **written.op_modules}), facts

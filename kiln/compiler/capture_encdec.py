@@ -9,10 +9,13 @@ do not apply.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from kiln.compiler.capture import dynamic_shapes, step_inputs
+from kiln.compiler.capture_mm import MM_INPUT_NAMES
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.engine.manifest import ENCODER_DIR
 from kiln.models.encdec import DECODER_INPUT_NAMES, ENCODER_INPUT_NAMES
@@ -57,6 +60,17 @@ def decoder_inputs(
     return (base[0], base[1] - offsets, *base[2:], lens)
 
 
+def with_images(inputs: tuple[torch.Tensor, ...], hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The encoder inputs plus image rows for every third token (`mm_embeds`, `mm_index`)."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = inputs[0].shape[0]
+    is_image = torch.arange(tokens) % 3 == 1
+    index = torch.where(is_image, is_image.long().cumsum(0) - 1, -1)
+    embeds = torch.randn(max(int(is_image.sum()), 2), hidden, generator=gen).to(dtype)
+    device = inputs[0].device
+    return (*inputs, embeds.to(device), index.to(device))
+
+
 def encoder_spec(
     module: nn.Module,
     cache: CacheShape,
@@ -66,18 +80,29 @@ def encoder_spec(
     block_size: int,
     max_num_tokens: int,
     architecture: str,
+    image_hidden: int | None = None,
 ) -> ProgramSpec:
+    """The encoder program; with `image_hidden`, it also takes a vision-language model's image rows
+    (`mm_embeds [M, image_hidden]`, `mm_index [T]`, as the LLM program of `capture_mm` does)."""
     tokens = torch.export.Dim("tokens", min=1, max=max(max_num_tokens, 9))
     blocks = torch.export.Dim("blocks", min=1)
+    args = encoder_inputs(cache, dtype, device, block_size, (3, 5))
+    check = encoder_inputs(cache, dtype, device, block_size, (6, 2, 4))
+    shapes: tuple[Any, ...] = ({0: tokens}, {0: tokens}, {0: tokens}, {0: tokens}, {2: blocks})
+    names: tuple[str, ...] = ENCODER_INPUT_NAMES
+    if image_hidden is not None:
+        args, check = with_images(args, image_hidden, dtype), with_images(check, image_hidden, dtype)
+        shapes += ({0: torch.export.Dim("mm_rows", min=1)}, {0: tokens})
+        names += MM_INPUT_NAMES
     return ProgramSpec(
         module=module.eval(),
-        args=encoder_inputs(cache, dtype, device, block_size, (3, 5)),
-        dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}, {0: tokens}, {2: blocks}),
+        args=args,
+        dynamic_shapes=shapes,
         what=f"the encoder of {architecture}",
         architecture=architecture,
         directory=ENCODER_DIR,
-        input_names=ENCODER_INPUT_NAMES,
-        check_inputs=encoder_inputs(cache, dtype, device, block_size, (6, 2, 4)),
+        input_names=names,
+        check_inputs=check,
         passes=False,
     )
 

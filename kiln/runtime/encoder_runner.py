@@ -31,9 +31,11 @@ from kiln.runtime.scheduler import ScheduledChunk
 
 @dataclass(frozen=True)
 class EncoderInput:
-    """Stands in `Sequence.mm` of an encoder-decoder request: its first `length` tokens are the encoder's."""
+    """Stands in `Sequence.mm` of an encoder-decoder request: its first `length` tokens are the encoder's;
+    `images`: the `MultimodalData` of a vision-language request (image rows of its encoder input)."""
 
     length: int
+    images: Any = None
 
     def clip_chunk(self, start: int, num_tokens: int) -> int:
         """A chunk that starts the request runs its encoder input whole and at least one decoder token."""
@@ -55,7 +57,9 @@ def encoder_length(seq: Any, limit: int) -> int:
     return mm.length if isinstance(mm, EncoderInput) else max(min(seq.num_tokens - 1, limit), 1)
 
 
-def request_ids(encoder_ids: list[int], facts: EncoderDecoderFacts) -> tuple[list[int], EncoderInput]:
+def request_ids(
+    encoder_ids: list[int], facts: EncoderDecoderFacts, images: Any = None
+) -> tuple[list[int], EncoderInput]:
     """The sequence of a request (encoder input + decoder prefix) and its `EncoderInput`; a clear error
     for an input longer than the engine's max_encoder_input_len."""
     if len(encoder_ids) > facts.max_encoder_input_len:
@@ -63,7 +67,7 @@ def request_ids(encoder_ids: list[int], facts: EncoderDecoderFacts) -> tuple[lis
             f"the encoder input has {len(encoder_ids)} tokens, more than this engine's max_encoder_input_len "
             f"({facts.max_encoder_input_len}); shorten it or rebuild with a larger --max-encoder-input-len"
         )
-    return [*encoder_ids, *facts.decoder_prefix], EncoderInput(len(encoder_ids))
+    return [*encoder_ids, *facts.decoder_prefix], EncoderInput(len(encoder_ids), images)
 
 
 class EncoderDecoderRunner(ModelRunner):
@@ -77,10 +81,16 @@ class EncoderDecoderRunner(ModelRunner):
         kv: KVCacheManager,
         device: torch.device,
         max_encoder_len: int,
+        image_hidden: int | None = None,
     ) -> None:
         super().__init__(program, kv_cache, kv, device)
         self.encoder = encoder
         self.max_encoder_len = max_encoder_len
+        # A vision-language engine's encoder also takes image rows (mm_embeds, mm_index); a step without
+        # images passes one zero row.
+        self.empty_row = None
+        if image_hidden is not None:
+            self.empty_row = torch.zeros(1, image_hidden, dtype=kv_cache.dtype, device=device)
 
     def encoder_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, ...] | None:
         """The encoder program's inputs for the chunks that start their request, or None when none does."""
@@ -100,7 +110,28 @@ class EncoderDecoderRunner(ModelRunner):
             return None
         dev = self.device
         longs = [torch.tensor(values, dtype=torch.int64, device=dev) for values in (ids, positions, seq_ids, slots)]
-        return (*longs, self.kv_cache)
+        if self.empty_row is None:
+            return (*longs, self.kv_cache)
+        return (*longs, self.kv_cache, *self._image_rows([c for c in chunks if c.start == 0]))
+
+    def _image_rows(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mm_embeds, mm_index) of the encoder inputs of `chunks`: each request's image rows, in order."""
+        pieces: list[torch.Tensor] = []
+        index: list[torch.Tensor] = []
+        offset = 0
+        for chunk in chunks:
+            length = encoder_length(chunk.seq, self.max_encoder_len)
+            mm = getattr(chunk.seq.mm, "images", None)
+            if mm is None:
+                index.append(torch.full((length,), -1, dtype=torch.int64))
+                continue
+            rows = mm.rows[:length]
+            index.append(torch.where(rows >= 0, rows + offset, -1))
+            pieces.append(mm.embeds)
+            offset += mm.embeds.shape[0]
+        assert self.empty_row is not None
+        embeds = torch.cat(pieces) if pieces else self.empty_row
+        return embeds, torch.cat(index).to(self.device)
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
         """The decoder program's inputs: each chunk's decoder tokens (those after its encoder input)."""

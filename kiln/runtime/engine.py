@@ -83,7 +83,8 @@ class Engine:
 
         def runner(cache: torch.Tensor, kv: KVCacheManager) -> Any:
             if encoder is not None:
-                return EncoderDecoderRunner(program, encoder, cache, kv, self.device, encoder_len)
+                image_hidden = mm_spec.hidden_size if mm_spec is not None else None
+                return EncoderDecoderRunner(program, encoder, cache, kv, self.device, encoder_len, image_hidden)
             return make_runner(mm_spec, program, cache, kv, self.device)
 
         setup = memory_plan.StepSetup(
@@ -176,7 +177,7 @@ class Engine:
                     f"the decoder's start tokens + max_tokens ({decoder_len}) exceed this engine's max_seq_len "
                     f"({self.build.seq_len}); lower max_tokens"
                 )
-            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder)
+            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder, mm)
             return validation.validate(full_ids, params, self.limits, encoder_input)
         return validation.validate(prompt_ids, params, self.limits, mm)
 

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads, packed_self_attention
+from kiln.models.encdec.base import (
+    DecoderMetadata,
+    EncoderDecoderFamily,
+    embed_tokens,
+    heads,
+    packed_self_attention,
+)
 
 POSITION_OFFSET = 2
 
@@ -49,8 +55,13 @@ class BartEncoder(nn.Module):
         seq_ids: torch.Tensor,
         slot_mapping: torch.Tensor,
         kv_cache: torch.Tensor,
+        mm_embeds: torch.Tensor | None = None,
+        mm_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.embed_norm(self.embed(input_ids) + self.positions.weight[positions + POSITION_OFFSET])
+        h = self.embed_norm(
+            embed_tokens(self.embed, input_ids, mm_embeds, mm_index)
+            + self.positions.weight[positions + POSITION_OFFSET]
+        )
         for layer in self.layers:
             attn = layer.self_attn
             d = attn.head_dim

@@ -38,6 +38,19 @@ def packed_self_attention(
     return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
 
 
+def embed_tokens(
+    embed: nn.Module, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None, mm_index: torch.Tensor | None
+) -> torch.Tensor:
+    """The token embeddings, with the rows of image tokens (`mm_index >= 0`) taken from `mm_embeds`
+    (a vision-language model's encoder input, as transformers' `masked_scatter` places them)."""
+    if mm_embeds is None or mm_index is None:
+        return embed(input_ids)
+    is_image = mm_index >= 0
+    h = embed(input_ids.masked_fill(is_image, 0))
+    rows = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(h.dtype)
+    return torch.where(is_image[:, None], rows, h)
+
+
 def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[T, H * D] -> [T, H, D]."""
     return x.view(x.shape[0], -1, head_dim)

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from kiln.kernels.reference import relative_bucket
-from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads, packed_self_attention
+from kiln.models.encdec.base import (
+    DecoderMetadata,
+    EncoderDecoderFamily,
+    embed_tokens,
+    heads,
+    packed_self_attention,
+)
 
 
 class T5Encoder(nn.Module):
@@ -36,9 +42,11 @@ class T5Encoder(nn.Module):
         seq_ids: torch.Tensor,
         slot_mapping: torch.Tensor,
         kv_cache: torch.Tensor,
+        mm_embeds: torch.Tensor | None = None,
+        mm_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         d = self.head_dim
-        h = self.embed(input_ids)
+        h = embed_tokens(self.embed, input_ids, mm_embeds, mm_index)
         buckets = relative_bucket(positions[None, :] - positions[:, None], True, *self.buckets)
         bias = self.bias(buckets).permute(2, 0, 1)  # [H, T, T]
         for block in self.blocks:
