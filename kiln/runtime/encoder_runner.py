@@ -23,6 +23,7 @@ import torch
 from kiln.engine.manifest import EncoderDecoderFacts
 from kiln.engine.programs import Program
 from kiln.errors import RequestError
+from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.in_flight import TokenPatch, apply_patch
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner
@@ -177,6 +178,16 @@ class EncoderDecoderRunner(ModelRunner):
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None = None) -> tuple[torch.Tensor, list[int]]:
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and graphs.bucket_for(len(chunks)) is not None
+            and all(
+                c.num_tokens == 1 and c.completes and c.start > encoder_length(c.seq, self.max_encoder_len)
+                for c in chunks
+            )
+        ):
+            return self._run_decoder_graph(graphs, chunks, patch), list(range(len(chunks)))
         encoder = self.encoder_inputs(chunks)
         if encoder is not None:
             self.encoder(*encoder)
@@ -184,3 +195,21 @@ class EncoderDecoderRunner(ModelRunner):
         if patch:  # decode rows only (a pipelined step): row j is chunk j's one token
             apply_patch(inputs[0], patch, list(patch[0]))
         return self.program(*inputs)[: len(sampled)], sampled
+
+    def _run_decoder_graph(
+        self, graphs: DecodeGraphs, chunks: Sequence[ScheduledChunk], patch: TokenPatch | None
+    ) -> torch.Tensor:
+        """A decoder step of one token per request, replayed from a captured CUDA graph."""
+        bs = self.block_size
+        ids, positions, slots, lens, tables, encoder_lens = [], [], [], [], [], []
+        for chunk in chunks:
+            seq, p = chunk.seq, chunk.start
+            length = encoder_length(seq, self.max_encoder_len)
+            table = self.kv.block_table(seq.request_id)
+            ids.append(seq.token_slice(p, p + 1)[0])
+            positions.append(p - length)
+            slots.append(table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(table[: p // bs + 1])
+            encoder_lens.append(length)
+        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens)

@@ -115,16 +115,17 @@ class Engine:
         )
         self.runner = runner(self.kv_cache, self._kv)
         # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too;
-        # an encoder-decoder engine's decoder steps run without graphs for now).
-        if self.device.type == "cuda" and self.runtime.cuda_graphs and encoder is None:
+        # an encoder-decoder engine's decoder program its encoder lengths).
+        if self.device.type == "cuda" and self.runtime.cuda_graphs:
             with progress.stage("capture CUDA graphs", "decode steps"), selected(self.kernels):
                 graphs = DecodeGraphs(
                     program,
                     self.kv_cache,
                     max_batch_size=self.build.max_batch_size,
-                    max_blocks_per_seq=-(-self.build.seq_len // bs),
+                    max_blocks_per_seq=-(-self.max_cached // bs),
                     device=self.device,
-                    extras=decode_extras(self.manifest.multimodal, dtype),
+                    extras=decode_extras(self.manifest.multimodal, dtype) if encoder is None else None,
+                    encoder_decoder=encoder is not None,
                 )
                 graphs.capture()
             self.runner.graphs = graphs
