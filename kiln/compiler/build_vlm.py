@@ -14,8 +14,7 @@ from kiln.compiler.quantize.methods import check_request, engine_quantization
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import PROCESSOR_DIR, TOKENIZER_DIR, VISION_DIR, VISION_STATE, MultimodalFacts
 from kiln.errors import KilnError
-from kiln.models.encdec import FAMILIES as ENCDEC_FAMILIES
-from kiln.models.encdec import decoder_prefix
+from kiln.models.encdec import LANGUAGE_MODELS, decoder_prefix
 from kiln.models.loader import LoadedCheckpoint
 from kiln.models.vlm import VisionLanguageFamily
 from kiln.models.vlm_loader import load_vision_language
@@ -39,7 +38,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     with progress.stage("load", str(checkpoint)):
         loaded, family, processor = load_vision_language(checkpoint, dtype, device)
         text_config = family.text_config(loaded.config)
-        encdec = ENCDEC_FAMILIES.get(type(family.text_model(loaded.model)).__name__)  # e.g. BLIP-2 with Flan-T5
+        encdec = LANGUAGE_MODELS.get(type(family.text_model(loaded.model)).__name__)  # BLIP-2 + Flan-T5, Nougat
         shape = CacheShape(*encdec.cache_shape(text_config)) if encdec else cache_shape(loaded.config)
         facts = model_facts(loaded, shape)
         config = config.resolved(facts.max_position_embeddings)
@@ -49,7 +48,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         if encdec is not None:
             if config.quantization != "none" or loaded.quantized is not None:
                 raise KilnError("kiln builds encoder-decoder language models unquantized only")
-            prefix = decoder_prefix(text_config, loaded.generation_config)
+            prefix = decoder_prefix(encdec.prefix_config(loaded.config, text_config), loaded.generation_config)
             config = resolve_encoder_len(config, encdec.max_positions(text_config), len(prefix))
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)

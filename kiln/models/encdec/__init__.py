@@ -14,9 +14,23 @@ from kiln.models.encdec.base import (
     decoder_prefix,
 )
 from kiln.models.encdec.t5 import T5Family
+from kiln.models.encdec.vision_encoder_decoder import VisionEncoderDecoderFamily
 
 FAMILIES: dict[str, EncoderDecoderFamily] = {
     family.architecture: family for family in (T5Family(), BartFamily(), MBartFamily())
 }
+# The language models a vision-language checkpoint may hold, by their class: these families, and a
+# VisionEncoderDecoderModel's own decoder (its image encoder is the engine's vision program).
+LANGUAGE_MODELS: dict[str, EncoderDecoderFamily] = {
+    **FAMILIES,
+    "VisionEncoderDecoderModel": VisionEncoderDecoderFamily(),
+}
 
-__all__ = ["DECODER_INPUT_NAMES", "ENCODER_INPUT_NAMES", "FAMILIES", "EncoderDecoderFamily", "decoder_prefix"]
+__all__ = [
+    "DECODER_INPUT_NAMES",
+    "ENCODER_INPUT_NAMES",
+    "FAMILIES",
+    "LANGUAGE_MODELS",
+    "EncoderDecoderFamily",
+    "decoder_prefix",
+]

@@ -82,16 +82,18 @@ class BartEncoder(nn.Module):
 
 
 class BartDecoder(nn.Module):
-    def __init__(self, model: Any, pre_norm: bool) -> None:
+    """The decoder stack `decoder` and its `lm_head` (plus BART's `final_logits_bias` when given)."""
+
+    def __init__(self, decoder: Any, lm_head: nn.Module, logits_bias: torch.Tensor | None, pre_norm: bool) -> None:
         super().__init__()
-        decoder = model.model.decoder
         self.embed = decoder.embed_tokens
         self.positions = decoder.embed_positions
         self.embed_norm = decoder.layernorm_embedding
         self.layers = decoder.layers
         self.norm = getattr(decoder, "layer_norm", None) if pre_norm else None
-        self.lm_head = model.lm_head
-        self.register_buffer("logits_bias", model.final_logits_bias[0].detach().clone(), persistent=False)
+        self.lm_head = lm_head
+        bias = None if logits_bias is None else logits_bias.reshape(-1).detach().clone()
+        self.register_buffer("logits_bias", bias, persistent=False)
         self.pre_norm = pre_norm
 
     def forward(
@@ -126,7 +128,8 @@ class BartDecoder(nn.Module):
         h = h.index_select(0, logits_indices)
         if self.norm is not None:
             h = self.norm(h)
-        return self.lm_head(h) + self.logits_bias.to(h.dtype)
+        logits = self.lm_head(h)
+        return logits if self.logits_bias is None else logits + self.logits_bias.to(logits.dtype)
 
 
 class BartFamily(EncoderDecoderFamily):
@@ -145,7 +148,8 @@ class BartFamily(EncoderDecoderFamily):
         return BartEncoder(model, self.pre_norm)
 
     def decoder(self, model: nn.Module) -> nn.Module:
-        return BartDecoder(model, self.pre_norm)
+        generation: Any = model
+        return BartDecoder(generation.model.decoder, generation.lm_head, generation.final_logits_bias, self.pre_norm)
 
 
 class MBartFamily(BartFamily):

@@ -99,6 +99,10 @@ class EncoderDecoderFamily:
         """The longest encoder input or decoder sequence its position embeddings allow (None: no limit)."""
         return None
 
+    def prefix_config(self, model_config: Any, text_config: Any) -> Any:
+        """The config that names the decoder's start tokens (a vision-language model's language model's)."""
+        return text_config
+
     def encoder(self, model: nn.Module) -> nn.Module:
         """A module over `ENCODER_INPUT_NAMES`: runs the encoder, stores every decoder layer's cross keys/values."""
         raise NotImplementedError
