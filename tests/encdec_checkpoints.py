@@ -102,3 +102,38 @@ def make_blip2_t5_checkpoint(directory: Path, feed_forward_proj: str = "gated-ge
     images = BlipImageProcessor(size={"height": 28, "width": 28})
     Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=4).save_pretrained(directory)
     return directory
+
+
+def make_donut_checkpoint(directory: Path, pre_norm_decoder: bool = True) -> Path:
+    """A tiny `VisionEncoderDecoderModel` as Nougat and Donut are built: a Donut-Swin image encoder and an
+    mBART (or BART) decoder with cross-attention, with a Donut processor (no text prompt)."""
+    from transformers import (
+        BartConfig,
+        DonutImageProcessor,
+        DonutProcessor,
+        DonutSwinConfig,
+        MBartConfig,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    encoder = DonutSwinConfig(
+        image_size=[32, 24], patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2
+    )
+    decoder_class = MBartConfig if pre_norm_decoder else BartConfig
+    values = {k: v for k, v in _BART.items() if not k.startswith("encoder")}
+    decoder = decoder_class(**values, is_decoder=True, add_cross_attention=True, scale_embedding=pre_norm_decoder)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("decoder") and param.dim() > 1:
+                param.normal_(0.0, 0.5)
+            else:
+                param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(directory)
+    images = DonutImageProcessor(size={"height": 32, "width": 24}, do_align_long_axis=False, do_thumbnail=False)
+    DonutProcessor(image_processor=images, tokenizer=make_tokenizer()).save_pretrained(directory)
+    return directory

@@ -10,8 +10,9 @@ from kiln.models.vlm.gemma3 import Gemma3
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
 from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
+from kiln.models.vlm.vision_encoder_decoder import VisionEncoderDecoder
 
-_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), CustomVision())
+_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), VisionEncoderDecoder(), CustomVision())
 FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}
 
 
