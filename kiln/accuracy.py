@@ -91,5 +91,8 @@ def check_accuracy(
             if family is not None:
                 generator = family.text_model(model)  # BLIP-2 generates text through its language model
         out = generator.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
-        results.append(AccuracyResult(i, list(ours), out[0, inputs["input_ids"].shape[1] :].tolist()))
+        # an encoder-decoder model (BLIP-2 with Flan-T5) returns its decoder's tokens, from the start tokens
+        facts = manifest.encoder_decoder
+        start = len(facts.decoder_prefix) if facts is not None else inputs["input_ids"].shape[1]
+        results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
     return results

@@ -70,6 +70,8 @@ def prepare(
     from kiln.runtime.validation import RequestLimits, validate
 
     manifest = read_manifest(Path(engine_dir))
+    if manifest.encoder_decoder is not None:  # the prompt is the encoder's input: the engine checks its own limits
+        check_lengths = False
     limits = RequestLimits(manifest.build.input_len, manifest.build.seq_len, manifest.model.vocab_size)
     prompts = [RunPrompt(list(p), list(p), "") for p in ids]
     if texts:
