@@ -30,6 +30,17 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], prefix_len: int) -> lis
     return out[0, 1:].tolist()[prefix_len - 1 :]
 
 
+def hf_ignoring_eos(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy tokens, ending at no end-of-sequence token (as kiln's ignore_eos): the argmax of
+    its forward pass over the decoder tokens so far, step by step."""
+    decoder = [int(model.config.decoder_start_token_id)]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([decoder])).logits
+            decoder.append(int(logits[0, -1].argmax()))
+    return decoder[1:]
+
+
 def engine_and_model(family: str, variant: str, root) -> tuple[LLM, torch.nn.Module]:
     import transformers
 
@@ -87,11 +98,7 @@ def test_a_request_admitted_while_another_decodes(t5):
     while engine.has_unfinished():
         engine.step()
     for seq, prompt in ((a, first), (b, second)):
-        with torch.no_grad():
-            ref = model.generate(
-                torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-            )
-        assert seq.output_ids == ref[0, 1:].tolist()
+        assert seq.output_ids == hf_ignoring_eos(model, prompt, NEW_TOKENS)
     stats = engine.stats()
     assert stats.kv_free_blocks == stats.kv_blocks  # freed with the requests
 
@@ -100,3 +107,16 @@ def test_an_encoder_input_over_the_limit_is_refused(t5):
     llm, _ = t5
     with pytest.raises(RequestError, match=r"max_encoder_input_len \(24\).*--max-encoder-input-len"):
         llm.generate([[5] * (MAX_ENCODER_INPUT_LEN + 1)], SamplingParams(max_tokens=2))
+
+
+def test_preempted_requests_rerun_their_encoder(t5):
+    """A pool too small for the batch: preempted requests recompute (encoder again, then their decoder
+    tokens as one prefill) and still decode as transformers does."""
+    llm, model = t5
+    small = LLM(llm.engine.path, num_kv_blocks=7)  # blocks of 16 tokens
+    batch = prompts(2)
+    params = SamplingParams(max_tokens=3 * NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = small.generate(batch, params)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    for prompt, out in zip(batch, outs):
+        assert out.token_ids == hf_ignoring_eos(model, prompt, 3 * NEW_TOKENS)
