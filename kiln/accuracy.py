@@ -77,6 +77,12 @@ def check_accuracy(
     for i, (request, ids, ours) in enumerate(zip(requests, prompt_ids, kiln_tokens)):
         images = request.get("images") if isinstance(request, dict) else None
         generator = model
+        if images and not request["prompt"]:  # an image alone (Nougat, Donut): the image encoder's input only
+            pixels = processor(images=[load_image(im) for im in images], return_tensors="pt")["pixel_values"]
+            out = model.generate(pixels.to(device, model.dtype), max_new_tokens=max(len(ours), 1), do_sample=False)
+            start = len(manifest.encoder_decoder.decoder_prefix) if manifest.encoder_decoder else 0
+            results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
+            continue
         if images:
             inputs = processor(text=[request["prompt"]], images=[load_image(im) for im in images], return_tensors="pt")
             inputs = {k: v.to(device) for k, v in inputs.items()}

@@ -86,6 +86,8 @@ def prepare(
                     prompt_ids = chat_ids(tokenizer, messages)
                     chat_text = tokenizer.decode(prompt_ids)
                     encoded.append(RunPrompt(prompt_ids, prompt_ids, "", messages, chat_text))
+                elif not text and not check_lengths:  # an image prompt without text: the processor makes its ids
+                    encoded.append(RunPrompt(text, [], text))
                 else:
                     encoded.append(RunPrompt(text, encode(tokenizer, text), text))
             except RequestError as exc:
@@ -95,7 +97,7 @@ def prepare(
         try:
             if check_lengths:
                 validate(p.prompt_ids, params, limits)
-            elif not p.prompt_ids:
+            elif not p.prompt_ids and p.prompt != "":
                 raise RequestError("the prompt is empty")
         except RequestError as exc:
             where = f"prompt {i}: " if len(prompts) > 1 else ""

@@ -41,3 +41,16 @@ def test_kiln_serve_completions(engine):
         assert r.status_code == 400 and "max_encoder_input_len (16)" in r.json()["error"]["message"]
     finally:
         assert server.stop() == 0
+
+
+def test_kiln_run_reads_a_page_image_without_text(tmp_path):
+    """Nougat/Donut-style `VisionEncoderDecoderModel`: `kiln run --image` alone, checked against transformers."""
+    from encdec_checkpoints import make_donut_checkpoint
+    from vlm_checkpoints import random_image
+
+    checkpoint = make_donut_checkpoint(tmp_path / "ckpt")
+    engine = build_tiny_engine(checkpoint, tmp_path / "engine")
+    random_image(0, 40, 30).save(tmp_path / "page.png")
+    args = ("--image", str(tmp_path / "page.png"), "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
+    proc = kiln("run", str(engine), *args)
+    assert "vs transformers: match" in proc.stderr, proc.stderr
