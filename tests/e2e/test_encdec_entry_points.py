@@ -36,6 +36,12 @@ def test_kiln_serve_completions(engine):
             r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == expected.text
+        # no max_tokens: the decoder's room, max_seq_len (64) less its two start tokens, whatever the input's length
+        r = httpx.post(
+            server.url + "/v1/completions", json={"model": MODEL, "prompt": [5], "temperature": 0}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 64 - 2
         body = {"model": MODEL, "prompt": "clay " * 40, "max_tokens": 2}
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400 and "max_encoder_input_len (16)" in r.json()["error"]["message"]
