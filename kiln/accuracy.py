@@ -47,6 +47,9 @@ def _reference(manifest: Manifest, checkpoint: Path) -> tuple[Any, Any, Any]:
         family = family_for(arch)
         model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
         return model.to(device).eval(), family.load_processor(checkpoint), family
+    if manifest.encoder_decoder is not None:
+        model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
+        return model.to(device).eval(), None, None
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval(), None, None
 
@@ -75,17 +78,32 @@ def check_accuracy(
         images = request.get("images") if isinstance(request, dict) else None
         videos = request.get("videos") if isinstance(request, dict) else None
         generator = model
+        if images and not request["prompt"]:  # an image alone (Nougat, Donut): the image encoder's input only
+            pixels = processor(images=[load_image(im) for im in images], return_tensors="pt")["pixel_values"]
+            out = model.generate(pixels.to(device, model.dtype), max_new_tokens=max(len(ours), 1), do_sample=False)
+            start = len(manifest.encoder_decoder.decoder_prefix) if manifest.encoder_decoder else 0
+            results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
+            continue
         if images or videos:
             extra = {"videos": _clips(family, processor, videos, request.get("num_frames"))} if videos else {}
             loaded = [load_image(im) for im in images or []] or None
             inputs = processor(text=[request["prompt"]], images=loaded, return_tensors="pt", **extra)
             inputs = {k: v.to(device) for k, v in inputs.items()}
+        elif manifest.encoder_decoder is not None:  # ids: the encoder input, then the decoder's start tokens
+            prefix = len(manifest.encoder_decoder.decoder_prefix)
+            inputs = {"input_ids": torch.tensor([ids[:-prefix]], device=device)}
+            out = model.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
+            results.append(AccuracyResult(i, list(ours), out[0, prefix:].tolist()))
+            continue
         else:
             inputs = {"input_ids": torch.tensor([ids], device=device)}
             if family is not None:
                 generator = family.text_model(model)  # BLIP-2 generates text through its language model
         out = generator.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
-        results.append(AccuracyResult(i, list(ours), out[0, inputs["input_ids"].shape[1] :].tolist()))
+        # an encoder-decoder model (BLIP-2 with Flan-T5) returns its decoder's tokens, from the start tokens
+        facts = manifest.encoder_decoder
+        start = len(facts.decoder_prefix) if facts is not None else inputs["input_ids"].shape[1]
+        results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
     return results
 
 

@@ -196,8 +196,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiln import run_output, run_prompts
 
     if not args.prompt and not args.prompt_ids:
-        raise KilnError("give at least one --prompt or --prompt-ids")
-    if not all(args.prompt):
+        if not args.image:
+            raise KilnError("give at least one --prompt or --prompt-ids")
+        args.prompt = [""]  # images alone (Nougat, Donut: no text prompt)
+    if not all(args.prompt) and not args.image:
         raise KilnError("--prompt is empty: give some text (or token ids with --prompt-ids)")
     prompt_ids = [_parse_ids(t) for t in args.prompt_ids]
     if not all(prompt_ids):

@@ -92,6 +92,10 @@ class BuildConfig:
             "(default: one largest image per request)"
         },
     )
+    max_encoder_input_len: int | None = field(
+        default=None,
+        metadata={"help": "encoder-decoder models: longest encoder input in tokens (default: max_input_len)"},
+    )
     fused_linears: bool = field(
         default=True,
         metadata={"help": "fuse norms, activations, residual adds and rotary embeddings into the decode linears"},
@@ -145,8 +149,9 @@ class BuildConfig:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             if getattr(self, name) is not None or name not in ("max_input_len", "max_seq_len"):
                 _check_int("BuildConfig", name, getattr(self, name), 1)
-        if self.max_multimodal_len is not None:
-            _check_int("BuildConfig", "max_multimodal_len", self.max_multimodal_len, 1)
+        for name in ("max_multimodal_len", "max_encoder_input_len"):
+            if getattr(self, name) is not None:
+                _check_int("BuildConfig", name, getattr(self, name), 1)
         if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise KilnError(f"max_input_len ({self.max_input_len}) cannot exceed max_seq_len ({self.max_seq_len})")
         if self.max_num_tokens < self.max_batch_size:

@@ -70,6 +70,8 @@ def prepare(
     from kiln.runtime.validation import RequestLimits, validate
 
     manifest = read_manifest(Path(engine_dir))
+    if manifest.encoder_decoder is not None:  # the prompt is the encoder's input: the engine checks its own limits
+        check_lengths = False
     limits = RequestLimits(manifest.build.input_len, manifest.build.seq_len, manifest.model.vocab_size)
     prompts = [RunPrompt(list(p), list(p), "") for p in ids]
     if texts:
@@ -84,6 +86,8 @@ def prepare(
                     prompt_ids = chat_ids(tokenizer, messages)
                     chat_text = tokenizer.decode(prompt_ids)
                     encoded.append(RunPrompt(prompt_ids, prompt_ids, "", messages, chat_text))
+                elif not text and not check_lengths:  # an image prompt without text: the processor makes its ids
+                    encoded.append(RunPrompt(text, [], text))
                 else:
                     encoded.append(RunPrompt(text, encode(tokenizer, text), text))
             except RequestError as exc:
@@ -93,7 +97,7 @@ def prepare(
         try:
             if check_lengths:
                 validate(p.prompt_ids, params, limits)
-            elif not p.prompt_ids:
+            elif not p.prompt_ids and p.prompt != "":
                 raise RequestError("the prompt is empty")
         except RequestError as exc:
             where = f"prompt {i}: " if len(prompts) > 1 else ""

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from kiln.compiler.build_encdec import write_encdec_engine
 from kiln.compiler.build_vlm import write_vlm_engine
 from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
@@ -44,10 +45,16 @@ def build_engine(
 def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
     from kiln.models.vlm_loader import checkpoint_recipe
 
-    if checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind == "vision_language":
-        if config.tp_size > 1 or config.pp_size > 1:
-            raise KilnError("vision-language checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
+    kind = checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind
+    if kind in ("vision_language", "encoder_decoder") and (config.tp_size > 1 or config.pp_size > 1):
+        what = "vision-language" if kind == "vision_language" else "encoder-decoder"
+        raise KilnError(f"{what} checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
+    if kind == "vision_language":
         return write_vlm_engine(checkpoint, output, config, progress)
+    if kind == "encoder_decoder":
+        return write_encdec_engine(checkpoint, output, config, progress)
+    if config.max_encoder_input_len is not None:
+        raise KilnError("--max-encoder-input-len applies to encoder-decoder checkpoints (T5, BART, mBART) only")
     if config.pp_size > 1:
         from kiln.compiler.sharding.stages import write_pipeline_engine
 

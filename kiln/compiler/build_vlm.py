@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kiln.compiler.build_encdec import build_encdec_programs, resolve_encoder_len
 from kiln.compiler.capture_mm import llm_spec, vision_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
@@ -13,6 +14,7 @@ from kiln.compiler.quantize.methods import check_request, engine_quantization
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import PROCESSOR_DIR, TOKENIZER_DIR, VISION_DIR, VISION_STATE, MultimodalFacts
 from kiln.errors import KilnError
+from kiln.models.encdec import LANGUAGE_MODELS, decoder_prefix
 from kiln.models.loader import LoadedCheckpoint
 from kiln.models.vlm import VisionLanguageFamily
 from kiln.models.vlm_loader import load_vision_language
@@ -35,13 +37,19 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     dtype = torch_dtype(config.dtype)
     with progress.stage("load", str(checkpoint)):
         loaded, family, processor = load_vision_language(checkpoint, dtype, device)
-        shape = cache_shape(loaded.config)
+        text_config = family.text_config(loaded.config)
+        encdec = LANGUAGE_MODELS.get(type(family.text_model(loaded.model)).__name__)  # BLIP-2 + Flan-T5, Nougat
+        shape = CacheShape(*encdec.cache_shape(text_config)) if encdec else cache_shape(loaded.config)
         facts = model_facts(loaded, shape)
         config = config.resolved(facts.max_position_embeddings)
         check_request(config, loaded.quantized, checkpoint)
         if config.quantization == "int4_awq" and loaded.quantized is None:
             raise KilnError("int4_awq quantizes text models only; build a vision-language model with int4_wo")
-    text_config = family.text_config(loaded.config)
+        if encdec is not None:
+            if config.quantization != "none" or loaded.quantized is not None:
+                raise KilnError("kiln builds encoder-decoder language models unquantized only")
+            prefix = decoder_prefix(encdec.prefix_config(loaded.config, text_config), loaded.generation_config)
+            config = resolve_encoder_len(config, encdec.max_positions(text_config), len(prefix))
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)
     progress.note(
@@ -59,13 +67,20 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
     quantized = loaded.quantized  # the language model's linears only: the vision program is never quantized
-    written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
-        _llm_program(loaded, family, shape, config, hidden=hidden, architecture=facts.architecture),
-        output,
-        config,
-        progress,
-        quantized,
-    )
+    encoder_decoder = None
+    if encdec is not None:  # image rows go into the encoder program
+        written, encoder_decoder = build_encdec_programs(
+            family.text_model(loaded.model), encdec, shape, config, output, progress,
+            architecture=facts.architecture, prefix=prefix, image_hidden=hidden,
+        )  # fmt: skip
+    else:
+        written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
+            _llm_program(loaded, family, shape, config, hidden=hidden, architecture=facts.architecture),
+            output,
+            config,
+            progress,
+            quantized,
+        )
     family.engine_tokenizer(loaded.tokenizer).save_pretrained(output / TOKENIZER_DIR)
     processor.save_pretrained(output / PROCESSOR_DIR)
     multimodal = MultimodalFacts(
@@ -87,6 +102,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         op_modules={**vision_written.op_modules, **written.op_modules},
         passes=written.passes,
         quantization=engine_quantization(config, quantized, written.quantized_layers),
+        encoder_decoder=encoder_decoder,
     )
     write_engine_manifest(output, engine, device, progress)
 

@@ -23,6 +23,7 @@ from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import (
     COMPILED,
     FORMAT_VERSION,
+    EncoderDecoderFacts,
     Manifest,
     ModelFacts,
     MultimodalFacts,
@@ -170,6 +171,7 @@ class EngineFacts:
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"} of the LLM program
     quantization: QuantizationFacts | None = None
     world: WorldFacts | None = None  # tensor-parallel engines only
+    encoder_decoder: EncoderDecoderFacts | None = None
 
 
 def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
@@ -190,6 +192,7 @@ def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.de
         passes=facts.passes,
         quantization=facts.quantization,
         world=facts.world,
+        encoder_decoder=facts.encoder_decoder,
     )
     write_manifest(engine_dir, manifest)
     return manifest

@@ -22,6 +22,7 @@ PROGRAM_INDEX = "program_index.json"  # what a compiled load needs from program.
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "processor"
 VISION_DIR = "vision"
+ENCODER_DIR = "encoder"  # an encoder-decoder engine's encoder program
 VISION_STATE = "state.safetensors"
 FORMAT_VERSION = 2  # 2: weights in weights.safetensors beside program.pt2
 
@@ -65,6 +66,23 @@ class MultimodalFacts:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MultimodalFacts":
         return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderDecoderFacts:
+    """What the runtime must know about an encoder-decoder engine: its encoder program (in encoder/) and
+    the tokens its decoder starts from. Each request's cache holds its encoder length, then its decoder tokens."""
+
+    max_encoder_input_len: int
+    decoder_prefix: tuple[int, ...]  # decoder_start_token_id, then forced_bos_token_id when the model forces one
+    encoder_compiled: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "decoder_prefix": list(self.decoder_prefix)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EncoderDecoderFacts":
+        return cls(**{**values, "decoder_prefix": tuple(values["decoder_prefix"])})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +157,7 @@ class Manifest:
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the graph passes that changed it
     quantization: QuantizationFacts | None = None  # weight-only quantized engines only
     world: WorldFacts | None = None  # tensor-parallel engines only
+    encoder_decoder: EncoderDecoderFacts | None = None  # encoder-decoder engines only
 
     def to_json(self) -> str:
         data = {
@@ -162,6 +181,8 @@ class Manifest:
             data["quantization"] = self.quantization.to_dict()
         if self.world is not None:
             data["world"] = dict(self.world.__dict__)
+        if self.encoder_decoder is not None:
+            data["encoder_decoder"] = self.encoder_decoder.to_dict()
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -183,6 +204,9 @@ class Manifest:
             passes=data.get("passes", {}),  # engines built before kiln recorded them have none
             quantization=QuantizationFacts.from_dict(data["quantization"]) if data.get("quantization") else None,
             world=WorldFacts.from_dict(data["world"]) if data.get("world") else None,
+            encoder_decoder=(
+                EncoderDecoderFacts.from_dict(data["encoder_decoder"]) if data.get("encoder_decoder") else None
+            ),
         )
 
 

@@ -5,4 +5,5 @@ from kiln.kernels import (  # noqa: F401  (registration side effects)
     linear,
     paged_attention,
     paged_attention_limits,  # noqa: F401
+    span_attention,
 )

@@ -17,6 +17,8 @@ p <= its own position and, when sliding_window > 0, p > its position - sliding_w
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -162,3 +164,76 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_width: int)
     rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
     roped = heads * cos[:, None, :] + rotated * sin[:, None, :]
     return torch.cat((roped.reshape(rows, rope_width), x[:, rope_width:]), dim=-1)
+
+
+def relative_bucket(distance: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance: exact below half the (signed) buckets, then
+    logarithmic up to `max_distance`; unidirectional buckets count only keys before the query."""
+    if bidirectional:
+        half = num_buckets // 2
+        offset = (distance > 0).long() * half
+        magnitude = distance.abs()
+    else:
+        half = num_buckets
+        offset = torch.zeros_like(distance)
+        magnitude = (-distance).clamp(min=0)
+    exact = half // 2
+    far = exact + (torch.log(magnitude.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    far = far.clamp(max=half - 1)
+    return offset + torch.where(magnitude < exact, magnitude, far)
+
+
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    key_begin: torch.Tensor,
+    key_end: torch.Tensor,
+    layer: int,
+    scale: float,
+    causal: bool,
+    bias: torch.Tensor | None,
+    max_distance: int,
+) -> torch.Tensor:
+    """Attention of each sequence's new queries over its cached keys at positions [key_begin, key_end).
+
+    An encoder-decoder request keeps its cross-attention keys at cache positions [0, encoder length)
+    and its decoder's own keys after them. `k`/`v` (self-attention) are written at `slot_mapping` first;
+    cross-attention passes None. Queries sit at positions seq_len - num_new + j; `causal` hides later
+    keys. `bias [num_buckets, Hq]`: T5's relative position bias, added by the unidirectional bucket of
+    (key position - query position).
+    """
+    if k is not None and v is not None:
+        write_kv(kv_cache, layer, k, v, slot_mapping)
+    block_size = kv_cache.shape[3]
+    key_pages, value_pages = kv_cache[layer, 0], kv_cache[layer, 1]
+    out = q.new_zeros(q.shape[0], q.shape[1], kv_cache.shape[-1])
+    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    begins, ends = key_begin.tolist(), key_end.tolist()
+    for i, context_len in enumerate(lengths):
+        first, last = starts[i], starts[i + 1]
+        lo, hi = begins[i], ends[i]
+        if last == first or hi <= lo:
+            continue
+        blocks = block_tables[i, : -(-hi // block_size)].long()
+        keys = key_pages[blocks].flatten(0, 1)[lo:hi]
+        values = value_pages[blocks].flatten(0, 1)[lo:hi]
+        group = q.shape[1] // keys.shape[1]
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        k_positions = torch.arange(lo, hi, device=q.device)
+        q_positions = torch.arange(context_len - (last - first), context_len, device=q.device)
+        scores = torch.einsum("qhd,khd->hqk", q[first:last].float(), keys.float()) * scale
+        if bias is not None:
+            buckets = relative_bucket(k_positions[None, :] - q_positions[:, None], False, bias.shape[0], max_distance)
+            scores = scores + bias[buckets].permute(2, 0, 1).float()
+        if causal:
+            scores = scores.masked_fill((k_positions[None, :] > q_positions[:, None])[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[first:last] = torch.einsum("hqk,khd->qhd", probs, values.float()).to(q.dtype)
+    return out

@@ -60,6 +60,18 @@ def _vision_language_recipes() -> dict[str, ModelRecipe]:
 RECIPES.update(_vision_language_recipes())
 
 
+def _encoder_decoder_recipes() -> dict[str, ModelRecipe]:
+    from kiln.models.encdec import FAMILIES
+
+    return {
+        name: ModelRecipe(architecture=name, kind="encoder_decoder", tested=True, notes=family.notes)
+        for name, family in FAMILIES.items()
+    }
+
+
+RECIPES.update(_encoder_decoder_recipes())
+
+
 def _transformers_causal_lms() -> set[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -94,5 +106,6 @@ def recipe_for(
     )
     raise UnsupportedModelError(
         f"architecture {architectures} is not supported: kiln builds decoder-only causal language models that "
-        f"transformers implements (tested: {', '.join(proven_families())}).{hint}"
+        f"transformers implements, and the encoder-decoder families below "
+        f"(tested: {', '.join(proven_families())}).{hint}"
     )

@@ -26,11 +26,12 @@ from kiln.models.vlm.refused import refuse_known
 VISION_ATTENTION = "sdpa"
 
 
-def attention_choice(config: Any) -> dict[str, str]:
-    """kiln's attention for the top level and the text model; SDPA for every other sub-model (vision, Q-Former)."""
+def attention_choice(config: Any, vision: str = VISION_ATTENTION) -> dict[str, str]:
+    """kiln's attention for the top level and the text model; `vision` (SDPA) for every other sub-model
+    (vision, Q-Former)."""
     choice = {"": ATTENTION_NAME}
     for name in getattr(config, "sub_configs", {}):
-        choice[name] = ATTENTION_NAME if name == "text_config" else VISION_ATTENTION
+        choice[name] = ATTENTION_NAME if name == "text_config" else vision
     return choice
 
 
@@ -84,7 +85,7 @@ def load_vision_language(
             config,
             quantized,
             dtype=dtype,
-            attn_implementation=attention_choice(config),
+            attn_implementation=attention_choice(config, getattr(family, "vision_attention", VISION_ATTENTION)),
             use_safetensors=True,
             local_files_only=True,
             device_map=str(device) if device.type != "cpu" else None,

@@ -10,6 +10,8 @@ not), so the whole forward pass is one graph launch.
 A vision-language program takes more inputs (`DecodeExtras`); in a decode step they have static
 shapes: one zero `mm_embeds` row, `mm_index` all -1, M-RoPE positions [R, n] whose rows all hold
 the position the caller gives (p + the sequence's delta), and `attend_end` = seq_lens (p + 1).
+An encoder-decoder engine's decoder program takes `encoder_lens [B]` last (`encoder_decoder=True`);
+padding rows get 0 (no cross keys). Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         device: torch.device,
         extras: DecodeExtras | None = None,
+        encoder_decoder: bool = False,
     ) -> None:
         self.program = program
         self.kv_cache = kv_cache
@@ -81,6 +84,10 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._turn = 0
+        self.encoder_lens: torch.Tensor | None = None
+        if encoder_decoder:
+            self.encoder_lens = torch.zeros(n, dtype=torch.int32, device=device)
+            self._encoder_staging = [torch.zeros(n, dtype=torch.int32).pin_memory() for _ in range(2)]
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if extras is not None:
             r = extras.position_rows
@@ -101,6 +108,8 @@ class DecodeGraphs:
             self.logits_indices[:b],
             self.kv_cache,
         ]
+        if self.encoder_lens is not None:
+            base.append(self.encoder_lens[:b])
         extras = self.extras
         if extras is None:
             return tuple(base)
@@ -143,6 +152,7 @@ class DecodeGraphs:
         seq_lens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         patch: TokenPatch | None = None,
+        encoder_lens: Sequence[int] = (),
     ) -> torch.Tensor:
         """Logits [len(input_ids), vocab] of one decode step (one token per sequence).
 
@@ -173,6 +183,11 @@ class DecodeGraphs:
         tables_host[:n, :width] = tables
         if self.extras is not None:
             self._stage_extras(turn, host, positions, seq_lens, n, b)
+        if self.encoder_lens is not None:
+            staged = self._encoder_staging[turn]
+            staged[:b] = 0
+            staged[:n] = torch.tensor(encoder_lens, dtype=torch.int32)
+            self.encoder_lens[:b].copy_(staged[:b], non_blocking=True)
         self.tokens[:, :b].copy_(host[:, :b], non_blocking=True)
         self.seq_lens[:b].copy_(lens_host[:b], non_blocking=True)
         self.block_tables[:n, :width].copy_(tables_host[:n, :width], non_blocking=True)

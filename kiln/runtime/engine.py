@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import torch
 
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
 from kiln.config import RuntimeConfig, torch_dtype
-from kiln.engine.manifest import WorldFacts, check_compatible, read_manifest
+from kiln.engine.manifest import ENCODER_DIR, WorldFacts, check_compatible, read_manifest
 from kiln.engine.programs import Program, load_program
 from kiln.engine.tokenizers import load_tokenizer
 from kiln.errors import KilnError, RequestError
@@ -21,6 +22,7 @@ from kiln.kernels.selection import from_configs, selected
 from kiln.progress import Progress
 from kiln.runtime import distributed, grammar, memory_plan, prompt_logprobs, prompts, stats, validation
 from kiln.runtime.cuda_graphs import DecodeGraphs
+from kiln.runtime.encoder_runner import EncoderDecoderRunner, request_ids
 from kiln.runtime.in_flight import PENDING_TOKEN, InFlightStep
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.mm_runner import decode_extras, make_runner
@@ -73,18 +75,35 @@ class Engine:
             self.compiled = bool(self.manifest.compiled and self.runtime.use_compiled)
             self.weight_bytes = 0  # bytes of weights a decode step reads, set when the program loads
             program = self._load_program()
+            # An encoder-decoder engine: its encoder program, and the runner that runs both programs.
+            self.encoder_decoder = self.manifest.encoder_decoder
+            encoder = None
+            if self.encoder_decoder is not None:
+                compiled = self.compiled and self.encoder_decoder.encoder_compiled
+                ops = self.manifest.op_modules
+                encoder = load_program(self.path / ENCODER_DIR, self.device, compiled=compiled, op_modules=ops).program
         # Images -> expanded prompt + features, for engines built from a vision-language checkpoint
         # (loaded before the pool, which is sized with the vision program's peak kept free).
         self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
         mm_spec = self.manifest.multimodal
+        # An encoder-decoder request's cache holds its encoder input before its decoder tokens.
+        encoder_len = self.encoder_decoder.max_encoder_input_len if self.encoder_decoder is not None else 0
+        self.max_cached = self.build.seq_len + encoder_len
+
+        def runner(cache: torch.Tensor, kv: KVCacheManager) -> Any:
+            if encoder is not None:
+                image_hidden = mm_spec.hidden_size if mm_spec is not None else None
+                return EncoderDecoderRunner(program, encoder, cache, kv, self.device, encoder_len, image_hidden)
+            return make_runner(mm_spec, program, cache, kv, self.device)
+
         setup = memory_plan.StepSetup(
-            self.build,
+            dataclasses.replace(self.build, max_seq_len=self.max_cached),
             self._cache_shape,
             dtype,
             self.device,
-            lambda cache, kv: make_runner(mm_spec, program, cache, kv, self.device),
+            runner,
             memory_plan.ImageRows.of(mm_spec),
         )
         with selected(self.kernels):  # the plan measures a step
@@ -97,17 +116,19 @@ class Engine:
         # version-counter kernel (ADInplaceOrView), about 70 µs a call. Only steps (inference mode) write it.
         with torch.inference_mode() if self.device.type == "cpu" else contextlib.nullcontext():
             self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
-        self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=self.runtime.enable_prefix_caching)
+        prefix_caching = self.runtime.enable_prefix_caching and encoder is None  # cross keys see the whole input
+        self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=prefix_caching)
         self._scheduler = Scheduler(
             self._kv,
             max_batch_size=self.build.max_batch_size,
             max_num_tokens=self.build.max_num_tokens,
             eos_ids=self.eos_ids,
-            max_seq_len=self.build.seq_len,
+            max_seq_len=self.max_cached,
             max_scored_tokens=prompt_logprobs.SCORED_TOKENS_PER_STEP,
         )
-        self.runner = make_runner(self.manifest.multimodal, program, self.kv_cache, self._kv, self.device)
-        # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too).
+        self.runner = runner(self.kv_cache, self._kv)
+        # Decode steps replay CUDA graphs (a VLM's program takes its extra inputs from static buffers too;
+        # an encoder-decoder engine's decoder program its encoder lengths).
         if self.rank is not None:  # rank 0 broadcasts each step; the other ranks follow it and exit here
             if not self.rank.leads:
                 distributed.follow(program, self.kv_cache, self.rank)
@@ -121,13 +142,15 @@ class Engine:
                     program,
                     self.kv_cache,
                     max_batch_size=self.build.max_batch_size,
-                    max_blocks_per_seq=-(-self.build.seq_len // bs),
+                    max_blocks_per_seq=-(-self.max_cached // bs),
                     device=self.device,
-                    extras=decode_extras(self.manifest.multimodal, dtype),
+                    extras=decode_extras(self.manifest.multimodal, dtype) if encoder is None else None,
+                    encoder_decoder=encoder is not None,
                 )
                 graphs.capture()
             self.runner.graphs = graphs
-        self.limits = validation.RequestLimits(self.build.input_len, self.build.seq_len, facts.vocab_size)
+        prompt_len = self.max_cached - self.build.seq_len + self.build.input_len  # encoder input + decoder prefix
+        self.limits = validation.RequestLimits(prompt_len, self.max_cached, facts.vocab_size)
         self._outputs = OutputProcessor(self.tokenizer)
         self._grammars = grammar.Grammars(self.tokenizer, facts.vocab_size, self.eos_ids)  # structured output
         self._ids = itertools.count()
@@ -174,7 +197,19 @@ class Engine:
         return load_tokenizer(self.path)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, mm: MultimodalData | None = None) -> Request:
-        """The request checked against this engine's limits (reads only them: safe on any thread)."""
+        """The request checked against this engine's limits (reads only them: safe on any thread).
+        An encoder-decoder engine's prompt is its encoder input; the decoder starts from the model's start token."""
+        if self.encoder_decoder is not None:
+            if params.prompt_logprobs is not None:
+                raise RequestError("prompt_logprobs: an encoder-decoder engine does not score its encoder input")
+            decoder_len = len(self.encoder_decoder.decoder_prefix) + params.max_tokens
+            if decoder_len > self.build.seq_len:
+                raise RequestError(
+                    f"the decoder's start tokens + max_tokens ({decoder_len}) exceed this engine's max_seq_len "
+                    f"({self.build.seq_len}); lower max_tokens"
+                )
+            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder, mm)
+            return validation.validate(full_ids, params, self.limits, encoder_input)
         return validation.validate(prompt_ids, params, self.limits, mm)
 
     def add_request(self, request: Request, request_id: str | None = None) -> Sequence:

@@ -126,7 +126,9 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             log.info("accepted and ignored (they change nothing kiln generates): %s", ", ".join(ignored))
 
     def max_tokens_for(requested: int | None, prompt_ids: list[int]) -> int:
-        room = limits.seq_len - len(prompt_ids)
+        # an encoder-decoder engine's prompt is its encoder input; its decoder's tokens start with the start tokens
+        encdec = core.encoder_decoder
+        room = limits.seq_len - (len(encdec.decoder_prefix) if encdec is not None else len(prompt_ids))
         if requested is None:
             if room < 1:
                 raise RequestError(f"the prompt fills this engine's max_seq_len ({limits.seq_len}); shorten it")

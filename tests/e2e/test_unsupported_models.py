@@ -66,6 +66,9 @@ def test_the_refusal_lists_real_families_and_no_remote_code_hint_without_code(ch
     listed = message.split("(tested: ", 1)[1].split(")", 1)[0].split(", ")
     assert listed == proven_families()
     assert {"LlamaForCausalLM", "LlavaForConditionalGeneration"} <= set(listed)
+    # encoder-decoder checkpoints are built now (tests/models/test_encdec_families.py)
+    encoder_decoder = {"T5ForConditionalGeneration", "BartForConditionalGeneration", "MBartForConditionalGeneration"}
+    assert encoder_decoder <= set(listed)
     assert "trust-remote-code" not in message
 
 

@@ -13,8 +13,20 @@ from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
 from kiln.models.vlm.llava_onevision import LlavaOnevision
 from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
+from kiln.models.vlm.vision_encoder_decoder import VisionEncoderDecoder
 
-_ALL = (Llava(), LlavaNext(), Blip2(), Gemma3(), Qwen2_5VL(), LlavaOnevision(), Fuyu(), Kosmos2(), CustomVision())
+_ALL = (
+    Llava(),
+    LlavaNext(),
+    Blip2(),
+    Gemma3(),
+    Qwen2_5VL(),
+    LlavaOnevision(),
+    Fuyu(),
+    Kosmos2(),
+    VisionEncoderDecoder(),
+    CustomVision(),
+)
 FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}
 
 

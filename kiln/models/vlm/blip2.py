@@ -1,4 +1,5 @@
-"""BLIP-2 with a decoder-only LM (`Blip2ForConditionalGeneration`, e.g. OPT): ViT -> Q-Former -> projection.
+"""BLIP-2 (`Blip2ForConditionalGeneration`): ViT -> Q-Former -> projection, into a decoder-only LM (OPT) or,
+with a Flan-T5 LM, into the encoder program of an encoder-decoder engine (`kiln.compiler.build_encdec`).
 
 The Q-Former turns an image into `num_query_tokens` feature rows; the processor prepends that many
 image tokens to the prompt (the prompt itself carries no image token), so a prompt has at most one image.
@@ -36,7 +37,7 @@ class Blip2Vision(nn.Module):
 
 class Blip2(VisionLanguageFamily):
     architecture = "Blip2ForConditionalGeneration"
-    notes = "Q-Former query tokens prepended to the prompt; decoder-only language model (OPT)"
+    notes = "Q-Former query tokens prepended to the prompt; a decoder-only (OPT) or encoder-decoder (Flan-T5) LM"
     max_images_per_prompt: ClassVar[int | None] = 1
 
     def text_config(self, config: Any) -> Any:

@@ -1,0 +1,124 @@
+"""T5 and Flan-T5 (`T5ForConditionalGeneration`) on packed tokens, from the checkpoint's own modules.
+
+T5 does not scale its attention scores; it adds a relative position bias instead (bidirectional
+buckets in the encoder, unidirectional in the decoder's self-attention, none in cross-attention),
+computed by the first layer's table and shared by every layer. Its feed-forward blocks (ReLU or
+gated-GELU) and RMS norms are the checkpoint's modules, called as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.kernels.reference import relative_bucket
+from kiln.models.encdec.base import (
+    DecoderMetadata,
+    EncoderDecoderFamily,
+    embed_tokens,
+    heads,
+    packed_self_attention,
+)
+
+
+class T5Encoder(nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        config = model.config
+        self.embed = model.shared
+        self.blocks = model.encoder.block
+        self.norm = model.encoder.final_layer_norm
+        self.bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        self.cross = nn.ModuleList(block.layer[1].EncDecAttention for block in model.decoder.block)
+        self.head_dim = int(config.d_kv)
+        self.buckets = (int(config.relative_attention_num_buckets), int(config.relative_attention_max_distance))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_ids: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: torch.Tensor,
+        mm_embeds: torch.Tensor | None = None,
+        mm_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        d = self.head_dim
+        h = embed_tokens(self.embed, input_ids, mm_embeds, mm_index)
+        buckets = relative_bucket(positions[None, :] - positions[:, None], True, *self.buckets)
+        bias = self.bias(buckets).permute(2, 0, 1)  # [H, T, T]
+        for block in self.blocks:
+            layer = block.layer[0]
+            attn = layer.SelfAttention
+            x = layer.layer_norm(h)
+            q, k, v = heads(attn.q(x), d), heads(attn.k(x), d), heads(attn.v(x), d)
+            out = packed_self_attention(q, k, v, seq_ids, 1.0, bias)
+            h = h + attn.o(out.flatten(1))
+            h = block.layer[1](h)
+        h = self.norm(h)
+        cross: Any
+        for i, cross in enumerate(self.cross):
+            torch.ops.kiln.store_kv(kv_cache, heads(cross.k(h), d), heads(cross.v(h), d), slot_mapping, i)
+        return h
+
+
+class T5Decoder(nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        config = model.config
+        self.embed = model.shared
+        self.blocks = model.decoder.block
+        self.norm = model.decoder.final_layer_norm
+        self.bias = model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        self.lm_head = model.lm_head
+        self.head_dim = int(config.d_kv)
+        self.max_distance = int(config.relative_attention_max_distance)
+        scaled = getattr(config, "scale_decoder_outputs", None)
+        scaled = config.tie_word_embeddings if scaled is None else scaled
+        self.output_scale = float(config.d_model) ** -0.5 if scaled else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        logits_indices: torch.Tensor,
+        kv_cache: torch.Tensor,
+        encoder_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
+        d = self.head_dim
+        h = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            layer = block.layer[0]
+            attn = layer.SelfAttention
+            x = layer.layer_norm(h)
+            q, k, v = heads(attn.q(x), d), heads(attn.k(x), d), heads(attn.v(x), d)
+            h = h + attn.o(meta.self_attention(q, k, v, i, 1.0, self.bias.weight, self.max_distance).flatten(1))
+            layer = block.layer[1]
+            cross = layer.EncDecAttention
+            h = h + cross.o(meta.cross_attention(heads(cross.q(layer.layer_norm(h)), d), i, 1.0).flatten(1))
+            h = block.layer[2](h)
+        h = self.norm(h.index_select(0, logits_indices))
+        if self.output_scale is not None:
+            h = h * self.output_scale
+        return self.lm_head(h)
+
+
+class T5Family(EncoderDecoderFamily):
+    architecture = "T5ForConditionalGeneration"
+    notes = "relative position bias, unscaled attention, ReLU or gated-GELU feed-forward (Flan-T5)"
+
+    def cache_shape(self, config: Any) -> tuple[int, int, int]:
+        return int(config.num_decoder_layers), int(config.num_heads), int(config.d_kv)
+
+    def encoder(self, model: nn.Module) -> nn.Module:
+        return T5Encoder(model)
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return T5Decoder(model)

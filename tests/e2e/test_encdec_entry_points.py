@@ -1,0 +1,62 @@
+"""An encoder-decoder engine (tiny BART) through `kiln run` and `kiln serve`: the prompt is the encoder input."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from e2e_helpers import SHARED_GPU, ServerProcess, kiln
+from encdec_checkpoints import make_encdec_checkpoint
+from tiny_checkpoints import build_tiny_engine
+
+from kiln import LLM, SamplingParams
+
+MODEL = "bart"
+PROMPTS = ("The kiln fires clay into stone.", "héllo")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encdec-e2e")
+    checkpoint = make_encdec_checkpoint("bart", "forced-bos", root / "ckpt")
+    return build_tiny_engine(checkpoint, root / "engine", max_encoder_input_len=16)
+
+
+def test_kiln_run_matches_transformers(engine):
+    args = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    proc = kiln("run", str(engine), *args, "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
+    assert proc.stderr.count("vs transformers: match") == len(PROMPTS), proc.stdout + proc.stderr
+
+
+def test_kiln_serve_completions(engine):
+    offline = LLM(engine, **SHARED_GPU).generate(list(PROMPTS), SamplingParams(max_tokens=6, temperature=0.0))
+    server = ServerProcess(engine, "--served-model-name", MODEL)
+    try:
+        for prompt, expected in zip(PROMPTS, offline):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected.text
+        # no max_tokens: the decoder's room, max_seq_len (64) less its two start tokens, whatever the input's length
+        r = httpx.post(
+            server.url + "/v1/completions", json={"model": MODEL, "prompt": [5], "temperature": 0}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 64 - 2
+        body = {"model": MODEL, "prompt": "clay " * 40, "max_tokens": 2}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "max_encoder_input_len (16)" in r.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0
+
+
+def test_kiln_run_reads_a_page_image_without_text(tmp_path):
+    """Nougat/Donut-style `VisionEncoderDecoderModel`: `kiln run --image` alone, checked against transformers."""
+    from encdec_checkpoints import make_donut_checkpoint
+    from vlm_checkpoints import random_image
+
+    checkpoint = make_donut_checkpoint(tmp_path / "ckpt")
+    engine = build_tiny_engine(checkpoint, tmp_path / "engine")
+    random_image(0, 40, 30).save(tmp_path / "page.png")
+    args = ("--image", str(tmp_path / "page.png"), "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
+    proc = kiln("run", str(engine), *args)
+    assert "vs transformers: match" in proc.stderr, proc.stderr
