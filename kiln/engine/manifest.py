@@ -12,6 +12,7 @@ import torch
 
 from kiln.config import BuildConfig, check_quantization_method
 from kiln.errors import EngineMismatchError, KilnError
+from kiln.kernels.w8a8_dispatch import fp8_refusal
 from kiln.version import __version__
 
 MANIFEST = "manifest.json"
@@ -69,19 +70,27 @@ class MultimodalFacts:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizationFacts:
-    """How the engine's linears are quantized (weight-only); the embedding and a vision program never are."""
+    """How the engine's linears are quantized; the embedding and a vision program never are."""
 
     method: str  # one of kiln.config.QUANTIZATION_METHODS
     bits: int
     group_size: int | None  # None: one scale per output channel
     layers: tuple[str, ...]  # the dense weights replaced by quantized ones (program parameter names)
     lm_head: bool
+    activations: str | None = None  # W8A8: "fp8 dynamic per token", "fp8 static per tensor", ...; None: weight-only
+    weights: str = "int"  # "int" or "fp8" (E4M3 values)
 
     def __post_init__(self) -> None:
         check_quantization_method(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "layers": list(self.layers)}
+        """The block; a weight-only integer engine's has no `activations` / `weights` entries."""
+        values = {**self.__dict__, "layers": list(self.layers)}
+        if self.activations is None:
+            del values["activations"]
+        if self.weights == "int":
+            del values["weights"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "QuantizationFacts":
@@ -196,6 +205,8 @@ def check_compatible(manifest: Manifest) -> torch.device:
         else:
             device = torch.device("cuda", torch.cuda.current_device())
             here = describe_device(device)
+            if manifest.quantization is not None and manifest.quantization.weights == "fp8":
+                problems.append(fp8_refusal(device) or "")
             if here["capability"] != built_for["capability"]:
                 problems.append(
                     f"built for a GPU of compute capability {built_for['capability']} ({built_for['name']}), "
@@ -203,6 +214,7 @@ def check_compatible(manifest: Manifest) -> torch.device:
                 )
     elif built_for["type"] != "cpu":
         problems.append(f"built for device '{built_for['type']}', which kiln does not run")
+    problems = [p for p in problems if p]
     if problems:
         raise EngineMismatchError(
             "This engine cannot be loaded here: "

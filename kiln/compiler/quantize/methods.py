@@ -1,4 +1,4 @@
-"""What a build quantizes with: the checkpoint's own quantized linears, AWQ's, or round-to-nearest in the pass."""
+"""What a build quantizes with: the checkpoint's quantized linears, AWQ's, FP8's, or round-to-nearest in the pass."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def check_request(config: BuildConfig, quantized: QuantizedLinears | None, check
                 f"{checkpoint} is already quantized ({quantized.method}, {quantized.bits} bits); "
                 f"build it without --quantization (got {config.quantization})"
             )
+    elif config.quantization == "fp8" and config.act_scales == "tensor" and config.calib_data is None:
+        raise KilnError("fp8 with static activation scales (--act-scales tensor) calibrates them: give --calib-data")
+    elif config.quantization == "fp8" and config.calib_data is not None and not Path(config.calib_data).is_file():
+        raise KilnError(f"cannot read the calibration text {config.calib_data}: no such file")
     elif config.quantization == "int4_awq" and config.calib_data is None:
         raise KilnError("int4_awq searches its scales on calibration text: give --calib-data FILE")
     elif config.quantization == "int4_awq" and not Path(str(config.calib_data)).is_file():
@@ -54,14 +58,51 @@ def engine_quantization(
     if not layers:
         raise KilnError("the quantization pass found no linear to quantize: kiln cannot build this model quantized")
     group_size: int | None
-    if quantized is not None and config.quantization != "int4_awq":
+    if quantized is not None and config.quantization == "fp8":
+        method, bits, group_size = "fp8", 8, None
+    elif quantized is not None and config.quantization != "int4_awq":
         method, bits, group_size = quantized.method, quantized.bits, quantized.group_size
     else:
         method, bits = config.quantization, RTN_BITS[config.quantization]
         group_size = config.group_size if bits == 4 else None
     return QuantizationFacts(
-        method=method, bits=bits, group_size=group_size, layers=layers, lm_head=config.quantize_lm_head
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        layers=layers,
+        lm_head=config.quantize_lm_head,
+        activations=activations_of(quantized),
+        weights="fp8" if quantized is not None and _fp8(quantized) else "int",
     )
+
+
+def _fp8(quantized: QuantizedLinears) -> bool:
+    return any(w.values.dtype == torch.float8_e4m3fn for w in quantized.weights.values())
+
+
+def activations_of(quantized: QuantizedLinears | None) -> str | None:
+    """How the engine quantizes its linears' inputs, for the manifest (None: weight-only)."""
+    weights = [] if quantized is None else list(quantized.weights.values())
+    modes = {w.activations for w in weights} - {"none"}
+    if not modes:
+        return None
+    kind = "fp8" if weights[0].values.dtype == torch.float8_e4m3fn else "int8"
+    return f"{kind} " + ("dynamic per token" if modes == {"dynamic"} else "static per tensor")
+
+
+def fp8_build_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> QuantizedLinears:
+    """--quantization fp8: every linear in E4M3; static input scales from the calibration text."""
+    from kiln.compiler.quantize.fp8 import fp8_linears
+
+    samples = None
+    if config.act_scales == "tensor":
+        samples = calibration_ids(tokenizer, config.calib_data, config.calib_size)
+        if len(samples) < config.calib_size:
+            raise KilnError(
+                f"the calibration text {config.calib_data} gives {len(samples)} samples of {CALIBRATION_TOKENS} "
+                f"tokens, fewer than --calib-size {config.calib_size}: give more text or a smaller --calib-size"
+            )
+    return fp8_linears(model, config.weight_scales == "channel", samples)
 
 
 def awq_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> QuantizedLinears:
@@ -74,7 +115,7 @@ def awq_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> 
 def calibration_ids(tokenizer: Any, path: str | None, samples: int) -> list[torch.Tensor]:
     """Up to `samples` sequences of CALIBRATION_TOKENS token ids from the text file at `path`."""
     if path is None:
-        raise KilnError("int4_awq needs calibration text: --calib-data FILE")
+        raise KilnError("calibration needs text: --calib-data FILE")
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -82,4 +123,12 @@ def calibration_ids(tokenizer: Any, path: str | None, samples: int) -> list[torc
     return cut_calibration_text(tokenizer, text, seq_len=CALIBRATION_TOKENS, max_sequences=samples)
 
 
-__all__ = ["RTN_BITS", "awq_linears", "calibration_ids", "check_request", "engine_quantization"]
+__all__ = [
+    "RTN_BITS",
+    "activations_of",
+    "awq_linears",
+    "calibration_ids",
+    "check_request",
+    "engine_quantization",
+    "fp8_build_linears",
+]
