@@ -11,7 +11,13 @@ from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
-from kiln.compiler.quantize.methods import awq_linears, check_request, engine_quantization, fp8_build_linears
+from kiln.compiler.quantize.methods import (
+    awq_linears,
+    check_request,
+    engine_quantization,
+    fp8_build_linears,
+    uses_fp8,
+)
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR
 from kiln.errors import KilnError
@@ -63,10 +69,11 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     if config.quantization == "int4_awq" and quantized is None:
         with progress.stage("awq", f"activation-aware int4 scales, groups of {config.group_size}"):
             quantized = awq_linears(config, loaded.model, loaded.tokenizer)
+    fp8 = config.quantization == "fp8" or (quantized is not None and uses_fp8(quantized))
+    refusal = fp8_refusal(resolve_device(config.device)) if fp8 else None
+    if refusal is not None:
+        raise KilnError(refusal)
     if config.quantization == "fp8" and quantized is None:
-        refusal = fp8_refusal(resolve_device(config.device))
-        if refusal is not None:
-            raise KilnError(refusal)
         with progress.stage("fp8", f"E4M3 per {config.weight_scales}, activations per {config.act_scales}"):
             quantized = fp8_build_linears(config, loaded.model, loaded.tokenizer)
     written = build_program(  # the spec is handed over: no reference here keeps the source weights alive

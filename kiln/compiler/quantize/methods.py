@@ -72,11 +72,12 @@ def engine_quantization(
         layers=layers,
         lm_head=config.quantize_lm_head,
         activations=activations_of(quantized),
-        weights="fp8" if quantized is not None and _fp8(quantized) else "int",
+        weights="fp8" if quantized is not None and uses_fp8(quantized) else "int",
     )
 
 
-def _fp8(quantized: QuantizedLinears) -> bool:
+def uses_fp8(quantized: QuantizedLinears) -> bool:
+    """Whether any of these weights is FP8 (E4M3)."""
     return any(w.values.dtype == torch.float8_e4m3fn for w in quantized.weights.values())
 
 
@@ -131,4 +132,5 @@ __all__ = [
     "check_request",
     "engine_quantization",
     "fp8_build_linears",
+    "uses_fp8",
 ]
