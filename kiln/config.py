@@ -17,12 +17,22 @@ DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "reference")  # auto: the Triton kernels where they apply
-QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "fp8")  # at build
+QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "fp8", "int8_sq")  # at build
 ACT_SCALES = ("token", "tensor")  # W8A8 inputs: dynamic per token, or static per tensor from calibration
 WEIGHT_SCALES = ("channel", "tensor")  # W8A8 weights: one scale per output channel, or one per tensor
 GROUP_SIZES = (32, 64, 128)  # int4: columns of K that share one scale and zero point
 # What an engine's linears may be quantized with: the build's methods and the checkpoint formats kiln reads.
-QUANTIZATION_METHODS = ("int8_wo", "int4_wo", "int4_awq", "awq", "gptq", "compressed-tensors", "fp8", "fp8_block")
+QUANTIZATION_METHODS = (
+    "int8_wo",
+    "int4_wo",
+    "int4_awq",
+    "awq",
+    "gptq",
+    "compressed-tensors",
+    "fp8",
+    "fp8_block",
+    "int8_sq",
+)
 
 T = TypeVar("T")
 
@@ -114,18 +124,22 @@ class BuildConfig:
             "choices": QUANTIZATIONS,
             "help": "quantization of the linears: weight-only int8 per output channel, int4 per group (round to "
             "nearest), int4 with AWQ's scale search; fp8: E4M3 weights and activations (a GPU of compute "
-            "capability 8.9+, emulated on the CPU); a pre-quantized checkpoint needs none",
+            "capability 8.9+, emulated on the CPU); int8_sq: SmoothQuant W8A8 int8 (needs --calib-data); "
+            "a pre-quantized checkpoint needs none",
         },
+    )
+    smoothquant_alpha: float = field(
+        default=0.5, metadata={"help": "int8_sq: how much of the activations' range moves into the weights (0..1)"}
     )
     act_scales: str = field(
         default="token",
         metadata={
             "choices": ACT_SCALES,
-            "help": "fp8: activation scales dynamic per token, or static per tensor from --calib-data",
+            "help": "fp8, int8_sq: activation scales dynamic per token, or static per tensor from --calib-data",
         },
     )
     weight_scales: str = field(
-        default="channel", metadata={"choices": WEIGHT_SCALES, "help": "fp8: weight scales per output row or tensor"}
+        default="channel", metadata={"choices": WEIGHT_SCALES, "help": "fp8, int8_sq: weight scales per row or tensor"}
     )
     group_size: int = field(
         default=128, metadata={"choices": GROUP_SIZES, "help": "int4: input columns sharing a scale and zero point"}
@@ -135,7 +149,7 @@ class BuildConfig:
     )
     calib_data: str | None = field(
         default=None,
-        metadata={"help": "int4_awq, fp8 with --act-scales tensor: a text file of calibration text (required)"},
+        metadata={"help": "int4_awq, int8_sq, fp8 with --act-scales tensor: a file of calibration text (required)"},
     )
     calib_size: int = field(default=64, metadata={"help": "calibration samples of 512 tokens taken from --calib-data"})
 
@@ -144,6 +158,9 @@ class BuildConfig:
         _check_choice("BuildConfig", "quantization", self.quantization, QUANTIZATIONS)
         _check_choice("BuildConfig", "act_scales", self.act_scales, ACT_SCALES)
         _check_choice("BuildConfig", "weight_scales", self.weight_scales, WEIGHT_SCALES)
+        alpha = self.smoothquant_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise KilnError(f"BuildConfig.smoothquant_alpha must be a number in [0, 1], got {alpha!r}")
         if self.group_size not in GROUP_SIZES:
             raise KilnError(f"BuildConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         _check_int("BuildConfig", "calib_size", self.calib_size, 1)

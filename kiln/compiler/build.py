@@ -16,6 +16,7 @@ from kiln.compiler.quantize.methods import (
     check_request,
     engine_quantization,
     fp8_build_linears,
+    smoothquant_build_linears,
     uses_fp8,
 )
 from kiln.config import BuildConfig, torch_dtype
@@ -76,6 +77,9 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     if config.quantization == "fp8" and quantized is None:
         with progress.stage("fp8", f"E4M3 per {config.weight_scales}, activations per {config.act_scales}"):
             quantized = fp8_build_linears(config, loaded.model, loaded.tokenizer)
+    if config.quantization == "int8_sq" and quantized is None:
+        with progress.stage("smoothquant", f"alpha {config.smoothquant_alpha}, int8 W8A8"):
+            quantized = smoothquant_build_linears(config, loaded.model, loaded.tokenizer)
     written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
         _text_program(loaded, shape, config, architecture=facts.architecture),
         output,

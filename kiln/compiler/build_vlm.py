@@ -41,8 +41,10 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         check_request(config, loaded.quantized, checkpoint)
         if config.quantization == "int4_awq" and loaded.quantized is None:
             raise KilnError("int4_awq quantizes text models only; build a vision-language model with int4_wo")
-        if config.quantization == "fp8" and loaded.quantized is None:
-            raise KilnError("fp8 at build quantizes text models only; build a vision-language model with int8_wo")
+        if config.quantization in ("fp8", "int8_sq") and loaded.quantized is None:
+            raise KilnError(
+                f"{config.quantization} at build quantizes text models only; build a vision-language model with int8_wo"
+            )
     text_config = family.text_config(loaded.config)
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)

@@ -34,6 +34,10 @@ def check_request(config: BuildConfig, quantized: QuantizedLinears | None, check
                 f"{checkpoint} is already quantized ({quantized.method}, {quantized.bits} bits); "
                 f"build it without --quantization (got {config.quantization})"
             )
+    elif config.quantization == "int8_sq" and config.calib_data is None:
+        raise KilnError("int8_sq (SmoothQuant) computes its smoothing scales on calibration text: give --calib-data")
+    elif config.quantization == "int8_sq" and not Path(str(config.calib_data)).is_file():
+        raise KilnError(f"cannot read the calibration text {config.calib_data}: no such file")
     elif config.quantization == "fp8" and config.act_scales == "tensor" and config.calib_data is None:
         raise KilnError("fp8 with static activation scales (--act-scales tensor) calibrates them: give --calib-data")
     elif config.quantization == "fp8" and config.calib_data is not None and not Path(config.calib_data).is_file():
@@ -58,8 +62,8 @@ def engine_quantization(
     if not layers:
         raise KilnError("the quantization pass found no linear to quantize: kiln cannot build this model quantized")
     group_size: int | None
-    if quantized is not None and config.quantization == "fp8":
-        method, bits, group_size = "fp8", 8, None
+    if quantized is not None and config.quantization in ("fp8", "int8_sq"):
+        method, bits, group_size = config.quantization, 8, None
     elif quantized is not None and config.quantization != "int4_awq":
         method, bits, group_size = quantized.method, quantized.bits, quantized.group_size
     else:
@@ -95,15 +99,28 @@ def fp8_build_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: An
     """--quantization fp8: every linear in E4M3; static input scales from the calibration text."""
     from kiln.compiler.quantize.fp8 import fp8_linears
 
-    samples = None
-    if config.act_scales == "tensor":
-        samples = calibration_ids(tokenizer, config.calib_data, config.calib_size)
-        if len(samples) < config.calib_size:
-            raise KilnError(
-                f"the calibration text {config.calib_data} gives {len(samples)} samples of {CALIBRATION_TOKENS} "
-                f"tokens, fewer than --calib-size {config.calib_size}: give more text or a smaller --calib-size"
-            )
+    samples = full_calibration(config, tokenizer) if config.act_scales == "tensor" else None
     return fp8_linears(model, config.weight_scales == "channel", samples)
+
+
+def smoothquant_build_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> QuantizedLinears:
+    """--quantization int8_sq: SmoothQuant's scales folded into the model, then int8 W8A8 linears."""
+    from kiln.compiler.quantize.smoothquant import smoothquant
+
+    samples = full_calibration(config, tokenizer)
+    per_channel, per_token = config.weight_scales == "channel", config.act_scales == "token"
+    return smoothquant(model, samples, config.smoothquant_alpha, per_channel, per_token)
+
+
+def full_calibration(config: BuildConfig, tokenizer: Any) -> list[torch.Tensor]:
+    """--calib-size samples of the calibration text, or the error saying it is too short."""
+    samples = calibration_ids(tokenizer, config.calib_data, config.calib_size)
+    if len(samples) < config.calib_size:
+        raise KilnError(
+            f"the calibration text {config.calib_data} gives {len(samples)} samples of {CALIBRATION_TOKENS} "
+            f"tokens, fewer than --calib-size {config.calib_size}: give more text or a smaller --calib-size"
+        )
+    return samples
 
 
 def awq_linears(config: BuildConfig, model: torch.nn.Module, tokenizer: Any) -> QuantizedLinears:
@@ -132,5 +149,7 @@ __all__ = [
     "check_request",
     "engine_quantization",
     "fp8_build_linears",
+    "full_calibration",
+    "smoothquant_build_linears",
     "uses_fp8",
 ]
