@@ -20,6 +20,7 @@ KERNEL_CHOICES = ("auto", "reference")  # auto: the Triton kernels where they ap
 QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "fp8", "int8_sq")  # at build
 ACT_SCALES = ("token", "tensor")  # W8A8 inputs: dynamic per token, or static per tensor from calibration
 WEIGHT_SCALES = ("channel", "tensor")  # W8A8 weights: one scale per output channel, or one per tensor
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the model's dtype
 GROUP_SIZES = (32, 64, 128)  # int4: columns of K that share one scale and zero point
 # What an engine's linears may be quantized with: the build's methods and the checkpoint formats kiln reads.
 QUANTIZATION_METHODS = (
@@ -42,6 +43,14 @@ def torch_dtype(name: str) -> "torch.dtype":
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def kv_cache_torch_dtype(config: "BuildConfig") -> "torch.dtype":
+    """The dtype an engine's KV cache is stored in."""
+    import torch
+
+    narrow = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+    return narrow.get(config.kv_cache_dtype) or torch_dtype(config.dtype)
 
 
 def _from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
@@ -128,6 +137,14 @@ class BuildConfig:
             "a pre-quantized checkpoint needs none",
         },
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "choices": KV_CACHE_DTYPES,
+            "help": "KV cache storage: the model's dtype, or fp8 (E4M3) / int8 with one scale per layer from "
+            "--calib-data (fp8 without it: scale 1.0), twice the tokens in the same memory",
+        },
+    )
     smoothquant_alpha: float = field(
         default=0.5, metadata={"help": "int8_sq: how much of the activations' range moves into the weights (0..1)"}
     )
@@ -158,6 +175,7 @@ class BuildConfig:
         _check_choice("BuildConfig", "quantization", self.quantization, QUANTIZATIONS)
         _check_choice("BuildConfig", "act_scales", self.act_scales, ACT_SCALES)
         _check_choice("BuildConfig", "weight_scales", self.weight_scales, WEIGHT_SCALES)
+        _check_choice("BuildConfig", "kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         alpha = self.smoothquant_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise KilnError(f"BuildConfig.smoothquant_alpha must be a number in [0, 1], got {alpha!r}")

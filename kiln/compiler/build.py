@@ -16,11 +16,12 @@ from kiln.compiler.quantize.methods import (
     check_request,
     engine_quantization,
     fp8_build_linears,
+    narrow_kv_scales,
     smoothquant_build_linears,
     uses_fp8,
 )
-from kiln.config import BuildConfig, torch_dtype
-from kiln.engine.manifest import TOKENIZER_DIR
+from kiln.config import BuildConfig, kv_cache_torch_dtype, torch_dtype
+from kiln.engine.manifest import TOKENIZER_DIR, KVCacheFacts
 from kiln.errors import KilnError
 from kiln.kernels.w8a8_dispatch import fp8_refusal
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint
@@ -66,11 +67,12 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
+    kv_scales = narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
     quantized = loaded.quantized
     if config.quantization == "int4_awq" and quantized is None:
         with progress.stage("awq", f"activation-aware int4 scales, groups of {config.group_size}"):
             quantized = awq_linears(config, loaded.model, loaded.tokenizer)
-    fp8 = config.quantization == "fp8" or (quantized is not None and uses_fp8(quantized))
+    fp8 = "fp8" in (config.quantization, config.kv_cache_dtype) or (quantized is not None and uses_fp8(quantized))
     refusal = fp8_refusal(resolve_device(config.device)) if fp8 else None
     if refusal is not None:
         raise KilnError(refusal)
@@ -86,6 +88,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         config,
         progress,
         quantized,
+        kv_scales,
     )
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     engine = EngineFacts(
@@ -96,6 +99,9 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         op_modules=written.op_modules,
         passes=written.passes,
         quantization=engine_quantization(config, quantized, written.quantized_layers),
+        kv_cache=None
+        if kv_scales is None
+        else KVCacheFacts(config.kv_cache_dtype, kv_scales, config.calib_data is not None),
     )
     write_engine_manifest(output, engine, device, progress)
 
@@ -111,7 +117,7 @@ def _text_program(
     spec = text_spec(
         loaded.model,
         shape,
-        dtype=torch_dtype(config.dtype),
+        dtype=kv_cache_torch_dtype(config),  # the example cache's
         device=resolve_device(config.device),
         block_size=config.tokens_per_block,
         max_num_tokens=config.max_num_tokens,

@@ -97,6 +97,23 @@ class QuantizationFacts:
         return cls(**{**values, "layers": tuple(values["layers"])})
 
 
+@dataclass(frozen=True)
+class KVCacheFacts:
+    """A narrow (FP8 / int8) KV cache: its dtype and the (k, v) scales of each layer, and where they came from."""
+
+    dtype: str  # "fp8" or "int8"
+    scales: tuple[tuple[float, float], ...]
+    calibrated: bool  # False: FP8 with scale 1.0 (no --calib-data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "scales": [list(s) for s in self.scales], "calibrated": self.calibrated}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "KVCacheFacts":
+        scales = tuple((float(k), float(v)) for k, v in values["scales"])
+        return cls(dtype=str(values["dtype"]), scales=scales, calibrated=bool(values["calibrated"]))
+
+
 def describe_device(device: torch.device) -> dict[str, Any]:
     """The device facts an engine is tied to."""
     if device.type == "cuda":
@@ -121,7 +138,8 @@ class Manifest:
     # {operator: modules whose import registers it} for operators outside torch's and kiln's namespaces
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the graph passes that changed it
-    quantization: QuantizationFacts | None = None  # weight-only quantized engines only
+    quantization: QuantizationFacts | None = None  # quantized engines only
+    kv_cache: KVCacheFacts | None = None  # engines with a narrow (FP8 / int8) KV cache only
 
     def to_json(self) -> str:
         data = {
@@ -143,6 +161,8 @@ class Manifest:
             data["source_checkpoint"] = self.source_checkpoint
         if self.quantization is not None:
             data["quantization"] = self.quantization.to_dict()
+        if self.kv_cache is not None:
+            data["kv_cache"] = self.kv_cache.to_dict()
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -163,6 +183,7 @@ class Manifest:
             op_modules={op: tuple(modules) for op, modules in data.get("op_modules", {}).items()},
             passes=data.get("passes", {}),  # engines built before kiln recorded them have none
             quantization=QuantizationFacts.from_dict(data["quantization"]) if data.get("quantization") else None,
+            kv_cache=KVCacheFacts.from_dict(data["kv_cache"]) if data.get("kv_cache") else None,
         )
 
 

@@ -12,6 +12,7 @@ from kiln.config import BuildConfig, check_quantization_method
 from kiln.engine.manifest import QuantizationFacts
 from kiln.errors import KilnError
 from kiln.models.quantized_checkpoint import QuantizedLinears
+from kiln.progress import Progress
 
 # --quantization values that agree with a pre-quantized checkpoint's format (int4 only).
 SAME_AS_CHECKPOINT = {"awq": "int4_awq", "gptq": "int4_gptq"}
@@ -34,6 +35,10 @@ def check_request(config: BuildConfig, quantized: QuantizedLinears | None, check
                 f"{checkpoint} is already quantized ({quantized.method}, {quantized.bits} bits); "
                 f"build it without --quantization (got {config.quantization})"
             )
+    elif config.kv_cache_dtype == "int8" and config.calib_data is None:
+        raise KilnError("an int8 KV cache needs per-layer scales from calibration text: give --calib-data")
+    elif config.kv_cache_dtype != "auto" and config.calib_data is not None and not Path(config.calib_data).is_file():
+        raise KilnError(f"cannot read the calibration text {config.calib_data}: no such file")
     elif config.quantization == "int8_sq" and config.calib_data is None:
         raise KilnError("int8_sq (SmoothQuant) computes its smoothing scales on calibration text: give --calib-data")
     elif config.quantization == "int8_sq" and not Path(str(config.calib_data)).is_file():
@@ -112,6 +117,22 @@ def smoothquant_build_linears(config: BuildConfig, model: torch.nn.Module, token
     return smoothquant(model, samples, config.smoothquant_alpha, per_channel, per_token)
 
 
+def narrow_kv_scales(
+    config: BuildConfig, model: torch.nn.Module, tokenizer: Any, num_layers: int, progress: Progress
+) -> tuple[tuple[float, float], ...] | None:
+    """--kv-cache-dtype fp8 / int8: each layer's (k, v) scales (None: a cache of the model's dtype)."""
+    from kiln.compiler.quantize.kv_scales import kv_scales
+
+    if config.kv_cache_dtype == "auto":
+        return None
+    if config.calib_data is None:
+        if config.kv_cache_dtype == "fp8":
+            progress.note("fp8 KV cache without --calib-data: scale 1.0 for every layer (recorded in the manifest)")
+        return kv_scales(model, num_layers, config.kv_cache_dtype, None)
+    with progress.stage("kv scales", f"{config.kv_cache_dtype} KV cache, per-layer scales from {config.calib_data}"):
+        return kv_scales(model, num_layers, config.kv_cache_dtype, full_calibration(config, tokenizer))
+
+
 def full_calibration(config: BuildConfig, tokenizer: Any) -> list[torch.Tensor]:
     """--calib-size samples of the calibration text, or the error saying it is too short."""
     samples = calibration_ids(tokenizer, config.calib_data, config.calib_size)
@@ -150,6 +171,7 @@ __all__ = [
     "engine_quantization",
     "fp8_build_linears",
     "full_calibration",
+    "narrow_kv_scales",
     "smoothquant_build_linears",
     "uses_fp8",
 ]
