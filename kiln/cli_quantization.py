@@ -5,6 +5,7 @@ through `PRECISIONS` onto BuildConfig.quantization; kiln's int4 is always groupe
 so `--per-group` only confirms it. `--enable-fp8` is `--quantization fp8`; `--use-smooth-quant
 [--per-token] [--per-channel]` is `--quantization int8_sq` with activation scales per token (else
 one calibrated per tensor) and weight scales per channel (else per tensor), as TensorRT-LLM reads them.
+`--fp8-kv-cache` / `--int8-kv-cache` are `--kv-cache-dtype fp8` / `int8`.
 """
 
 from __future__ import annotations
@@ -33,10 +34,27 @@ def add_aliases(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use-smooth-quant", action="store_true", help="--quantization int8_sq")
     group.add_argument("--per-token", action="store_true", help="with --use-smooth-quant: --act-scales token")
     group.add_argument("--per-channel", action="store_true", help="with --use-smooth-quant: --weight-scales channel")
+    group.add_argument("--fp8-kv-cache", action="store_true", help="--kv-cache-dtype fp8")
+    group.add_argument("--int8-kv-cache", action="store_true", help="--kv-cache-dtype int8")
 
 
 def resolve_aliases(args: argparse.Namespace) -> dict[str, Any]:
-    """The BuildConfig fields the aliases given stand for (checked against --quantization), else {}."""
+    """The BuildConfig fields the aliases given stand for (checked against kiln's own flags), else {}."""
+    return {**_linears(args), **_kv_cache(args)}
+
+
+def _kv_cache(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = [d for d, on in (("fp8", args.fp8_kv_cache), ("int8", args.int8_kv_cache)) if on]
+    if len(chosen) > 1:
+        raise KilnError("--fp8-kv-cache and --int8-kv-cache are different KV caches: give one")
+    if not chosen:
+        return {}
+    if args.kv_cache_dtype not in ("auto", chosen[0]):
+        raise KilnError(f"--{chosen[0]}-kv-cache conflicts with --kv-cache-dtype {args.kv_cache_dtype}")
+    return {"kv_cache_dtype": chosen[0]}
+
+
+def _linears(args: argparse.Namespace) -> dict[str, Any]:
     chosen = [flag for flag, on in (("--use-weight-only", args.use_weight_only), ("--enable-fp8", args.enable_fp8),
               ("--use-smooth-quant", args.use_smooth_quant)) if on]  # fmt: skip
     if len(chosen) > 1:

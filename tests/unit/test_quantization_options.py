@@ -82,3 +82,16 @@ def test_w8a8_flags_and_their_tensorrt_llm_spellings():
             _build_options(*argv)
     with pytest.raises(KilnError, match="smoothquant_alpha"):
         BuildConfig(smoothquant_alpha=1.5)
+
+
+def test_kv_cache_flags_and_their_tensorrt_llm_spellings():
+    assert BuildConfig().kv_cache_dtype == "auto"
+    assert _build_options("--kv-cache-dtype", "int8")["kv_cache_dtype"] == "int8"
+    assert _build_options("--fp8-kv-cache", "--enable-fp8")["kv_cache_dtype"] == "fp8"
+    assert _build_options("--int8-kv-cache")["kv_cache_dtype"] == "int8"
+    with pytest.raises(KilnError, match="different KV caches"):
+        _build_options("--fp8-kv-cache", "--int8-kv-cache")
+    with pytest.raises(KilnError, match="conflicts with --kv-cache-dtype"):
+        _build_options("--fp8-kv-cache", "--kv-cache-dtype", "int8")
+    with pytest.raises(KilnError, match="kv_cache_dtype must be one of"):
+        BuildConfig(kv_cache_dtype="fp4")
