@@ -67,6 +67,12 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
+    if config.kv_cache_dtype != "auto" and resolve_device(config.device).type == "cuda":
+        raise KilnError(
+            f"--kv-cache-dtype {config.kv_cache_dtype}: kiln's Triton attention kernels do not read an fp8/int8 KV "
+            "cache yet (only the PyTorch paths do, which CUDA graphs cannot capture); build with --kv-cache-dtype "
+            "auto on a GPU"
+        )
     kv_scales = narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
     quantized = loaded.quantized
     if config.quantization == "int4_awq" and quantized is None:
