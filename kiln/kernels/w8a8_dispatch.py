@@ -4,9 +4,9 @@ The prologue (rms_norm, silu_mul) runs first, then the input is quantized per to
 (`kiln.kernels.activation_quant`), then one 8-bit GEMM with both scales applied to its float32
 sums: `torch._scaled_mm` for FP8 (row-wise scales, any number of rows: it takes M=1 too), and
 `torch._int_mm` for int8 (int32 sums, scaled after). Bias, residual, rope and gated run after it.
-None (the caller's reference path) for: CPU tensors, x not fp16/bf16, grouped or act-order
-weights, FP8 on a GPU without FP8 (compute capability < 8.9), a weight-only FP8 weight, or the
-kernel selection's `linear` = "reference".
+None (the caller's reference path) for: CPU tensors, x not fp16/bf16 (FP8: not bf16, the only
+output of row-wise scaled FP8 GEMMs), grouped or act-order weights, FP8 on a GPU without FP8
+(compute capability < 8.9), a weight-only FP8 weight, or the kernel selection's `linear` = "reference".
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def usable(
     k = qweight.shape[1]
     if group_size != k or tuple(scales.shape) != (qweight.shape[0], 1) or k % 16 or qweight.shape[0] % 16:
         return False
-    if qweight.dtype == FP8 and not fp8_supported(flat.device):
-        return False
+    if qweight.dtype == FP8 and (flat.dtype != torch.bfloat16 or not fp8_supported(flat.device)):
+        return False  # row-wise scaled FP8 GEMMs write bf16 only
     return qweight.dtype in (FP8, torch.int8) and current().linear != "reference"
 
 
@@ -80,7 +80,8 @@ def w8a8_linear(
         assert norm_weight is not None
         flat = torch.nn.functional.rms_norm(flat, (flat.shape[-1],), norm_weight, eps)
     xq, x_scales = quantize_input(flat, activations, qweight.dtype, act_scale)
-    w_scales = scales.float().reshape(1, -1)
+    x_scales = x_scales.contiguous()
+    w_scales = scales.float().reshape(1, -1).contiguous()
     if qweight.dtype == FP8:
         out = torch._scaled_mm(xq, qweight.t(), x_scales, w_scales, bias=bias, out_dtype=flat.dtype)
     else:

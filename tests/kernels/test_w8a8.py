@@ -7,6 +7,7 @@ import torch
 
 import kiln.kernels  # noqa: F401  (registers the ops)
 from kiln.compiler.quantize.fp8 import quantize_fp8
+from kiln.compiler.quantize.smoothquant import quantize_int8_w8a8
 from kiln.kernels import reference
 from kiln.kernels.activation_quant import FP8, fake_quantize, quantize_input
 from kiln.kernels.quantized_weight import pack
@@ -68,15 +69,23 @@ def test_each_op_quantizes_its_input_after_the_prologue_on_the_cpu(static):
     assert not torch.equal(ops.linear(x, qweight, None, False, None, *args[:4]), fq(x) @ dense.T)  # weight-only
 
 
-@pytest.mark.skipif(not ON_FP8_GPU, reason="torch._scaled_mm needs a GPU of compute capability 8.9+")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the W8A8 GEMMs run on CUDA tensors only")
 @pytest.mark.parametrize("rows", [1, 7, 300])
-@pytest.mark.parametrize("static", [False, True])
-def test_scaled_mm_path_matches_the_reference_on_the_gpu(rows, static):
+@pytest.mark.parametrize(("kind", "static"), [("fp8", False), ("fp8", True), ("int8", False)])
+def test_w8a8_gemms_match_the_reference_on_the_gpu(rows, kind, static):
+    if kind == "fp8" and not ON_FP8_GPU:
+        pytest.skip("torch._scaled_mm needs a GPU of compute capability 8.9+")
     g = torch.Generator().manual_seed(rows)
-    qweight, args, q = _fp8(512, 256, g, static, "cuda")
+    if kind == "fp8":
+        qweight, args, q = _fp8(512, 256, g, static, "cuda")
+    else:
+        q = quantize_int8_w8a8(torch.randn(512, 256, generator=g), per_channel=True, input_scale=None)
+        packed = pack(q)
+        qweight, args = packed.qweight.cuda(), (packed.scales.cuda(), None, None, q.group_size, "dynamic", None)
     x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
     residual = torch.randn(rows, 512, generator=g).to("cuda", torch.bfloat16)
     got = ops.linear(x, qweight, None, True, residual, *args)
-    fq = fake_quantize(x.float(), q.activations, FP8, None if q.input_scale is None else q.input_scale.cuda())
+    scale = None if q.input_scale is None else q.input_scale.cuda()
+    fq = fake_quantize(x.float(), q.activations, q.values.dtype, scale)
     want = residual.float() + fq @ q.dequantize(torch.float32).cuda().T
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
