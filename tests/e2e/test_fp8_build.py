@@ -1,6 +1,7 @@
 """`kiln build --quantization fp8`: tiny Llama engines in FP8 (E4M3 weights and activations, emulated on the
 CPU) generate exactly what transformers generates when its linears hold the same FP8 weights and round
-their inputs to FP8 the same way (per token, or with the calibrated per-tensor scales)."""
+their inputs to FP8 the same way (per token, or with the calibrated per-tensor scales); with an fp8 KV
+cache (scale 1.0 without calibration text), when its attention reads keys and values rounded alike."""
 
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ from kiln.compiler.quantize.calibration import calibration_ids  # noqa: E402
 from kiln.compiler.quantize.fp8 import fp8_linears  # noqa: E402
 from kiln.engine.manifest import WEIGHTS, read_manifest  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
-from kiln.kernels.activation_quant import fake_quantize  # noqa: E402
+from tests.narrow_reference import use_narrow_kv, use_quantized_linears  # noqa: E402
 
 PROMPTS = [[5, 6, 7], list(range(10, 31))]
 NEW_TOKENS = 10
 CALIBRATION = "the quick brown fox jumps over the lazy dog. " * 40
 
 
-def _reference_tokens(checkpoint: Path, per_channel: bool, calibrated: bool) -> list[list[int]]:
-    """transformers on the FP8 weights, each linear's input fake-quantized as the engine's op does."""
+def _reference_tokens(
+    checkpoint: Path, per_channel: bool, calibrated: bool, kv_scales: tuple[tuple[float, float], ...] | None
+) -> list[list[int]]:
+    """transformers on the FP8 weights, each linear's input fake-quantized as the engine's op does (and
+    keys/values rounded as an fp8 KV cache holds them)."""
     model = load_reference(checkpoint)
     samples = None
     if calibrated:
@@ -37,17 +41,9 @@ def _reference_tokens(checkpoint: Path, per_channel: bool, calibrated: bool) -> 
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         samples = calibration_ids(tokenizer, CALIBRATION, seq_len=512, max_sequences=1)
-    quantized = fp8_linears(model, per_channel, samples)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, weight in quantized.weights.items():
-            module = modules[name.removesuffix(".weight")]
-            module.weight.copy_(weight.dequantize(torch.float32))
-
-            def hook(_m, args, weight=weight):  # type: ignore[no-untyped-def]
-                return (fake_quantize(args[0], weight.activations, torch.float8_e4m3fn, weight.input_scale),)
-
-            module.register_forward_pre_hook(hook)
+    use_quantized_linears(model, fp8_linears(model, per_channel, samples))
+    if kv_scales is not None:
+        use_narrow_kv(model, "fp8", kv_scales)
     return [greedy(model, p, NEW_TOKENS)[0] for p in PROMPTS]
 
 
@@ -57,11 +53,11 @@ def _generate(engine: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    ("weight_scales", "act_scales", "activations"),
-    [("channel", "token", "fp8 dynamic per token"), ("tensor", "tensor", "fp8 static per tensor")],
+    ("weight_scales", "act_scales", "kv_cache_dtype", "activations"),
+    [("channel", "token", "fp8", "fp8 dynamic per token"), ("tensor", "tensor", "auto", "fp8 static per tensor")],
 )
 def test_fp8_engine_matches_transformers_on_the_same_fp8_weights_and_inputs(
-    checkpoints, tmp_path, weight_scales, act_scales, activations
+    checkpoints, tmp_path, weight_scales, act_scales, kv_cache_dtype, activations
 ):
     checkpoint = checkpoints("llama")
     calib = tmp_path / "calib.txt"
@@ -74,15 +70,22 @@ def test_fp8_engine_matches_transformers_on_the_same_fp8_weights_and_inputs(
         act_scales=act_scales,
         calib_data=str(calib) if act_scales == "tensor" else None,
         calib_size=1,
+        kv_cache_dtype=kv_cache_dtype,
     )
-    block = read_manifest(engine).quantization
+    manifest = read_manifest(engine)
+    block = manifest.quantization
     assert block is not None
     assert (block.method, block.bits, block.weights, block.activations) == ("fp8", 8, "fp8", activations)
     assert len(block.layers) == 7 * 2
     stored = safe_open(str(engine / WEIGHTS), framework="pt")
     assert any(k.endswith(".qweight") and stored.get_tensor(k).dtype == torch.float8_e4m3fn for k in stored.keys())
     assert any(k.endswith(".input_scale") for k in stored.keys()) == (act_scales == "tensor")
-    assert _generate(engine) == _reference_tokens(checkpoint, weight_scales == "channel", act_scales == "tensor")
+    kv = manifest.kv_cache  # fp8 KV without calibration text: scale 1.0, recorded as uncalibrated
+    assert (kv is None) == (kv_cache_dtype == "auto")
+    assert kv is None or (kv.dtype, kv.calibrated, kv.scales) == ("fp8", False, ((1.0, 1.0), (1.0, 1.0)))
+    kv_scales = None if kv is None else kv.scales
+    want = _reference_tokens(checkpoint, weight_scales == "channel", act_scales == "tensor", kv_scales)
+    assert _generate(engine) == want
 
 
 def test_fp8_calibration_errors_leave_nothing_written(checkpoints, tmp_path):

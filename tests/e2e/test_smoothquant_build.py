@@ -20,7 +20,7 @@ from kiln.compiler.quantize.calibration import calibration_ids  # noqa: E402
 from kiln.compiler.quantize.smoothquant import smooth, smoothquant  # noqa: E402
 from kiln.engine.manifest import read_manifest  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
-from kiln.kernels.activation_quant import fake_quantize  # noqa: E402
+from tests.narrow_reference import use_quantized_linears  # noqa: E402
 
 PROMPTS = [[5, 6, 7], list(range(10, 31))]
 NEW_TOKENS = 10
@@ -63,12 +63,7 @@ def test_int8_sq_engine_matches_transformers_on_the_smoothed_int8_model(checkpoi
     assert len(block.layers) == 7 * 2
     model = load_reference(checkpoint)
     quantized = smoothquant(model, _samples(checkpoint), ALPHA, per_channel=True, per_token=True)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, weight in quantized.weights.items():
-            module = modules[name.removesuffix(".weight")]
-            module.weight.copy_(weight.dequantize(torch.float32))
-            module.register_forward_pre_hook(lambda _m, args: (fake_quantize(args[0], "dynamic", torch.int8, None),))
+    use_quantized_linears(model, quantized)
     want = [greedy(model, p, NEW_TOKENS)[0] for p in PROMPTS]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in LLM(engine).generate(PROMPTS, params)] == want
