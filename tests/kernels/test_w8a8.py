@@ -10,8 +10,8 @@ from kiln.compiler.quantize.fp8 import quantize_fp8
 from kiln.compiler.quantize.smoothquant import quantize_int8_w8a8
 from kiln.kernels import reference
 from kiln.kernels.activation_quant import FP8, fake_quantize, quantize_input
-from kiln.kernels.quantized_weight import pack
-from kiln.kernels.w8a8_dispatch import fp8_supported
+from kiln.kernels.quantized_weight import QuantizedWeight, pack
+from kiln.kernels.w8a8_dispatch import fp8_refusal, fp8_supported
 
 ops = torch.ops.kiln
 ON_FP8_GPU = torch.cuda.is_available() and fp8_supported(torch.device("cuda"))
@@ -89,3 +89,15 @@ def test_w8a8_gemms_match_the_reference_on_the_gpu(rows, kind, static):
     fq = fake_quantize(x.float(), q.activations, q.values.dtype, scale)
     want = residual.float() + fq @ q.dequantize(torch.float32).cuda().T
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_fp8_weights_are_checked_and_the_cpu_runs_them_emulated():
+    values = torch.zeros(4, 8).to(FP8)
+    scales = torch.ones(4, 1)
+    with pytest.raises(ValueError, match="no zero points"):
+        QuantizedWeight(values, scales, torch.zeros(4, 1), 8, 8)
+    with pytest.raises(ValueError, match="static"):
+        QuantizedWeight(values, scales, None, 8, 8, activations="dynamic", input_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="activations must be one of"):
+        QuantizedWeight(values, scales, None, 8, 8, activations="per-group")
+    assert fp8_refusal(torch.device("cpu")) is None
