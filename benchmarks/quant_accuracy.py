@@ -1,7 +1,8 @@
-"""Held-out perplexity of a checkpoint's engines built dense and weight-only quantized.
+"""Held-out perplexity of a checkpoint's engines built dense and quantized.
 
 Builds the checkpoint with `kiln build` once per method (dense, int8_wo, int4_wo g128 and g32 where
-every linear's K allows it, int4_awq g128 with --calib-data), scores each engine with
+every linear's K allows it, int4_awq g128 with --calib-data; issue 18: fp8 W8A8 per token and
+calibrated per tensor, int8_sq SmoothQuant, fp8 and int8 KV caches), scores each engine with
 `kiln eval ENGINE --text HELDOUT --json` (the dense one also with --compare-hf), and prints a table:
 perplexity, ratio to the dense engine, |delta| to it. Writes the rows as JSON.
 
@@ -10,7 +11,9 @@ perplexity, ratio to the dense engine, |delta| to it. Writes the rows as JSON.
 --reference skips kiln: transformers scores the same windows on the float32 model whose decoder
 linears hold the dequantized weights of each method (kiln's round to nearest, or its AWQ search), a
 cross-check of the engine numbers; it also gives each method's mean KL divergence from the dense
-model's next-token distribution, a closer measure of how far a method moves the model.
+model's next-token distribution, a closer measure of how far a method moves the model. For W8A8
+methods the linears' inputs are fake-quantized as the engine's ops do; "w8a8 RTN" (int8 W8A8
+without smoothing, SmoothQuant's baseline) exists only there. KV-cache methods have no reference.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ class Method:
     name: str  # table label
     quantization: str  # kiln build --quantization
     group_size: int = 128  # int4 only
+    extra: tuple[str, ...] = ()  # more kiln build flags
+    calib: bool = False  # --calib-data
 
     @property
     def build_args(self) -> list[str]:
         if self.quantization == "none":
-            return []
-        return ["--quantization", self.quantization, "--group-size", str(self.group_size)]
+            return list(self.extra)
+        return ["--quantization", self.quantization, "--group-size", str(self.group_size), *self.extra]
 
 
 DENSE = Method("dense", "none")
@@ -48,8 +53,16 @@ METHODS = (
     Method("int8_wo", "int8_wo"),
     Method("int4_wo g128", "int4_wo", 128),
     Method("int4_wo g32", "int4_wo", 32),
-    Method("int4_awq g128", "int4_awq", 128),
+    Method("int4_awq g128", "int4_awq", 128, calib=True),
+    Method("fp8 W8A8 per token", "fp8"),
+    Method("fp8 W8A8 static", "fp8", extra=("--act-scales", "tensor", "--weight-scales", "tensor"), calib=True),
+    Method("int8_sq a0.5 per token", "int8_sq", extra=("--smoothquant-alpha", "0.5"), calib=True),
+    Method("w8a8 RTN per token", "w8a8_rtn"),  # --reference only
+    Method("fp8 KV", "none", extra=("--kv-cache-dtype", "fp8")),
+    Method("fp8 KV calibrated", "none", extra=("--kv-cache-dtype", "fp8"), calib=True),
+    Method("int8 KV", "none", extra=("--kv-cache-dtype", "int8"), calib=True),
 )
+KILN_ONLY = ("--kv-cache-dtype",)  # methods --reference cannot mirror
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ def kiln_row(method: Method, args: argparse.Namespace, work: Path) -> Row:
     engine = work / method.name.replace(" ", "_")
     build = ["build", str(args.checkpoint), "-o", str(engine), "--device", "cpu", "--dtype", "float32"]
     build += method.build_args + ([] if args.compile else ["--no-compile"])
-    if method.quantization == "int4_awq":
+    if method.calib:
         build += ["--calib-data", str(args.calib)]
     _kiln(*build)
     evaluate = ["eval", str(engine), "--text", str(args.heldout), "--json", "--window", str(args.window)]
@@ -128,6 +141,9 @@ def quantize_reference(model: torch.nn.Module, method: Method, calib_ids: list[t
     if method.quantization == "int4_awq":
         awq_quantize(model, calib_ids, method.group_size)  # leaves the dequantized weights in the model
         return
+    if method.quantization in ("fp8", "int8_sq", "w8a8_rtn"):
+        w8a8_reference(model, method, calib_ids)
+        return
     rounders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "none": lambda w: w,
         "int8_wo": lambda w: quantize(w, 8, w.shape[1]).dequantize(torch.float32),
@@ -136,6 +152,30 @@ def quantize_reference(model: torch.nn.Module, method: Method, calib_ids: list[t
     with torch.no_grad():
         for linear in _decoder_linears(model):
             linear.weight.copy_(rounders[method.quantization](linear.weight))
+
+
+def w8a8_reference(model: torch.nn.Module, method: Method, calib_ids: list[torch.Tensor]) -> None:
+    """The method's weights in place, and each quantized linear's input fake-quantized as the engine's op does."""
+    from kiln.compiler.quantize.fp8 import fp8_linears
+    from kiln.compiler.quantize.smoothquant import smoothquant
+    from kiln.kernels.activation_quant import fake_quantize
+
+    static = "tensor" in method.extra
+    samples = calib_ids if static else None
+    if method.quantization == "fp8":
+        quantized = fp8_linears(model, not static, samples)
+    else:
+        alpha = float(method.extra[1]) if method.extra else 0.5
+        quantized = smoothquant(model, calib_ids, alpha, True, True, smoothing=method.quantization == "int8_sq")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in quantized.weights.items():
+            module = modules[name.removesuffix(".weight")]
+            module.weight.copy_(weight.dequantize(torch.float32))
+            mode, dtype, scale = weight.activations, weight.values.dtype, weight.input_scale
+            module.register_forward_pre_hook(
+                lambda _m, a, mode=mode, dtype=dtype, scale=scale: (fake_quantize(a[0], mode, dtype, scale),)
+            )
 
 
 def reference_rows(methods: tuple[Method, ...], args: argparse.Namespace) -> list[Row]:
@@ -200,8 +240,9 @@ def main() -> None:
     chosen = tuple(m for m in METHODS if m == DENSE or m.name in args.methods)  # dense: the ratios' base
     methods = applicable(chosen, linear_widths(args.checkpoint))
     if args.reference:
-        rows = reference_rows(methods, args)
+        rows = reference_rows(tuple(m for m in methods if not set(KILN_ONLY) & set(m.extra)), args)
     else:
+        methods = tuple(m for m in methods if m.quantization != "w8a8_rtn")
         with tempfile.TemporaryDirectory() as tmp:
             work = args.work or Path(tmp)
             rows = [kiln_row(m, args, work) for m in methods]

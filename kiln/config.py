@@ -17,10 +17,23 @@ DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "reference")  # auto: the Triton kernels where they apply
-QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq")  # weight-only, at build
+QUANTIZATIONS = ("none", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "fp8", "int8_sq")  # at build
+ACT_SCALES = ("token", "tensor")  # W8A8 inputs: dynamic per token, or static per tensor from calibration
+WEIGHT_SCALES = ("channel", "tensor")  # W8A8 weights: one scale per output channel, or one per tensor
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the model's dtype
 GROUP_SIZES = (32, 64, 128)  # int4: columns of K that share one scale and zero point
 # What an engine's linears may be quantized with: the build's methods and the checkpoint formats kiln reads.
-QUANTIZATION_METHODS = ("int8_wo", "int4_wo", "int4_awq", "awq", "gptq", "compressed-tensors")
+QUANTIZATION_METHODS = (
+    "int8_wo",
+    "int4_wo",
+    "int4_awq",
+    "awq",
+    "gptq",
+    "compressed-tensors",
+    "fp8",
+    "fp8_block",
+    "int8_sq",
+)
 
 T = TypeVar("T")
 
@@ -30,6 +43,14 @@ def torch_dtype(name: str) -> "torch.dtype":
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def kv_cache_torch_dtype(config: "BuildConfig") -> "torch.dtype":
+    """The dtype an engine's KV cache is stored in."""
+    import torch
+
+    narrow = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+    return narrow.get(config.kv_cache_dtype) or torch_dtype(config.dtype)
 
 
 def _from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
@@ -114,9 +135,32 @@ class BuildConfig:
         default="none",
         metadata={
             "choices": QUANTIZATIONS,
-            "help": "weight-only quantization of the linears: int8 per output channel, int4 per group (round to "
-            "nearest), int4 with AWQ's scale search; a pre-quantized checkpoint needs none",
+            "help": "quantization of the linears: weight-only int8 per output channel, int4 per group (round to "
+            "nearest), int4 with AWQ's scale search; fp8: E4M3 weights and activations (a GPU of compute "
+            "capability 8.9+, emulated on the CPU); int8_sq: SmoothQuant W8A8 int8 (needs --calib-data); "
+            "a pre-quantized checkpoint needs none",
         },
+    )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "choices": KV_CACHE_DTYPES,
+            "help": "KV cache storage: the model's dtype, or fp8 (E4M3) / int8 with one scale per layer from "
+            "--calib-data (fp8 without it: scale 1.0), twice the tokens in the same memory",
+        },
+    )
+    smoothquant_alpha: float = field(
+        default=0.5, metadata={"help": "int8_sq: how much of the activations' range moves into the weights (0..1)"}
+    )
+    act_scales: str = field(
+        default="token",
+        metadata={
+            "choices": ACT_SCALES,
+            "help": "fp8, int8_sq: activation scales dynamic per token, or static per tensor from --calib-data",
+        },
+    )
+    weight_scales: str = field(
+        default="channel", metadata={"choices": WEIGHT_SCALES, "help": "fp8, int8_sq: weight scales per row or tensor"}
     )
     group_size: int = field(
         default=128, metadata={"choices": GROUP_SIZES, "help": "int4: input columns sharing a scale and zero point"}
@@ -125,11 +169,10 @@ class BuildConfig:
         default=False, metadata={"help": "also quantize lm_head (int8 per channel with int8_wo, else as the others)"}
     )
     calib_data: str | None = field(
-        default=None, metadata={"help": "int4_awq: a text file of calibration text (required for it)"}
+        default=None,
+        metadata={"help": "int4_awq, int8_sq, fp8 with --act-scales tensor: a file of calibration text (required)"},
     )
-    calib_size: int = field(
-        default=64, metadata={"help": "int4_awq: calibration samples of 512 tokens taken from --calib-data"}
-    )
+    calib_size: int = field(default=64, metadata={"help": "calibration samples of 512 tokens taken from --calib-data"})
     tp_size: int = field(
         default=1, metadata={"help": "tensor-parallel ranks: one program per rank, run under torchrun"}
     )
@@ -138,6 +181,12 @@ class BuildConfig:
     def __post_init__(self) -> None:
         _check_choice("BuildConfig", "dtype", self.dtype, DTYPES)
         _check_choice("BuildConfig", "quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("BuildConfig", "act_scales", self.act_scales, ACT_SCALES)
+        _check_choice("BuildConfig", "weight_scales", self.weight_scales, WEIGHT_SCALES)
+        _check_choice("BuildConfig", "kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        alpha = self.smoothquant_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise KilnError(f"BuildConfig.smoothquant_alpha must be a number in [0, 1], got {alpha!r}")
         if self.group_size not in GROUP_SIZES:
             raise KilnError(f"BuildConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         _check_int("BuildConfig", "calib_size", self.calib_size, 1)

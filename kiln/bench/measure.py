@@ -46,6 +46,7 @@ class ThroughputResult:
     kv_cache_tokens: int = 0  # tokens the KV block pool holds
     steps: dict[str, Any] = field(default_factory=dict)  # StepTimer.summary(): where the time went
     memory_gib: dict[str, float] = field(default_factory=dict)  # device memory: peak allocated, free at the end
+    kv_cache_dtype: str = "auto"  # the pool's storage: the model dtype (auto), fp8 or int8
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -170,6 +171,7 @@ def kiln_throughput(llm: Any, num_requests: int, input_len: int, output_len: int
         capacity,
         timer.summary(),
         _memory_gib(engine.device),
+        engine.build.kv_cache_dtype,
     )
 
 

@@ -99,12 +99,18 @@ def print_tables(report: dict[str, Any]) -> None:
                 f"{r['total_tokens_per_s']:.0f}",
                 f"{r['mean_ttft_s']:.2f}",
                 str(r.get("preemptions", "")),
-                str(r.get("kv_cache_tokens", "")),
+                _kv_tokens(r),
             )
         console.print(table)
         for r in report["throughput"]:
             if r.get("steps"):
                 console.print(steps_table(r["steps"], f"{r['system']}: where the throughput run's time went"))
+
+
+def _kv_tokens(row: dict[str, Any]) -> str:
+    """The pool's tokens, with its storage dtype when it is a narrow (fp8 / int8) one."""
+    tokens, dtype = str(row.get("kv_cache_tokens", "")), row.get("kv_cache_dtype", "auto")
+    return tokens if dtype == "auto" else f"{tokens} ({dtype})"
 
 
 def steps_table(steps: dict[str, Any], title: str) -> Any:

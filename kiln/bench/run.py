@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from kiln.bench import limits, measure, report, roofline
-from kiln.config import torch_dtype
+from kiln.config import kv_cache_torch_dtype, torch_dtype
 from kiln.engine.manifest import check_compatible, read_manifest
 from kiln.engine.weight_bytes import module_weight_bytes
 from kiln.errors import KilnError
@@ -55,7 +55,8 @@ def run(options: BenchOptions, argv: list[str] | None = None) -> dict[str, Any]:
     pool = engine.stats()
     limits.check_kv_pool(options.batch_sizes, options.input_len, options.output_len, pool.kv_blocks, pool.kv_block_size)
     dtype = torch_dtype(build.dtype)
-    kv_token = roofline.kv_bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype.itemsize)
+    kv_item = kv_cache_torch_dtype(build).itemsize  # 1 for an fp8 / int8 cache
+    kv_token = roofline.kv_bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, kv_item)
     device_name = (
         torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor() or "cpu"
     )

@@ -12,10 +12,19 @@ from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
-from kiln.compiler.quantize.methods import awq_linears, check_request, engine_quantization
-from kiln.config import BuildConfig, torch_dtype
-from kiln.engine.manifest import TOKENIZER_DIR
+from kiln.compiler.quantize.methods import (
+    awq_linears,
+    check_request,
+    engine_quantization,
+    fp8_build_linears,
+    narrow_kv_scales,
+    smoothquant_build_linears,
+    uses_fp8,
+)
+from kiln.config import BuildConfig, kv_cache_torch_dtype, torch_dtype
+from kiln.engine.manifest import TOKENIZER_DIR, KVCacheFacts
 from kiln.errors import KilnError
+from kiln.kernels.w8a8_dispatch import fp8_refusal
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint
 from kiln.progress import Progress
 
@@ -75,16 +84,34 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
+    if config.kv_cache_dtype != "auto" and resolve_device(config.device).type == "cuda":
+        raise KilnError(
+            f"--kv-cache-dtype {config.kv_cache_dtype}: kiln's Triton attention kernels do not read an fp8/int8 KV "
+            "cache yet (only the PyTorch paths do, which CUDA graphs cannot capture); build with --kv-cache-dtype "
+            "auto on a GPU"
+        )
+    kv_scales = narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
     quantized = loaded.quantized
     if config.quantization == "int4_awq" and quantized is None:
         with progress.stage("awq", f"activation-aware int4 scales, groups of {config.group_size}"):
             quantized = awq_linears(config, loaded.model, loaded.tokenizer)
+    fp8 = "fp8" in (config.quantization, config.kv_cache_dtype) or (quantized is not None and uses_fp8(quantized))
+    refusal = fp8_refusal(resolve_device(config.device)) if fp8 else None
+    if refusal is not None:
+        raise KilnError(refusal)
+    if config.quantization == "fp8" and quantized is None:
+        with progress.stage("fp8", f"E4M3 per {config.weight_scales}, activations per {config.act_scales}"):
+            quantized = fp8_build_linears(config, loaded.model, loaded.tokenizer)
+    if config.quantization == "int8_sq" and quantized is None:
+        with progress.stage("smoothquant", f"alpha {config.smoothquant_alpha}, int8 W8A8"):
+            quantized = smoothquant_build_linears(config, loaded.model, loaded.tokenizer)
     written = build_program(  # the spec is handed over: no reference here keeps the source weights alive
         _text_program(loaded, shape, config, architecture=facts.architecture),
         output,
         config,
         progress,
         quantized,
+        kv_scales,
     )
     loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
     engine = EngineFacts(
@@ -95,6 +122,9 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         op_modules=written.op_modules,
         passes=written.passes,
         quantization=engine_quantization(config, quantized, written.quantized_layers),
+        kv_cache=None
+        if kv_scales is None
+        else KVCacheFacts(config.kv_cache_dtype, kv_scales, config.calib_data is not None),
     )
     write_engine_manifest(output, engine, device, progress)
 
@@ -110,7 +140,7 @@ def _text_program(
     spec = text_spec(
         loaded.model,
         shape,
-        dtype=torch_dtype(config.dtype),
+        dtype=kv_cache_torch_dtype(config),  # the example cache's
         device=resolve_device(config.device),
         block_size=config.tokens_per_block,
         max_num_tokens=config.max_num_tokens,

@@ -36,8 +36,10 @@ def resolve_encoder_len(config: BuildConfig, max_positions: int | None, prefix_l
 
 
 def write_encdec_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
-    if config.quantization != "none":
-        raise KilnError("kiln builds encoder-decoder models unquantized only (--quantization none)")
+    if config.quantization != "none" or config.kv_cache_dtype != "auto":
+        raise KilnError(
+            "kiln builds encoder-decoder models unquantized only (--quantization none, --kv-cache-dtype auto)"
+        )
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype)
     with progress.stage("load", str(checkpoint)):

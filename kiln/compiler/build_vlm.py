@@ -45,6 +45,12 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         check_request(config, loaded.quantized, checkpoint)
         if config.quantization == "int4_awq" and loaded.quantized is None:
             raise KilnError("int4_awq quantizes text models only; build a vision-language model with int4_wo")
+        if config.kv_cache_dtype != "auto":
+            raise KilnError("a narrow KV cache (--kv-cache-dtype fp8/int8) is for text models only for now")
+        if config.quantization in ("fp8", "int8_sq") and loaded.quantized is None:
+            raise KilnError(
+                f"{config.quantization} at build quantizes text models only; build a vision-language model with int8_wo"
+            )
         if encdec is not None:
             if config.quantization != "none" or loaded.quantized is not None:
                 raise KilnError("kiln builds encoder-decoder language models unquantized only")

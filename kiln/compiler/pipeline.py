@@ -24,6 +24,7 @@ from kiln.engine.manifest import (
     COMPILED,
     FORMAT_VERSION,
     EncoderDecoderFacts,
+    KVCacheFacts,
     Manifest,
     ModelFacts,
     MultimodalFacts,
@@ -67,7 +68,11 @@ class PreparedProgram:
 
 
 def prepare_program(
-    spec: ProgramSpec, config: BuildConfig, progress: Progress, quantized: QuantizedLinears | None = None
+    spec: ProgramSpec,
+    config: BuildConfig,
+    progress: Progress,
+    quantized: QuantizedLinears | None = None,
+    kv_scales: tuple[tuple[float, float], ...] | None = None,
 ) -> PreparedProgram:
     """Export, check and (for a program with a KV cache) rewrite; the build lists the passes that changed it.
     `quantized`: a checkpoint's (or AWQ's) quantized linears, which the quantization pass puts in place."""
@@ -84,6 +89,7 @@ def prepare_program(
         input_names=spec.input_names,
         build=config,
         quantized=quantized,
+        kv_scales=kv_scales,
     )
     with progress.stage(f"passes{suffix}"):
         run = run_passes(program, context)
@@ -143,11 +149,12 @@ def build_program(
     config: BuildConfig,
     progress: Progress,
     quantized: QuantizedLinears | None = None,
+    kv_scales: tuple[tuple[float, float], ...] | None = None,
 ) -> WrittenProgram:
     """The whole pipeline for one program. The caller hands its spec over (`build_program(make_spec(...), ...)`,
     keeping no reference to it or its module): the source weights the passes replaced (fused projections)
     are then freed before the program is written and compiled."""
-    prepared = prepare_program(spec, config, progress, quantized)
+    prepared = prepare_program(spec, config, progress, quantized, kv_scales)
     spec = spec.exported()  # drops the last reference to the source module
     gc.collect()  # torch.export's tracer keeps it in a reference cycle
     written = write_program(prepared.program, spec, engine_dir, config, progress)
@@ -172,6 +179,7 @@ class EngineFacts:
     quantization: QuantizationFacts | None = None
     world: WorldFacts | None = None  # tensor-parallel engines only
     encoder_decoder: EncoderDecoderFacts | None = None
+    kv_cache: KVCacheFacts | None = None
 
 
 def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.device, progress: Progress) -> Manifest:
@@ -193,6 +201,7 @@ def write_engine_manifest(engine_dir: Path, facts: EngineFacts, device: torch.de
         quantization=facts.quantization,
         world=facts.world,
         encoder_decoder=facts.encoder_decoder,
+        kv_cache=facts.kv_cache,
     )
     write_manifest(engine_dir, manifest)
     return manifest

@@ -12,6 +12,7 @@ import torch
 
 from kiln.config import BuildConfig, check_quantization_method
 from kiln.errors import EngineMismatchError, KilnError
+from kiln.kernels.w8a8_dispatch import fp8_refusal
 from kiln.version import __version__
 
 MANIFEST = "manifest.json"
@@ -87,19 +88,27 @@ class EncoderDecoderFacts:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizationFacts:
-    """How the engine's linears are quantized (weight-only); the embedding and a vision program never are."""
+    """How the engine's linears are quantized; the embedding and a vision program never are."""
 
     method: str  # one of kiln.config.QUANTIZATION_METHODS
     bits: int
     group_size: int | None  # None: one scale per output channel
     layers: tuple[str, ...]  # the dense weights replaced by quantized ones (program parameter names)
     lm_head: bool
+    activations: str | None = None  # W8A8: "fp8 dynamic per token", "fp8 static per tensor", ...; None: weight-only
+    weights: str = "int"  # "int" or "fp8" (E4M3 values)
 
     def __post_init__(self) -> None:
         check_quantization_method(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "layers": list(self.layers)}
+        """The block; a weight-only integer engine's has no `activations` / `weights` entries."""
+        values = {**self.__dict__, "layers": list(self.layers)}
+        if self.activations is None:
+            del values["activations"]
+        if self.weights == "int":
+            del values["weights"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "QuantizationFacts":
@@ -131,6 +140,23 @@ class WorldFacts:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class KVCacheFacts:
+    """A narrow (FP8 / int8) KV cache: its dtype and the (k, v) scales of each layer, and where they came from."""
+
+    dtype: str  # "fp8" or "int8"
+    scales: tuple[tuple[float, float], ...]
+    calibrated: bool  # False: FP8 with scale 1.0 (no --calib-data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "scales": [list(s) for s in self.scales], "calibrated": self.calibrated}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "KVCacheFacts":
+        scales = tuple((float(k), float(v)) for k, v in values["scales"])
+        return cls(dtype=str(values["dtype"]), scales=scales, calibrated=bool(values["calibrated"]))
+
+
 def describe_device(device: torch.device) -> dict[str, Any]:
     """The device facts an engine is tied to."""
     if device.type == "cuda":
@@ -155,9 +181,10 @@ class Manifest:
     # {operator: modules whose import registers it} for operators outside torch's and kiln's namespaces
     op_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
     passes: dict[str, str] = field(default_factory=dict)  # {pass: "16 sites"}: the graph passes that changed it
-    quantization: QuantizationFacts | None = None  # weight-only quantized engines only
+    quantization: QuantizationFacts | None = None  # quantized engines only
     world: WorldFacts | None = None  # tensor-parallel engines only
     encoder_decoder: EncoderDecoderFacts | None = None  # encoder-decoder engines only
+    kv_cache: KVCacheFacts | None = None  # engines with a narrow (FP8 / int8) KV cache only
 
     def to_json(self) -> str:
         data = {
@@ -183,6 +210,8 @@ class Manifest:
             data["world"] = dict(self.world.__dict__)
         if self.encoder_decoder is not None:
             data["encoder_decoder"] = self.encoder_decoder.to_dict()
+        if self.kv_cache is not None:
+            data["kv_cache"] = self.kv_cache.to_dict()
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -207,6 +236,7 @@ class Manifest:
             encoder_decoder=(
                 EncoderDecoderFacts.from_dict(data["encoder_decoder"]) if data.get("encoder_decoder") else None
             ),
+            kv_cache=KVCacheFacts.from_dict(data["kv_cache"]) if data.get("kv_cache") else None,
         )
 
 
@@ -249,6 +279,8 @@ def check_compatible(manifest: Manifest) -> torch.device:
         else:
             device = torch.device("cuda", torch.cuda.current_device())
             here = describe_device(device)
+            if manifest.quantization is not None and manifest.quantization.weights == "fp8":
+                problems.append(fp8_refusal(device) or "")
             if here["capability"] != built_for["capability"]:
                 problems.append(
                     f"built for a GPU of compute capability {built_for['capability']} ({built_for['name']}), "
@@ -256,6 +288,7 @@ def check_compatible(manifest: Manifest) -> torch.device:
                 )
     elif built_for["type"] != "cpu":
         problems.append(f"built for device '{built_for['type']}', which kiln does not run")
+    problems = [p for p in problems if p]
     if problems:
         raise EngineMismatchError(
             "This engine cannot be loaded here: "

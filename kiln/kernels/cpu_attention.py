@@ -22,18 +22,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels import reference
+from kiln.kernels import kv_quant, reference
+from kiln.kernels.kv_quant import as_bytes
 
 
-def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    kv_cache: torch.Tensor,
+    layer: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
     """`reference.write_kv`, in one indexed copy per plane when no token is skipped (a CPU can check)."""
     if slot_mapping.numel() == 0:
         return
     if int(slot_mapping.min()) < 0:
-        reference.write_kv(kv_cache, layer, k, v, slot_mapping)
+        reference.write_kv(kv_cache, layer, k, v, slot_mapping, k_scale, v_scale)
         return
-    for plane, new in ((0, k), (1, v)):
-        kv_cache[layer, plane].flatten(0, 1).index_copy_(0, slot_mapping, new.to(kv_cache.dtype))
+    for plane, new, kv_scale in ((0, k, k_scale), (1, v, v_scale)):
+        stored = as_bytes(kv_quant.store(new, kv_cache.dtype, kv_scale))
+        as_bytes(kv_cache[layer, plane].flatten(0, 1)).index_copy_(0, slot_mapping, stored)
 
 
 @dataclass
@@ -145,13 +155,20 @@ def _plan(
     return plan
 
 
-def _attend(group: _Group, q: torch.Tensor, pages: torch.Tensor, scale: float, sliding_window: int) -> torch.Tensor:
+def _attend(
+    group: _Group,
+    q: torch.Tensor,
+    pages: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+    kv_scales: tuple[float, float],
+) -> torch.Tensor:
     """[B * Tq, Hq, Dv] for the group's queries q [B * Tq, Hq, D]; pages: one layer's [2, blocks, ...]."""
     hq, d = q.shape[1], q.shape[2]
-    picked = pages.index_select(1, group.blocks)  # [2, B * num_blocks, block_size, Hkv, D]
+    picked = as_bytes(pages).index_select(1, group.blocks).view(pages.dtype)  # [2, B * num_blocks, bs, Hkv, D]
     batch, tq = group.batch, group.tq
-    keys = picked[0].view(batch, -1, *picked.shape[3:])  # [B, L, Hkv, D]
-    values = picked[1].view(batch, -1, *picked.shape[3:])
+    keys = kv_quant.load(picked[0], kv_scales[0], q.dtype).view(batch, -1, *picked.shape[3:])  # [B, L, Hkv, D]
+    values = kv_quant.load(picked[1], kv_scales[1], q.dtype).view(batch, -1, *picked.shape[3:])
     hkv, length = keys.shape[2], keys.shape[1]
     per_kv = hq // hkv
     # query rows (kv head, group member, token) share their kv head's keys: no repeat of the keys
@@ -180,20 +197,24 @@ def paged_attention(
     sliding_window: int,
     softcap: float,
     attend_end: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`reference.paged_attention` for CPU tensors (see the module's docstring)."""
     if softcap > 0.0:
         return reference.paged_attention(
             q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, layer, scale,
-            sliding_window, softcap, attend_end,
+            sliding_window, softcap, attend_end, k_scale, v_scale,
         )  # fmt: skip
-    write_kv(kv_cache, layer, k, v, slot_mapping)
+    write_kv(kv_cache, layer, k, v, slot_mapping, k_scale, v_scale)
+    kv_scales = (k_scale, v_scale)
     plan = _plan(block_tables, seq_lens, query_start_loc, attend_end, q.shape[0], kv_cache.shape[3])
     pages = kv_cache[layer]
     if plan.covers_all_rows:
-        return _attend(plan.groups[0], q, pages, scale, sliding_window)
+        return _attend(plan.groups[0], q, pages, scale, sliding_window, kv_scales)
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])  # rows of no sequence stay zero, as in the reference
     for group in plan.groups:
         assert group.rows is not None
-        out.index_copy_(0, group.rows, _attend(group, q.index_select(0, group.rows), pages, scale, sliding_window))
+        rows = q.index_select(0, group.rows)
+        out.index_copy_(0, group.rows, _attend(group, rows, pages, scale, sliding_window, kv_scales))
     return out

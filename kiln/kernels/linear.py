@@ -14,7 +14,9 @@ Every op also takes a weight-only quantized weight (`kiln.kernels.quantized_weig
 `scales`, `weight` is the packed qweight ([N, K] int8 or [N, K // 2] uint8), and the op runs
 `quantized_dispatch.quantized_kernel` (CUDA), else dequantizes the weight to x's dtype for this
 call and runs the dense path (the CPU path). The op is opaque to Inductor, so no program keeps
-a dequantized weight.
+a dequantized weight. A W8A8 weight (FP8 or int8) also quantizes the op's input, after the
+prologue: `activations` "dynamic" (per token) or "static" (`act_scale` [1]); on the CPU path as
+`kiln.kernels.activation_quant.fake_quantize` does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from kiln.kernels import reference
+from kiln.kernels.activation_quant import fake_quantize
 from kiln.kernels.quantized_weight import dequantize_packed
 from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
@@ -31,6 +34,7 @@ from kiln.kernels.triton_support import triton_importable
 MAX_ROWS = 16
 MIN_MULTI_ROW_BYTES = 32 << 20
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+InputQuant = tuple[str, torch.dtype, torch.Tensor | None]  # fake_quantize's mode, dtype, input_scale
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool = False) -> bool:
@@ -59,13 +63,16 @@ def _linear(
     prologue: str = "none",
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    input_quant: InputQuant | None = None,
 ) -> torch.Tensor:
-    """The three ops' shared body: the Triton kernel when `use_kernel`, else PyTorch."""
+    """The three ops' shared body: the Triton kernel when `use_kernel`, else PyTorch (with the input
+    fake-quantized after the prologue for a W8A8 weight: `input_quant`)."""
     in_features = weight.shape[1]
     rows = x.numel() // max(x.shape[-1], 1)
     flat = x.reshape(rows, x.shape[-1])
     fused = prologue != "none" or residual is not None
-    if use_kernel(flat[:, :in_features], weight, bias, fused) and (residual is None or residual.dtype == x.dtype):
+    kernel = input_quant is None and use_kernel(flat[:, :in_features], weight, bias, fused)
+    if kernel and (residual is None or residual.dtype == x.dtype):
         residual_rows = None if residual is None else residual.reshape(rows, weight.shape[0])
         out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, residual=residual_rows)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -79,6 +86,8 @@ def _linear(
             x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
         else:
             x = reference.rms_norm(x, norm_weight, eps)
+    if input_quant is not None:
+        x = fake_quantize(x, *input_quant)
     if residual is not None and x.is_cuda and bias is None:
         out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, in_features), weight.t())
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -124,19 +133,23 @@ def _quantized(
     prologue: str = "none",
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    activations: str = "none",
+    act_scale: torch.Tensor | None = None,
     **epilogue: Any,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(the quantized kernel's output shaped like x's rows, or None; the dense weight when it is None)."""
+) -> tuple[torch.Tensor | None, torch.Tensor, InputQuant | None]:
+    """(the quantized kernel's output shaped like x's rows, or None; the dense weight when it is None;
+    how the dense path then quantizes its input)."""
     from kiln.kernels.quantized_dispatch import quantized_kernel
 
     rows = x.numel() // max(x.shape[-1], 1)
     flat = x.reshape(rows, x.shape[-1])
-    out = quantized_kernel(
-        flat, qweight, scales, zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps, **epilogue
-    )
+    act = (activations, act_scale)
+    quantized = (qweight, scales, zeros, perm, group_size, bias, constant_weight)
+    out = quantized_kernel(flat, *quantized, prologue, norm_weight, eps, act, **epilogue)
     if out is not None:
-        return out.view(*x.shape[:-1], out.shape[-1]), qweight
-    return None, dequantize_packed(qweight, scales, zeros, perm, group_size, x.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1]), qweight, None
+    input_quant = None if activations == "none" else (activations, qweight.dtype, act_scale)
+    return None, dequantize_packed(qweight, scales, zeros, perm, group_size, x.dtype), input_quant
 
 
 def _residual_rows(x: torch.Tensor, n: int, residual: torch.Tensor | None) -> dict[str, Any]:
@@ -163,6 +176,8 @@ def linear(
     zeros: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     group_size: int = 0,
+    activations: str = "none",
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[residual +] x @ weight.T + bias.
 
@@ -171,12 +186,15 @@ def linear(
     to the product; the Triton kernel and the CPU path round the product to x's dtype first, as
     `residual + linear(x)` rounds; the CUDA path for many rows (addmm) rounds once.
     scales, zeros, perm, group_size: a packed quantized `weight` (see the module docstring)."""
+    act, iq = (activations, act_scale), None
     if scales is not None:
         rows = _residual_rows(x, weight.shape[0], residual)
-        out, weight = _quantized(x, weight, scales, zeros, perm, group_size, bias, constant_weight, **rows)
+        out, weight, iq = _quantized(
+            x, weight, scales, zeros, perm, group_size, bias, constant_weight, "none", None, 0.0, *act, **rows
+        )
         if out is not None:
             return out
-    return _linear(x, weight, bias, constant_weight, residual)
+    return _linear(x, weight, bias, constant_weight, residual, input_quant=iq)
 
 
 @torch.library.custom_op("kiln::silu_mul_linear", mutates_args=())
@@ -190,17 +208,20 @@ def silu_mul_linear(
     zeros: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     group_size: int = 0,
+    activations: str = "none",
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[residual +] linear(silu(gate) * up, weight, bias) for gate_up = [gate | up] on the last dim
     (a gated MLP's down projection, with its activation read straight from the fused gate/up output)."""
+    act, iq = (activations, act_scale), None
     if scales is not None:
         rows = _residual_rows(gate_up, weight.shape[0], residual)
-        out, weight = _quantized(
-            gate_up, weight, scales, zeros, perm, group_size, bias, constant_weight, "silu_mul", **rows
+        out, weight, iq = _quantized(
+            gate_up, weight, scales, zeros, perm, group_size, bias, constant_weight, "silu_mul", None, 0.0, *act, **rows
         )
         if out is not None:
             return out
-    return _linear(gate_up, weight, bias, constant_weight, residual, prologue="silu_mul")
+    return _linear(gate_up, weight, bias, constant_weight, residual, prologue="silu_mul", input_quant=iq)
 
 
 @torch.library.custom_op("kiln::rms_norm_linear", mutates_args=())
@@ -215,15 +236,18 @@ def rms_norm_linear(
     zeros: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     group_size: int = 0,
+    activations: str = "none",
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """linear(rms_norm(x) * norm_weight, weight, bias) with Llama's RMSNorm (`reference.rms_norm`)."""
+    act, iq = (activations, act_scale), None
     if scales is not None:
-        out, weight = _quantized(
-            x, weight, scales, zeros, perm, group_size, bias, constant_weight, "rms_norm", norm_weight, eps
+        out, weight, iq = _quantized(
+            x, weight, scales, zeros, perm, group_size, bias, constant_weight, "rms_norm", norm_weight, eps, *act
         )
         if out is not None:
             return out
-    return _linear(x, weight, bias, constant_weight, None, prologue="rms_norm", norm_weight=norm_weight, eps=eps)
+    return _linear(x, weight, bias, constant_weight, None, "rms_norm", norm_weight, eps, input_quant=iq)
 
 
 @torch.library.custom_op("kiln::linear_rope", mutates_args=())
@@ -241,6 +265,8 @@ def linear_rope(
     zeros: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     group_size: int = 0,
+    activations: str = "none",
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A fused q/k/v projection with its rotary embedding: linear([rms_norm(x) * norm_weight | x], weight,
     bias), then the first rope_width output columns (the query and key heads) rotated with cos/sin
@@ -252,19 +278,20 @@ def linear_rope(
     head_dim = cos.shape[-1]
     cos2, sin2 = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
     prologue = "none" if norm_weight is None else "rms_norm"
+    act, iq = (activations, act_scale), None
     if scales is not None:
         rope = (cos2.contiguous(), sin2.contiguous(), rope_width)
-        quantized = (zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps)
-        out, weight = _quantized(x, weight, scales, *quantized, rope=rope)
+        quantized = (zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps, *act)
+        out, weight, iq = _quantized(x, weight, scales, *quantized, rope=rope)
         if out is not None:
             return out
     flat = x.reshape(rows, x.shape[-1])
     tables_ok = cos.dtype == sin.dtype == x.dtype and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0
-    if tables_ok and use_kernel(flat, weight, bias, fused=True):
+    if iq is None and tables_ok and use_kernel(flat, weight, bias, fused=True):
         rope = (cos2.contiguous(), sin2.contiguous(), rope_width)
         out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, rope=rope)
         return out.view(*x.shape[:-1], weight.shape[0])
-    out = _linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps)
+    out = _linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps, iq)
     out2 = out.reshape(rows, weight.shape[0])
     if tables_ok and out2.is_cuda and out2.dtype in KERNEL_DTYPES and _triton_elementwise_ok():
         from kiln.kernels.triton.rope import rope_
@@ -286,6 +313,8 @@ def linear_silu_mul(
     zeros: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     group_size: int = 0,
+    activations: str = "none",
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A gated MLP's fused gate/up projection with its activation: silu(gate) * up of
     linear([rms_norm(x) * norm_weight | x], weight = [gate | up], bias) -> [..., N / 2].
@@ -295,16 +324,17 @@ def linear_silu_mul(
     as `kiln::linear` / `kiln::rms_norm_linear` runs it, then one silu-mul pass."""
     rows = x.numel() // max(x.shape[-1], 1)
     prologue = "none" if norm_weight is None else "rms_norm"
+    act, iq = (activations, act_scale), None
     if scales is not None:
-        quantized = (zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps)
-        out, weight = _quantized(x, weight, scales, *quantized, gated=True)
+        quantized = (zeros, perm, group_size, bias, constant_weight, prologue, norm_weight, eps, *act)
+        out, weight, iq = _quantized(x, weight, scales, *quantized, gated=True)
         if out is not None:
             return out
     flat = x.reshape(rows, x.shape[-1])
-    if weight.shape[0] % 2 == 0 and x.shape[-1] > 0 and use_kernel(flat, weight, bias, fused=True):
+    if iq is None and weight.shape[0] % 2 == 0 and x.shape[-1] > 0 and use_kernel(flat, weight, bias, fused=True):
         out = _kernel(flat, weight, bias, constant_weight, prologue, norm_weight, eps, gated=True)
         return out.view(*x.shape[:-1], weight.shape[0] // 2)
-    return _silu_mul(_linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps))
+    return _silu_mul(_linear(x, weight, bias, constant_weight, None, prologue, norm_weight, eps, iq))
 
 
 def _triton_elementwise_ok() -> bool:

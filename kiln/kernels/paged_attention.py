@@ -48,11 +48,14 @@ def paged_attention(
     softcap: float,
     prefetch: torch.Tensor | None = None,
     prefetch_next: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """prefetch, prefetch_next: constant weights read right after this op (the output projection's,
     then the next projection's): on the decode kernels' path, spare programs pull their first bytes
     into the L2 cache while attention's dependent loads leave the memory bus idle (a hint: values
-    never change)."""
+    never change). k_scale, v_scale: this layer's scales of a narrow (FP8 / int8) cache
+    (`kiln.kernels.kv_quant`); the Triton kernels do not read narrow caches yet (the reference does)."""
     if use_triton(q):
         from kiln.kernels.triton import paged_attention_triton, unsupported_reason
 
@@ -86,6 +89,8 @@ def paged_attention(
         scale,
         sliding_window,
         softcap,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -105,6 +110,8 @@ def _paged_attention_fake(  # type: ignore[no-untyped-def]
     softcap,
     prefetch=None,
     prefetch_next=None,
+    k_scale=1.0,
+    v_scale=1.0,
 ):
     # Same shape and (contiguous) strides as the real implementation's output.
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

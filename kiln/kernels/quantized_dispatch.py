@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 
+from kiln.kernels.activation_quant import FP8
 from kiln.kernels.selection import current
 from kiln.kernels.triton_support import triton_importable
+from kiln.kernels.w8a8_dispatch import usable as w8a8_usable
+from kiln.kernels.w8a8_dispatch import w8a8_linear
 
 GEMV_ROWS = 1  # rows up to which the GEMV runs (see the module docstring)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -89,12 +92,18 @@ def quantized_kernel(
     prologue: str,
     norm_weight: torch.Tensor | None,
     eps: float,
+    act: tuple[str, torch.Tensor | None] = ("none", None),
     **epilogue: Any,
 ) -> torch.Tensor | None:
     """x's rows [M, K] through a quantized kernel -> [M, N] (or [M, N / 2] gated), or None.
 
     prologue: "none" | "rms_norm" | "silu_mul" (then flat is [M, 2K]); epilogue: residual=[M, N] |
-    rope=(cos, sin, width) | gated=True, with `kiln.kernels.triton.gemv.linear_triton`'s meaning."""
+    rope=(cos, sin, width) | gated=True, with `kiln.kernels.triton.gemv.linear_triton`'s meaning.
+    act: (activations, act_scale) of a W8A8 weight: `kiln.kernels.w8a8_dispatch` runs those."""
+    if act[0] != "none" or qweight.dtype == FP8:
+        if not w8a8_usable(flat, qweight, scales, zeros, perm, group_size, act[0]):
+            return None
+        return w8a8_linear(flat, qweight, scales, bias, prologue, norm_weight, eps, act[0], act[1], **epilogue)
     if not _usable(flat, qweight, scales, zeros, perm, group_size, bias, norm_weight, prologue, epilogue):
         return None
     residual = epilogue.get("residual")

@@ -1,15 +1,19 @@
-"""A weight-only quantized linear weight: the one form that quantizers, checkpoint readers, the build's
+"""A quantized linear weight: the one form that quantizers, checkpoint readers, the build's
 quantization pass and the kernels agree on.
 
 Unpacked form (`QuantizedWeight`), for a dense weight W of shape [N, K] (out, in features):
-  values  int8 [N, K]: bits=8 signed (-128..127); bits=4 unsigned (0..15)
+  values  int8 [N, K]: bits=8 signed (-128..127); bits=4 unsigned (0..15); or float8_e4m3fn
+          [N, K] (FP8, bits=8, no zeros)
   scales  [N, K // group_size], floating (the model dtype or float32)
   zeros   [N, K // group_size], the same dtype as scales, integer-valued (0..15 for bits=4), or None (symmetric)
   perm    int64 [K] or None: the input columns in the order `values` holds them (GPTQ act-order);
           W[:, perm[j]] is stored column j, so x @ W.T == x[..., perm] @ stored.T
   W[n, perm[k]] = (values[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
 
-A per-output-channel weight has group_size == K (one group). `pack` turns the unpacked form into
+A per-output-channel weight has group_size == K (one group); a per-tensor one repeats its scale.
+`activations` says how the op quantizes its input (`kiln.kernels.activation_quant`): "none"
+(weight-only), "dynamic" (per token) or "static" (one `input_scale` [1], float32), to the
+weight's type (FP8 E4M3 or int8). `pack` turns the unpacked form into
 the tensors a program carries (`PackedWeight`); `dequantize_packed` is their plain PyTorch meaning,
 which the CPU path and every kernel test use.
 
@@ -25,6 +29,9 @@ from dataclasses import dataclass
 import torch
 
 BITS = (4, 8)
+FP8 = torch.float8_e4m3fn
+VALUE_DTYPES = (torch.int8, FP8)
+ACTIVATIONS = ("none", "dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -35,13 +42,23 @@ class QuantizedWeight:
     bits: int
     group_size: int
     perm: torch.Tensor | None = None
+    activations: str = "none"
+    input_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n, k = self.values.shape
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
-        if self.values.dtype != torch.int8:
-            raise ValueError(f"values must be int8, got {self.values.dtype}")
+        if self.values.dtype not in VALUE_DTYPES:
+            raise ValueError(f"values must be int8 or float8_e4m3fn, got {self.values.dtype}")
+        if self.values.dtype == FP8 and (self.bits != 8 or self.zeros is not None):
+            raise ValueError("FP8 values are 8 bits with no zero points")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+        if (self.activations == "static") != (self.input_scale is not None):
+            raise ValueError("a static activation scale (input_scale) goes with activations='static' only")
+        if self.input_scale is not None and tuple(self.input_scale.shape) != (1,):
+            raise ValueError(f"input_scale must be [1], got {list(self.input_scale.shape)}")
         if self.group_size <= 0 or k % self.group_size:
             raise ValueError(f"group size {self.group_size} does not divide in_features {k}")
         groups = (n, k // self.group_size)
@@ -68,7 +85,7 @@ class QuantizedWeight:
 class PackedWeight:
     """What a program carries for one quantized linear (the op's arguments)."""
 
-    qweight: torch.Tensor  # int8 [N, K] (bits=8) or uint8 [N, K // 2] (bits=4)
+    qweight: torch.Tensor  # int8 or float8_e4m3fn [N, K] (bits=8) or uint8 [N, K // 2] (bits=4)
     scales: torch.Tensor
     zeros: torch.Tensor | None
     perm: torch.Tensor | None

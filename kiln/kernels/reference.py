@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from kiln.kernels.kv_quant import as_bytes, load, store
+
 
 def _masked_softmax_attention(
     q: torch.Tensor,  # [Tq, Hq, D]
@@ -60,8 +62,17 @@ def causal_attention(
     return _masked_softmax_attention(q, k, v, positions, positions, scale, sliding_window, softcap)
 
 
-def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store each token's key and value at its slot of layer `layer` (negative slots are skipped).
+def write_kv(
+    kv_cache: torch.Tensor,
+    layer: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Store each token's key and value at its slot of layer `layer` (negative slots are skipped);
+    a narrow (FP8 / int8) cache stores them divided by k_scale / v_scale (`kiln.kernels.kv_quant`).
 
     No boolean indexing (so no host synchronisation): a skipped token is sent to slot 0 with the
     value slot 0 holds after the write, which is the value of a kept token aimed at slot 0 if
@@ -73,9 +84,9 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
     slots = torch.where(keep, slot_mapping, torch.zeros_like(slot_mapping))
     at_zero = keep & (slot_mapping == 0)
     writer = at_zero.to(torch.int32).argmax().view(1)  # a kept token aimed at slot 0, if any
-    for plane, new in ((0, k), (1, v)):
-        flat = kv_cache[layer, plane].flatten(0, 1)
-        new = new.to(kv_cache.dtype)
+    for plane, new, kv_scale in ((0, k, k_scale), (1, v, v_scale)):
+        flat = as_bytes(kv_cache[layer, plane].flatten(0, 1))
+        new = as_bytes(store(new, kv_cache.dtype, kv_scale))
         slot0 = torch.where(at_zero.any(), new.index_select(0, writer), flat[:1])
         values = torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, slot0)
         flat.index_copy_(0, slots, values)
@@ -95,13 +106,16 @@ def paged_attention(
     sliding_window: int,
     softcap: float,
     attend_end: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Write the new keys/values into the paged cache, then attend through each block table.
 
     `attend_end [T]`, when given, replaces the causal bound: query i sees keys at positions
     < attend_end[i] (vision-language models whose image tokens see their whole image).
+    k_scale, v_scale: a narrow cache's scales for this layer (see `write_kv`).
     """
-    write_kv(kv_cache, layer, k, v, slot_mapping)
+    write_kv(kv_cache, layer, k, v, slot_mapping, k_scale, v_scale)
     block_size = kv_cache.shape[3]
     key_pages, value_pages = kv_cache[layer, 0], kv_cache[layer, 1]
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
@@ -114,8 +128,8 @@ def paged_attention(
             continue
         num_blocks = -(-context_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
-        keys = key_pages[blocks].flatten(0, 1)[:context_len]
-        values = value_pages[blocks].flatten(0, 1)[:context_len]
+        keys = load(key_pages[blocks].flatten(0, 1)[:context_len], k_scale, q.dtype)
+        values = load(value_pages[blocks].flatten(0, 1)[:context_len], v_scale, q.dtype)
         k_positions = torch.arange(context_len, device=q.device)
         q_positions = k_positions[context_len - num_new :]
         out[begin:end] = _masked_softmax_attention(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import kiln.kernels  # noqa: F401  (the program calls kiln ops)
-from kiln.config import RuntimeConfig, torch_dtype
+from kiln.config import RuntimeConfig, kv_cache_torch_dtype, torch_dtype
 from kiln.engine.manifest import ENCODER_DIR, WorldFacts, check_compatible, read_manifest
 from kiln.engine.programs import Program, load_program
 from kiln.engine.tokenizers import load_tokenizer
@@ -105,6 +105,7 @@ class Engine:
             self.device,
             runner,
             memory_plan.ImageRows.of(mm_spec),
+            cache_dtype=kv_cache_torch_dtype(self.build),
         )
         with selected(self.kernels):  # the plan measures a step
             num_blocks = memory_plan.num_blocks(
@@ -115,7 +116,7 @@ class Engine:
         # On CPU an inference tensor: the attention ops that write it then skip torch's Python
         # version-counter kernel (ADInplaceOrView), about 70 µs a call. Only steps (inference mode) write it.
         with torch.inference_mode() if self.device.type == "cpu" else contextlib.nullcontext():
-            self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=dtype, device=self.device)
+            self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=setup.kv_dtype, device=self.device)
         prefix_caching = self.runtime.enable_prefix_caching and encoder is None  # cross keys see the whole input
         self._kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=prefix_caching)
         self._scheduler = Scheduler(

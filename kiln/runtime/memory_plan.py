@@ -79,6 +79,11 @@ class StepSetup:
     device: torch.device
     make_runner: RunnerFactory  # (cache, block manager) -> the engine's model runner on them
     images: ImageRows | None = None  # a vision-language engine: its step reads image features
+    cache_dtype: torch.dtype | None = None  # the KV cache's (a narrow FP8 / int8 one); None: dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.cache_dtype or self.dtype
 
 
 def reclaim(device: torch.device) -> None:
@@ -133,7 +138,7 @@ def run_full_step(setup: StepSetup) -> tuple[int, int]:
     for chunk in chunks:
         if not kv.allocate(chunk.seq.request_id, chunk.num_tokens):
             raise AssertionError("the temporary KV cache is sized to hold the full step")
-    cache = torch.zeros(setup.cache_shape(num_blocks), dtype=setup.dtype, device=setup.device)
+    cache = torch.zeros(setup.cache_shape(num_blocks), dtype=setup.kv_dtype, device=setup.device)
     logits, sampled = setup.make_runner(cache, kv).run(chunks)
     seqs = [chunks[i].seq for i in sampled]
     empty: list[tuple[int, ...]] = [() for _ in seqs]
@@ -255,7 +260,7 @@ def num_blocks(
         return 2 * needed
     reclaim(setup.device)  # loading's temporaries, cached by the allocator, count as free
     per_block = (
-        2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * setup.dtype.itemsize
+        2 * facts.num_layers * build.tokens_per_block * facts.num_kv_heads * facts.head_dim * setup.kv_dtype.itemsize
     )
     fraction = runtime.kv_cache_memory_fraction
     if fraction is not None:

@@ -33,6 +33,9 @@ class ServerMetrics:
         self.kv_blocks_free = Gauge(
             "kiln_kv_cache_free_blocks", "KV-cache blocks no request holds (cached prefixes included)", registry=r
         )
+        self.kv_tokens = Gauge(
+            "kiln_kv_cache_tokens", "Tokens the KV-cache pool holds (twice as many in an fp8/int8 cache)", registry=r
+        )
         self.kv_usage = Gauge("kiln_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by requests", registry=r)
         self.prefix_cached_blocks = Gauge("kiln_prefix_cache_blocks", "Blocks registered for prefix reuse", registry=r)
         self.prefix_queries = Counter(
@@ -61,6 +64,7 @@ class ServerMetrics:
         self.waiting.set(stats.waiting)
         self.kv_blocks_total.set(stats.kv_blocks)
         self.kv_blocks_free.set(stats.kv_free_blocks)
+        self.kv_tokens.set(stats.kv_tokens)
         self.kv_usage.set(stats.kv_usage)
         self.prefix_cached_blocks.set(stats.prefix_cached_blocks)
         self.prefix_queries.inc(stats.prefix_query_tokens - prefix_seen[0])

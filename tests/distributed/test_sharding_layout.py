@@ -52,3 +52,21 @@ def test_row_parallel_int8_uses_whole_row_scales() -> None:
         got = row_parallel_int8({"w": shard}, {"w": piece}, 2, read).weights["w"]
         assert torch.equal(got.scales, whole.scales)
         assert torch.equal(got.values, whole.values[:, piece.start : piece.stop])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"quantization": "fp8"}, "--quantization fp8 is built with --tp-size 1 only"),
+        ({"quantization": "int4_awq", "calib_data": "notes.txt"}, "--quantization int4_awq is built with --tp-size 1"),
+        ({"kv_cache_dtype": "fp8"}, r"a narrow KV cache \(--kv-cache-dtype\) is built with --tp-size 1 only"),
+    ],
+)
+def test_what_a_sharded_build_does_not_do_is_refused(tmp_path, options, message) -> None:
+    from kiln.compiler.sharding.build import check_sharded_request
+    from kiln.config import BuildConfig
+    from tests.tiny_checkpoints import make_checkpoint
+
+    make_checkpoint("llama", tmp_path)
+    with pytest.raises(KilnError, match=message):
+        check_sharded_request(tmp_path, BuildConfig(tp_size=2, **options))

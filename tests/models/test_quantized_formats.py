@@ -265,15 +265,19 @@ REFUSED = {
     "bitsandbytes-4bit": ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
     "bitsandbytes-flag": ({"load_in_8bit": True}, "bitsandbytes"),
     "exl2": ({"quant_method": "exl2", "bits": 4.0}, "EXL2"),
-    "fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "issue 18"),
+    "fp8-per-tensor": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "without a weight_block_size"),
+    "fp8-static": (
+        {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [32, 32]},
+        "activation_scheme 'static'",
+    ),
     "hqq": ({"quant_method": "hqq"}, "'hqq'"),
     "awq-gemv": ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "AWQ version 'gemv'"),
     "awq-marlin": ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "marlin"}, "'marlin'"),
     "gptq-3bit": ({"quant_method": "gptq", "bits": 3, "group_size": 32}, "GPTQ with 3 bits"),
     "gptq-marlin": ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "GPTQ checkpoint format"),
-    "ct-fp8": (
-        _ct({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}, "float-quantized"),
-        "issue 18",
+    "ct-fp8-group": (
+        _ct({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group"}, "float-quantized"),
+        "strategy 'group'",
     ),
     "ct-int-quantized": (_ct(INT4, "int-quantized"), "format 'int-quantized'"),
     "ct-naive": (_ct(INT4, "naive-quantized"), "format 'naive-quantized'"),

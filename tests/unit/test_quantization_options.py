@@ -57,3 +57,41 @@ def test_tensorrt_llm_spellings_that_conflict_are_refused():
         _build_options("--weight-only-precision", "int4")
     with pytest.raises(KilnError, match="int8 is quantized per output channel"):
         _build_options("--use-weight-only", "--per-group")
+
+
+def test_w8a8_flags_and_their_tensorrt_llm_spellings():
+    options = _build_options("--quantization", "fp8", "--act-scales", "tensor", "--weight-scales", "tensor")
+    config = BuildConfig(**options)
+    assert (config.quantization, config.act_scales, config.weight_scales) == ("fp8", "tensor", "tensor")
+    assert _build_options("--enable-fp8")["quantization"] == "fp8"
+    sq = _build_options("--use-smooth-quant", "--smoothquant-alpha", "0.8", "--per-token", "--per-channel")
+    assert (sq["quantization"], sq["smoothquant_alpha"], sq["act_scales"], sq["weight_scales"]) == (
+        "int8_sq",
+        0.8,
+        "token",
+        "channel",
+    )
+    plain = _build_options("--use-smooth-quant")
+    assert (plain["act_scales"], plain["weight_scales"]) == ("tensor", "tensor")
+    for argv, message in (
+        (("--enable-fp8", "--quantization", "int8_wo"), "conflicts"),
+        (("--enable-fp8", "--use-smooth-quant"), "different quantizations"),
+        (("--per-token",), "need --use-smooth-quant"),
+    ):
+        with pytest.raises(KilnError, match=message):
+            _build_options(*argv)
+    with pytest.raises(KilnError, match="smoothquant_alpha"):
+        BuildConfig(smoothquant_alpha=1.5)
+
+
+def test_kv_cache_flags_and_their_tensorrt_llm_spellings():
+    assert BuildConfig().kv_cache_dtype == "auto"
+    assert _build_options("--kv-cache-dtype", "int8")["kv_cache_dtype"] == "int8"
+    assert _build_options("--fp8-kv-cache", "--enable-fp8")["kv_cache_dtype"] == "fp8"
+    assert _build_options("--int8-kv-cache")["kv_cache_dtype"] == "int8"
+    with pytest.raises(KilnError, match="different KV caches"):
+        _build_options("--fp8-kv-cache", "--int8-kv-cache")
+    with pytest.raises(KilnError, match="conflicts with --kv-cache-dtype"):
+        _build_options("--fp8-kv-cache", "--kv-cache-dtype", "int8")
+    with pytest.raises(KilnError, match="kv_cache_dtype must be one of"):
+        BuildConfig(kv_cache_dtype="fp4")

@@ -24,6 +24,7 @@ class PassContext:
     input_names: tuple[str, ...] = ()  # the program's user inputs; empty: the text engine's INPUT_NAMES
     build: BuildConfig = BuildConfig()
     quantized: QuantizedLinears | None = None  # a checkpoint's (or AWQ's) quantized linears, by dense name
+    kv_scales: tuple[tuple[float, float], ...] | None = None  # a narrow KV cache's (k, v) scales per layer
 
 
 @dataclass(frozen=True)

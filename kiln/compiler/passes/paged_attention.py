@@ -26,12 +26,15 @@ def paged_attention(program: torch.export.ExportedProgram, context: PassContext)
         metadata = [
             inputs[name] for name in ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
         ]
-        replace_with_call(
+        call = replace_with_call(
             graph,
             site,
             torch.ops.kiln.paged_attention.default,
             (q, k, v, *metadata, layer, scale, sliding_window, softcap),
         )
+        if context.kv_scales is not None:  # a narrow cache: this layer's scales, as graph constants
+            k_scale, v_scale = context.kv_scales[int(layer)]  # type: ignore[arg-type]
+            call.kwargs = {"k_scale": float(k_scale), "v_scale": float(v_scale)}
     graph.lint()
     module.recompile()
     return PassResult(program._update(module, program.graph_signature), len(sites))

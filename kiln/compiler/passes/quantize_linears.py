@@ -1,7 +1,9 @@
-"""Replace each linear's dense weight by its packed weight-only quantized form: the build's last pass.
+"""Replace each linear's dense weight by its packed quantized form: the build's last pass.
 
-    aten.linear(x, W, b)            -> kiln.linear(x, qweight, b, True, None, scales, zeros, perm, g)
-    kiln.<linear op>(..., W, ...)   -> kiln.<linear op>(..., qweight, ..., scales, zeros, perm, g)
+    aten.linear(x, W, b)            -> kiln.linear(x, qweight, b, True, None, scales, zeros, perm, g[, act])
+    kiln.<linear op>(..., W, ...)   -> kiln.<linear op>(..., qweight, ..., scales, zeros, perm, g[, act])
+
+(act: a W8A8 weight's activations mode and static input_scale, `kiln.kernels.quantized_weight`.)
 
 The quantized weight comes from `context.quantized` (a checkpoint's, or AWQ's) by the parameter's
 name (a fused weight: by the names it was fused from), else from round-to-nearest when the build
@@ -37,7 +39,7 @@ from kiln.kernels.quantized_weight import PackedWeight, QuantizedWeight, pack
 KILN = torch.ops.kiln
 LINEAR = torch.ops.aten.linear.default
 LAYERS = "quantized_layers"  # qweight placeholder meta: the dense names this weight stands for
-PACKED_FIELDS = ("qweight", "scales", "zeros", "perm")
+PACKED_FIELDS = ("qweight", "scales", "zeros", "perm", "input_scale")
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ def quantize_linears(program: torch.export.ExportedProgram, context: PassContext
         nodes = packed[weight.name]
         if nodes is None:
             continue
-        qweight, scales, zeros, perm = nodes
+        qweight, scales, zeros, perm, input_scale = nodes
         group_size = int(scales.meta["group_size"])
+        activations = str(scales.meta.get("activations", "none"))
+        act = () if activations == "none" else (activations, input_scale)
         if op is None:
             bias = node.args[2] if len(node.args) > 2 else None
             args: tuple[object, ...] = (node.args[0], qweight, bias, True, None)
@@ -88,7 +92,7 @@ def quantize_linears(program: torch.export.ExportedProgram, context: PassContext
             args = (*args[: op.weight], qweight, *args[op.weight + 1 :])
             target = node.target
         with graph.inserting_before(node):
-            call = graph.call_function(target, (*args, scales, zeros, perm, group_size))  # type: ignore[arg-type]
+            call = graph.call_function(target, (*args, scales, zeros, perm, group_size, *act))  # type: ignore[arg-type]
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
@@ -164,12 +168,13 @@ def _place(
         None if packed.zeros is None else packed.zeros.to(dtype),
         packed.perm,
     )
+    extra = {"input_scale": quantized.input_scale}
     base = params[dense.name].removesuffix(".weight")
     fake_mode = dense.meta["val"].fake_mode
     at = next(i for i, s in enumerate(specs) if s.arg.name == dense.name)  # type: ignore[union-attr]
     nodes: list[torch.fx.Node | None] = []
     for field_name in PACKED_FIELDS:
-        value = getattr(values, field_name)
+        value = extra[field_name] if field_name in extra else getattr(values, field_name)
         if value is None:
             nodes.append(None)
             continue
@@ -187,6 +192,7 @@ def _place(
     qweight.meta[LAYERS] = names
     qweight.meta["dense"] = dense.name
     scales.meta["group_size"] = quantized.group_size
+    scales.meta["activations"] = quantized.activations
     return tuple(nodes)  # type: ignore[arg-type]
 
 

@@ -40,6 +40,8 @@ def incompatibility(weights: Sequence[QuantizedWeight]) -> str | None:
     """Why these weights cannot be stacked along N into one (None: they can)."""
     first = weights[0]
     for other in weights[1:]:
+        if (other.values.dtype, other.activations) != (first.values.dtype, first.activations):
+            return f"{other.values.dtype} ({other.activations}) beside {first.values.dtype} ({first.activations})"
         if (other.bits, other.group_size) != (first.bits, first.group_size):
             return f"bits/group size {other.bits}/{other.group_size} beside {first.bits}/{first.group_size}"
         if (other.zeros is None) != (first.zeros is None):
@@ -67,7 +69,15 @@ def concat(weights: Sequence[QuantizedWeight], names: Sequence[str]) -> Quantize
         bits=first.bits,
         group_size=first.group_size,
         perm=first.perm,
+        activations=first.activations,
+        input_scale=_shared_input_scale(weights),
     )
+
+
+def _shared_input_scale(weights: Sequence[QuantizedWeight]) -> torch.Tensor | None:
+    """Linears fused along N read one input: one static scale, the largest of theirs (none clips)."""
+    scales = [w.input_scale for w in weights if w.input_scale is not None]
+    return torch.stack(scales).amax(dim=0) if scales else None
 
 
 def fusable(quantized: QuantizedLinears | None, targets: Sequence[str]) -> bool:

@@ -50,8 +50,12 @@ def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
     path = Path(checkpoint)
     if CheckpointQuantization.of(path).reader is not None:
         raise KilnError(f"{checkpoint} is pre-quantized: kiln builds such checkpoints with --tp-size 1 only")
-    if config.quantization == "int4_awq":
-        raise KilnError("--quantization int4_awq is built with --tp-size 1 only; int8_wo and int4_wo shard")
+    if config.quantization not in ("none", "int8_wo", "int4_wo"):
+        raise KilnError(
+            f"--quantization {config.quantization} is built with --tp-size 1 only; int8_wo and int4_wo shard"
+        )
+    if config.kv_cache_dtype != "auto":
+        raise KilnError("a narrow KV cache (--kv-cache-dtype) is built with --tp-size 1 only (for now)")
     text = load_config(path).get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

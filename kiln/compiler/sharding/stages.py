@@ -106,8 +106,8 @@ def stage_spec(
 def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
     """Each rank's stage loaded (its tensor-parallel slices with --tp-size), cut to its layers and built in
     turn: rank = stage x tp_size + tensor-parallel rank."""
-    if config.quantization != "none":
-        raise KilnError("pipeline-parallel engines are built unquantized (for now)")
+    if config.quantization != "none" or config.kv_cache_dtype != "auto":
+        raise KilnError("pipeline-parallel engines are built unquantized, with the model-dtype KV cache (for now)")
     if config.tp_size > 1:
         check_sharded_request(checkpoint, config)
     stages, tp = config.pp_size, config.tp_size

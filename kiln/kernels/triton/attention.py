@@ -26,6 +26,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
         return f"head_dim must be a power of two in [16, 256], got {head_dim}"
     if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         return "q, k and v must share head_dim"
+    if kv_cache.dtype in (torch.float8_e4m3fn, torch.int8):
+        return f"a {kv_cache.dtype} KV cache is read by the reference path (no Triton kernel for it yet)"
     if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
         return f"q ({q.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype among fp16/bf16/fp32"
     if q.shape[1] % k.shape[1]:

@@ -1,4 +1,5 @@
-"""compressed-tensors `pack-quantized` checkpoints (llm-compressor's W4A16 / W8A16), read from raw tensors.
+"""compressed-tensors `pack-quantized` checkpoints (llm-compressor's W4A16 / W8A16), read from raw tensors
+(its `float-quantized` FP8 ones: `fp8.CompressedTensorsFp8`).
 
 Per linear `<m>` with in_features K, out_features N, group size g and b bits (p = 32 / b per int32):
   <m>.weight_packed int32 [N, K / p]: field i (bits b*i ..) of word c is input column c * p + i
@@ -19,6 +20,7 @@ import torch
 
 from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.models.quantized_formats.errors import UnsupportedQuantizationError
+from kiln.models.quantized_formats.fp8 import CompressedTensorsFp8, check_float_scheme
 from kiln.models.quantized_formats.packing import act_order, check_groups, kiln_weight, unpack_fields
 from kiln.models.quantized_formats.tensors import CheckpointTensors
 
@@ -31,10 +33,6 @@ def _check_scheme(name: str, scheme: dict[str, Any], fmt: str) -> tuple[int, int
     """(bits, group size; -1 per channel) of one config group, or the error saying why kiln cannot read it."""
     weights = scheme.get("weights") or {}
     what = f"compressed-tensors config group {name!r}"
-    if fmt == "float-quantized" or weights.get("type") == "float":
-        raise UnsupportedQuantizationError(
-            f"{what}: FP8/float weights ({fmt}) are not supported yet (FP8 comes with issue 18)"
-        )
     if fmt not in FORMATS:
         raise UnsupportedQuantizationError(f"{what}: format {fmt!r} is not supported (kiln reads {FORMATS})")
     if scheme.get("input_activations") or scheme.get("output_activations"):
@@ -49,13 +47,18 @@ def _check_scheme(name: str, scheme: dict[str, Any], fmt: str) -> tuple[int, int
     return bits, int(weights.get("group_size") or -1) if strategy == "group" else -1
 
 
+def _is_float(scheme: dict[str, Any], top: str) -> bool:
+    return str(scheme.get("format") or top) == "float-quantized" or (scheme.get("weights") or {}).get("type") == "float"
+
+
 @dataclass(frozen=True)
 class CompressedTensorsFormat:
     bits: int
     group_size: int  # -1: per channel
 
     @classmethod
-    def from_config(cls, qc: dict[str, Any]) -> CompressedTensorsFormat:
+    def from_config(cls, qc: dict[str, Any]) -> CompressedTensorsFormat | CompressedTensorsFp8:
+        """The reader of this config: pack-quantized int weights, or float-quantized FP8 (`fp8`)."""
         sparsity = qc.get("sparsity_config") or {}
         if sparsity.get("format") not in (None, "dense"):
             raise UnsupportedQuantizationError(
@@ -65,6 +68,14 @@ class CompressedTensorsFormat:
             raise UnsupportedQuantizationError("compressed-tensors transforms (transform_config) are not supported")
         groups = qc.get("config_groups") or {}
         top = str(qc.get("format") or "dense")
+        if any(_is_float(g, top) for g in groups.values()):
+            modes = {check_float_scheme(f"compressed-tensors config group {n!r}", g) for n, g in groups.items()}
+            if len(modes) != 1 or any(str(g.get("format") or top) != "float-quantized" for g in groups.values()):
+                raise UnsupportedQuantizationError(
+                    "compressed-tensors FP8 with mixed schemes or formats is not supported (kiln reads one "
+                    "float-quantized scheme)"
+                )
+            return CompressedTensorsFp8(modes.pop())
         found = {_check_scheme(name, g, str(g.get("format") or top)) for name, g in groups.items()}
         if len(found) != 1:
             raise UnsupportedQuantizationError(

@@ -6,9 +6,10 @@ from kiln.errors import UnsupportedModelError
 
 SUPPORTED = (
     "kiln reads these pre-quantized checkpoints: AWQ (version gemm, 4-bit), GPTQ (4 or 8 bits, "
-    "gptq or gptq_v2 checkpoint format, with or without desc_act) and compressed-tensors pack-quantized "
-    "weight-only int4/int8 (W4A16, W8A16); or build from the unquantized checkpoint with "
-    "`kiln build --quantization int8_wo|int4_wo|int4_awq`"
+    "gptq or gptq_v2 checkpoint format, with or without desc_act), compressed-tensors pack-quantized "
+    "weight-only int4/int8 (W4A16, W8A16) and float-quantized FP8 (FP8, FP8_DYNAMIC), and block-wise FP8 "
+    "(quant_method fp8 with weight_block_size); or build from the unquantized checkpoint with "
+    "`kiln build --quantization int8_wo|int4_wo|int4_awq|fp8`"
 )
 
 

@@ -18,6 +18,7 @@ from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.models.quantized_formats.awq import AwqFormat
 from kiln.models.quantized_formats.compressed_tensors import CompressedTensorsFormat
 from kiln.models.quantized_formats.errors import UnsupportedQuantizationError
+from kiln.models.quantized_formats.fp8 import BlockFp8Format
 from kiln.models.quantized_formats.gptq import GptqFormat
 from kiln.models.quantized_formats.tensors import CheckpointTensors
 
@@ -30,12 +31,12 @@ READERS: dict[str, Callable[[dict[str, Any]], FormatReader]] = {
     "awq": AwqFormat.from_config,
     "gptq": GptqFormat.from_config,
     "compressed-tensors": CompressedTensorsFormat.from_config,
+    "fp8": BlockFp8Format.from_config,
 }
 
 REFUSED: dict[str, str] = {
     "bitsandbytes": "bitsandbytes checkpoints (load_in_4bit / load_in_8bit, NF4 / FP4) are not supported",
     "exl2": "EXL2 (exllamav2) checkpoints are not supported",
-    "fp8": "FP8 checkpoints are not supported yet (FP8 comes with issue 18)",
 }
 
 # Tensor names only an EXL2 checkpoint has (exllamav2 writes no quantization_config).
