@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,33 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], object]], Path]:
+    """name, make -> a directory that `make(directory)` fills once per test run, shared by pytest-xdist's workers.
+
+    A worker that finds it being made waits for it. When `make` raises, nothing is kept: the next worker to ask
+    makes it again (and fails the same way, with its own traceback).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above each worker's own (popen-gw0, popen-gw1, ...)
+    root = base / "shared"
+    root.mkdir(exist_ok=True)
+
+    def once(name: str, make: Callable[[Path], object]) -> Path:
+        target, done = root / name, root / f"{name}.done"
+        with FileLock(str(root / f"{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(target, ignore_errors=True)
+                make(target)
+                done.touch()
+        return target
+
+    return once
 
 
 @pytest.fixture(autouse=True)

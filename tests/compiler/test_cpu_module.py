@@ -76,6 +76,12 @@ def _fresh_load(directory: Path) -> tuple[str, bool, bool, list[float]]:
     return kind, inductor == "True", dynamo == "True", eval(done.stdout.splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def fresh(built) -> tuple[str, bool, bool, list[float]]:
+    """What a fresh process loads from the built program and computes with it (the tests below compare to it)."""
+    return _fresh_load(built[0])
+
+
 def test_the_build_writes_the_output_code_with_its_kernel_libraries(built):
     directory, _ = built
     facts = ModuleFacts.from_json((directory / CPU_MODULE / FACTS).read_text())
@@ -87,9 +93,9 @@ def test_the_build_writes_the_output_code_with_its_kernel_libraries(built):
     assert "from kiln.engine.cpu_runtime import" in source and "cpp_pybinding" not in source
 
 
-def test_a_fresh_load_skips_torch_inductor_and_matches_the_artifact_bit_for_bit(built, tmp_path):
+def test_a_fresh_load_skips_torch_inductor_and_matches_the_artifact_bit_for_bit(built, fresh, tmp_path):
     directory, block = built
-    kind, inductor, dynamo, got = _fresh_load(directory)
+    kind, inductor, dynamo, got = fresh
     assert (kind, inductor, dynamo) == ("ModuleProgram", False, False)
     without = tmp_path / "without"
     shutil.copytree(directory, without)
@@ -103,9 +109,9 @@ def test_a_fresh_load_skips_torch_inductor_and_matches_the_artifact_bit_for_bit(
 
 
 @pytest.mark.parametrize("change", ["cpu_flags", "torch", "damaged"])
-def test_a_foreign_or_damaged_module_falls_back_to_the_artifact(built, tmp_path, change):
+def test_a_foreign_or_damaged_module_falls_back_to_the_artifact(built, fresh, tmp_path, change):
     directory, _ = built
-    _, _, _, want = _fresh_load(directory)
+    want = fresh[3]
     other = tmp_path / change
     shutil.copytree(directory, other)
     facts = other / CPU_MODULE / FACTS

@@ -63,14 +63,31 @@ def compare(
 CASES = [(f, v) for f in [*FAMILIES, *EXTRA_FAMILIES] for v in ["base", *VARIANTS.get(f, {})]]
 
 
+@pytest.fixture(scope="module")
+def base_engines(checkpoints, tmp_path_factory):
+    """(family, compile) -> the engine of the family's base checkpoint, built once for this module's tests."""
+    built: dict[tuple[str, bool], Path] = {}
+
+    def get(family: str, compile: bool = False) -> Path:
+        if (family, compile) not in built:
+            out = tmp_path_factory.mktemp(f"engine-{family}") / "engine"
+            built[family, compile] = build_tiny_engine(
+                checkpoints(family), out, compile=compile, device=DEVICE, dtype=DTYPE
+            )
+        return built[family, compile]
+
+    return get
+
+
 @pytest.mark.parametrize(("family", "variant"), CASES, ids=[f if v == "base" else f"{f}-{v}" for f, v in CASES])
-def test_greedy_matches_transformers(family, variant, checkpoints, tmp_path, record_property):
+def test_greedy_matches_transformers(family, variant, checkpoints, base_engines, tmp_path, record_property):
     # Each family's base checkpoint (shared with other tests) and its other configurations (VARIANTS).
     assert max(PROMPT_LENGTHS) > WINDOW
-    checkpoint = (
-        checkpoints(family) if variant == "base" else make_checkpoint(family, tmp_path / "ckpt", variant=variant)
-    )
-    engine = build_tiny_engine(checkpoint, tmp_path / "engine", compile=COMPILE, device=DEVICE, dtype=DTYPE)
+    if variant == "base":
+        checkpoint, engine = checkpoints(family), base_engines(family, COMPILE)
+    else:
+        checkpoint = make_checkpoint(family, tmp_path / "ckpt", variant=variant)
+        engine = build_tiny_engine(checkpoint, tmp_path / "engine", compile=COMPILE, device=DEVICE, dtype=DTYPE)
     llm = LLM(engine)
     seen: dict[str, list[torch.Tensor]] = {}
     llm.engine.logits_hook = lambda seqs, logits: [
@@ -99,7 +116,7 @@ def test_greedy_matches_transformers(family, variant, checkpoints, tmp_path, rec
     )
 
 
-def test_every_family_engine_loads_in_a_new_process(checkpoints, tmp_path):
+def test_every_family_engine_loads_in_a_new_process(base_engines):
     """A new process has imported nothing the build imported (transformers' MoE code registers an operator
     the Mixtral program calls): one child process loads every family's engine and generates the same tokens."""
     families = [*FAMILIES, *EXTRA_FAMILIES]
@@ -107,7 +124,7 @@ def test_every_family_engine_loads_in_a_new_process(checkpoints, tmp_path):
     batch, params = prompts(seed=1), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     engines, want = [], {}
     for family in families:
-        engine = build_tiny_engine(checkpoints(family), tmp_path / family, device=DEVICE, dtype=DTYPE)
+        engine = base_engines(family)  # eager: the engines test_greedy_matches_transformers checked, unless compiled
         llm = LLM(engine, **runtime)
         want[str(engine)] = [out.token_ids for out in llm.generate(batch, params)]
         engines.append(str(engine))
