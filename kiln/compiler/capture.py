@@ -43,13 +43,24 @@ class PackedCausalLM(nn.Module):
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         # The metadata inputs are not used here: the paged-attention pass wires them in.
-        if self._keeps_logits:
-            out = self.model(
-                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logits_indices
-            )
-            return out.logits[0]
-        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
-        return out.logits[0].index_select(0, logits_indices)
+        given = {"input_ids": input_ids[None]}
+        return causal_lm_logits(self.model, self._keeps_logits, given, positions, logits_indices)
+
+
+def causal_lm_logits(
+    model: nn.Module,
+    keeps_logits: bool,
+    given: dict[str, torch.Tensor],
+    positions: torch.Tensor,
+    logits_indices: torch.Tensor,
+) -> torch.Tensor:
+    """The causal LM's logits [N, vocab] at `logits_indices` of one packed row (`given`: its input_ids or
+    inputs_embeds); with `keeps_logits` (its forward takes `logits_to_keep`), only those rows are projected."""
+    if keeps_logits:
+        out = model(**given, position_ids=positions[None], use_cache=False, logits_to_keep=logits_indices)
+        return out.logits[0]
+    out = model(**given, position_ids=positions[None], use_cache=False)
+    return out.logits[0].index_select(0, logits_indices)
 
 
 def step_inputs(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kiln.compiler.capture import dynamic_shapes, step_inputs
-from kiln.compiler.capture_mm import MM_INPUT_NAMES
+from kiln.compiler.capture_mm import MM_INPUT_NAMES, image_rows
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.engine.manifest import ENCODER_DIR
 from kiln.models.encdec import DECODER_INPUT_NAMES, ENCODER_INPUT_NAMES
@@ -62,13 +62,8 @@ def decoder_inputs(
 
 def with_images(inputs: tuple[torch.Tensor, ...], hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The encoder inputs plus image rows for every third token (`mm_embeds`, `mm_index`)."""
-    gen = torch.Generator().manual_seed(3)
-    tokens = inputs[0].shape[0]
-    is_image = torch.arange(tokens) % 3 == 1
-    index = torch.where(is_image, is_image.long().cumsum(0) - 1, -1)
-    embeds = torch.randn(max(int(is_image.sum()), 2), hidden, generator=gen).to(dtype)
-    device = inputs[0].device
-    return (*inputs, embeds.to(device), index.to(device))
+    _, index, embeds = image_rows(inputs[0].shape[0], hidden, 3, dtype, inputs[0].device)
+    return (*inputs, embeds, index)
 
 
 def encoder_spec(

@@ -62,19 +62,27 @@ def mm_step_inputs(
     base: tuple[torch.Tensor, ...], hidden: int, position_rows: int, bidirectional: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
     """The text step's inputs plus image rows for some of its tokens (every third token is an image token)."""
-    gen = torch.Generator().manual_seed(1)
     positions = base[1]
     tokens = positions.shape[0]
-    is_image = torch.arange(tokens) % 3 == 1
-    index = torch.where(is_image, is_image.long().cumsum(0) - 1, -1).to(positions.device)
-    rows = max(int(is_image.sum()), 2)
-    embeds = torch.randn(rows, hidden, generator=gen).to(positions.device, dtype)
+    is_image, index, embeds = image_rows(tokens, hidden, 1, dtype, positions.device)
     if position_rows > 1:
         positions = positions[None].expand(position_rows, tokens).contiguous()
     extra: tuple[torch.Tensor, ...] = ()
     if bidirectional:
         extra = (base[1] + 1 + is_image.to(positions.device).long(),)  # image tokens also see the next token
     return (base[0], positions, *base[2:], embeds, index, *extra)
+
+
+def image_rows(
+    tokens: int, hidden: int, seed: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every third token (1, 4, ...) an image token: (is_image [T] on the CPU, mm_index [T], random image
+    rows mm_embeds [M, hidden], at least two)."""
+    gen = torch.Generator().manual_seed(seed)
+    is_image = torch.arange(tokens) % 3 == 1
+    index = torch.where(is_image, is_image.long().cumsum(0) - 1, -1).to(device)
+    embeds = torch.randn(max(int(is_image.sum()), 2), hidden, generator=gen).to(device, dtype)
+    return is_image, index, embeds
 
 
 def llm_spec(

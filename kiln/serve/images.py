@@ -10,19 +10,37 @@ from kiln.errors import RequestError
 
 async def image_sources(urls: list[str], *, allow_http: bool, max_bytes: int, timeout_s: float = 10.0) -> list[object]:
     """What `MultimodalPipeline.prepare` takes for each `image_url`: the data URL itself, or downloaded bytes."""
+    return await media_sources(urls, "image", "data:", allow_http=allow_http, max_bytes=max_bytes, timeout_s=timeout_s)
+
+
+async def media_sources(
+    urls: list[str],
+    kind: str,
+    data_prefix: str,
+    *,
+    allow_http: bool,
+    max_bytes: int,
+    timeout_s: float,
+    http_note: str = "",
+) -> list[object]:
+    """Each `{kind}_url` as the data URL itself (one starting with `data_prefix`) or its downloaded bytes
+    (http(s), only when `allow_http`); anything else is a RequestError."""
     sources: list[object] = []
     for i, url in enumerate(urls):
-        if url.startswith("data:"):
+        if url.startswith(data_prefix):
             sources.append(url)
         elif url.startswith(("http://", "https://")):
             if not allow_http:
                 raise RequestError(
-                    f"image {i}: this server takes images as base64 data URLs; downloading http(s) images "
-                    "needs `kiln serve --allow-image-urls`"
+                    f"{kind} {i}: this server takes {kind}s as base64 data URLs; downloading http(s) {kind}s "
+                    f"needs `kiln serve --allow-image-urls`{http_note}"
                 )
-            sources.append(await download(url, f"image {i}", max_bytes, timeout_s))
+            sources.append(await download(url, f"{kind} {i}", max_bytes, timeout_s))
         else:
-            raise RequestError(f"image {i}: an image_url must be a data:image/...;base64 URL (or http(s) if allowed)")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise RequestError(
+                f"{kind} {i}: {article} {kind}_url must be a data:{kind}/...;base64 URL (or http(s) if allowed)"
+            )
     return sources
 
 

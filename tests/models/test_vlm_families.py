@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import DEVICE, DTYPE, STRICT, compare
+from test_families import DEVICE, DTYPE
 from vlm_checkpoints import VLM_FAMILIES, VLM_VARIANTS, make_vlm_checkpoint, random_image
-from vlm_reference import load_vlm_reference, vlm_greedy
+from vlm_reference import check_outputs, load_vlm_reference, record_logits, vlm_greedy
 
 from kiln import LLM, SamplingParams, build
 
@@ -95,21 +95,12 @@ def sweep_batch(family: str) -> list:
 
 
 def check_against_transformers(llm: LLM, checkpoint, family: str, batch: list) -> list:
-    seen: dict[str, list[torch.Tensor]] = {}
-    llm.engine.logits_hook = lambda seqs, logits: [
-        seen.setdefault(s.request_id, []).append(logits[i].float().cpu()) for i, s in enumerate(seqs)
-    ]
+    seen = record_logits(llm)
     outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     model, processor = load_vlm_reference(checkpoint, ARCHITECTURE[family], getattr(torch, DTYPE), DEVICE)
-    for prompt, out in zip(batch, outs):
-        text, images = (prompt["prompt"], prompt["images"]) if isinstance(prompt, dict) else (prompt, [])
-        ref_tokens, ref_logits = vlm_greedy(model, processor, text, images, NEW_TOKENS)
-        if not STRICT:  # bf16: the near-tie rule of the text families
-            compare(family, out.prompt_token_ids, out.token_ids, seen[out.request_id], ref_tokens, ref_logits)
-            continue
-        assert out.token_ids == ref_tokens, f"{family}: {text!r}"
-        worst = max(float((a - b).abs().max()) for a, b in zip(seen[out.request_id], ref_logits))
-        assert worst < 1e-3, f"{family}: {text!r}: logits differ by {worst}"
+    check_outputs(
+        family, batch, outs, seen, lambda p: vlm_greedy(model, processor, p["prompt"], p.get("images", []), NEW_TOKENS)
+    )
     return outs
 
 

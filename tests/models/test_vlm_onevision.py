@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import DEVICE, DTYPE, STRICT, compare
+from test_families import DEVICE, DTYPE
 from video_clips import ONEVISION_VARIANTS, make_onevision_checkpoint, tiny_video
 from vlm_checkpoints import random_image
+from vlm_reference import check_outputs, greedy_generate, record_logits
 
 from kiln import LLM, SamplingParams, build
 from kiln.models.vlm.llava_onevision import OnevisionProcessor
@@ -42,12 +43,7 @@ def onevision(request, tmp_path_factory):
 def reference(model, processor, prompt, images, videos, num_frames):
     clips = [load_video(v, num_frames or processor.num_frames) for v in videos]
     inputs = processor(text=[prompt], images=images or None, videos=clips or None)
-    param = next(model.parameters())
-    inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-    out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [s[0].float().cpu() for s in out.logits]
+    return greedy_generate(model, inputs, NEW_TOKENS)
 
 
 def test_onevision_images_and_videos_match_transformers(onevision):
@@ -62,10 +58,7 @@ def test_onevision_images_and_videos_match_transformers(onevision):
         {"prompt": "A <image> then <video> and <image>", "images": [a, b], "videos": [tiny_video(1)], "num_frames": 4},
         "The kiln fires clay",
     ]
-    seen: dict[str, list[torch.Tensor]] = {}
-    llm.engine.logits_hook = lambda seqs, logits: [
-        seen.setdefault(s.request_id, []).append(logits[i].float().cpu()) for i, s in enumerate(seqs)
-    ]
+    seen = record_logits(llm)
     outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -79,16 +72,12 @@ def test_onevision_images_and_videos_match_transformers(onevision):
     processor = OnevisionProcessor.from_pretrained(checkpoint)
     video_id = processor.inner.video_token_id
     assert sum(t == video_id for t in outs[0].prompt_token_ids) == 8 * 2 * 2 + 1  # frames x pooled 2x2 + newline
-    for prompt, out in zip(batch, outs):
-        p = prompt if isinstance(prompt, dict) else {"prompt": prompt}
-        ref_tokens, ref_logits = reference(
+    check_outputs(
+        "llava_onevision",
+        batch,
+        outs,
+        seen,
+        lambda p: reference(
             model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames")
-        )
-        if not STRICT:
-            compare(
-                "llava_onevision", out.prompt_token_ids, out.token_ids, seen[out.request_id], ref_tokens, ref_logits
-            )
-            continue
-        assert out.token_ids == ref_tokens, p["prompt"]
-        worst = max(float((x - y).abs().max()) for x, y in zip(seen[out.request_id], ref_logits))
-        assert worst < 1e-3, f"{p['prompt']!r}: logits differ by {worst}"
+        ),
+    )

@@ -12,10 +12,10 @@ import json
 
 import pytest
 import torch
-from test_families import DEVICE, DTYPE, STRICT, compare
+from test_families import DEVICE, DTYPE
 from video_clips import VIDEO, VIDEO_CONFIG, tiny_video
 from vlm_checkpoints import make_vlm_checkpoint, random_image
-from vlm_reference import load_vlm_reference
+from vlm_reference import check_outputs, greedy_generate, load_vlm_reference, record_logits
 
 from kiln import LLM, SamplingParams, build
 from kiln.errors import RequestError
@@ -50,12 +50,7 @@ def reference(model, processor, prompt: str, images: list, videos: list, num_fra
     frames, multiple = num_frames or processor.video.num_frames, processor.video.temporal_patch_size
     clips = [load_video(v, frames, multiple) for v in videos]
     inputs = processor(text=[prompt], images=images or None, videos=clips or None)
-    param = next(model.parameters())
-    inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-    out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [s[0].float().cpu() for s in out.logits]
+    return greedy_generate(model, inputs, NEW_TOKENS)
 
 
 def test_qwen2_5_vl_video_batch_matches_transformers(qwen_video_engine):
@@ -70,26 +65,21 @@ def test_qwen2_5_vl_video_batch_matches_transformers(qwen_video_engine):
         {"prompt": f"{IMAGE} stores", "images": [b]},
         {"prompt": f"Two {VIDEO} frames", "videos": [tiny_video(2, 56, 112, frames=12)], "num_frames": 6},
     ]
-    seen: dict[str, list[torch.Tensor]] = {}
-    llm.engine.logits_hook = lambda seqs, logits: [
-        seen.setdefault(s.request_id, []).append(logits[i].float().cpu()) for i, s in enumerate(seqs)
-    ]
+    seen = record_logits(llm)
     outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     model, _ = load_vlm_reference(checkpoint, "Qwen2_5_VLForConditionalGeneration", getattr(torch, DTYPE), DEVICE)
     processor = QwenVLImageProcessor.from_pretrained(checkpoint)
     video_id = processor.video_token_id
     assert sum(t == video_id for t in outs[0].prompt_token_ids) == 2 * 2 * 3  # 2 temporal patches of 2x3 rows
-    for prompt, out in zip(batch, outs):
-        p = prompt if isinstance(prompt, dict) else {"prompt": prompt}
-        ref_tokens, ref_logits = reference(
+    check_outputs(
+        "qwen2_5_vl",
+        batch,
+        outs,
+        seen,
+        lambda p: reference(
             model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames")
-        )
-        if not STRICT:
-            compare("qwen2_5_vl", out.prompt_token_ids, out.token_ids, seen[out.request_id], ref_tokens, ref_logits)
-            continue
-        assert out.token_ids == ref_tokens, p["prompt"]
-        worst = max(float((x - y).abs().max()) for x, y in zip(seen[out.request_id], ref_logits))
-        assert worst < 1e-3, f"{p['prompt']!r}: logits differ by {worst}"
+        ),
+    )
 
 
 def test_video_patches_follow_the_processor_layout():

@@ -7,7 +7,7 @@ scale per linear, absmax / 448 of the inputs it saw on the calibration text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,24 +41,39 @@ def linears_to_quantize(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def input_absmax(model: torch.nn.Module, names: Sequence[str], samples: Sequence[torch.Tensor]) -> dict[str, float]:
-    """The largest |input| each named linear sees while the model reads the calibration samples."""
-    seen = dict.fromkeys(names, 0.0)
+def calibrate(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    samples: Sequence[torch.Tensor],
+    record: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run the model on each calibration sample, calling `record(name, input)` for every input a named linear reads."""
     modules = dict(model.named_modules())
     hooks = []
     for name in names:
 
-        def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-            seen[name] = max(seen[name], float(args[0].detach().abs().amax()))
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+            record(name, args[0].detach())
 
-        hooks.append(modules[name].register_forward_pre_hook(record))
+        hooks.append(modules[name].register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
         for ids in samples:
             model(input_ids=ids.to(device)[None])
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
+
+
+@torch.no_grad()
+def input_absmax(model: torch.nn.Module, names: Sequence[str], samples: Sequence[torch.Tensor]) -> dict[str, float]:
+    """The largest |input| each named linear sees while the model reads the calibration samples."""
+    seen = dict.fromkeys(names, 0.0)
+
+    def record(name: str, x: torch.Tensor) -> None:
+        seen[name] = max(seen[name], float(x.abs().amax()))
+
+    calibrate(model, names, samples, record)
     return seen
 
 
@@ -78,4 +93,4 @@ def fp8_linears(model: torch.nn.Module, per_channel: bool, samples: Sequence[tor
     return QuantizedLinears("fp8", 8, k, weights)
 
 
-__all__ = ["fp8_linears", "input_absmax", "linears_to_quantize", "quantize_fp8"]
+__all__ = ["calibrate", "fp8_linears", "input_absmax", "linears_to_quantize", "quantize_fp8"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from kiln.compiler.quantize.awq import decoder_layers, layout_of
-from kiln.compiler.quantize.fp8 import input_absmax
+from kiln.compiler.quantize.fp8 import calibrate, input_absmax
 from kiln.errors import KilnError
 from kiln.kernels.activation_quant import INT8_MAX
 from kiln.kernels.quantized_weight import QuantizedWeight
@@ -30,23 +30,13 @@ def channel_absmax(
     model: torch.nn.Module, names: Sequence[str], samples: Sequence[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """max |x_j| per input channel j of each named linear over the calibration samples (float32 [K])."""
-    modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in names:
 
-        def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-            amax = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-            seen[name] = amax if name not in seen else torch.maximum(seen[name], amax)
+    def record(name: str, x: torch.Tensor) -> None:
+        amax = x.float().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+        seen[name] = amax if name not in seen else torch.maximum(seen[name], amax)
 
-        hooks.append(modules[name].register_forward_pre_hook(record))
-    device = next(model.parameters()).device
-    try:
-        for ids in samples:
-            model(input_ids=ids.to(device)[None])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    calibrate(model, names, samples, record)
     return seen
 
 

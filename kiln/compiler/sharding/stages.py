@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.compiler.capture import INPUT_NAMES, dynamic_shapes, example_inputs, mixed_step_inputs
+from kiln.compiler.capture import INPUT_NAMES, causal_lm_logits, dynamic_shapes, example_inputs, mixed_step_inputs
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
@@ -57,11 +57,7 @@ class PipelineStage(nn.Module):
         given = {"input_ids": tokens_or_hidden[None]} if self.first else {"inputs_embeds": tokens_or_hidden[None]}
         if not self.last:
             return self.model.model(**given, position_ids=positions[None], use_cache=False).last_hidden_state[0]
-        if self._keeps_logits:
-            out = self.model(**given, position_ids=positions[None], use_cache=False, logits_to_keep=logits_indices)
-            return out.logits[0]
-        out = self.model(**given, position_ids=positions[None], use_cache=False)
-        return out.logits[0].index_select(0, logits_indices)
+        return causal_lm_logits(self.model, self._keeps_logits, given, positions, logits_indices)
 
 
 def keep_layers(model: nn.Module, start: int, stop: int, *, first: bool, last: bool) -> None:

@@ -74,11 +74,18 @@ class BartEncoder(nn.Module):
             h = _feed_forward(layer, h, self.pre_norm)
         if self.norm is not None:
             h = self.norm(h)
-        cross: Any
-        for i, cross in enumerate(self.cross):
-            d = cross.head_dim
-            torch.ops.kiln.store_kv(kv_cache, heads(cross.k_proj(h), d), heads(cross.v_proj(h), d), slot_mapping, i)
+        store_cross_kv(self.cross, h, kv_cache, slot_mapping)
         return h
+
+
+def store_cross_kv(
+    cross_layers: nn.ModuleList, h: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each decoder layer's cross-attention keys/values of the encoder output `h` (BART's `encoder_attn`)."""
+    cross: Any
+    for i, cross in enumerate(cross_layers):
+        d = cross.head_dim
+        torch.ops.kiln.store_kv(kv_cache, heads(cross.k_proj(h), d), heads(cross.v_proj(h), d), slot_mapping, i)
 
 
 class BartDecoder(nn.Module):

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.models.encdec.bart import BartDecoder, BartFamily
-from kiln.models.encdec.base import heads
+from kiln.models.encdec.bart import BartDecoder, BartFamily, store_cross_kv
 
 
 class ImageRowsEncoder(nn.Module):
@@ -34,10 +33,7 @@ class ImageRowsEncoder(nn.Module):
         mm_index: torch.Tensor,
     ) -> torch.Tensor:
         h = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(kv_cache.dtype)
-        cross: Any
-        for i, cross in enumerate(self.cross):
-            d = cross.head_dim
-            torch.ops.kiln.store_kv(kv_cache, heads(cross.k_proj(h), d), heads(cross.v_proj(h), d), slot_mapping, i)
+        store_cross_kv(self.cross, h, kv_cache, slot_mapping)
         return h
 
 
