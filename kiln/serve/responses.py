@@ -71,13 +71,22 @@ def echo_texts(tokenizer: Any, prompt: Any, encoded: list[list[int]]) -> list[st
     return [p if isinstance(p, str) else str(tokenizer.decode(ids)) for p, ids in zip(prompt, encoded)]
 
 
+# JSON has no -inf: a token the request could not produce (masked by its grammar or logit_bias) is
+# reported at this floor, the value OpenAI's API gives such tokens.
+LOGPROB_FLOOR = -9999.0
+
+
+def _json_logprob(logprob: float) -> float:
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def _completion_logprobs(items: list[TokenLogprobs], tokenizer: Any, offset: int) -> dict[str, Any]:
     tokens, values, tops, offsets = [], [], [], []
     for item in items:
         text = _token_text(tokenizer, item.token_id)
         tokens.append(text)
-        values.append(item.logprob)
-        tops.append({_token_text(tokenizer, t): lp for t, lp in item.top})
+        values.append(_json_logprob(item.logprob))
+        tops.append({_token_text(tokenizer, t): _json_logprob(lp) for t, lp in item.top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -100,9 +109,9 @@ def _echo_logprobs(echo: Echo, tokenizer: Any) -> dict[str, Any]:
             values.append(None)
             tops.append(None)
             continue
-        values.append(item.logprob)
-        top = {_token_text(tokenizer, t): lp for t, lp in item.top}
-        top[text] = item.logprob
+        values.append(_json_logprob(item.logprob))
+        top = {_token_text(tokenizer, t): _json_logprob(lp) for t, lp in item.top}
+        top[text] = _json_logprob(item.logprob)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
@@ -172,7 +181,7 @@ def completion_response(
 def _chat_logprobs(items: list[TokenLogprobs], tokenizer: Any) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = _token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(text.encode("utf-8"))}
 
     return {
         "content": [

@@ -109,6 +109,30 @@ def test_completions_response_format_and_vllm_fields(client) -> None:
     assert reply.choices[0].finish_reason == "stop" and reply.choices[0].text[-4] == "-"
 
 
+def test_log_probs_of_tokens_a_grammar_forbids_are_valid_json(client) -> None:
+    """A regex that leaves one token allowed: the other top alternatives have probability 0 (-inf, which
+    JSON cannot carry); they are reported at OpenAI's floor, -9999.0 (the fuzz test found the 500)."""
+    reply = client.completions.create(
+        model=MODEL, prompt="0", max_tokens=4, logprobs=2, extra_body={"guided_regex": "0"}
+    )
+    choice = reply.choices[0]
+    assert choice.text == "0" and choice.finish_reason == "stop"
+    assert choice.logprobs is not None and choice.logprobs.top_logprobs
+    first = choice.logprobs.top_logprobs[0]
+    assert first["0"] == 0.0 and len(first) == 2 and sorted(first.values())[0] == -9999.0
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "0"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"guided_regex": "0"},
+    )
+    assert chat.choices[0].logprobs is not None
+    top = chat.choices[0].logprobs.content[0].top_logprobs
+    assert [t.logprob for t in top] == [0.0, -9999.0]
+
+
 def test_logit_bias_with_string_keys(client, server) -> None:
     bang = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "!", "add_special_tokens": False})
     token = bang.json()["tokens"][-1]
