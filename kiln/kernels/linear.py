@@ -29,11 +29,10 @@ from kiln.kernels import reference
 from kiln.kernels.activation_quant import fake_quantize
 from kiln.kernels.quantized_weight import dequantize_packed
 from kiln.kernels.selection import current
-from kiln.kernels.triton_support import triton_importable
+from kiln.kernels.triton_support import KERNEL_DTYPES, triton_importable
 
 MAX_ROWS = 16
 MIN_MULTI_ROW_BYTES = 32 << 20
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 InputQuant = tuple[str, torch.dtype, torch.Tensor | None]  # fake_quantize's mode, dtype, input_scale
 
 

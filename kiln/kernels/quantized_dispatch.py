@@ -26,12 +26,11 @@ import torch
 
 from kiln.kernels.activation_quant import FP8
 from kiln.kernels.selection import current
-from kiln.kernels.triton_support import triton_importable
+from kiln.kernels.triton_support import KERNEL_DTYPES, triton_importable
 from kiln.kernels.w8a8_dispatch import usable as w8a8_usable
 from kiln.kernels.w8a8_dispatch import w8a8_linear
 
 GEMV_ROWS = 1  # rows up to which the GEMV runs (see the module docstring)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -17,9 +17,9 @@ import torch
 
 from kiln.kernels.activation_quant import FP8, quantize_input
 from kiln.kernels.selection import current
+from kiln.kernels.triton_support import KERNEL_DTYPES
 
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def fp8_supported(device: torch.device) -> bool:
