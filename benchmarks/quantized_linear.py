@@ -34,6 +34,7 @@ import triton
 from kiln.kernels.quantized_weight import dequantize_packed
 from kiln.kernels.triton import qgemv
 from kiln.kernels.triton.gemv import linear_triton, num_sms
+from kiln.kernels.triton.qgemm import qlinear_gemm
 from kiln.kernels.triton.qgemv import qlinear_gemv
 from kiln.kernels.triton.qgemv_config import QGemvConfig, default_qconfig
 
@@ -102,7 +103,7 @@ def weight(fmt: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None,
     """(weight or qweight, scales, zeros, group size) of random values."""
     if fmt == "bf16":
         return torch.empty(n, k, dtype=DTYPE, device=DEVICE).normal_(std=k**-0.5), None, None, 0
-    if fmt == "int8":
+    if fmt.startswith("int8"):
         q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEVICE)
         return q, torch.full((n, 1), 1 / (64 * k**0.5), dtype=DTYPE, device=DEVICE), None, k
     q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
@@ -137,6 +138,8 @@ def fusions(model: str, name: str, k: int, n: int) -> tuple[torch.Tensor, dict[s
 def call(fmt: str, x: torch.Tensor, w: tuple, kw: dict[str, Any], config: QGemvConfig | None = None) -> torch.Tensor:
     if fmt == "bf16":
         return linear_triton(x, w[0], None, constant_weight=True, **kw)
+    if fmt.endswith("-gemm"):  # the many-row tl.dot kernel at this row count (no fusions)
+        return qlinear_gemm(x, w[0], w[1], w[2], w[3], None)
     return qlinear_gemv(x, w[0], w[1], w[2], w[3], None, config, constant_weight=True, **kw)
 
 
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["8b", "1b"], choices=sorted(SHAPES))
     ap.add_argument("--fused", action="store_true", help="time each projection with the step's fusions")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations (quantized)")
+    ap.add_argument("--gemm", action="store_true", help="also time the tl.dot kernel (qgemm) at one row, unfused")
     ap.add_argument("--prmt", action="store_true", help="bytes to floats by PTX prmt, not shifts and masks")
     args = ap.parse_args()
     qgemv.USE_PRMT = args.prmt
@@ -197,11 +201,12 @@ def main() -> None:
     print(header + ("  sweep best" if args.sweep else ""))
     print("-" * len(header))
     totals: dict[tuple[str, str], float] = {}
+    formats = FORMATS + (("int8-gemm", "int4g128-gemm") if args.gemm and not args.fused else ())
     for model in args.models:
         layers, shapes = SHAPES[model]
         for name, k, n in shapes:
             x, kw = fusions(model, name, k, n) if args.fused else (torch.randn(1, k, dtype=DTYPE, device=DEVICE), {})
-            for fmt in FORMATS:
+            for fmt in formats:
                 us, size, err, ws = time_format(fmt, x, n, k, kw)
                 gbs = size / (us * 1e-6)
                 bits = 4 if fmt.startswith("int4") else 8
@@ -218,11 +223,11 @@ def main() -> None:
                     totals[(model, fmt + "_head")] = us
                 del ws
     print("\nper decode step, projections only (layers x qkv/o/gate_up/down + lm_head), ms:")
-    print(f"{'model':5s} " + " ".join(f"{fmt:>9s}" for fmt in FORMATS) + "   (the same with a bf16 lm_head)")
+    print(f"{'model':5s} " + " ".join(f"{fmt:>9s}" for fmt in formats) + "   (the same with a bf16 lm_head)")
     for model in args.models:
-        step = [totals[(model, fmt)] / 1000 for fmt in FORMATS]
+        step = [totals[(model, fmt)] / 1000 for fmt in formats]
         head = totals[(model, "bf16_head")]
-        bf16_head = [(totals[(model, fmt)] - totals[(model, fmt + "_head")] + head) / 1000 for fmt in FORMATS]
+        bf16_head = [(totals[(model, fmt)] - totals[(model, fmt + "_head")] + head) / 1000 for fmt in formats]
         print(f"{model:5s} " + " ".join(f"{v:9.2f}" for v in step) + "   " + " ".join(f"{v:6.2f}" for v in bf16_head))
 
 

@@ -6,6 +6,7 @@
 # e2e8b / e2e1b: random-weight Llama-3.1-8B / 3.2-1B checkpoints built bf16, int8_wo and int4_wo (g128),
 #         each benched at batch 1 (128 in / 256 out); a table at the end (ms/token, weight MB/token, % of copy BW).
 #         The 8B engines are built for batch 256 and kept under $WORK for tp8b (on a machine still warm).
+# profile1b: a 1B quantized engine (PROFILE_VARIANT, int4_wo) profiled over 5 decode steps (decode_profile.py)
 # tp8b:   the kept 8B engines (built again where missing) at 1,000 x 1,000/1,000 (TP_N requests)
 # Results land in $OUT (or ./device-out).
 set -uo pipefail
@@ -38,7 +39,11 @@ for step in "$@"; do
   case $step in
     tests) python -m pytest -q -x tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_weight.py \
              tests/unit/test_quantized_linear_ops.py 2>&1 | tail -n 15 ;;
-    linear) python benchmarks/quantized_linear.py 2>&1 | tail -n 40 | tee "$out/quantized_linear.txt" ;;
+    linear) python benchmarks/quantized_linear.py ${LINEAR_ARGS:-} 2>&1 | tail -n 40 | tee "$out/quantized_linear.txt" ;;
+    profile1b)  # one quantized 1B engine (PROFILE_VARIANT, int4_wo by default) profiled over 5 decode steps
+      checkpoint llama-3.2-1b "$work/1b-ckpt"; build "$work/1b-${PROFILE_VARIANT:-int4_wo}" "$work/1b-ckpt" "${PROFILE_VARIANT:-int4_wo}" 8
+      python benchmarks/decode_profile.py "$work/1b-${PROFILE_VARIANT:-int4_wo}" --no-graph-run --top 25 2>&1 \
+          | grep -v -i warn | tee "$out/profile-1b-${PROFILE_VARIANT:-int4_wo}.txt" ;;
     e2e8b) checkpoint llama-3.1-8b "$work/8b-ckpt"; engines 8b "$work/8b-ckpt" 256 keep; rm -rf "$work/8b-ckpt" ;;
     e2e1b) checkpoint llama-3.2-1b "$work/1b-ckpt"; engines 1b "$work/1b-ckpt" 8 drop; rm -rf "$work/1b-ckpt" ;;
     tp8b)

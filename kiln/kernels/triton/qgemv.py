@@ -1,11 +1,13 @@
-"""Triton kernel: `x @ W.T (+ bias)` for a few rows of x and a packed int8 / int4 weight W.
+"""Triton kernels: `x @ W.T (+ bias)` for a few rows of x and a packed int8 / int4 weight W.
 
 A decode step reads every weight once for a token row, so it is bound by the bytes read: int8
-halves them and int4 g128 makes them ~0.28 of bf16's. The kernel (`qgemv_kernel`) streams the
-packed bytes in 4 KB steps, dequantizes them in registers with `dequantize_packed`'s formula
-(`kiln.kernels.quantized_weight`, in float32) and accumulates in float32, with the dense
-kernel's prologues and epilogues (`kiln.kernels.triton.gemv.linear_triton`'s meaning); it also
-takes 2..4 rows a program (slower per row: the dispatch sends those to `qgemm`).
+halves them and int4 g128 makes them ~0.28 of bf16's. One row goes to `qgemv_row_kernel` (the
+default: rows of whole words, groups of whole 8-column runs), built so that a byte costs about
+two instructions (its `prmt` and its product) with no shared-memory traffic in the loop; the
+older `qgemv_kernel` takes explicit launch configurations, 2..4 rows a program (slower per row:
+the dispatch sends those to `qgemm`) and weights the row kernel does not take. Both dequantize
+with `dequantize_packed`'s formula (`kiln.kernels.quantized_weight`) in float32 and accumulate
+in float32, with the dense kernel's prologues and epilogues (`kiln.kernels.triton.gemv.linear_triton`'s meaning).
 Act-order weights (perm): the caller gathers x into the stored column order first (quantized_dispatch).
 Every launch choice comes from shapes, so a call can be captured in a CUDA graph.
 """
@@ -23,6 +25,7 @@ from kiln.kernels.triton.pdl import launch_options
 from kiln.kernels.triton.qgemv_config import QGemvConfig, default_qconfig
 from kiln.kernels.triton.qgemv_dequant import GROUP_GATHER, GROUP_SPLIT, group_mode
 from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
+from kiln.kernels.triton.qgemv_row_kernel import BYTE_MAGIC, NIBBLE_MAGIC, _qrow_kernel
 
 MAGIC = 0x4B000000  # float32 2**23's bits (`qgemv_dequant`)
 CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgemv_kernel._step`)
@@ -30,6 +33,9 @@ CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgem
 # with shifts and masks (three), the code the interpreter tests run. Off until the prmt path has
 # passed tests/kernels/test_quantized_kernels.py on a GPU (`bash scripts/device_quant.sh tests`).
 USE_PRMT = False
+# The one-row kernel's tile (`qgemv_row_kernel`): weight rows a program, words a thread holds of each row.
+ROW_BLOCK_N = 4
+ROW_WORDS = 2
 
 
 def check_packed(
@@ -79,6 +85,10 @@ def qlinear_gemv(
     row_bytes = qweight.shape[1]
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
+    if config is None and row_kernel_takes(qweight, zeros, group_size, bits, m, k):
+        epilogue_config(default_qconfig(bits, m, n, k), m, n, k, residual, rope, gated)  # checks the epilogue
+        return _row_linear(x, qweight, scales, zeros, group_size, bias, bits, constant_weight, code, norm_weight, eps,
+                           residual, rope, gated)  # fmt: skip
     config = config or default_qconfig(bits, m, n, k, num_sms(x.device))
     config = epilogue_config(config, m, n, k, residual, rope, gated)
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
@@ -174,4 +184,124 @@ def qlinear_gemv(
     return out
 
 
-__all__ = ["QGemvConfig", "default_qconfig", "qlinear_gemv"]
+def row_kernel_takes(
+    qweight: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int, m: int, k: int
+) -> bool:
+    """Whether one row goes to `qgemv_row_kernel` (the default): rows of whole 4-byte words on a
+    16-byte aligned weight, groups of whole 8-column runs (int4: K/2 too)."""
+    row_bytes = qweight.shape[1]
+    return (
+        m == 1
+        and k > 0
+        and qweight.shape[0] > 0
+        and group_size % (4 * ROW_WORDS) == 0
+        and row_bytes % (4 * ROW_WORDS if bits == 4 else 4) == 0
+        and qweight.stride(0) % 4 == 0
+        and qweight.data_ptr() % 16 == 0
+    )
+
+
+def _row_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    bits: int,
+    constant_weight: bool,
+    code: int,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    rope: tuple[torch.Tensor, torch.Tensor, int] | None,
+    gated: bool,
+) -> torch.Tensor:
+    """One row through `_qrow_kernel`: 4 weight rows (2 column pairs) a program, 1 KB of each row a
+    step (8 bytes a thread), K split in powers of two while the programs do not fill the SMs twice
+    (not with rope or gated pairs)."""
+    n, row_bytes = qweight.shape
+    k = row_bytes * (2 if bits == 4 else 1)
+    block_n = ROW_BLOCK_N
+    block_k = min(512 * ROW_WORDS, max(8 * ROW_WORDS, triton.next_power_of_2(row_bytes)))
+    if rope is not None:
+        rope_pairs = rope[2] // 2
+        pairs = rope_pairs + triton.cdiv(n - rope[2], 2)
+        programs, even_n = triton.cdiv(pairs, block_n // 2), (n - rope[2]) % 2 == 0 and pairs % (block_n // 2) == 0
+    elif gated:
+        rope_pairs, pairs = 0, n // 2
+        programs, even_n = triton.cdiv(pairs, block_n // 2), pairs % (block_n // 2) == 0
+    else:
+        rope_pairs = 0
+        programs, even_n = triton.cdiv(n, block_n), n % block_n == 0
+    split = 1
+    while (
+        rope is None
+        and not gated
+        and programs * split < 2 * num_sms(x.device)
+        and row_bytes // (split * 2) >= 2 * block_k
+    ):
+        split *= 2
+    per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
+    split = triton.cdiv(row_bytes, per_split)
+    out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    target = out if split == 1 else torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
+    pdl = pdl_enabled(x.device)
+    per_row = scales.shape[1] == 1 and zeros is None
+    _qrow_kernel[(programs, 1, split)](
+        x,
+        qweight.view(torch.uint8).view(torch.int32),
+        scales,
+        zeros if zeros is not None else scales,
+        bias if bias is not None else scales,
+        target,
+        n,
+        k,
+        row_bytes,
+        x.stride(1),
+        qweight.stride(0) // 4,
+        scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0,
+        target.stride(-1),
+        target.stride(0) if split > 1 else 0,
+        residual if residual is not None else scales,
+        residual.stride(1) if residual is not None else 0,
+        norm_weight if norm_weight is not None else scales,
+        eps,
+        rope[0] if rope is not None else scales,
+        rope[1] if rope is not None else scales,
+        rope_pairs,
+        n // 2,
+        NIBBLE_MAGIC if bits == 4 else BYTE_MAGIC,
+        KB_PER_SPLIT=per_split,
+        K_PAD=triton.cdiv(k, 256) * 256,
+        BITS=bits,
+        GROUP=group_size,
+        HAS_ZEROS=zeros is not None,
+        PER_ROW=per_row,
+        ASM=USE_PRMT and not triton.knobs.runtime.interpret,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN_N=even_n,
+        EVEN_K=row_bytes == split * per_split,
+        SPLIT=split,
+        PDL=pdl,
+        EARLY_W=pdl and constant_weight,
+        PROLOGUE=code,
+        RESIDUAL=residual is not None and split == 1,
+        ROPE=rope is not None,
+        HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
+        GATED=gated,
+        WPT=ROW_WORDS,
+        num_warps=max(1, min(4, block_k // (128 * ROW_WORDS))),
+        num_stages=1,
+        enable_fp_fusion=rope is None,  # the rotary epilogue rounds as the reference (kiln.kernels.triton.rope)
+        **launch_options(pdl),
+    )
+    if split > 1:
+        sum_splits(target, out, bias, residual, pdl)
+    return out
+
+
+__all__ = ["QGemvConfig", "default_qconfig", "qlinear_gemv", "row_kernel_takes"]
