@@ -4,7 +4,7 @@ The prologue (rms_norm, silu_mul) runs first, then the input is quantized per to
 (`kiln.kernels.activation_quant`), then one 8-bit GEMM with both scales applied to its float32
 sums: `torch._scaled_mm` for FP8 (row-wise scales, any number of rows: it takes M=1 too), and
 `torch._int_mm` for int8 (int32 sums, scaled after). Bias, residual, rope and gated run after it.
-One row of an FP8 weight (W8A8 or weight-only) goes instead to the Triton FP8 GEMV
+One row of an FP8 weight (W8A8, weight-only, or block-wise weight-only) goes instead to the Triton FP8 GEMV
 (`kiln.kernels.triton.fp8_gemv`) with prologue and epilogues fused; it keeps x in its dtype, so a
 W8A8 weight's one-row result skips the input's E4M3 rounding that the many-row path applies (about
 2% of an output's size apart: tests/kernels/test_fp8_gemv.py).
@@ -49,12 +49,17 @@ def gemv_usable(
     scales: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor, Any] | None = None,
 ) -> bool:
-    """Whether one row of an FP8 weight with per-row scales runs the Triton FP8 GEMV."""
+    """Whether one row of an FP8 weight runs the Triton FP8 GEMV: scales per row [N, 1], or per group of
+    a power-of-two number of columns [N, K / G] (block-wise FP8 checkpoints, weight-only)."""
     if not (flat.is_cuda and flat.dim() == 2 and flat.shape[0] == 1 and flat.dtype in KERNEL_DTYPES):
         return False
     if not (qweight.dtype == FP8 and qweight.dim() == 2 and qweight.stride(1) == 1 and qweight.numel() < 2**31):
         return False
-    if tuple(scales.shape) != (qweight.shape[0], 1) or not scales.is_floating_point():
+    n, k = qweight.shape
+    if scales.dim() != 2 or scales.shape[0] != n or not scales.is_floating_point() or k % scales.shape[1]:
+        return False
+    group = k // scales.shape[1]
+    if scales.shape[1] > 1 and group & (group - 1):
         return False
     if rope is not None:
         head_dim = rope[0].shape[-1]
@@ -151,7 +156,7 @@ def _one_row(
     return fp8_linear_gemv(
         flat if prologue != "silu_mul" else flat.contiguous(),
         qweight,
-        scales,
+        scales.contiguous(),
         None if bias is None else bias.contiguous(),
         constant_weight=constant_weight,
         prologue=prologue,

@@ -77,12 +77,29 @@ CONFIGS = [None, QGemvConfig(1, 4, 32, 3, 4)]
 @pytest.mark.parametrize("prologue", ["none", "rms_norm", "silu_mul"])
 def test_fp8_gemv_matches_the_reference(config, prologue):
     for i, dtype in enumerate(DTYPES):
-        w, s = fp8_weight(N, K, seed=i, per_tensor=i == 1)
+        w, s = fp8_weight(N, K, seed=i, per_tensor=config is not None)
         x = random(1, 2 * K if prologue == "silu_mul" else K, dtype=dtype, seed=2)
         norm = random(K, dtype=dtype, seed=3, scale=0.1) + 1 if prologue == "rms_norm" else None
         bias, residual = random(N, dtype=dtype, seed=4), random(1, N, dtype=dtype, seed=5)
         got = fp8_linear_gemv(x, w, s, bias, config, prologue=prologue, norm_weight=norm, eps=1e-5, residual=residual)
         assert_close(got, want(x, w, s, bias, prologue, norm, residual), f"{dtype} {prologue}")
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_fp8_gemv_with_block_scales(group):
+    """Block-wise FP8 (a scale per row and group of columns): groups inside a tile (default launch) and
+    tiles inside a group (32-byte tiles, split K)."""
+    dtype = DTYPES[0]
+    w, _ = fp8_weight(N, K, seed=group)
+    g = torch.Generator().manual_seed(group + 1)
+    s = ((0.5 + torch.rand(N, K // group, generator=g)) / (w.float().abs().mean().cpu() * K**0.5)).to(DEVICE)
+    x = random(1, K, dtype=dtype, seed=group + 2)
+    norm = random(K, dtype=dtype, seed=group + 3, scale=0.1) + 1
+    dense = (w.float() * s.repeat_interleave(group, dim=1)).T
+    ref = (reference.rms_norm(x, norm, 1e-5).float() @ dense).to(dtype)
+    config = None if group == 32 else QGemvConfig(1, 4, 32, 3, 4)
+    got = fp8_linear_gemv(x, w, s, None, config, prologue="rms_norm", norm_weight=norm, eps=1e-5)
+    assert_close(got, ref, f"groups of {group}")
 
 
 def test_fp8_gemv_rope_and_gated_epilogues():
@@ -134,3 +151,7 @@ def test_one_row_of_an_fp8_weight_goes_to_the_gemv(activations):
     assert_close(got, reference.silu_mul(want(x, w, s, None, "rms_norm", norm)), "gated")
     if activations == "none":  # weight-only FP8 at more rows: the caller's reference path
         assert quantized_kernel(x.expand(2, K), w, s, None, None, K, None, True, "none", None, 0.0, act) is None
+        blocks = s.expand(N + 1, K // 128).contiguous()  # a block-wise checkpoint's scales: groups of 128
+        got = quantized_kernel(x, w, blocks, None, None, 128, None, True, "none", None, 0.0, act)
+        assert got is not None and torch.equal(got, fp8_linear_gemv(x, w, blocks))
+        assert_close(got, want(x, w, s), "block scales")

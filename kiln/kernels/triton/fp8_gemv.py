@@ -49,7 +49,10 @@ def fp8_linear_gemv(
     rope: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     gated: bool = False,
 ) -> torch.Tensor:
-    """[residual +] prologue(x) [M, K] @ (qweight[N, K] * scales[N, 1])^T + bias -> a new [M, N] in x's dtype.
+    """[residual +] prologue(x) [M, K] @ (qweight[N, K] * scales)^T + bias -> a new [M, N] in x's dtype.
+
+    scales: [N, 1] (per output channel, or a per-tensor scale repeated), or [N, K / G] for groups of G
+    columns, G a power of two (block-wise FP8 checkpoints, `kiln.models.quantized_formats.fp8`).
 
     prologue / residual / rope / gated / constant_weight: as `linear_triton`. One row a program
     (config.block_m is ignored): meant for M = 1."""
@@ -62,7 +65,11 @@ def fp8_linear_gemv(
         assert norm_weight is not None and norm_weight.shape == (k,) and norm_weight.is_contiguous()
     n = qweight.shape[0]
     assert qweight.dtype == FP8 and qweight.shape == (n, k) and qweight.stride(1) == 1, (qweight.dtype, qweight.shape)
-    assert scales.shape == (n, 1), tuple(scales.shape)
+    groups = scales.shape[1]
+    group = k // max(groups, 1)
+    blocks = groups > 1
+    assert scales.dim() == 2 and scales.shape[0] == n and group * groups == k, (tuple(scales.shape), k)
+    assert not blocks or (group & (group - 1) == 0 and scales.stride(1) == 1), f"groups of {group} columns"
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
     config = config or default_config(n, k, num_sms(x.device))
@@ -125,6 +132,9 @@ def fp8_linear_gemv(
         ROPE=rope is not None,
         HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
         GATED=gated,
+        BLOCKS=blocks,
+        GROUP=group,
+        GPT=max(1, block_k // group) if blocks else 1,
         num_warps=config.num_warps,
         num_stages=1,
         enable_fp_fusion=rope is None,  # the rotary epilogue rounds as the reference (kiln.kernels.triton.rope)
