@@ -5,6 +5,8 @@
 #   bash scripts/device_fp8.sh ckpt bf16 fp8 fp8-kv  # a random-weight Llama-3.1-8B checkpoint, then each
 #                                                    # engine built (once: kept in $WORK) and benched
 #   bash scripts/device_fp8.sh prefix table          # bf16-vs-fp8 identical greedy prefix; the table
+#   bash scripts/device_fp8.sh gemv                  # one-row linears of Llama-3.1-8B: bf16 vs the FP8 GEMV
+#                                                    # vs torch._scaled_mm (benchmarks/fp8_linear.py, plain and fused)
 # An engine step benches what BENCHES names (default: "b1 tput rows"):
 #   b1   batch 1, 128 in / 256 out (ms per output token)
 #   tput NUM_REQUESTS (default 1000) requests x 1000 in / 1000 out (output tok/s)
@@ -86,6 +88,8 @@ for step in "$@"; do
     ckpt) [ -d "$ck" ] || python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); \
 from load_time import make_checkpoint; make_checkpoint('llama-3.1-8b', Path('$ck'))" ;;
     bf16|fp8|fp8-kv) engine "$step" ;;
+    gemv) python benchmarks/fp8_linear.py --models 8b 2>&1 | tee "$out/fp8-linear.txt"
+          python benchmarks/fp8_linear.py --models 8b --fused 2>&1 | tee "$out/fp8-linear-fused.txt" ;;
     prefix) prefixes "$work/8b-bf16" "$work/8b-fp8" | tee "$out/8b-identical-prefix.txt" ;;
     table) table | tee "$out/table.txt" ;;
     clean) rm -rf "$work" ;;
