@@ -72,6 +72,8 @@ def main() -> None:
             for fmt in FORMATS:
                 if fmt == "scaled_mm" and kw or name == "lm_head" and fmt != "bf16":
                     cells.append("-")
+                    if name != "lm_head":
+                        step.pop(fmt, None)  # not every projection timed: no step total
                     continue
                 first = weight(fmt, n, k)
                 size = first[0].numel() * first[0].element_size()
@@ -79,14 +81,15 @@ def main() -> None:
                 us = graph_time_us([lambda w=w, f=fmt, x=x, kw=kw: call(f, x, w, kw) for w in ws])
                 plain = x if x.shape[1] == k else torch.randn(1, k, dtype=DTYPE, device=DEVICE)
                 err = error(fmt, plain, first)
-                step[fmt] += us * (1 if name == "lm_head" else layers)
+                if fmt in step:
+                    step[fmt] += us * (1 if name == "lm_head" else layers)
                 if name == "lm_head":
                     head_us[model] = us
                 cells.append(f"{us:.1f} ({size / us / 1e3:.0f}, {size / us / 1e3 / (copy / 1e9):.2f}, {err:.1e})")
                 del ws
             print(f"{name} | {n}x{k} | " + " | ".join(cells))
         head = head_us.get(model, 0.0)  # the FP8 engines keep lm_head in bf16
-        totals = [f"{f} {(step[f] + (head if f != 'bf16' else 0.0)) / 1000:.2f}" for f in FORMATS]
+        totals = [f"{f} {(step[f] + (head if f != 'bf16' else 0.0)) / 1000:.2f}" for f in FORMATS if f in step]
         print(f"{model} one decode step's projections, ms: " + ", ".join(totals))
 
 
