@@ -84,11 +84,16 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
-    if config.kv_cache_dtype != "auto" and resolve_device(config.device).type == "cuda":
+    head_dim = shape.head_dim
+    if (
+        config.kv_cache_dtype != "auto"
+        and resolve_device(config.device).type == "cuda"
+        and not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0)
+    ):
         raise KilnError(
-            f"--kv-cache-dtype {config.kv_cache_dtype}: kiln's Triton attention kernels do not read an fp8/int8 KV "
-            "cache yet (only the PyTorch paths do, which CUDA graphs cannot capture); build with --kv-cache-dtype "
-            "auto on a GPU"
+            f"--kv-cache-dtype {config.kv_cache_dtype}: kiln's Triton attention kernels read an fp8/int8 KV cache for "
+            f"head sizes that are powers of two in [16, 256], and this model's is {head_dim}; build with "
+            "--kv-cache-dtype auto"
         )
     kv_scales = narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
     quantized = loaded.quantized

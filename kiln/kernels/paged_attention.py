@@ -55,7 +55,7 @@ def paged_attention(
     then the next projection's): on the decode kernels' path, spare programs pull their first bytes
     into the L2 cache while attention's dependent loads leave the memory bus idle (a hint: values
     never change). k_scale, v_scale: this layer's scales of a narrow (FP8 / int8) cache
-    (`kiln.kernels.kv_quant`); the Triton kernels do not read narrow caches yet (the reference does)."""
+    (`kiln.kernels.kv_quant`), which every path (Triton, CPU, reference) stores and reads alike."""
     if use_triton(q):
         from kiln.kernels.triton import paged_attention_triton, unsupported_reason
 
@@ -74,6 +74,7 @@ def paged_attention(
                 sliding_window,
                 softcap,
                 tuple(w for w in (prefetch, prefetch_next) if w is not None),
+                kv_scales=(k_scale, v_scale),
             )
     attend = cpu_attention.paged_attention if use_cpu_path(q) else reference.paged_attention
     return attend(

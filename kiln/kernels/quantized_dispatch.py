@@ -100,9 +100,12 @@ def quantized_kernel(
     rope=(cos, sin, width) | gated=True, with `kiln.kernels.triton.gemv.linear_triton`'s meaning.
     act: (activations, act_scale) of a W8A8 weight: `kiln.kernels.w8a8_dispatch` runs those."""
     if act[0] != "none" or qweight.dtype == FP8:
-        if not w8a8_usable(flat, qweight, scales, zeros, perm, group_size, act[0]):
+        if not w8a8_usable(flat, qweight, scales, zeros, perm, group_size, act[0], epilogue.get("rope")):
             return None
-        return w8a8_linear(flat, qweight, scales, bias, prologue, norm_weight, eps, act[0], act[1], **epilogue)
+        return w8a8_linear(
+            flat, qweight, scales, bias, prologue, norm_weight, eps, act[0], act[1],
+            constant_weight=constant_weight, **epilogue,
+        )  # fmt: skip
     if not _usable(flat, qweight, scales, zeros, perm, group_size, bias, norm_weight, prologue, epilogue):
         return None
     residual = epilogue.get("residual")

@@ -21,6 +21,7 @@ import triton
 
 from kiln.kernels.triton.decode_kernel import _decode_kernel
 from kiln.kernels.triton.decode_merge import merge_splits
+from kiln.kernels.triton.kv_codec import kernel_view, kind
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import launch_options
 from kiln.kernels.triton.tile import interpreting
@@ -81,6 +82,7 @@ def decode_attention(
     prefetch: tuple[torch.Tensor, ...] = (),
     early_keys: bool = True,
     prefetch_bytes: int = PREFETCH_BYTES,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Attend each query token of q [T, Hq, D] to its cached keys; writes and returns out.
 
@@ -96,6 +98,7 @@ def decode_attention(
     idle; its programs first ask for up to `prefetch_bytes` of the weights (the first one first; at
     most two) to be brought into L2, so the projections start from cache (`prefetch_bytes=0`
     turns that off: a diagnostic).
+    kv_scales: a narrow (FP8 / int8) cache's (k_scale, v_scale) for this layer (`kv_codec`).
     num_splits (a power of two) and config override the shape-based choices (tests, benchmarks)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
@@ -125,8 +128,8 @@ def decode_attention(
         part_m,
         part_l,
         q,
-        key_cache,
-        value_cache,
+        kernel_view(key_cache),
+        kernel_view(value_cache),
         block_tables,
         seq_lens,
         query_start_loc,
@@ -144,6 +147,8 @@ def decode_attention(
         scale,
         softcap,
         sliding_window,
+        float(kv_scales[0]),
+        float(kv_scales[1]),
         NUM_Q_HEADS=num_q_heads,
         SPLIT=num_splits > 1,
         FUSE_WRITE=new_kv is not None,
@@ -157,6 +162,7 @@ def decode_attention(
         SOFTCAP=softcap > 0.0,
         IEEE_DOT=q.dtype == torch.float32,
         INTERPRET=interpreting(),
+        KV=kind(key_cache.dtype),
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_codec import encode, round_trip
 from kiln.kernels.triton.pdl import handoff
 from kiln.kernels.triton.tile import (
     LOG2E,
@@ -25,13 +26,17 @@ from kiln.kernels.triton.tile import (
 def _new_key_step(  # type: ignore[no-untyped-def]
     acc, m_i, l_i, q_tile, q_pos, pos, j, k_new, v_new, kv_head,
     stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
-    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+    key_cache, k_scale, v_scale,
+    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV: tl.constexpr,
 ):  # fmt: skip
     """The online-softmax step of one key held in k_new/v_new (row j) at position `pos`, rounded as
-    `attend_keys` rounds a cached key (softmax weights in the value dtype before the product)."""
+    `attend_keys` rounds a cached key (softmax weights in the value dtype before the product); a
+    narrow cache's key and value as the cache will read them back (`kv_codec.round_trip`)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    key = tl.load(k_new + j * stride_knt + kv_head * stride_knh + offs_d * stride_knd).to(q_tile.dtype)
-    value = tl.load(v_new + j * stride_vnt + kv_head * stride_vnh + offs_d * stride_vnd).to(q_tile.dtype)
+    key = tl.load(k_new + j * stride_knt + kv_head * stride_knh + offs_d * stride_knd)
+    value = tl.load(v_new + j * stride_vnt + kv_head * stride_vnh + offs_d * stride_vnd)
+    key = round_trip(key, k_scale, q_tile, key_cache, KV)
+    value = round_trip(value, v_scale, q_tile, key_cache, KV)
     s = tl.sum(q_tile.to(tl.float32) * key.to(tl.float32)[None, :], 1)
     if SOFTCAP:
         s = soft_cap(s * scale, softcap) * LOG2E
@@ -52,7 +57,8 @@ def _new_key_step(  # type: ignore[no-untyped-def]
 def _attend_new_keys(  # type: ignore[no-untyped-def]
     acc, m_i, l_i, q_tile, q_pos, first_new, q_begin, new_hi, k_new, v_new, kv_head,
     stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
-    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
+    key_cache, k_scale, v_scale,
+    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, KV: tl.constexpr,
 ):  # fmt: skip
     """Attend to rows q_begin .. new_hi - 1 of k_new/v_new (this step's keys at positions first_new ...).
 
@@ -63,7 +69,7 @@ def _attend_new_keys(  # type: ignore[no-untyped-def]
             acc, m_i, l_i = _new_key_step(
                 acc, m_i, l_i, q_tile, q_pos, first_new + (j - q_begin), j, k_new, v_new, kv_head,
                 stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
-                HEAD_DIM, SLIDING, SOFTCAP,
+                key_cache, k_scale, v_scale, HEAD_DIM, SLIDING, SOFTCAP, KV,
             )  # fmt: skip
             j += 1
     else:
@@ -71,7 +77,7 @@ def _attend_new_keys(  # type: ignore[no-untyped-def]
             acc, m_i, l_i = _new_key_step(
                 acc, m_i, l_i, q_tile, q_pos, first_new + (j - q_begin), j, k_new, v_new, kv_head,
                 stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
-                HEAD_DIM, SLIDING, SOFTCAP,
+                key_cache, k_scale, v_scale, HEAD_DIM, SLIDING, SOFTCAP, KV,
             )  # fmt: skip
     return acc, m_i, l_i
 
@@ -113,6 +119,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     scale,
     softcap,
     window,
+    k_scale,  # a narrow cache's scales (`kv_codec`)
+    v_scale,
     NUM_Q_HEADS: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _merge_kernel
     FUSE_WRITE: tl.constexpr,  # this step's keys come from k_new/v_new, and are stored into the cache here
@@ -126,6 +134,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    KV: tl.constexpr,  # kv_codec.PLAIN / FP8 / INT8
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
     token = tl.program_id(0)
@@ -157,8 +166,9 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
             split_lo, split_hi, table_row, kv_head.to(tl.int64) * stride_head, stride_page, stride_slot,
             BLOCK_N, PAGE_SIZE,
         )  # fmt: skip
-        first_k = load_keys(key_cache, first_off, first_in, stride_dim, HEAD_DIM)
-        first_v = load_values(value_cache, first_off, first_in, stride_dim, HEAD_DIM)
+        like = tl.zeros([1], dtype=q.dtype.element_ty)  # the query's dtype, before q is read
+        first_k = load_keys(key_cache, first_off, first_in, stride_dim, k_scale, like, HEAD_DIM, KV)
+        first_v = load_values(value_cache, first_off, first_in, stride_dim, v_scale, like, HEAD_DIM, KV)
         handoff(PDL)
 
     rows = tl.arange(0, ROWS)
@@ -169,7 +179,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         q + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None],
         other=0.0,
-    ).to(key_cache.dtype.element_ty)
+    )
     q_rows = tl.zeros([ROWS], dtype=tl.int32) + q_pos
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -202,6 +212,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         scale,
         softcap,
         window,
+        k_scale,
+        v_scale,
         BLOCK_N,
         HEAD_DIM,
         PAGE_SIZE,
@@ -209,6 +221,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         SOFTCAP,
         IEEE_DOT,
         INTERPRET,
+        KV,
     )
     if FUSE_WRITE:
         # The last split also attends to this step's keys of the sequence up to its own token (one
@@ -218,7 +231,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         acc, m_i, l_i = _attend_new_keys(
             acc, m_i, l_i, q_tile, q_pos, first_new, q_begin, new_hi, k_new, v_new, kv_head,
             stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, scale, softcap, window,
-            HEAD_DIM, SLIDING, SOFTCAP, INTERPRET,
+            key_cache, k_scale, v_scale, HEAD_DIM, SLIDING, SOFTCAP, INTERPRET, KV,
         )  # fmt: skip
         slot = tl.load(slot_mapping + token).to(tl.int64)
         store = (offs_d < HEAD_DIM) & last & (slot >= 0)
@@ -227,8 +240,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         dst += kv_head.to(tl.int64) * stride_head + offs_d * stride_dim
         key = tl.load(k_new + token * stride_knt + kv_head * stride_knh + offs_d * stride_knd, mask=store)
         value = tl.load(v_new + token * stride_vnt + kv_head * stride_vnh + offs_d * stride_vnd, mask=store)
-        tl.store(key_cache + dst, key.to(key_cache.dtype.element_ty), mask=store)
-        tl.store(value_cache + dst, value.to(value_cache.dtype.element_ty), mask=store)
+        tl.store(key_cache + dst, encode(key, k_scale, key_cache, KV), mask=store)
+        tl.store(value_cache + dst, encode(value, v_scale, value_cache, KV), mask=store)
     if not SPLIT:
         result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(

@@ -1,7 +1,8 @@
 """Triton kernel: store the step's new keys and values into the paged cache at `slot_mapping`.
 
 One program per (token, chunk of Hkv * head_dim elements); a token whose slot is negative
-writes nothing. The slot is read on the device, so the launch needs no host synchronisation.
+writes nothing. A narrow (FP8 / int8) cache stores value / scale rounded (`kv_codec`). The slot
+is read on the device, so the launch needs no host synchronisation.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_codec import encode, kernel_view, kind
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
 
@@ -31,10 +33,13 @@ def _kv_write_kernel(  # type: ignore[no-untyped-def]
     stride_slot,
     stride_head,
     stride_dim,
+    k_scale,
+    v_scale,
     HEAD_DIM: tl.constexpr,
     NUM_ELEMENTS: tl.constexpr,  # Hkv * HEAD_DIM
     PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
+    KV: tl.constexpr,  # kv_codec.PLAIN / FP8 / INT8
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
     handoff(PDL)
@@ -47,16 +52,26 @@ def _kv_write_kernel(  # type: ignore[no-untyped-def]
     dst = (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_slot + head * stride_head + dim * stride_dim
     key = tl.load(k + token * stride_kt + head * stride_kh + dim * stride_kd, mask=mask)
     value = tl.load(v + token * stride_vt + head * stride_vh + dim * stride_vd, mask=mask)
-    tl.store(key_cache + dst, key.to(key_cache.dtype.element_ty), mask=mask)
-    tl.store(value_cache + dst, value.to(value_cache.dtype.element_ty), mask=mask)
+    tl.store(key_cache + dst, encode(key, k_scale, key_cache, KV), mask=mask)
+    tl.store(value_cache + dst, encode(value, v_scale, value_cache, KV), mask=mask)
 
 
-def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Triton version of `kiln.kernels.reference.write_kv` (same arguments, same effect)."""
+def write_kv(
+    kv_cache: torch.Tensor,
+    layer: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Triton version of `kiln.kernels.reference.write_kv` (same arguments, same effect; a narrow
+    cache stores values / scale rounded, `kv_codec`)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
+    kind_of_cache = kind(kv_cache.dtype)
+    key_cache, value_cache = kernel_view(kv_cache[layer, 0]), kernel_view(kv_cache[layer, 1])
     num_elements = num_kv_heads * head_dim
     block = min(triton.next_power_of_2(num_elements), 2048)
     grid = (num_tokens, triton.cdiv(num_elements, block))
@@ -70,10 +85,13 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
         *k.stride(),
         *v.stride(),
         *key_cache.stride(),
+        float(k_scale),
+        float(v_scale),
         HEAD_DIM=head_dim,
         NUM_ELEMENTS=num_elements,
         PAGE_SIZE=key_cache.shape[1],
         BLOCK=block,
+        KV=kind_of_cache,
         PDL=pdl,
         num_warps=4,
         **launch_options(pdl),

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_codec import kernel_view, kind
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
 from kiln.kernels.triton.tile import attend_keys, find_sequence, first_key, interpreting
@@ -51,6 +52,8 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     scale,
     softcap,
     window,
+    k_scale,  # a narrow cache's scales (`kv_codec`)
+    v_scale,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -63,6 +66,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     LIMITS: tl.constexpr,  # attend_end replaces the causal bound
     IEEE_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    KV: tl.constexpr,  # kv_codec.PLAIN / FP8 / INT8
     PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):
     handoff(PDL)
@@ -102,7 +106,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
         q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None],
         other=0.0,
-    ).to(key_cache.dtype.element_ty)
+    )
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -126,6 +130,8 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
         scale,
         softcap,
         window,
+        k_scale,
+        v_scale,
         BLOCK_N,
         HEAD_DIM,
         PAGE_SIZE,
@@ -133,6 +139,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
         SOFTCAP,
         IEEE_DOT,
         INTERPRET,
+        KV,
     )
     result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
@@ -177,11 +184,13 @@ def prefill_attention(
     out: torch.Tensor,
     config: PrefillConfig | None = None,
     attend_end: torch.Tensor | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Attend every query of q [T, Hq, D] to its sequence's cached keys; writes and returns out.
 
     config overrides the shape-based tile choice (benchmarks, tests). attend_end [T], when given,
-    replaces the causal bound: query i sees keys at positions < attend_end[i] (all in the cache)."""
+    replaces the causal bound: query i sees keys at positions < attend_end[i] (all in the cache).
+    kv_scales: a narrow (FP8 / int8) cache's (k_scale, v_scale) for this layer (`kv_codec`)."""
     num_tokens, num_q_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[layer, 0], kv_cache[layer, 1]
     num_kv_heads = key_cache.shape[2]
@@ -196,8 +205,8 @@ def prefill_attention(
     _prefill_kernel[grid](
         out,
         q,
-        key_cache,
-        value_cache,
+        kernel_view(key_cache),
+        kernel_view(value_cache),
         block_tables,
         seq_lens,
         query_start_loc,
@@ -211,6 +220,8 @@ def prefill_attention(
         scale,
         softcap,
         sliding_window,
+        float(kv_scales[0]),
+        float(kv_scales[1]),
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
@@ -223,6 +234,7 @@ def prefill_attention(
         LIMITS=attend_end is not None,
         IEEE_DOT=q.dtype == torch.float32,
         INTERPRET=interpreting(),
+        KV=kind(key_cache.dtype),
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_codec import decode
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -58,17 +60,19 @@ def tile_offsets(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def load_keys(key_cache, key_off, in_range, stride_dim, HEAD_DIM: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Keys [HEAD_DIM, BLOCK_N] at `tile_offsets`, zeros where they do not exist."""
+def load_keys(key_cache, key_off, in_range, stride_dim, k_scale, q, HEAD_DIM: tl.constexpr, KV: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Keys [HEAD_DIM, BLOCK_N] at `tile_offsets` in q's dtype (`kv_codec.decode`), zeros where they do not exist."""
     offs_d = tl.arange(0, HEAD_DIM)
-    return tl.load(key_cache + key_off[None, :] + offs_d[:, None] * stride_dim, mask=in_range[None, :], other=0.0)
+    raw = tl.load(key_cache + key_off[None, :] + offs_d[:, None] * stride_dim, mask=in_range[None, :], other=0)
+    return decode(raw, k_scale, q, KV)
 
 
 @triton.jit
-def load_values(value_cache, key_off, in_range, stride_dim, HEAD_DIM: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Values [BLOCK_N, HEAD_DIM] at `tile_offsets`, zeros where they do not exist."""
+def load_values(value_cache, key_off, in_range, stride_dim, v_scale, q, HEAD_DIM: tl.constexpr, KV: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Values [BLOCK_N, HEAD_DIM] at `tile_offsets` in q's dtype, zeros where they do not exist."""
     offs_d = tl.arange(0, HEAD_DIM)
-    return tl.load(value_cache + key_off[:, None] + offs_d[None, :] * stride_dim, mask=in_range[:, None], other=0.0)
+    raw = tl.load(value_cache + key_off[:, None] + offs_d[None, :] * stride_dim, mask=in_range[:, None], other=0)
+    return decode(raw, v_scale, q, KV)
 
 
 @triton.jit
@@ -130,23 +134,26 @@ def _key_tile(  # type: ignore[no-untyped-def]
     scale,
     softcap,
     window,
+    k_scale,
+    v_scale,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     SLIDING: tl.constexpr,
     SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    KV: tl.constexpr,
 ):
     """One step of the online softmax: the keys at positions start .. start + BLOCK_N - 1 (the
     values are loaded once the scores are computed)."""
     key_off, k_pos, in_range = tile_offsets(
         start, k_hi, table_row, head_off, stride_page, stride_slot, BLOCK_N, PAGE_SIZE
     )
-    k = load_keys(key_cache, key_off, in_range, stride_dim, HEAD_DIM)
+    k = load_keys(key_cache, key_off, in_range, stride_dim, k_scale, q, HEAD_DIM, KV)
     p, alpha, m_new, l_i = score_tile(
         m_i, l_i, q, q_pos, q_last, k, k_pos, in_range, scale, softcap, window, SLIDING, SOFTCAP, IEEE_DOT
     )  # fmt: skip
-    v = load_values(value_cache, key_off, in_range, stride_dim, HEAD_DIM)
+    v = load_values(value_cache, key_off, in_range, stride_dim, v_scale, q, HEAD_DIM, KV)
     return accumulate_values(acc, p, alpha, v, IEEE_DOT), m_new, l_i
 
 
@@ -155,7 +162,7 @@ def attend_keys(  # type: ignore[no-untyped-def]
     acc,  # [BLOCK_M, HEAD_DIM] fp32, unnormalised
     m_i,  # [BLOCK_M] fp32, running max (log2 domain)
     l_i,  # [BLOCK_M] fp32, running sum
-    q,  # [BLOCK_M, HEAD_DIM], the cache's dtype
+    q,  # [BLOCK_M, HEAD_DIM], the query's dtype (a plain cache's too)
     q_pos,  # [BLOCK_M] int32, absolute position of each query row
     q_last,  # [BLOCK_M] int32, last key position each row may see (q_pos when causal)
     k_lo,  # first key position to visit (a multiple of BLOCK_N)
@@ -171,6 +178,8 @@ def attend_keys(  # type: ignore[no-untyped-def]
     scale,
     softcap,
     window,
+    k_scale,  # a narrow cache's scales (`kv_codec`; unused when KV is PLAIN)
+    v_scale,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -178,6 +187,7 @@ def attend_keys(  # type: ignore[no-untyped-def]
     SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    KV: tl.constexpr,  # kv_codec.PLAIN / FP8 / INT8
 ):
     """Online softmax of the rows of q over key positions [k_lo, k_hi), one BLOCK_N tile at a time.
 
@@ -191,16 +201,16 @@ def attend_keys(  # type: ignore[no-untyped-def]
         while start < k_hi:
             acc, m_i, l_i = _key_tile(
                 acc, m_i, l_i, q, q_pos, q_last, start, k_hi, key_cache, value_cache, table_row, head_off,
-                stride_page, stride_slot, stride_dim, scale, softcap, window,
-                BLOCK_N, HEAD_DIM, PAGE_SIZE, SLIDING, SOFTCAP, IEEE_DOT,
+                stride_page, stride_slot, stride_dim, scale, softcap, window, k_scale, v_scale,
+                BLOCK_N, HEAD_DIM, PAGE_SIZE, SLIDING, SOFTCAP, IEEE_DOT, KV,
             )  # fmt: skip
             start += BLOCK_N
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
             acc, m_i, l_i = _key_tile(
                 acc, m_i, l_i, q, q_pos, q_last, start, k_hi, key_cache, value_cache, table_row, head_off,
-                stride_page, stride_slot, stride_dim, scale, softcap, window,
-                BLOCK_N, HEAD_DIM, PAGE_SIZE, SLIDING, SOFTCAP, IEEE_DOT,
+                stride_page, stride_slot, stride_dim, scale, softcap, window, k_scale, v_scale,
+                BLOCK_N, HEAD_DIM, PAGE_SIZE, SLIDING, SOFTCAP, IEEE_DOT, KV,
             )  # fmt: skip
     return acc, m_i, l_i
 
