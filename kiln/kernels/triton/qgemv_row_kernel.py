@@ -13,10 +13,13 @@ shuffles or cross-thread sums inside the loop (checked in the sm_90 SASS):
 - a thread's 8 columns lie in one quantization group, so their products are summed in registers
   and only that sum meets the group's scale and zero point: scale * (sum(q x) - zero * sum(x)).
 
-int4 nibbles are placed under 0x3F000000 (bits 16-23), which reads as 0.5 + q / 256 exactly, so
-sum(q x) = 256 sum(f x) - 128 sum(x) needs no subtraction per weight; int8 bytes (sign bit flipped)
-under 0x4B000000 read as 2**23 + q + 128, less 2**23 + 128 per weight (exact). The int4 layout is
-`kiln.kernels.quantized_weight`'s: byte j holds column j (low nibble) and K/2 + j (high nibble).
+No subtraction per weight: an int4 nibble q placed in bits 16..19 under 0x3F000000 reads exactly as
+f = 0.5 + q / 256, so sum(q x) = 256 sum(f x) - 128 sum(x); an int8 byte with its sign bit flipped
+(b = q + 128) in bits 8..15 under 0x3F800000 reads as f = 1 + b / 32768, so sum(q x) = 32768 sum(f x)
+- 32896 sum(x). The sums run over a thread's 8 columns, where the constant part of f outweighs its
+value part by at most 256x (int8), so the run's sum keeps ~16 of float32's 24 bits (relative error
+~1e-4 of the run, far below bf16's 4e-3). The int4 layout is `kiln.kernels.quantized_weight`'s:
+byte j holds column j (low nibble) and K/2 + j (high nibble).
 
 The fusions are the dense GEMV's: an RMSNorm or SiLU-and-multiply prologue on x, and bias,
 residual, rotary pairs or gated pairs after the product (`kiln.kernels.triton.gemv.linear_triton`'s
@@ -33,9 +36,8 @@ from kiln.kernels.triton.pdl import handoff
 from kiln.kernels.triton.rope import rotate_rounded
 from kiln.kernels.triton.silu_mul import silu_times
 
-INT8_BIAS = tl.constexpr(8388736.0)  # 2**23 + 128: an int8 byte with its sign bit flipped, under 0x4B000000
-NIBBLE_MAGIC = 0x3F000000  # float32 0.5; a nibble in bits 16..19 adds q / 256
-BYTE_MAGIC = 0x4B000000  # float32 2**23; a byte in bits 0..7 adds its value
+NIBBLE_MAGIC = 0x3F000000  # float32 0.5; a nibble q in bits 16..19 reads as 0.5 + q / 256
+BYTE_MAGIC = 0x3F800000  # float32 1.0; a byte b in bits 8..15 reads as 1 + b / 32768
 
 
 @triton.jit
@@ -49,31 +51,31 @@ def _prmt(words, magic, SEL: tl.constexpr):  # type: ignore[no-untyped-def]
         asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7254;"  # type: ignore[no-redef]
     elif SEL == 0x7354:
         asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7354;"  # type: ignore[no-redef]
-    elif SEL == 0x7650:
-        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7650;"  # type: ignore[no-redef]
-    elif SEL == 0x7651:
-        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7651;"  # type: ignore[no-redef]
-    elif SEL == 0x7652:
-        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7652;"  # type: ignore[no-redef]
+    elif SEL == 0x7604:
+        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7604;"  # type: ignore[no-redef]
+    elif SEL == 0x7614:
+        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7614;"  # type: ignore[no-redef]
+    elif SEL == 0x7624:
+        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7624;"  # type: ignore[no-redef]
     else:
-        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7653;"  # type: ignore[no-redef]
+        asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x7634;"  # type: ignore[no-redef]
     return tl.inline_asm_elementwise(asm, "=r,r,r", [words, magic], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _byte_value(words, magic, BYTE: tl.constexpr, NIBBLE: tl.constexpr, ASM: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Byte BYTE of each word as float32: 0.5 + byte / 256 (NIBBLE: bytes below 16, magic 0x3F000000)
-    or 2**23 + byte (magic 0x4B000000)."""
+    """Byte BYTE of each word as float32: 0.5 + byte / 256 (NIBBLE: bytes below 16 in bits 16..23
+    under NIBBLE_MAGIC) or 1 + byte / 32768 (in bits 8..15 under BYTE_MAGIC)."""
     if ASM:
         if NIBBLE:
             bits = _prmt(words, magic, 0x7054 + 256 * BYTE)
         else:
-            bits = _prmt(words, magic, 0x7650 + BYTE)
+            bits = _prmt(words, magic, 0x7604 + 16 * BYTE)
     else:
         if NIBBLE:
             bits = (((words >> (8 * BYTE)) & 0xFF) << 16) | magic
         else:
-            bits = ((words >> (8 * BYTE)) & 0xFF) | magic
+            bits = (((words >> (8 * BYTE)) & 0xFF) << 8) | magic
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -140,14 +142,14 @@ def _half_tile(  # type: ignore[no-untyped-def]
         tl.join(_byte_value(words, magic, 1, NIBBLE, ASM), _byte_value(words, magic, 3, NIBBLE, ASM)),
     )
     f = tl.reshape(f, (BN, 4 * WK))  # column 4 w + i: byte i of word w
-    if not NIBBLE:
-        f = f - INT8_BIAS
     offs = tl.arange(0, 4 * WK)
     xv = _x_columns(x, col0 + offs, byte0 + offs < KB, K, stride_xk, norm_w, inv_rms, eps, PROLOGUE, EVEN_K)
     products = tl.sum(tl.reshape(f * xv[None, :], (BN, WK // WPT, 4 * WPT)), axis=2)
     x_sums = tl.sum(tl.reshape(xv, (WK // WPT, 4 * WPT)), axis=1)
     if NIBBLE:  # f = 0.5 + q / 256
         products = 256.0 * products - 128.0 * x_sums[None, :]
+    else:  # f = 1 + (q + 128) / 32768
+        products = 32768.0 * products - 32896.0 * x_sums[None, :]
     if PER_ROW:
         return acc + products
     group = (col0 + tl.arange(0, WK // WPT) * (4 * WPT)) // GROUP
@@ -162,14 +164,15 @@ def _half_tile(  # type: ignore[no-untyped-def]
 def _rows_of(params, stride, offs_n, n_ok, group, like):  # type: ignore[no-untyped-def]
     """float32 params[offs_n, group] as [BN, CH] in like's layout, read one weight row at a time: a
     thread then reads each row's value for its own chunk (a 2-D gather would spread the rows over
-    threads and cost a shared-memory exchange each step)."""
+    threads and cost a shared-memory exchange each step). Rows past N read row 0 (their results are
+    never stored), so the loads need no mask."""
     BN: tl.constexpr = like.shape[0]
     rows = tl.arange(0, BN)
+    row_offsets = tl.where(n_ok, offs_n, 0) * stride
     out = tl.zeros_like(like)
     for r in tl.static_range(BN):
-        n = tl.sum(tl.where(rows == r, offs_n, 0))
-        ok = tl.sum(tl.where(rows == r, n_ok.to(tl.int32), 0)) > 0
-        value = tl.load(params + n * stride + group, mask=ok & (group >= 0), other=0.0).to(tl.float32)
+        offset = tl.sum(tl.where(rows == r, row_offsets, 0))
+        value = tl.load(params + (offset + group)).to(tl.float32)
         out = tl.where(rows[:, None] == r, value[None, :], out)
     return out
 
