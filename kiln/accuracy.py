@@ -78,9 +78,10 @@ def check_accuracy(
         images = request.get("images") if isinstance(request, dict) else None
         videos = request.get("videos") if isinstance(request, dict) else None
         generator = model
-        if images and not request["prompt"]:  # an image alone (Nougat, Donut): the image encoder's input only
-            pixels = processor(images=[load_image(im) for im in images], return_tensors="pt")["pixel_values"]
-            out = model.generate(pixels.to(device, model.dtype), max_new_tokens=max(len(ours), 1), do_sample=False)
+        if images and not request["prompt"]:  # an image alone (Nougat, Donut, Pix2Struct): the image encoder's input
+            image_inputs = processor(images=[load_image(im) for im in images], return_tensors="pt")
+            image_inputs = {k: v.to(device, model.dtype) for k, v in image_inputs.items()}
+            out = model.generate(**image_inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
             start = len(manifest.encoder_decoder.decoder_prefix) if manifest.encoder_decoder else 0
             results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
             continue

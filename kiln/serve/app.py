@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import RequestError
 from kiln.runtime.engine import Engine
-from kiln.runtime.prompts import chat_ids, chat_text, encode
+from kiln.runtime.prompts import chat_ids, chat_text, encode, untemplated_text
 from kiln.runtime.validation import Request as EngineRequest
 from kiln.sampling_params import SamplingParams
 from kiln.serve.async_engine import AsyncEngine, Delta, ServerStopping
@@ -231,7 +231,11 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             frames = {p.num_frames for p in parts if p.num_frames is not None}
             if len(frames) > 1:
                 raise APIError(400, "the videos of one request must ask for the same num_frames", param="messages")
-            text = chat_text(tokenizer, body.template_messages(pipeline.image_token, pipeline.video_token))
+            messages = body.template_messages(pipeline.image_token, pipeline.video_token)
+            if core.encoder_decoder is not None:  # not a chat model: its processor reads the text as given
+                text = untemplated_text(messages)
+            else:
+                text = chat_text(tokenizer, messages)
             # Images and videos are decoded and encoded on one worker thread of their own (the processor's
             # tokenizer must not be shared across threads), off the event loop.
             loop = asyncio.get_running_loop()
