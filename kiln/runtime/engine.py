@@ -95,7 +95,17 @@ class Engine:
         def runner(cache: torch.Tensor, kv: KVCacheManager) -> Any:
             if encoder is not None:
                 image_hidden = mm_spec.hidden_size if mm_spec is not None else None
-                return EncoderDecoderRunner(program, encoder, cache, kv, self.device, encoder_len, image_hidden)
+                assert self.encoder_decoder is not None
+                return EncoderDecoderRunner(
+                    program,
+                    encoder,
+                    cache,
+                    kv,
+                    self.device,
+                    encoder_len,
+                    image_hidden,
+                    self.encoder_decoder.decoder_prompt,
+                )
             return make_runner(mm_spec, program, cache, kv, self.device)
 
         setup = memory_plan.StepSetup(
@@ -137,7 +147,9 @@ class Engine:
             self.runner.program = distributed.LeaderProgram(program, self.rank)
             self.runner.microbatches = self.rank.world.pp_size
         # Not yet with several ranks: each captured step must hold its collectives (checked on the GPU machine).
-        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.rank is None:
+        # Not for a decoder that takes cross_ends (Mllama) yet: its graphs would need that input's buffer.
+        decoder_prompt = self.encoder_decoder is not None and self.encoder_decoder.decoder_prompt
+        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.rank is None and not decoder_prompt:
             with progress.stage("capture CUDA graphs", "decode steps"), selected(self.kernels):
                 graphs = DecodeGraphs(
                     program,
@@ -203,13 +215,14 @@ class Engine:
         if self.encoder_decoder is not None:
             if params.prompt_logprobs is not None:
                 raise RequestError("prompt_logprobs: an encoder-decoder engine does not score its encoder input")
-            decoder_len = len(self.encoder_decoder.decoder_prefix) + params.max_tokens
+            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder, mm)
+            decoder_len = len(full_ids) - encoder_input.length + params.max_tokens
             if decoder_len > self.build.seq_len:
+                what = "prompt" if self.encoder_decoder.decoder_prompt else "decoder's start tokens"
                 raise RequestError(
-                    f"the decoder's start tokens + max_tokens ({decoder_len}) exceed this engine's max_seq_len "
+                    f"the {what} + max_tokens ({decoder_len}) exceed this engine's max_seq_len "
                     f"({self.build.seq_len}); lower max_tokens"
                 )
-            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder, mm)
             return validation.validate(full_ids, params, self.limits, encoder_input)
         return validation.validate(prompt_ids, params, self.limits, mm)
 
