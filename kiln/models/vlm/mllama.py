@@ -52,6 +52,8 @@ class Mllama(VisionLanguageFamily):
     notes = "tiled vision rows read by cross-attention layers interleaved in the Llama decoder (Llama 3.2 Vision)"
     max_images_per_prompt: ClassVar[int | None] = 1
     image_keys = IMAGE_KEYS
+    # `kiln run --check-accuracy`'s transformers reference: its eager attention fails on Mllama's tile mask (5.25)
+    reference_attention: ClassVar[str] = "sdpa"
 
     # ---- build ------------------------------------------------------------------------------------
 
