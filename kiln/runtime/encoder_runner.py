@@ -224,7 +224,7 @@ class EncoderDecoderRunner(ModelRunner):
     ) -> torch.Tensor:
         """A decoder step of one token per request, replayed from a captured CUDA graph."""
         bs = self.block_size
-        ids, positions, slots, lens, tables, encoder_lens = [], [], [], [], [], []
+        ids, positions, slots, lens, tables, encoder_lens, ends = [], [], [], [], [], [], []
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
             length = encoder_length(seq, self.max_encoder_len)
@@ -235,4 +235,6 @@ class EncoderDecoderRunner(ModelRunner):
             lens.append(p + 1)
             tables.append(table[: p // bs + 1])
             encoder_lens.append(length)
-        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens)
+            if self.cross_ends:
+                ends.append(seq.mm.cross_end(p) if isinstance(seq.mm, EncoderInput) else length)
+        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens, ends)

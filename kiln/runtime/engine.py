@@ -147,9 +147,7 @@ class Engine:
             self.runner.program = distributed.LeaderProgram(program, self.rank)
             self.runner.microbatches = self.rank.world.pp_size
         # Not yet with several ranks: each captured step must hold its collectives (checked on the GPU machine).
-        # Not for a decoder that takes cross_ends (Mllama) yet: its graphs would need that input's buffer.
-        decoder_prompt = self.encoder_decoder is not None and self.encoder_decoder.decoder_prompt
-        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.rank is None and not decoder_prompt:
+        if self.device.type == "cuda" and self.runtime.cuda_graphs and self.rank is None:
             with progress.stage("capture CUDA graphs", "decode steps"), selected(self.kernels):
                 graphs = DecodeGraphs(
                     program,
@@ -159,6 +157,7 @@ class Engine:
                     device=self.device,
                     extras=decode_extras(self.manifest.multimodal, dtype) if encoder is None else None,
                     encoder_decoder=encoder is not None,
+                    cross_ends=self.encoder_decoder is not None and self.encoder_decoder.decoder_prompt,
                 )
                 graphs.capture()
             self.runner.graphs = graphs
