@@ -1,7 +1,8 @@
 """Vision-language models on the encoder-decoder path, greedy tokens identical to transformers' `generate` on
 CPU in float32: BLIP-2 with a Flan-T5 language model (image rows enter the T5 encoder program; a batch mixing
 image and text-only prompts) and a Nougat/Donut-style `VisionEncoderDecoderModel` (Donut-Swin rows are the
-encoder output of an mBART or BART decoder; images of several sizes)."""
+encoder output of an mBART or BART decoder; images of several sizes), and Pix2Struct / Deplot (captioning, and VQA
+with the prompt rendered as the image's header)."""
 
 from __future__ import annotations
 
