@@ -45,7 +45,8 @@ def _reference(manifest: Manifest, checkpoint: Path) -> tuple[Any, Any, Any]:
         from kiln.models.vlm import family_for
 
         family = family_for(arch)
-        model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
+        attention = getattr(family, "reference_attention", "eager")
+        model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation=attention)
         return model.to(device).eval(), family.load_processor(checkpoint), family
     if manifest.encoder_decoder is not None:
         model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
@@ -78,9 +79,10 @@ def check_accuracy(
         images = request.get("images") if isinstance(request, dict) else None
         videos = request.get("videos") if isinstance(request, dict) else None
         generator = model
-        if images and not request["prompt"]:  # an image alone (Nougat, Donut): the image encoder's input only
-            pixels = processor(images=[load_image(im) for im in images], return_tensors="pt")["pixel_values"]
-            out = model.generate(pixels.to(device, model.dtype), max_new_tokens=max(len(ours), 1), do_sample=False)
+        if images and not request["prompt"]:  # an image alone (Nougat, Donut, Pix2Struct): the image encoder's input
+            image_inputs = processor(images=[load_image(im) for im in images], return_tensors="pt")
+            image_inputs = {k: v.to(device, model.dtype) for k, v in image_inputs.items()}
+            out = model.generate(**image_inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
             start = len(manifest.encoder_decoder.decoder_prefix) if manifest.encoder_decoder else 0
             results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
             continue
@@ -89,7 +91,8 @@ def check_accuracy(
             loaded = [load_image(im) for im in images or []] or None
             inputs = processor(text=[request["prompt"]], images=loaded, return_tensors="pt", **extra)
             inputs = {k: v.to(device) for k, v in inputs.items()}
-        elif manifest.encoder_decoder is not None:  # ids: the encoder input, then the decoder's start tokens
+        elif manifest.encoder_decoder is not None and not manifest.encoder_decoder.decoder_prompt:
+            # ids: the encoder input, then the decoder's start tokens
             prefix = len(manifest.encoder_decoder.decoder_prefix)
             inputs = {"input_ids": torch.tensor([ids[:-prefix]], device=device)}
             out = model.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
@@ -102,7 +105,8 @@ def check_accuracy(
         out = generator.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
         # an encoder-decoder model (BLIP-2 with Flan-T5) returns its decoder's tokens, from the start tokens
         facts = manifest.encoder_decoder
-        start = len(facts.decoder_prefix) if facts is not None else inputs["input_ids"].shape[1]
+        # (Mllama, whose decoder reads the prompt, returns the prompt too)
+        start = len(facts.decoder_prefix) if facts and not facts.decoder_prompt else inputs["input_ids"].shape[1]
         results.append(AccuracyResult(i, list(ours), out[0, start:].tolist()))
     return results
 

@@ -137,3 +137,67 @@ def make_donut_checkpoint(directory: Path, pre_norm_decoder: bool = True) -> Pat
     images = DonutImageProcessor(size={"height": 32, "width": 24}, do_align_long_axis=False, do_thumbnail=False)
     DonutProcessor(image_processor=images, tokenizer=make_tokenizer()).save_pretrained(directory)
     return directory
+
+
+PIX2STRUCT_MAX_PATCHES = 24
+
+
+def make_pix2struct_checkpoint(directory: Path, vqa: bool = False) -> Path:
+    """A tiny `Pix2StructForConditionalGeneration` (captioning, or VQA as Deplot: the prompt rendered as the image's
+    header) with its processor: 4 x 4 patches, at most `PIX2STRUCT_MAX_PATCHES` of them."""
+    import transformers
+    from transformers import (
+        Pix2StructConfig,
+        Pix2StructForConditionalGeneration,
+        Pix2StructProcessor,
+        Pix2StructTextConfig,
+        Pix2StructVisionConfig,
+    )
+
+    tok = make_tokenizer()
+    text = Pix2StructTextConfig(
+        vocab_size=len(tok), hidden_size=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=2, dense_act_fn="gelu_new" if vqa else "relu",
+    )  # fmt: skip
+    vision = Pix2StructVisionConfig(
+        hidden_size=32, patch_embed_hidden_size=48, d_ff=64, d_kv=8, num_hidden_layers=2, num_attention_heads=4,
+        seq_len=64,
+    )  # fmt: skip
+    config = Pix2StructConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), is_vqa=vqa)
+    torch.manual_seed(0)
+    model = Pix2StructForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    # the PIL image processor (named so from transformers 5.2x on; before, the only one)
+    image_class = getattr(transformers, "Pix2StructImageProcessorPil", None) or transformers.Pix2StructImageProcessor
+    images = image_class(patch_size={"height": 4, "width": 4}, max_patches=PIX2STRUCT_MAX_PATCHES, is_vqa=vqa)
+    Pix2StructProcessor(image_processor=images, tokenizer=tok).save_pretrained(directory)
+    return directory
+
+
+def header_font_cache(root: Path) -> Path | None:
+    """A Hugging Face cache holding a stand-in for the font Pix2Struct's processor renders VQA headers with
+    (`ybelkada/fonts`, Arial.TTF): any TrueType font found here (None where there is none)."""
+    import shutil
+
+    candidates = [Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    try:
+        import matplotlib
+
+        candidates.insert(0, Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf")
+    except ImportError:
+        pass
+    font = next((c for c in candidates if c.is_file()), None)
+    if font is None:
+        return None
+    repo = root / "models--ybelkada--fonts"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copy(font, repo / "snapshots" / commit / "Arial.TTF")
+    return root

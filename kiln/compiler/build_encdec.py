@@ -98,7 +98,12 @@ def build_encdec_programs(
     decoder = family.decoder(model)
     written = build_program(
         decoder_spec(
-            decoder, shape, max_num_tokens=config.max_num_tokens, max_batch_size=config.max_batch_size, **common
+            decoder,
+            shape,
+            max_num_tokens=config.max_num_tokens,
+            max_batch_size=config.max_batch_size,
+            decoder_prompt=family.decoder_prompt,
+            **common,
         ),
         output,
         config,
@@ -109,5 +114,6 @@ def build_encdec_programs(
         max_encoder_input_len=config.max_encoder_input_len,
         decoder_prefix=prefix,
         encoder_compiled=encoder_written.compiled,
+        decoder_prompt=family.decoder_prompt,
     )
     return dataclasses.replace(written, op_modules={**encoder_written.op_modules, **written.op_modules}), facts

@@ -54,8 +54,12 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         if encdec is not None:
             if config.quantization != "none" or loaded.quantized is not None:
                 raise KilnError("kiln builds encoder-decoder language models unquantized only")
-            prefix = decoder_prefix(encdec.prefix_config(loaded.config, text_config), loaded.generation_config)
-            config = resolve_encoder_len(config, encdec.max_positions(text_config), len(prefix))
+            prefix = (
+                ()  # Mllama: the prompt's text is the decoder's
+                if encdec.decoder_prompt
+                else decoder_prefix(encdec.prefix_config(loaded.config, text_config), loaded.generation_config)
+            )
+            config = resolve_encoder_len(config, encdec.max_positions(text_config), max(len(prefix), 1))
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)
     progress.note(

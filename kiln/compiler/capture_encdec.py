@@ -60,6 +60,13 @@ def decoder_inputs(
     return (base[0], base[1] - offsets, *base[2:], lens)
 
 
+def cross_ends(encoder_lens: tuple[int, ...], new: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Example `cross_ends` of a decoder step: each sequence's first token before its image (-E), the rest
+    attending to all but its last row (0 for a sequence without an encoder input)."""
+    ends = [[-e] + [max(e - 1, 1)] * (n - 1) if e else [0] * n for e, n in zip(encoder_lens, new)]
+    return torch.tensor([v for seq in ends for v in seq], dtype=torch.int64, device=device)
+
+
 def with_images(inputs: tuple[torch.Tensor, ...], hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The encoder inputs plus image rows for every third token (`mm_embeds`, `mm_index`)."""
     _, index, embeds = image_rows(inputs[0].shape[0], hidden, 3, dtype, inputs[0].device)
@@ -112,15 +119,26 @@ def decoder_spec(
     max_num_tokens: int,
     max_batch_size: int,
     architecture: str,
+    decoder_prompt: bool = False,
 ) -> ProgramSpec:
-    shapes = dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2))
+    """The decoder program; with `decoder_prompt` (Mllama) it also takes `cross_ends [T]`."""
+    shapes: tuple[Any, ...] = dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2))
+    shapes = (*shapes, {0: shapes[4][0]})
+    args = decoder_inputs(cache, dtype, device, block_size, (3, 4), (0, 2), (3, 2))
+    check = decoder_inputs(cache, dtype, device, block_size, (5, 2), (1, 4), (1, 3))
+    names: tuple[str, ...] = DECODER_INPUT_NAMES
+    if decoder_prompt:  # with a request without an image (encoder length 0)
+        args = (*args, cross_ends((3, 4), (3, 2), device))
+        check = decoder_inputs(cache, dtype, device, block_size, (5, 0, 2), (1, 2, 4), (1, 2, 3))
+        check = (*check, cross_ends((5, 0, 2), (1, 2, 3), device))
+        shapes, names = (*shapes, {0: shapes[0][0]}), (*names, "cross_ends")
     return ProgramSpec(
         module=module.eval(),
-        args=decoder_inputs(cache, dtype, device, block_size, (3, 4), (0, 2), (3, 2)),
-        dynamic_shapes=(*shapes, {0: shapes[4][0]}),
+        args=args,
+        dynamic_shapes=shapes,
         what=f"the decoder of {architecture}",
         architecture=architecture,
-        input_names=DECODER_INPUT_NAMES,
-        check_inputs=decoder_inputs(cache, dtype, device, block_size, (5, 2), (1, 4), (1, 3)),
+        input_names=names,
+        check_inputs=check,
         passes=False,
     )

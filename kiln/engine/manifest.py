@@ -77,6 +77,9 @@ class EncoderDecoderFacts:
     max_encoder_input_len: int
     decoder_prefix: tuple[int, ...]  # decoder_start_token_id, then forced_bos_token_id when the model forces one
     encoder_compiled: bool
+    # the prompt's text runs in the decoder, the encoder input is the image rows alone (Mllama): the decoder
+    # program takes each token's cross-attention end (`cross_ends`) last
+    decoder_prompt: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "decoder_prefix": list(self.decoder_prefix)}

@@ -33,10 +33,18 @@ from kiln.runtime.scheduler import ScheduledChunk
 @dataclass(frozen=True)
 class EncoderInput:
     """Stands in `Sequence.mm` of an encoder-decoder request: its first `length` tokens are the encoder's;
-    `images`: the `MultimodalData` of a vision-language request (image rows of its encoder input)."""
+    `images`: the `MultimodalData` of a vision-language request (image rows of its encoder input);
+    `cross_ends`: each prompt token's cross-attention end where the decoder takes them (Mllama)."""
 
     length: int
     images: Any = None
+    cross_ends: tuple[int, ...] = ()
+
+    def cross_end(self, position: int) -> int:
+        """The cross-attention end of the token at sequence `position` (generated tokens: the last prompt token's)."""
+        if not self.cross_ends:
+            return self.length
+        return self.cross_ends[min(position, len(self.cross_ends) - 1)]
 
     def clip_chunk(self, start: int, num_tokens: int) -> int:
         """A chunk that starts the request runs its encoder input whole and at least one decoder token."""
@@ -62,12 +70,19 @@ def request_ids(
     encoder_ids: list[int], facts: EncoderDecoderFacts, images: Any = None
 ) -> tuple[list[int], EncoderInput]:
     """The sequence of a request (encoder input + decoder prefix) and its `EncoderInput`; a clear error
-    for an input longer than the engine's max_encoder_input_len."""
+    for an input longer than the engine's max_encoder_input_len. Where the decoder takes the prompt (Mllama),
+    `encoder_ids` are the image rows' placeholders, then the text."""
+    if facts.decoder_prompt:
+        length = 0 if images is None else int((images.rows >= 0).sum())
+        ends = () if images is None or images.cross_ends is None else tuple(int(e) for e in images.cross_ends)
+        encoder_ids, text = encoder_ids[:length], encoder_ids[length:]
     if len(encoder_ids) > facts.max_encoder_input_len:
         raise RequestError(
             f"the encoder input has {len(encoder_ids)} tokens, more than this engine's max_encoder_input_len "
             f"({facts.max_encoder_input_len}); shorten it or rebuild with a larger --max-encoder-input-len"
         )
+    if facts.decoder_prompt:
+        return [*encoder_ids, *text], EncoderInput(length, images, ends or (0,))
     return [*encoder_ids, *facts.decoder_prefix], EncoderInput(len(encoder_ids), images)
 
 
@@ -83,10 +98,12 @@ class EncoderDecoderRunner(ModelRunner):
         device: torch.device,
         max_encoder_len: int,
         image_hidden: int | None = None,
+        cross_ends: bool = False,
     ) -> None:
         super().__init__(program, kv_cache, kv, device)
         self.encoder = encoder
         self.max_encoder_len = max_encoder_len
+        self.cross_ends = cross_ends  # the decoder program takes each token's cross-attention end (Mllama)
         # A vision-language engine's encoder also takes image rows (mm_embeds, mm_index); a step without
         # images passes one zero row.
         self.empty_row = None
@@ -145,6 +162,7 @@ class EncoderDecoderRunner(ModelRunner):
         tables = []
         sampled: list[int] = []
         logits_rows: list[int] = []
+        ends: list[int] = []
         bs = self.block_size
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
@@ -158,12 +176,15 @@ class EncoderDecoderRunner(ModelRunner):
             encoder_lens.append(length)
             starts.append(starts[-1] + end - first)
             tables.append(table[: -(-end // bs)])
+            if self.cross_ends:
+                mm = seq.mm if isinstance(seq.mm, EncoderInput) else EncoderInput(length)
+                ends.extend(mm.cross_end(p) for p in range(first, end))
             if chunk.completes:
                 logits_rows.append(starts[-1] - 1)
                 sampled.append(i)
         width = max(len(t) for t in tables)
         dev = self.device
-        tensors = (
+        tensors: tuple[torch.Tensor, ...] = (
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
             torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -174,6 +195,8 @@ class EncoderDecoderRunner(ModelRunner):
             self.kv_cache,
             torch.tensor(encoder_lens, dtype=torch.int32, device=dev),
         )
+        if self.cross_ends:
+            tensors += (torch.tensor(ends, dtype=torch.int64, device=dev),)
         return tensors, sampled
 
     @torch.inference_mode()
@@ -201,7 +224,7 @@ class EncoderDecoderRunner(ModelRunner):
     ) -> torch.Tensor:
         """A decoder step of one token per request, replayed from a captured CUDA graph."""
         bs = self.block_size
-        ids, positions, slots, lens, tables, encoder_lens = [], [], [], [], [], []
+        ids, positions, slots, lens, tables, encoder_lens, ends = [], [], [], [], [], [], []
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
             length = encoder_length(seq, self.max_encoder_len)
@@ -212,4 +235,6 @@ class EncoderDecoderRunner(ModelRunner):
             lens.append(p + 1)
             tables.append(table[: p // bs + 1])
             encoder_lens.append(length)
-        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens)
+            if self.cross_ends:
+                ends.append(seq.mm.cross_end(p) if isinstance(seq.mm, EncoderInput) else length)
+        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens, ends)

@@ -95,7 +95,17 @@ class Engine:
         def runner(cache: torch.Tensor, kv: KVCacheManager) -> Any:
             if encoder is not None:
                 image_hidden = mm_spec.hidden_size if mm_spec is not None else None
-                return EncoderDecoderRunner(program, encoder, cache, kv, self.device, encoder_len, image_hidden)
+                assert self.encoder_decoder is not None
+                return EncoderDecoderRunner(
+                    program,
+                    encoder,
+                    cache,
+                    kv,
+                    self.device,
+                    encoder_len,
+                    image_hidden,
+                    self.encoder_decoder.decoder_prompt,
+                )
             return make_runner(mm_spec, program, cache, kv, self.device)
 
         setup = memory_plan.StepSetup(
@@ -147,6 +157,7 @@ class Engine:
                     device=self.device,
                     extras=decode_extras(self.manifest.multimodal, dtype) if encoder is None else None,
                     encoder_decoder=encoder is not None,
+                    cross_ends=self.encoder_decoder is not None and self.encoder_decoder.decoder_prompt,
                 )
                 graphs.capture()
             self.runner.graphs = graphs
@@ -203,13 +214,14 @@ class Engine:
         if self.encoder_decoder is not None:
             if params.prompt_logprobs is not None:
                 raise RequestError("prompt_logprobs: an encoder-decoder engine does not score its encoder input")
-            decoder_len = len(self.encoder_decoder.decoder_prefix) + params.max_tokens
+            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder, mm)
+            decoder_len = len(full_ids) - encoder_input.length + params.max_tokens
             if decoder_len > self.build.seq_len:
+                what = "prompt" if self.encoder_decoder.decoder_prompt else "decoder's start tokens"
                 raise RequestError(
-                    f"the decoder's start tokens + max_tokens ({decoder_len}) exceed this engine's max_seq_len "
+                    f"the {what} + max_tokens ({decoder_len}) exceed this engine's max_seq_len "
                     f"({self.build.seq_len}); lower max_tokens"
                 )
-            full_ids, encoder_input = request_ids(list(prompt_ids), self.encoder_decoder, mm)
             return validation.validate(full_ids, params, self.limits, encoder_input)
         return validation.validate(prompt_ids, params, self.limits, mm)
 

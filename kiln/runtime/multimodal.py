@@ -47,6 +47,7 @@ class MultimodalData:
     blocks: tuple[tuple[int, int], ...] = ()  # runs of image tokens that attend bidirectionally (never split)
     positions: torch.Tensor | None = None  # [3, prompt_len] M-RoPE positions
     position_delta: int = 0  # generated token at position p gets p + position_delta on every M-RoPE row
+    cross_ends: torch.Tensor | None = None  # [prompt_len] each token's cross-attention end (Mllama)
 
     @property
     def prompt_len(self) -> int:
@@ -283,7 +284,8 @@ class MultimodalPipeline:
         positions, delta = None, 0
         if self.facts.position_rows > 1:
             positions, delta = self.family.mrope_positions(pending.ids, pending.processed, self.facts.family_config)
-        mm = MultimodalData(torch.cat(features), rows, tuple(spans), blocks, positions, delta)
+        ends = self.family.cross_attention_ends(pending.ids, pending.processed, self.facts.family_config)
+        mm = MultimodalData(torch.cat(features), rows, tuple(spans), blocks, positions, delta, ends)
         return MultimodalPrompt(pending.ids, mm, len(counts))
 
     def prepare(self, requests: Sequence[MediaRequest], labels: Sequence[int] | None = None) -> list[MultimodalPrompt]:

@@ -50,3 +50,11 @@ def chat_text(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
         text = text[len(bos) :]
     return text
+
+
+def untemplated_text(messages: list[dict[str, Any]]) -> str:
+    """The prompt of a one-message conversation with an image encoder-decoder model (Donut, Pix2Struct, BLIP-2
+    with Flan-T5), whose processor reads the text as it is: no chat template applies."""
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        raise RequestError("an encoder-decoder model takes no conversation: send one user message")
+    return str(messages[0]["content"])

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import RequestError
 from kiln.runtime.engine import Engine
-from kiln.runtime.prompts import chat_ids, chat_text, encode
+from kiln.runtime.prompts import chat_ids, chat_text, encode, untemplated_text
 from kiln.runtime.validation import Request as EngineRequest
 from kiln.sampling_params import SamplingParams
 from kiln.serve.async_engine import AsyncEngine, Delta, ServerStopping
@@ -125,10 +125,14 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
         if ignored:
             log.info("accepted and ignored (they change nothing kiln generates): %s", ", ".join(ignored))
 
-    def max_tokens_for(requested: int | None, prompt_ids: list[int]) -> int:
+    def max_tokens_for(requested: int | None, prompt_ids: list[int], mm: Any = None) -> int:
         # an encoder-decoder engine's prompt is its encoder input; its decoder's tokens start with the start tokens
+        # (Mllama's decoder takes the prompt after its image rows' placeholders)
         encdec = core.encoder_decoder
-        room = limits.seq_len - (len(encdec.decoder_prefix) if encdec is not None else len(prompt_ids))
+        decoder_len = len(encdec.decoder_prefix) if encdec is not None else len(prompt_ids)
+        if encdec is not None and encdec.decoder_prompt:
+            decoder_len = len(prompt_ids) - (0 if mm is None else int((mm.rows >= 0).sum()))
+        room = limits.seq_len - decoder_len
         if requested is None:
             if room < 1:
                 raise RequestError(f"the prompt fills this engine's max_seq_len ({limits.seq_len}); shorten it")
@@ -231,7 +235,12 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             frames = {p.num_frames for p in parts if p.num_frames is not None}
             if len(frames) > 1:
                 raise APIError(400, "the videos of one request must ask for the same num_frames", param="messages")
-            text = chat_text(tokenizer, body.template_messages(pipeline.image_token, pipeline.video_token))
+            messages = body.template_messages(pipeline.image_token, pipeline.video_token)
+            encdec = core.encoder_decoder
+            if encdec is not None and not encdec.decoder_prompt:  # not a chat model: the processor reads the text
+                text = untemplated_text(messages)
+            else:
+                text = chat_text(tokenizer, messages)
             # Images and videos are decoded and encoded on one worker thread of their own (the processor's
             # tokenizer must not be shared across threads), off the event loop.
             loop = asyncio.get_running_loop()
@@ -242,7 +251,7 @@ def create_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
             ids = chat_ids(tokenizer, body.template_messages())
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.requested_logprobs
-        jobs = list(enumerate(body.sampling_params(max_tokens_for(requested, ids), top).choices()))
+        jobs = list(enumerate(body.sampling_params(max_tokens_for(requested, ids, mm), top).choices()))
         checked = [_validate(core, ids, params, mm, "") for _, params in jobs]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

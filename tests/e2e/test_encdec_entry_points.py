@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import pytest
 from e2e_helpers import SHARED_GPU, ServerProcess, kiln
@@ -60,3 +62,38 @@ def test_kiln_run_reads_a_page_image_without_text(tmp_path):
     args = ("--image", str(tmp_path / "page.png"), "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
     proc = kiln("run", str(engine), *args)
     assert "vs transformers: match" in proc.stderr, proc.stderr
+
+
+def test_pix2struct_run_and_serve(tmp_path):
+    """Pix2Struct (captioning): `kiln run --image` checked against transformers, and an image-only chat request
+    (its tokenizer has no chat template) answering what `LLM.generate` does."""
+    from encdec_checkpoints import make_pix2struct_checkpoint
+    from vlm_checkpoints import random_image
+
+    checkpoint = make_pix2struct_checkpoint(tmp_path / "ckpt")
+    engine = build_tiny_engine(checkpoint, tmp_path / "engine")
+    random_image(0, 40, 30).save(tmp_path / "chart.png")
+    args = ("--image", str(tmp_path / "chart.png"), "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
+    proc = kiln("run", str(engine), *args)
+    assert "vs transformers: match" in proc.stderr, proc.stderr
+
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "chart.png").read_bytes()).decode()
+    want = LLM(engine, **SHARED_GPU).generate(
+        [{"prompt": "", "images": [url]}], SamplingParams(max_tokens=6, temperature=0.0)
+    )[0]
+    server = ServerProcess(engine, "--served-model-name", "pix2struct")
+    try:
+        content = [{"type": "image_url", "image_url": {"url": url}}]
+        body = {"model": "pix2struct", "messages": [{"role": "user", "content": content}], "max_tokens": 6}
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+        content = [*content, {"type": "text", "text": "a caption"}]
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={**body, "messages": [{"role": "user", "content": content}]},
+            timeout=60,
+        )
+        assert r.status_code == 400 and "no text prompt" in r.json()["error"]["message"], r.text
+    finally:
+        assert server.stop() == 0

@@ -69,6 +69,8 @@ def test_the_refusal_lists_real_families_and_no_remote_code_hint_without_code(ch
     # encoder-decoder checkpoints are built now (tests/models/test_encdec_families.py)
     encoder_decoder = {"T5ForConditionalGeneration", "BartForConditionalGeneration", "MBartForConditionalGeneration"}
     assert encoder_decoder <= set(listed)
+    # and the cross-attention vision-language families on that path (tests/models/test_encdec_vlm.py, test_mllama.py)
+    assert {"Pix2StructForConditionalGeneration", "MllamaForConditionalGeneration"} <= set(listed)
     assert "trust-remote-code" not in message
 
 

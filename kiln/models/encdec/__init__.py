@@ -13,6 +13,8 @@ from kiln.models.encdec.base import (
     EncoderDecoderFamily,
     decoder_prefix,
 )
+from kiln.models.encdec.mllama import MllamaFamily
+from kiln.models.encdec.pix2struct import Pix2StructFamily
 from kiln.models.encdec.t5 import T5Family
 from kiln.models.encdec.vision_encoder_decoder import VisionEncoderDecoderFamily
 
@@ -20,10 +22,13 @@ FAMILIES: dict[str, EncoderDecoderFamily] = {
     family.architecture: family for family in (T5Family(), BartFamily(), MBartFamily())
 }
 # The language models a vision-language checkpoint may hold, by their class: these families, and a
-# VisionEncoderDecoderModel's own decoder (its image encoder is the engine's vision program).
+# VisionEncoderDecoderModel's and Pix2Struct's own decoders (their image encoders are the engine's vision program)
+# and Mllama's text model (its cross-attention layers read the vision program's rows).
 LANGUAGE_MODELS: dict[str, EncoderDecoderFamily] = {
     **FAMILIES,
     "VisionEncoderDecoderModel": VisionEncoderDecoderFamily(),
+    "Pix2StructForConditionalGeneration": Pix2StructFamily(),
+    "MllamaForConditionalGeneration": MllamaFamily(),
 }
 
 __all__ = [

@@ -90,6 +90,9 @@ class EncoderDecoderFamily:
 
     architecture = ""
     notes = ""
+    # True: the prompt's text runs in the decoder and the encoder input is the image rows alone (Mllama); the
+    # decoder program then also takes `cross_ends [T]` and the decoder starts from no start tokens.
+    decoder_prompt = False
 
     def cache_shape(self, config: Any) -> tuple[int, int, int]:
         """(decoder layers, heads, head_dim): the cache holds self and cross keys of each decoder layer."""

@@ -12,6 +12,8 @@ from kiln.models.vlm.kosmos2 import Kosmos2
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
 from kiln.models.vlm.llava_onevision import LlavaOnevision
+from kiln.models.vlm.mllama import Mllama
+from kiln.models.vlm.pix2struct import Pix2Struct
 from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
 from kiln.models.vlm.vision_encoder_decoder import VisionEncoderDecoder
 
@@ -25,6 +27,8 @@ _ALL = (
     Fuyu(),
     Kosmos2(),
     VisionEncoderDecoder(),
+    Pix2Struct(),
+    Mllama(),
     CustomVision(),
 )
 FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}

@@ -202,6 +202,12 @@ class VisionLanguageFamily:
         """[3, prompt_len] positions and the offset of generated tokens (M-RoPE families only)."""
         raise NotImplementedError
 
+    def cross_attention_ends(
+        self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """[prompt_len] each token's cross-attention end (families whose decoder reads the prompt: Mllama)."""
+        return None
+
     def runtime_config(self, config: Any) -> dict[str, Any]:
         """Config values the run-time hooks need, stored in the manifest (plain JSON)."""
         return {}

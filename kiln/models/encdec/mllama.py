@@ -1,0 +1,138 @@
+"""Mllama (Llama 3.2 Vision, `MllamaForConditionalGeneration`) as an encoder-decoder engine: the image rows are
+the encoder input, the prompt's text runs in the decoder.
+
+The encoder program stores, for each cross-attention layer of the text model (`cross_attention_layers`),
+the keys (after `k_norm`) and values of a request's image rows at its first cache positions. The
+decoder is the text model: its self-attention layers attend causally over the text's own keys (the
+cache positions after the image rows), its cross-attention layers over the image rows. Each decoder
+token carries `cross_ends`: `e > 0`, it attends to the rows [0, e) (its image's real tiles); `-e`, a
+token before the image: transformers leaves such a row unmasked (it attends to all e rows, padding
+tiles too) and zeroes its cross-attention feed-forward; 0, a request without an image, whose tokens
+skip the cross-attention layers as transformers does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads
+
+CROSS_ENDS = "cross_ends"
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _text_model(model: Any) -> Any:
+    return model.model.language_model
+
+
+class MllamaRowsEncoder(nn.Module):
+    """Stores each cross-attention layer's keys/values of the image rows (`mm_embeds` by `mm_index`)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        text = _text_model(model)
+        self.layers = [int(i) for i in text.cross_attention_layers]
+        self.cross = nn.ModuleList(text.layers[i].cross_attn for i in self.layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_ids: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: torch.Tensor,
+        mm_embeds: torch.Tensor,
+        mm_index: torch.Tensor,
+    ) -> torch.Tensor:
+        h = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(kv_cache.dtype)
+        cross: Any
+        for layer, cross in zip(self.layers, self.cross):
+            d = cross.head_dim
+            keys = cross.k_norm(heads(cross.k_proj(h), d))
+            torch.ops.kiln.store_kv(kv_cache, keys, heads(cross.v_proj(h), d), slot_mapping, layer)
+        return h
+
+
+class MllamaDecoder(nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        text = _text_model(model)
+        self.embed = text.embed_tokens
+        self.layers = text.layers
+        self.norm = text.norm
+        self.rotary = text.rotary_emb
+        self.lm_head = model.lm_head
+        self.cross_layers = frozenset(int(i) for i in text.cross_attention_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        logits_indices: torch.Tensor,
+        kv_cache: torch.Tensor,
+        encoder_lens: torch.Tensor,
+        cross_ends: torch.Tensor,
+    ) -> torch.Tensor:
+        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(h[None], positions[None])
+        cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)
+        # each token's sequence, and each sequence's real image rows (the largest positive end of its tokens)
+        tokens = torch.arange(input_ids.shape[0], device=input_ids.device, dtype=query_start_loc.dtype)
+        seq = (tokens[:, None] >= query_start_loc[None, :]).sum(1) - 1
+        mine = seq[None, :] == torch.arange(encoder_lens.shape[0], device=seq.device)[:, None]  # [B, T]
+        real_lens = torch.where(mine, cross_ends.clamp(min=0)[None, :], 0).amax(1).to(encoder_lens.dtype)
+        has_image = (cross_ends != 0)[:, None]
+        attends = cross_ends > 0
+        for i, layer in enumerate(self.layers):
+            if i in self.cross_layers:
+                cross = layer.cross_attn
+                d = cross.head_dim
+                q = cross.q_norm(heads(cross.q_proj(layer.input_layernorm(h)), d))
+                every = meta.cross_attention(q, i, cross.scaling)
+                real = DecoderMetadata(
+                    kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, real_lens
+                ).cross_attention(q, i, cross.scaling)
+                out = torch.where(attends[:, None, None], real, every)
+                x = h + layer.cross_attn_attn_gate.tanh() * cross.o_proj(out.flatten(1))
+                mlp = layer.mlp(layer.post_attention_layernorm(x)) * attends[:, None].to(x.dtype)
+                x = x + layer.cross_attn_mlp_gate.tanh() * mlp
+                h = torch.where(has_image, x, h)
+                continue
+            attn = layer.self_attn
+            d = attn.head_dim
+            x = layer.input_layernorm(h)
+            q = _rotate(heads(attn.q_proj(x), d), cos, sin)
+            k = _rotate(heads(attn.k_proj(x), d), cos, sin)
+            out = meta.self_attention(q, k, heads(attn.v_proj(x), d), i, attn.scaling)
+            h = h + attn.o_proj(out.flatten(1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm_head(self.norm(h.index_select(0, logits_indices)))
+
+
+class MllamaFamily(EncoderDecoderFamily):
+    architecture = "MllamaForConditionalGeneration"
+    notes = "vision rows -> cross-attention layers interleaved in a Llama decoder (Llama 3.2 Vision)"
+    decoder_prompt = True
+
+    def cache_shape(self, config: Any) -> tuple[int, int, int]:
+        heads_ = int(config.num_attention_heads)
+        return int(config.num_hidden_layers), int(config.num_key_value_heads), int(config.hidden_size) // heads_
+
+    def encoder(self, model: nn.Module) -> nn.Module:
+        return MllamaRowsEncoder(model)
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return MllamaDecoder(model)

@@ -1,0 +1,162 @@
+"""Mllama (Llama 3.2 Vision, `MllamaForConditionalGeneration`): a tiled vision tower whose rows the text model's
+cross-attention layers read (`kiln.models.encdec.mllama`).
+
+The processor splits an image into at most `max_image_tiles` tiles (an aspect-ratio id names the
+layout; `aspect_ratio_mask` the real tiles) and keeps one `<|image|>` token in the prompt. The vision
+program runs the tower and the projector on a batch of images, each `[max_tiles, C, H, W]`, to
+`max_tiles x patches` rows: padding tiles too, since prompt tokens before the image attend to every
+row. A request's sequence is one placeholder per row (the encoder input, whose cross keys the
+encoder program stores), then the prompt's tokens, which the decoder runs. One image per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily, VisionProgram
+
+IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+
+
+class MllamaVision(nn.Module):
+    """pixel_values [N, tiles, C, H, W], aspect_ratio_ids [N], aspect_ratio_mask [N, tiles] -> rows
+    [N, tiles * patches, text hidden]."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.vision = model.model.vision_model
+        self.projector = model.model.multi_modal_projector
+
+    def forward(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.vision(
+            pixel_values=pixel_values[:, None],
+            aspect_ratio_ids=aspect_ratio_ids[:, None],
+            aspect_ratio_mask=aspect_ratio_mask[:, None],
+        ).last_hidden_state  # [N, 1, tiles, patches, vision output]
+        rows = self.projector(out)
+        return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+
+def _patches_per_tile(vision: Any) -> int:
+    return (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1  # and a class token
+
+
+class Mllama(VisionLanguageFamily):
+    architecture = "MllamaForConditionalGeneration"
+    notes = "tiled vision rows read by cross-attention layers interleaved in the Llama decoder (Llama 3.2 Vision)"
+    max_images_per_prompt: ClassVar[int | None] = 1
+    image_keys = IMAGE_KEYS
+    # `kiln run --check-accuracy`'s transformers reference: its eager attention fails on Mllama's tile mask (5.25)
+    reference_attention: ClassVar[str] = "sdpa"
+
+    # ---- build ------------------------------------------------------------------------------------
+
+    def image_token_id(self, config: Any) -> int:
+        """The placeholder of an image row (the text model's pad token); the prompt's `<|image|>` stays text."""
+        pad = config.text_config.pad_token_id
+        return int(pad if pad is not None else 0)
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def vision_module(self, model: nn.Module) -> nn.Module:
+        return MllamaVision(model)
+
+    def vision_example(self, config: Any, dtype: torch.dtype, device: torch.device, limit: int) -> VisionExample:
+        """Two images at every tile; the second has one padding tile. The image dimension is dynamic."""
+        vision = config.vision_config
+        tiles, size = int(vision.max_num_tiles), int(vision.image_size)
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(2, tiles, int(vision.num_channels), size, size, generator=gen)
+        mask = torch.ones(2, tiles, dtype=torch.int64)
+        mask[1, -1] = 0 if tiles > 1 else 1
+        ids = torch.tensor([1, 1 if tiles == 1 else 2])
+        images = torch.export.Dim("images", min=1, max=max(limit, 2))
+        return VisionExample(
+            (pixels.to(device, dtype), ids.to(device), mask.to(device)), ({0: images}, {0: images}, {0: images})
+        )
+
+    def detach_vision(self, model: nn.Module) -> None:
+        """Nothing to detach: the encoder and decoder programs read only the text model's modules."""
+
+    def tokens_per_image(self, config: Any) -> int:
+        vision = config.vision_config
+        return int(vision.max_num_tiles) * _patches_per_tile(vision)
+
+    def runtime_config(self, config: Any) -> dict[str, Any]:
+        return {
+            "rows_per_tile": _patches_per_tile(config.vision_config),
+            "max_tiles": int(config.vision_config.max_num_tiles),
+            "placeholder": self.image_token_id(config),
+        }
+
+    # ---- run --------------------------------------------------------------------------------------
+
+    def engine_tokenizer(self, tokenizer: Any) -> Any:
+        """Text prompts as `MllamaProcessor` writes one without the BOS text: the BOS first. (A prompt that writes
+        the BOS, as the chat template does, gets a second one, as Llama 3.2's own tokenizer adds it there.)"""
+        from tokenizers import Tokenizer, processors
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        bos = str(tokenizer.bos_token)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, int(tokenizer.bos_token_id))]
+        )
+        named = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        out = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+        out.chat_template = getattr(tokenizer, "chat_template", None)
+        return out
+
+    def process(
+        self, processor: Any, prompt: str | list[int], images: list[Any], config: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        if not images:
+            return {"input_ids": processor(text=[prompt], return_tensors="pt")["input_ids"]}
+        out = processor(text=[prompt], images=[images], return_tensors="pt")
+        rows = int(config["max_tiles"]) * int(config["rows_per_tile"])
+        placeholders = torch.full((rows,), int(config["placeholder"]), dtype=out["input_ids"].dtype)
+        return {
+            "input_ids": torch.cat([placeholders, out["input_ids"][0]])[None],
+            "encoder_rows": torch.tensor(rows),
+            "cross_attention_mask": out["cross_attention_mask"],
+            **{key: out[key] for key in IMAGE_KEYS},
+        }
+
+    def image_mask(self, ids: torch.Tensor, processed: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+        """The leading placeholders: one per image row."""
+        return torch.arange(ids.shape[0]) < int(processed.get("encoder_rows", 0))
+
+    def split_images(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
+        return [ImageItem({key: processed[key][0, 0] for key in IMAGE_KEYS})]
+
+    def encode(
+        self,
+        program: VisionProgram,
+        items: list[ImageItem],
+        limit: int,
+        state: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+    ) -> list[torch.Tensor]:
+        """Each image's rows [max_tiles * patches, hidden], `limit` images at a time."""
+        inputs = [torch.stack([item.tensors[key] for item in items]) for key in IMAGE_KEYS]
+        rows = torch.cat([program(*(t[i : i + limit] for t in inputs)) for i in range(0, len(items), limit)])
+        return list(rows)
+
+    def cross_attention_ends(
+        self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """Per prompt token: its image's real tiles' rows (`tiles x patches`), or `-rows` for a token before the
+        image (transformers lets it attend to every row and zeroes its cross-attention feed-forward)."""
+        if "cross_attention_mask" not in processed:
+            return None
+        rows = int(processed["encoder_rows"])
+        tiles = processed["cross_attention_mask"][0, :, 0].sum(-1)  # [text tokens]: tiles each token attends to
+        text = torch.where(tiles > 0, tiles * int(config["rows_per_tile"]), -rows)
+        return torch.cat([torch.zeros(rows, dtype=text.dtype), text])
