@@ -111,3 +111,15 @@ def test_next_video_sizes_the_default_build():
     assert family.default_max_multimodal_len(config, 2) == 2 * 5 * 576
     config.image_grid_pinpoints, config.spatial_pool_stride = [[336, 336]], 1  # no grid; frames unpooled
     assert family.default_max_multimodal_len(config, 2) == 2 * 8 * 576
+
+
+def test_next_video_frames_without_a_video_config_follow_the_image_processor(tmp_path):
+    # Older checkpoints have no video_preprocessor_config.json: frames take the image processor's size and crop.
+    checkpoint = make_next_video_checkpoint(tmp_path / "ckpt")
+    clip = load_video(tiny_video(0), 4)
+    with_config = NextVideoProcessor.from_pretrained(checkpoint)(text=["<video> x"], videos=[clip])
+    (checkpoint / "video_preprocessor_config.json").unlink()
+    processor = NextVideoProcessor.from_pretrained(checkpoint)
+    without = processor(text=["<video> x"], videos=[clip])
+    assert processor.num_frames == 8  # kiln's default count
+    assert torch.equal(with_config["pixel_values_videos"], without["pixel_values_videos"])

@@ -35,7 +35,7 @@ PROCESSOR_KEYS = (
     "video_token",
     "num_additional_image_tokens",
 )
-# LlavaNextVideoVideoProcessor's defaults, where the checkpoint has no video_preprocessor_config.json
+# LlavaNextVideoVideoProcessor's defaults, where neither a video config nor the image processor names a value
 VIDEO_DEFAULTS: dict[str, Any] = {
     "size": {"shortest_edge": 224},
     "crop_size": {"height": 224, "width": 224},
@@ -48,13 +48,16 @@ FRAME_KEYS = ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", 
               "image_mean", "image_std", "resample", "do_convert_rgb")  # fmt: skip
 
 
-def frame_processor(video: Mapping[str, Any]) -> Any:
-    """transformers' PIL CLIP image processor with the video processor's settings."""
+def frame_processor(video: Mapping[str, Any], image_processor: Any) -> Any:
+    """transformers' PIL CLIP image processor with the video processor's settings; where the checkpoint has no
+    video_preprocessor_config.json, the image processor's size, crop, mean and std (older checkpoints shared them)."""
     try:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Frames
     except ImportError:  # transformers before the PIL/torchvision split: the plain class is PIL's
         from transformers import CLIPImageProcessor as Frames  # type: ignore[assignment]
-    settings = {**VIDEO_DEFAULTS, **{k: v for k, v in video.items() if k in FRAME_KEYS and v is not None}}
+    shared = {k: getattr(image_processor, k, None) for k in ("size", "crop_size", "image_mean", "image_std")}
+    settings = {**VIDEO_DEFAULTS, **{k: v for k, v in shared.items() if v is not None}} if not video else VIDEO_DEFAULTS
+    settings = {**settings, **{k: v for k, v in video.items() if k in FRAME_KEYS and v is not None}}
     return Frames(**settings)
 
 
@@ -66,7 +69,7 @@ class NextVideoProcessor(OnevisionProcessor):
 
     def __init__(self, tokenizer: Any, image_processor: Any, settings: Mapping[str, Any], video: Mapping[str, Any]):
         super().__init__(tokenizer, image_processor, settings, video)
-        self.frames = frame_processor(self.video)
+        self.frames = frame_processor(self.video, image_processor)
 
     def video_pixels(self, frames: list[Any]) -> torch.Tensor:
         """[frames, 3, H, W] as the video processor prepares them."""
