@@ -95,7 +95,8 @@ def check_accuracy(
             # ids: the encoder input, then the decoder's start tokens
             prefix = len(manifest.encoder_decoder.decoder_prefix)
             inputs = {"input_ids": torch.tensor([ids[:-prefix]], device=device)}
-            out = model.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
+            text_model = family.text_model(model) if family is not None else model  # BLIP-2 + T5 without an image
+            out = text_model.generate(**inputs, max_new_tokens=max(len(ours), 1), do_sample=False)
             results.append(AccuracyResult(i, list(ours), out[0, prefix:].tolist()))
             continue
         else:

@@ -45,6 +45,12 @@ CONFIGS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
         "MBartForConditionalGeneration",
         {**_BART, "scale_embedding": True, "forced_bos_token_id": 1},
     ),
+    # unscaled embeddings, a ReLU feed-forward, three decoder layers, no forced BOS
+    ("mbart", "relu-3-layers"): (
+        "MBartConfig",
+        "MBartForConditionalGeneration",
+        {**_BART, "scale_embedding": False, "activation_function": "relu", "decoder_layers": 3},
+    ),
 }
 
 

@@ -75,3 +75,50 @@ def make_onevision_checkpoint(directory, variant="base"):
     (directory / "processor_config.json").write_text(json.dumps(settings))
     (directory / "video_preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}}))
     return directory
+
+
+# base: 2x2 average pooling of the last layer's rows; conv-pool-layer-2: a learned 2x2 conv pooling an earlier layer,
+# wider image grids
+NEXT_VIDEO_VARIANTS = {
+    "base": {"pool": "average", "layer": -1, "pinpoints": [[28, 56], [56, 28], [56, 56]]},
+    "conv-pool-layer-2": {"pool": "conv", "layer": -2, "pinpoints": [[28, 84], [84, 28], [56, 56], [28, 28]]},
+}
+
+
+def make_next_video_checkpoint(directory, variant="base"):
+    """LLaVA-NeXT-Video: CLIP tower 28x28 / patch 7 (16 rows a patch, 4 a pooled frame), a Llama language model."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextImageProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    v = NEXT_VIDEO_VARIANTS[variant]
+    tok = tokenizer_with("<image>", "<video>")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)
+    config = LlavaNextVideoConfig(
+        vision_config=CLIPVisionConfig(**tower, patch_size=7),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=v["pinpoints"],
+        vision_feature_layer=v["layer"],
+        spatial_pool_mode=v["pool"],
+    )
+    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    square = {"height": 28, "width": 28}
+    images = LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size=square, image_grid_pinpoints=v["pinpoints"])
+    images.save_pretrained(directory)
+    settings = {"patch_size": 7, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    (directory / "processor_config.json").write_text(json.dumps(settings))
+    video = {"size": {"shortest_edge": 28}, "crop_size": square, "num_frames": 4}
+    (directory / "video_preprocessor_config.json").write_text(json.dumps(video))
+    return directory

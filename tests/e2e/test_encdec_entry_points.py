@@ -1,4 +1,5 @@
-"""An encoder-decoder engine (tiny BART) through `kiln run` and `kiln serve`: the prompt is the encoder input."""
+"""Encoder-decoder engines (tiny T5, BART, mBART) through `kiln run` and `kiln serve`: the prompt is the encoder
+input. `LLM.generate` of each is tests/models/test_encdec_families.py."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ MODEL = "bart"
 PROMPTS = ("The kiln fires clay into stone.", "héllo")
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encdec-e2e")
-    checkpoint = make_encdec_checkpoint("bart", "forced-bos", root / "ckpt")
+@pytest.fixture(
+    scope="module",
+    params=[("t5", "relu-tied"), ("bart", "forced-bos"), ("mbart", "forced-bos")],
+    ids=["t5", "bart", "mbart"],
+)
+def engine(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"encdec-e2e-{request.param[0]}")
+    checkpoint = make_encdec_checkpoint(*request.param, root / "ckpt")
     return build_tiny_engine(checkpoint, root / "engine", max_encoder_input_len=16)
 
 
@@ -30,7 +35,9 @@ def test_kiln_run_matches_transformers(engine):
 
 
 def test_kiln_serve_completions(engine):
-    offline = LLM(engine, **SHARED_GPU).generate(list(PROMPTS), SamplingParams(max_tokens=6, temperature=0.0))
+    llm = LLM(engine, **SHARED_GPU)
+    offline = llm.generate(list(PROMPTS), SamplingParams(max_tokens=6, temperature=0.0))
+    start = len(llm.engine.manifest.encoder_decoder.decoder_prefix)
     server = ServerProcess(engine, "--served-model-name", MODEL)
     try:
         for prompt, expected in zip(PROMPTS, offline):
@@ -38,12 +45,12 @@ def test_kiln_serve_completions(engine):
             r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == expected.text
-        # no max_tokens: the decoder's room, max_seq_len (64) less its two start tokens, whatever the input's length
+        # no max_tokens: the decoder's room, max_seq_len (64) less its start tokens, whatever the input's length
         r = httpx.post(
             server.url + "/v1/completions", json={"model": MODEL, "prompt": [5], "temperature": 0}, timeout=60
         )
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] <= 64 - 2
+        assert r.json()["usage"]["completion_tokens"] <= 64 - start
         body = {"model": MODEL, "prompt": "clay " * 40, "max_tokens": 2}
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400 and "max_encoder_input_len (16)" in r.json()["error"]["message"]

@@ -1,6 +1,6 @@
 """Encoder-decoder families: kiln's batched greedy output against transformers' `generate`, on CPU in float32.
 
-One engine per configuration (two per family, mBART one); the batch mixes encoder input lengths.
+One engine per configuration (two per family); the batch mixes encoder input lengths.
 The in-flight test admits a request while another decodes, so one step runs the encoder beside a
 decode row.
 """

@@ -11,6 +11,7 @@ from kiln.models.vlm.gemma3 import Gemma3
 from kiln.models.vlm.kosmos2 import Kosmos2
 from kiln.models.vlm.llava import Llava
 from kiln.models.vlm.llava_next import LlavaNext
+from kiln.models.vlm.llava_next_video import LlavaNextVideo
 from kiln.models.vlm.llava_onevision import LlavaOnevision
 from kiln.models.vlm.mllama import Mllama
 from kiln.models.vlm.pix2struct import Pix2Struct
@@ -24,6 +25,7 @@ _ALL = (
     Gemma3(),
     Qwen2_5VL(),
     LlavaOnevision(),
+    LlavaNextVideo(),
     Fuyu(),
     Kosmos2(),
     VisionEncoderDecoder(),

@@ -67,11 +67,21 @@ class LlavaNext(Llava):
         state: Mapping[str, torch.Tensor],
         config: Mapping[str, Any],
     ) -> list[torch.Tensor]:
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
-
         patches = torch.cat([item.tensors["pixel_values"] for item in items])
         features = run_in_batches(program, patches, limit)
         per_image = torch.split(features, [item.tensors["pixel_values"].shape[0] for item in items])
+        return self.pack(items, list(per_image), state, config)
+
+    def pack(
+        self,
+        items: list[ImageItem],
+        per_image: list[torch.Tensor],
+        state: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+    ) -> list[torch.Tensor]:
+        """Each image's patch features [patches, rows, hidden] packed into its feature sequence."""
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
         # transformers' own packing, given the config values it reads
         owner = SimpleNamespace(
             config=SimpleNamespace(
@@ -82,7 +92,7 @@ class LlavaNext(Llava):
         sizes = torch.stack([item.tensors["image_sizes"] for item in items])
         packed, _ = LlavaNextModel.pack_image_features(
             owner,  # type: ignore[arg-type]
-            list(per_image),
+            per_image,
             sizes,
             config["vision_feature_select_strategy"],
             image_newline=state["image_newline"],

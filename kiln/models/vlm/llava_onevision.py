@@ -41,10 +41,11 @@ DEFAULT_NUM_FRAMES = 8  # kiln's default when neither the request nor the video 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def _without_video_processor() -> Any:
-    from transformers import LlavaOnevisionProcessor
+def without_video_processor(name: str) -> Any:
+    """transformers' processor class `name`, built with no video processor (that one needs torchvision)."""
+    import transformers
 
-    class NoVideoProcessor(LlavaOnevisionProcessor):  # type: ignore[misc]
+    class NoVideoProcessor(getattr(transformers, name)):  # type: ignore[misc]
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
             if argument_name == "video_processor" and argument is None:
                 return None
@@ -56,10 +57,13 @@ def _without_video_processor() -> Any:
 class OnevisionProcessor:
     """transformers' `LlavaOnevisionProcessor` for text and images, with kiln's video preparation beside it."""
 
+    processor_class = "LlavaOnevisionProcessor"
+    processor_keys = PROCESSOR_KEYS
+
     def __init__(self, tokenizer: Any, image_processor: Any, settings: Mapping[str, Any], video: Mapping[str, Any]):
-        self.settings = {k: v for k, v in settings.items() if k in PROCESSOR_KEYS}
+        self.settings = {k: v for k, v in settings.items() if k in self.processor_keys}
         self.video = dict(video)
-        self.inner = _without_video_processor()(
+        self.inner = without_video_processor(self.processor_class)(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **self.settings
         )
         self.tokenizer, self.image_processor = tokenizer, image_processor
@@ -67,7 +71,7 @@ class OnevisionProcessor:
         self.num_frames = int(self.video.get("num_frames") or DEFAULT_NUM_FRAMES)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "OnevisionProcessor":
+    def from_pretrained(cls, path: str | Path) -> Any:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         path = Path(path)
