@@ -1,7 +1,8 @@
 """Mllama (Llama 3.2 Vision): greedy tokens identical to transformers' `generate` on CPU in float32, in one batch
 mixing image prompts (the image first or after text; one tile with a padding tile, or several) and a text-only
 prompt, over two configurations (cross-attention layers, tiles, KV heads; the second with chunked
-prompts). On the GPU in bf16 (KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16): the families' near-tie bar (`greedy_compare`)."""
+prompts). On the GPU in bf16 (KILN_TEST_DEVICE=cuda KILN_TEST_DTYPE=bfloat16): the families' near-tie bar
+(`greedy_compare`)."""
 
 from __future__ import annotations
 
