@@ -55,9 +55,10 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     from kiln.models.vlm_loader import checkpoint_recipe
 
     kind = checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind
-    if kind in ("vision_language", "encoder_decoder") and (config.tp_size > 1 or config.pp_size > 1):
-        what = "vision-language" if kind == "vision_language" else "encoder-decoder"
-        raise KilnError(f"{what} checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
+    if kind == "encoder_decoder" and (config.tp_size > 1 or config.pp_size > 1):
+        raise KilnError("encoder-decoder checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
+    if kind == "vision_language" and config.pp_size > 1:
+        raise KilnError("vision-language checkpoints are built with --pp-size 1 only (their language model shards)")
     if kind == "vision_language":
         return write_vlm_engine(checkpoint, output, config, progress)
     if kind == "encoder_decoder":
