@@ -1,6 +1,8 @@
 """Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
-preemption; int8/int4 engines shard; a missing launch, a wrong world size and a killed rank are clear errors."""
+preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, compressed-tensors) engines shard and
+int8/int4 engines pipeline as the one-rank engine runs; a missing launch, a wrong world size and a killed
+rank are clear errors."""
 
 from __future__ import annotations
 
@@ -77,7 +79,27 @@ CASES = {
 
 
 PIPELINED = ("llama-untied", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
-QUANTIZED = ("int8_wo", "int4_wo")  # of the llama-untied checkpoint, in groups of 32 (64 columns a rank)
+CALIBRATION = "the quick brown fox jumps over the lazy dog. " * 40
+QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 columns a rank)
+    "int8_wo": {"quantization": "int8_wo"},
+    "int4_wo": {"quantization": "int4_wo", "group_size": 32},
+    "fp8": {"quantization": "fp8"},  # per-channel weights, per-token inputs: o/down get the absmax columns
+    "int8_sq": {"quantization": "int8_sq", "weight_scales": "tensor", "act_scales": "tensor", "calib_size": 1},
+}
+PIPELINED_QUANTIZED = ("int8_wo", "int4_wo")
+PREQUANTIZED = ("awq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
+
+
+def prequantized(directory: Path, fmt: str, group_size: int = 32, **options: object) -> Path:
+    from tests.quantized_checkpoints import write_awq, write_compressed_tensors, write_gptq
+
+    if fmt == "awq":
+        write_awq(directory, group_size=group_size)
+    elif fmt == "gptq":
+        write_gptq(directory, group_size=group_size, **options)  # type: ignore[arg-type]
+    else:
+        write_compressed_tensors(directory, "W4A16", group_size)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +115,20 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
         ckpt, one, _ = made[case]
         made[f"pp2-{case}"] = ckpt, one, build_tiny_engine(ckpt, tmp_path_factory.mktemp(case) / "pp2", pp_size=2)
     ckpt = made["llama-untied"][0]
-    for method in QUANTIZED:
+    for method, options in QUANTIZED.items():
         tmp = tmp_path_factory.mktemp(method)
-        options = {"quantization": method, "group_size": 32}
+        if method == "int8_sq":
+            (tmp / "calib.txt").write_text(CALIBRATION)
+            options = {**options, "calib_data": str(tmp / "calib.txt")}
         one = build_tiny_engine(ckpt, tmp / "tp1", **options)
         made[method] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", tp_size=2, **options)
+        if method in PIPELINED_QUANTIZED:
+            made[f"pp2-{method}"] = ckpt, one, build_tiny_engine(ckpt, tmp / "pp2", pp_size=2, **options)
+    for fmt in PREQUANTIZED:
+        tmp = tmp_path_factory.mktemp(fmt)
+        quantized = prequantized(tmp / "ckpt", fmt)
+        one = build_tiny_engine(quantized, tmp / "tp1")
+        made[fmt] = quantized, one, build_tiny_engine(quantized, tmp / "tp2", tp_size=2)
     results = torchrun([two for _, _, two in made.values()], tmp_path_factory.mktemp("torchrun"))
     return {case: (*paths, results[str(paths[2])]) for case, paths in made.items()}
 
@@ -134,12 +165,32 @@ def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(engines, tmp_path: Pat
     assert result["preemptions"] > 0
 
 
-@pytest.mark.parametrize("method", QUANTIZED)
-def test_quantized_tp2_tokens_match_one_rank(method: str, engines) -> None:
-    _, one, two, result = engines[method]
-    assert json.loads((two / "manifest.json").read_text())["quantization"]["method"] == method
+QUANTIZED_CASES = [*QUANTIZED, *(f"pp2-{m}" for m in PIPELINED_QUANTIZED), *PREQUANTIZED]
+
+
+@pytest.mark.parametrize("case", QUANTIZED_CASES)
+def test_quantized_tp2_and_pp2_tokens_match_one_rank(case: str, engines) -> None:
+    _, one, two, result = engines[case]
+    blocks = [json.loads((e / "manifest.json").read_text())["quantization"] for e in (one, two)]
+    method, sharded = ({k: v for k, v in b.items() if k != "layers"} for b in blocks)
+    assert sharded == method and blocks[1]["layers"]  # the same method, scales and activations, and applied
     outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert result["tokens"] == [o.token_ids for o in outs]
+    assert len(set(sum(result["tokens"], []))) > 3
+
+
+@pytest.mark.parametrize(
+    "fmt, options, tp, message",
+    [
+        ("gptq", {"desc_act": True}, 2, "act-order"),
+        ("awq", {}, 4, "groups of 32 columns would straddle two ranks"),  # o_proj: 16 columns a rank
+    ],
+)
+def test_prequantized_splits_that_cannot_be_made_are_refused(fmt, options, tp: int, message: str, tmp_path) -> None:
+    ckpt = prequantized(tmp_path / "ckpt", fmt, **options)
+    with pytest.raises(KilnError, match=message):
+        build_tiny_engine(ckpt, tmp_path / "tp", tp_size=tp)
+    assert not (tmp_path / "tp").exists()
 
 
 def test_launch_errors(engines) -> None:

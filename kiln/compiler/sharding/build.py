@@ -20,13 +20,15 @@ from kiln.compiler.program_spec import CacheShape
 from kiln.compiler.quantize.methods import engine_quantization
 from kiln.compiler.sharding.layout import check_tp, head_split
 from kiln.compiler.sharding.stream import load_shard
+from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
-from kiln.engine.world import make_groups
+from kiln.engine.world import WORLD_GROUP, make_groups
 from kiln.errors import KilnError
 from kiln.models.loader import load_config
-from kiln.models.quantized_formats import CheckpointQuantization
 from kiln.progress import Progress
+
+SHARDED_METHODS = ("none", "int8_wo", "int4_wo", "fp8", "int8_sq")
 
 
 @contextlib.contextmanager
@@ -46,13 +48,12 @@ def fake_world(tp_size: int, pp_size: int = 1, rank: int = 0) -> Iterator[None]:
 
 
 def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
-    """Refuse what a tensor-parallel build does not do: a pre-quantized checkpoint, AWQ, a split that won't divide."""
+    """Refuse what a tensor-parallel build does not do: AWQ search, a narrow KV cache, a split that won't divide."""
     path = Path(checkpoint)
-    if CheckpointQuantization.of(path).reader is not None:
-        raise KilnError(f"{checkpoint} is pre-quantized: kiln builds such checkpoints with --tp-size 1 only")
-    if config.quantization not in ("none", "int8_wo", "int4_wo"):
+    if config.quantization not in SHARDED_METHODS:
         raise KilnError(
-            f"--quantization {config.quantization} is built with --tp-size 1 only; int8_wo and int4_wo shard"
+            f"--quantization {config.quantization} is built with --tp-size 1 only; {', '.join(SHARDED_METHODS[1:])} "
+            "and pre-quantized checkpoints shard"
         )
     if config.kv_cache_dtype != "auto":
         raise KilnError("a narrow KV cache (--kv-cache-dtype) is built with --tp-size 1 only (for now)")
@@ -76,10 +77,14 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
     dtype = torch_dtype(config.dtype)
     tp = config.tp_size
     written: list[WrittenProgram] = []
+    whole = WholeModel(checkpoint, config, progress) if needs_whole_model(checkpoint, config) else None
     with fake_world(tp):
         for rank in range(tp):
             with progress.stage(f"load rank{rank}", f"slices of {checkpoint}"):
-                loaded = load_shard(checkpoint, dtype, rank, tp, int8=config.quantization == "int8_wo")
+                if whole is not None:
+                    loaded = whole.shard(rank, tp, WORLD_GROUP)
+                else:
+                    loaded = load_shard(checkpoint, dtype, rank, tp, int8=config.quantization == "int8_wo")
             if rank == 0:
                 shape = cache_shape(loaded.config)
                 facts = model_facts(loaded, shape)
@@ -99,15 +104,17 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
                 max_batch_size=config.max_batch_size,
                 architecture=facts.architecture,
             )
-            quantized = loaded.quantized
+            linears = loaded.quantized  # this rank's
             del loaded
             written.append(
                 build_program(
-                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress, quantized
+                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress, linears
                 )
             )
             del spec
             gc.collect()
+    quantized = None if whole is None else whole.quantized
+    del whole
     first = written[0]
     engine = EngineFacts(
         config=config,
@@ -116,7 +123,7 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules=first.op_modules,
         passes=first.passes,
-        quantization=engine_quantization(config, None, first.quantized_layers),
+        quantization=engine_quantization(config, quantized, first.quantized_layers),
         world=WorldFacts(tp_size=tp, kv_heads_per_rank=rank_shape.num_kv_heads),
     )
     write_engine_manifest(output, engine, device, progress)
