@@ -114,3 +114,15 @@ def test_quantized_column_splits_that_cannot_be_made_are_refused() -> None:
     with pytest.raises(KilnError, match="act-order"):
         split_weight("o", _weight(groups=2, perm=True), Slice("o", 1, 4, 8, 4))
 
+
+def test_a_build_under_torchrun_needs_one_process_per_rank(monkeypatch) -> None:
+    from kiln.compiler.sharding.launched import BuildLaunch
+    from kiln.config import BuildConfig
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(KilnError, match="for 2 ranks .* torchrun launched 3 processes"):
+        BuildLaunch.from_env(BuildConfig(tp_size=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    launch = BuildLaunch.from_env(BuildConfig(tp_size=2))
+    assert launch is not None and (launch.rank, launch.world_size, launch.leads) == (1, 2, False)

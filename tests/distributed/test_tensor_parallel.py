@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from hf_reference import greedy, load_reference  # noqa: E402
-from tiny_checkpoints import FAMILIES, build_tiny_engine, make_tokenizer  # noqa: E402
+from tiny_checkpoints import FAMILIES, TINY_LIMITS, build_tiny_engine, make_tokenizer  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -78,7 +78,8 @@ CASES = {
 }
 
 
-PIPELINED = ("llama-untied", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
+PIPELINED = ("llama-untied", "qwen2", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
+TP_X_PP = ("llama-untied", "qwen2", "gemma2")
 CALIBRATION = "the quick brown fox jumps over the lazy dog. " * 40
 QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 columns a rank)
     "int8_wo": {"quantization": "int8_wo"},
@@ -154,12 +155,21 @@ def test_pp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
     assert result["preemptions"] > 0
 
 
-def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(engines, tmp_path: Path) -> None:
-    ckpt, one, _, _ = engines["llama-untied"]  # 2 layers: one a stage, each split over 2 ranks
-    four = build_tiny_engine(ckpt, tmp_path / "tp2pp2", tp_size=2, pp_size=2)
+@pytest.fixture(scope="module")
+def four_ranks(engines, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """{case: (its TP2 x PP2 engine, what it generated)}: one launch of 4 ranks over the engines."""
+    tmp = tmp_path_factory.mktemp("tp2pp2")
+    made = {case: build_tiny_engine(engines[case][0], tmp / case, tp_size=2, pp_size=2) for case in TP_X_PP}
+    results = torchrun(list(made.values()), tmp, ranks=4)
+    return {case: (four, results[str(four)]) for case, four in made.items()}
+
+
+@pytest.mark.parametrize("case", TP_X_PP)
+def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(case: str, engines, four_ranks) -> None:
+    ckpt, one, _, _ = engines[case]  # llama and qwen2: 2 layers, one a stage; gemma2: 2 a stage; each over 2 ranks
+    four, result = four_ranks[case]
     world = json.loads((four / "manifest.json").read_text())["world"]
     assert (world["tp_size"], world["pp_size"]) == (2, 2) and (four / "rank3").is_dir()
-    result = torchrun([four], tmp_path, ranks=4)[str(four)]
     hf, single = references(ckpt, one)
     assert result["tokens"] == hf == single
     assert result["preemptions"] > 0
@@ -231,6 +241,26 @@ def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> N
     _, err = procs[0].communicate(timeout=60)  # bounded: well within the collective timeout and then some
     assert procs[0].returncode != 0
     assert "rank 1 died" in err, err[-3000:]
+
+
+def test_build_under_torchrun_writes_the_one_process_engine(engines, tmp_path: Path) -> None:
+    ckpt, _, two, _ = engines["qwen2"]
+    limits = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_LIMITS.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kiln"]
+    command += ["build", str(ckpt), "-o", str(tmp_path / "tp2"), "--tp-size", "2", "--no-compile", *limits]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["tp2"]  # no staging directory left behind
+
+    def files(root: Path) -> set[Path]:
+        return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+
+    assert files(tmp_path / "tp2") == files(two)
+    for name in files(two):
+        mine, theirs = (tmp_path / "tp2" / name).read_bytes(), (two / name).read_bytes()
+        if name.name == "manifest.json":  # the same but for each stage's time
+            mine, theirs = ({**json.loads(m), "timings_s": None} for m in (mine, theirs))
+        assert mine == theirs, name
 
 
 def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None:

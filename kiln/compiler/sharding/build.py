@@ -18,6 +18,7 @@ from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape
 from kiln.compiler.quantize.methods import engine_quantization
+from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import check_tp, head_split
 from kiln.compiler.sharding.stream import load_shard
 from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
@@ -77,22 +78,24 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
     dtype = torch_dtype(config.dtype)
     tp = config.tp_size
     written: list[WrittenProgram] = []
+    launch = BuildLaunch.from_env(config)  # under torchrun: this process builds its own rank only
     whole = WholeModel(checkpoint, config, progress) if needs_whole_model(checkpoint, config) else None
     with fake_world(tp):
-        for rank in range(tp):
+        for rank in range(tp) if launch is None else [launch.rank]:
             with progress.stage(f"load rank{rank}", f"slices of {checkpoint}"):
                 if whole is not None:
                     loaded = whole.shard(rank, tp, WORLD_GROUP)
                 else:
                     loaded = load_shard(checkpoint, dtype, rank, tp, int8=config.quantization == "int8_wo")
-            if rank == 0:
+            if not written:
                 shape = cache_shape(loaded.config)
                 facts = model_facts(loaded, shape)
                 config = config.resolved(facts.max_position_embeddings)
                 split = head_split(0, tp, loaded.config.get_text_config().num_attention_heads, shape.num_kv_heads)
                 rank_shape = CacheShape(shape.num_layers, split.kv_heads, shape.head_dim)
-                loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
                 progress.note(f"{facts.architecture}: {tp} ranks of {split.q_heads} heads, {split.kv_heads} KV heads")
+            if rank == 0:
+                loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
             loaded.model.to(device)
             spec = text_spec(
                 loaded.model,
@@ -115,6 +118,10 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
             gc.collect()
     quantized = None if whole is None else whole.quantized
     del whole
+    if launch is not None:
+        launch.finish_rank(output)
+        if not launch.leads:
+            return
     first = written[0]
     engine = EngineFacts(
         config=config,
