@@ -1,9 +1,9 @@
 """Ranks of a tensor-parallel vision-language engine, as the VLM test launches them under torchrun.
 
-    python vlm_rank.py OUT.json ENGINE
+    python vlm_rank.py OUT.json ENGINE [ENGINE ...]
 
-Rank 0 generates the batch of `vlm_batch()` greedily and writes {"tokens": [[...], ...]}; the other ranks
-follow it inside `LLM(...)` until it is done."""
+Every rank loads each engine in turn; rank 0 generates the batch of `vlm_batch()` greedily and writes
+{engine: [[...], ...]}; the other ranks follow it inside `LLM(...)` until it is done with that engine."""
 
 from __future__ import annotations
 
@@ -31,16 +31,20 @@ def vlm_batch() -> list[Any]:
 
 
 def main() -> None:
-    out, engine = sys.argv[1], sys.argv[2]
-    try:
-        llm = LLM(engine, collective_timeout_s=30.0)
-    except SystemExit as done:  # a following rank: rank 0 is done
-        if done.code:
-            raise
-        return
-    outs = llm.generate(vlm_batch(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
-    llm.engine.release_ranks()
-    Path(out).write_text(json.dumps({"tokens": [o.token_ids for o in outs]}))
+    out, engines = sys.argv[1], sys.argv[2:]
+    results = {}
+    for engine in engines:
+        try:
+            llm = LLM(engine, collective_timeout_s=30.0)
+        except SystemExit as done:  # a following rank: rank 0 is done with this engine
+            if done.code:
+                raise
+            continue
+        outs = llm.generate(vlm_batch(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+        llm.engine.release_ranks()
+        results[engine] = [o.token_ids for o in outs]
+    if results:
+        Path(out).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

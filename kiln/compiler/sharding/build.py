@@ -9,6 +9,7 @@ import dataclasses
 import gc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,14 +63,21 @@ def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     check_tp(config.tp_size, heads, kv_heads, getattr(text, "intermediate_size", None), str(checkpoint))
-    if config.quantization == "int4_wo":
-        widths = {"MLP": getattr(text, "intermediate_size", 0), "attention": heads * cache_shape(text).head_dim}
-        for what, width in widths.items():
-            if (width // config.tp_size) % config.group_size:
-                raise KilnError(
-                    f"int4 groups of {config.group_size} do not divide the {what} slice of {width // config.tp_size} "
-                    f"columns each of {config.tp_size} ranks holds: build with a smaller --group-size"
-                )
+    check_int4_groups(config, text)
+
+
+def check_int4_groups(config: BuildConfig, text: Any) -> None:
+    """int4_wo: each rank's slice of a row-parallel linear's columns holds whole groups."""
+    if config.quantization != "int4_wo":
+        return
+    heads = text.num_attention_heads
+    widths = {"MLP": getattr(text, "intermediate_size", 0), "attention": heads * cache_shape(text).head_dim}
+    for what, width in widths.items():
+        if (width // config.tp_size) % config.group_size:
+            raise KilnError(
+                f"int4 groups of {config.group_size} do not divide the {what} slice of {width // config.tp_size} "
+                f"columns each of {config.tp_size} ranks holds: build with a smaller --group-size"
+            )
 
 
 def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
