@@ -21,6 +21,7 @@ from kiln.compiler.quantize.methods import (
     smoothquant_build_linears,
     uses_fp8,
 )
+from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.config import BuildConfig, kv_cache_torch_dtype, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, KVCacheFacts
 from kiln.errors import KilnError
@@ -38,13 +39,17 @@ def build_engine(
     if output.exists() and any(output.iterdir()) and not (output / "manifest.json").is_file():
         raise KilnError(f"{output} exists and is not a kiln engine; refusing to overwrite it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    launch = BuildLaunch.from_env(config)  # one of torchrun's processes: they share one staging directory
+    staging = output.parent / f".{output.name}.partial-{os.getpid() if launch is None else launch.run_id}"
+    if launch is None:
+        shutil.rmtree(staging, ignore_errors=True)
     try:
         _write_engine(checkpoint, staging, config, progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if launch is not None and not launch.leads:
+        return output  # rank 0 moves the engine into place once every rank's program is written
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
@@ -55,9 +60,12 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     from kiln.models.vlm_loader import checkpoint_recipe
 
     kind = checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind
-    if kind in ("vision_language", "encoder_decoder") and (config.tp_size > 1 or config.pp_size > 1):
-        what = "vision-language" if kind == "vision_language" else "encoder-decoder"
-        raise KilnError(f"{what} checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
+    if kind != "causal_lm" and BuildLaunch.from_env(config) is not None:
+        raise KilnError("under torchrun kiln builds text models; build this checkpoint in one process")
+    if kind == "encoder_decoder" and (config.tp_size > 1 or config.pp_size > 1):
+        raise KilnError("encoder-decoder checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
+    if kind == "vision_language" and config.pp_size > 1:
+        raise KilnError("vision-language checkpoints are built with --pp-size 1 only (their language model shards)")
     if kind == "vision_language":
         return write_vlm_engine(checkpoint, output, config, progress)
     if kind == "encoder_decoder":

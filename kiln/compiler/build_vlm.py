@@ -60,6 +60,10 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
                 else decoder_prefix(encdec.prefix_config(loaded.config, text_config), loaded.generation_config)
             )
             config = resolve_encoder_len(config, encdec.max_positions(text_config), max(len(prefix), 1))
+    if config.tp_size > 1:
+        from kiln.compiler.sharding.vlm import check_sharded_vlm
+
+        check_sharded_vlm(config, text_config, facts.architecture, loaded.quantized is not None, encdec is not None)
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)
     progress.note(
@@ -77,8 +81,16 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
     quantized = loaded.quantized  # the language model's linears only: the vision program is never quantized
-    encoder_decoder = None
-    if encdec is not None:  # image rows go into the encoder program
+    encoder_decoder, world = None, None
+    if config.tp_size > 1:  # the language model's programs in rank0/, rank1/, ...; the vision program unsharded
+        from kiln.compiler.sharding.vlm import build_sharded_llm
+
+        written, world = build_sharded_llm(
+            family.text_model(loaded.model), text_config, shape, config, output, progress, hidden=hidden,
+            position_rows=family.position_rows, bidirectional=family.bidirectional_images,
+            architecture=facts.architecture,
+        )  # fmt: skip
+    elif encdec is not None:  # image rows go into the encoder program
         written, encoder_decoder = build_encdec_programs(
             family.text_model(loaded.model), encdec, shape, config, output, progress,
             architecture=facts.architecture, prefix=prefix, image_hidden=hidden,
@@ -113,6 +125,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
         passes=written.passes,
         quantization=engine_quantization(config, quantized, written.quantized_layers),
         encoder_decoder=encoder_decoder,
+        world=world,
     )
     write_engine_manifest(output, engine, device, progress)
 

@@ -17,12 +17,22 @@ def tensor_group(rank: int, tp_size: int, pp_size: int) -> str:
     return WORLD_GROUP if pp_size == 1 else str(1 + rank // tp_size)
 
 
+_MADE: dict[Any, Any] = {}  # the groups made for (tp, pp) under the default group in "world"
+
+
 def make_groups(tp_size: int, pp_size: int, backend: str | None = None) -> list[Any]:
     """One tensor-parallel group per stage when there are several stages and ranks per stage; call it first
-    after init_process_group, on every rank."""
+    after init_process_group, on every rank. Made once per default group: an engine of the same layout
+    loaded later in the process reuses them (its programs name the same groups)."""
     if pp_size == 1 or tp_size == 1:
         return []
-    return [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size)), backend=backend) for s in range(pp_size)]
+    if _MADE.get("world") is not dist.group.WORLD:
+        _MADE.clear()
+        _MADE["world"] = dist.group.WORLD
+    if (tp_size, pp_size) not in _MADE:
+        ranks = [list(range(s * tp_size, (s + 1) * tp_size)) for s in range(pp_size)]
+        _MADE[tp_size, pp_size] = [dist.new_group(r, backend=backend) for r in ranks]
+    return list(_MADE[tp_size, pp_size])
 
 
 def pipeline_peers(rank: int, tp_size: int, pp_size: int) -> tuple[int | None, int | None]:

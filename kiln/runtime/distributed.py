@@ -5,8 +5,9 @@ waits at most `RuntimeConfig.collective_timeout_s`); every rank runs its own pro
 Tensor parallel: the collectives inside the programs combine the ranks. Pipeline parallel: a step's
 sequences go in micro-batches; each stage receives a micro-batch's hidden states from the previous one
 and sends its own on without waiting, the last sends its logits back to rank 0, so that stage 0 computes
-the next micro-batch while the later stages work on this one. Only rank 0 samples. A failed collective names the ranks
-found dead (each rank's host and pid are in torchrun's store) and stops this rank with an error."""
+the next micro-batch while the later stages work on this one. Only rank 0 samples. A vision-language
+engine's vision program runs on rank 0 only; its image rows follow the step's inputs. A failed collective
+names the ranks found dead (each rank's host and pid are in torchrun's store) and stops this rank with an error."""
 
 from __future__ import annotations
 
@@ -20,15 +21,37 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kiln.engine.manifest import WorldFacts
+from kiln.engine.manifest import MultimodalFacts, WorldFacts
 from kiln.engine.programs import Program
 from kiln.engine.world import make_groups, pipeline_peers, tensor_group
 from kiln.errors import KilnError
 
 _STEP, _STOP = 1, 0
-_SHAPE = 4  # a micro-batch's tokens, sequences, block-table width, logits rows
+_SHAPE = 5  # a micro-batch's tokens, sequences, block-table width, logits rows, image rows
 _IDLE = timedelta(days=30)  # the control group waits for rank 0's next step as long as the server idles
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """What a step's inputs hold beyond the text ones (a vision-language engine's): rows of positions (3 for
+    M-RoPE), the width of the image rows (0: a text engine), and whether attend_end follows."""
+
+    position_rows: int = 1
+    image_hidden: int = 0
+    bidirectional: bool = False
+
+    @classmethod
+    def of(cls, facts: MultimodalFacts | None) -> StepLayout:
+        if facts is None:
+            return cls()
+        return cls(facts.position_rows, facts.hidden_size, facts.bidirectional_images)
+
+    def int_count(self, shape: list[int]) -> int:
+        """int64 values of a micro-batch's packed inputs (all but the image rows and the KV cache)."""
+        tokens, seqs, width, rows, _ = shape
+        extra = tokens * (1 + self.bidirectional) if self.image_hidden else 0
+        return tokens * (2 + self.position_rows) + seqs * width + 2 * seqs + 1 + rows + extra
 
 
 @dataclass
@@ -40,6 +63,7 @@ class Rank:
     control: Any  # a gloo group for the step headers (no timeout while idle)
     dtype: torch.dtype  # of the hidden states pipeline stages pass on
     vocab_size: int  # columns of the logits the last stage sends back to rank 0
+    layout: StepLayout = StepLayout()
 
     @property
     def world_size(self) -> int:
@@ -54,7 +78,15 @@ def launch_hint(world: WorldFacts) -> str:
     return f"torchrun --nproc-per-node {world.world_size} -m kiln ..."
 
 
-def join(world: WorldFacts, device_type: str, timeout_s: float, *, dtype: torch.dtype, vocab_size: int) -> Rank:
+def join(
+    world: WorldFacts,
+    device_type: str,
+    timeout_s: float,
+    *,
+    dtype: torch.dtype,
+    vocab_size: int,
+    layout: StepLayout = StepLayout(),
+) -> Rank:
     """Join the torchrun launch this process is part of; a missing launch or a wrong world size is a clear error."""
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
@@ -85,7 +117,7 @@ def join(world: WorldFacts, device_type: str, timeout_s: float, *, dtype: torch.
     store = _store()
     if store is not None:
         store.set(f"kiln/rank{rank}", f"{socket.gethostname()}:{os.getpid()}")
-    return Rank(rank, world, control, dtype, vocab_size)
+    return Rank(rank, world, control, dtype, vocab_size, layout)
 
 
 def _store() -> Any:
@@ -147,21 +179,44 @@ def _header(world: WorldFacts, command: int, batches: list[tuple[torch.Tensor, .
     header[0], header[1] = command, len(batches)
     for i, inputs in enumerate(batches):
         tables = inputs[3]
-        shape = [inputs[0].numel(), tables.shape[0], tables.shape[1], inputs[6].numel()]
+        images = inputs[8].shape[0] if len(inputs) > 8 else 0
+        shape = [inputs[0].numel(), tables.shape[0], tables.shape[1], inputs[6].numel(), images]
         header[2 + _SHAPE * i : 2 + _SHAPE * (i + 1)] = torch.tensor(shape)
     return header
 
 
 def _pack(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).to(torch.int64) for t in inputs[:7]])
+    """The int inputs of a step, flat: the text ones (not the KV cache), then a VLM's mm_index and attend_end."""
+    return torch.cat([t.reshape(-1).to(torch.int64) for t in (*inputs[:7], *inputs[9:])])
 
 
-def _unpack(payload: torch.Tensor, shape: list[int], kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    tokens, seqs, width, rows = shape
-    ids, positions, slots, tables, lens, starts, logits = payload.split(
-        [tokens, tokens, tokens, seqs * width, seqs, seqs + 1, rows]
+def _unpack(
+    payload: torch.Tensor, shape: list[int], kv_cache: torch.Tensor, layout: StepLayout, images: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    tokens, seqs, width, rows, _ = shape
+    extra = [tokens] * (1 + layout.bidirectional) if layout.image_hidden else []
+    ids, positions, slots, tables, lens, starts, logits, *more = payload.split(
+        [tokens, tokens * layout.position_rows, tokens, seqs * width, seqs, seqs + 1, rows, *extra]
     )
-    return ids, positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache
+    if layout.position_rows > 1:
+        positions = positions.view(layout.position_rows, tokens)
+    text = (ids, positions, slots, tables.view(seqs, width).int(), lens.int(), starts.int(), logits, kv_cache)
+    return text if images is None else (*text, images, *more)
+
+
+def _send_images(batches: list[tuple[torch.Tensor, ...]], rank: Rank) -> None:
+    """A vision-language step's image rows (rank 0 ran the vision program), over the default group."""
+    if rank.layout.image_hidden:
+        dist.broadcast(torch.cat([inputs[8].to(rank.dtype) for inputs in batches]).contiguous(), 0)
+
+
+def _receive_images(shapes: list[list[int]], rank: Rank, device: torch.device) -> list[torch.Tensor | None]:
+    if not rank.layout.image_hidden:
+        return [None] * len(shapes)
+    counts = [shape[4] for shape in shapes]
+    rows = torch.empty(sum(counts), rank.layout.image_hidden, dtype=rank.dtype, device=device)
+    dist.broadcast(rows, 0)
+    return list(rows.split(counts))
 
 
 class LeaderProgram:
@@ -183,6 +238,7 @@ class LeaderProgram:
         try:
             dist.broadcast(_header(world, _STEP, batches), 0, group=self.rank.control)
             dist.broadcast(torch.cat([_pack(inputs) for inputs in batches]), 0)
+            _send_images(batches, self.rank)
             if world.pp_size == 1:
                 return [self.program(*inputs) for inputs in batches]
             requests, logits = [], []
@@ -223,13 +279,14 @@ def follow(program: Program, kv_cache: torch.Tensor, rank: Rank) -> None:
             if command == _STOP:
                 return
             shapes = [shapes[_SHAPE * i : _SHAPE * (i + 1)] for i in range(count)]
-            sizes = [3 * t + s * w + 2 * s + 1 + r for t, s, w, r in shapes]
+            sizes = [rank.layout.int_count(shape) for shape in shapes]
             payload = torch.empty(sum(sizes), dtype=torch.int64, device=device)
             dist.broadcast(payload, 0)
+            images = _receive_images(shapes, rank, device)
             sent = []
             with torch.inference_mode():
-                for part, shape in zip(payload.split(sizes), shapes):
-                    inputs = _unpack(part, shape, kv_cache)
+                for part, shape, rows in zip(payload.split(sizes), shapes, images):
+                    inputs = _unpack(part, shape, kv_cache, rank.layout, rows)
                     first = inputs[0]
                     if source is not None:  # a later stage: the previous stage's hidden states
                         first = torch.empty(shape[0], world.hidden_size, dtype=rank.dtype, device=device)

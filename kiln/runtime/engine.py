@@ -59,6 +59,7 @@ class Engine:
                 self.runtime.collective_timeout_s,
                 dtype=torch_dtype(self.manifest.build.dtype),
                 vocab_size=self.manifest.model.vocab_size,
+                layout=distributed.StepLayout.of(self.manifest.multimodal),
             )
         self.device = check_compatible(self.manifest)
         # The kernels this engine's ops run: selected around its measured step, its graph capture and each step.
@@ -84,7 +85,11 @@ class Engine:
                 encoder = load_program(self.path / ENCODER_DIR, self.device, compiled=compiled, op_modules=ops).program
         # Images -> expanded prompt + features, for engines built from a vision-language checkpoint
         # (loaded before the pool, which is sized with the vision program's peak kept free).
-        self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
+        # With several ranks only rank 0 runs the vision program; the image rows go out with each step's inputs.
+        leads = self.rank is None or self.rank.leads
+        self.multimodal = None
+        if leads:
+            self.multimodal = load_pipeline(self.path, self.manifest, self.device, self.runtime.use_compiled)
         dtype = torch_dtype(self.build.dtype)
         bs = self.build.tokens_per_block
         mm_spec = self.manifest.multimodal

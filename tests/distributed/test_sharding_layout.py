@@ -1,4 +1,5 @@
-"""How a tensor-parallel build splits heads, vocabulary and int8 scales, and the splits it refuses (no build)."""
+"""How a tensor-parallel build splits heads, vocabulary, int8 scales and quantized weights, and the splits it
+refuses (no build)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from kiln.compiler.quantize.rtn import quantize_int8
 from kiln.compiler.sharding.layout import HeadSplit, check_tp, head_split, vocab_rows
 from kiln.compiler.sharding.quantize import row_parallel_int8
 from kiln.compiler.sharding.shard import Slice
+from kiln.compiler.sharding.split_quantized import AMAX_COLUMNS, split_weight
 from kiln.errors import KilnError
+from kiln.kernels.quantized_weight import QuantizedWeight
 
 
 def test_heads_split_or_replicate() -> None:
@@ -57,7 +60,6 @@ def test_row_parallel_int8_uses_whole_row_scales() -> None:
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"quantization": "fp8"}, "--quantization fp8 is built with --tp-size 1 only"),
         ({"quantization": "int4_awq", "calib_data": "notes.txt"}, "--quantization int4_awq is built with --tp-size 1"),
         ({"kv_cache_dtype": "fp8"}, r"a narrow KV cache \(--kv-cache-dtype\) is built with --tp-size 1 only"),
     ],
@@ -70,3 +72,57 @@ def test_what_a_sharded_build_does_not_do_is_refused(tmp_path, options, message)
     make_checkpoint("llama", tmp_path)
     with pytest.raises(KilnError, match=message):
         check_sharded_request(tmp_path, BuildConfig(tp_size=2, **options))
+
+
+def _weight(groups: int, activations: str = "none", perm: bool = False) -> QuantizedWeight:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 16, (6, 8), generator=gen, dtype=torch.int8)
+    scales = torch.rand(6, groups, generator=gen) + 0.5
+    zeros = None if activations != "none" else torch.randint(0, 16, (6, groups), generator=gen).float()
+    return QuantizedWeight(
+        values,
+        scales,
+        zeros,
+        8 if activations != "none" else 4,
+        8 // groups,
+        perm=torch.randperm(8, generator=gen) if perm else None,
+        activations=activations,
+    )
+
+
+def test_quantized_rows_split_with_their_scales() -> None:
+    whole = _weight(groups=2, perm=True)
+    part = split_weight("q", whole, Slice("q", 0, 2, 4, 2))
+    assert torch.equal(part.values, whole.values[2:4]) and torch.equal(part.scales, whole.scales[2:4])
+    assert part.zeros is not None and whole.zeros is not None and torch.equal(part.zeros, whole.zeros[2:4])
+    assert part.perm is whole.perm and part.group_size == 4  # act-order orders the whole input: kept
+
+
+def test_quantized_columns_split_whole_groups_and_per_token_inputs_get_absmax_columns() -> None:
+    whole = _weight(groups=2)
+    part = split_weight("o", whole, Slice("o", 1, 4, 8, 4))
+    assert torch.equal(part.values, whole.values[:, 4:]) and torch.equal(part.scales, whole.scales[:, 1:])
+    assert torch.equal(part.dequantize(torch.float32), whole.dequantize(torch.float32)[:, 4:])
+    dynamic = split_weight("o", _weight(groups=1, activations="dynamic"), Slice("o", 1, 4, 8, 4))
+    assert dynamic.values.shape == (6, 4 + AMAX_COLUMNS) and not dynamic.values[:, 4:].any()
+    assert dynamic.group_size == 4 + AMAX_COLUMNS  # one per-channel scale: the whole row's
+
+
+def test_quantized_column_splits_that_cannot_be_made_are_refused() -> None:
+    with pytest.raises(KilnError, match="groups of 4 columns would straddle two ranks"):
+        split_weight("o", _weight(groups=2), Slice("o", 1, 2, 4, 2))
+    with pytest.raises(KilnError, match="act-order"):
+        split_weight("o", _weight(groups=2, perm=True), Slice("o", 1, 4, 8, 4))
+
+
+def test_a_build_under_torchrun_needs_one_process_per_rank(monkeypatch) -> None:
+    from kiln.compiler.sharding.launched import BuildLaunch
+    from kiln.config import BuildConfig
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(KilnError, match="for 2 ranks .* torchrun launched 3 processes"):
+        BuildLaunch.from_env(BuildConfig(tp_size=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    launch = BuildLaunch.from_env(BuildConfig(tp_size=2))
+    assert launch is not None and (launch.rank, launch.world_size, launch.leads) == (1, 2, False)

@@ -1,6 +1,8 @@
 """Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
-preemption; int8/int4 engines shard; a missing launch, a wrong world size and a killed rank are clear errors."""
+preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, compressed-tensors) engines shard and
+int8/int4 engines pipeline as the one-rank engine runs; a missing launch, a wrong world size and a killed
+rank are clear errors."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from hf_reference import greedy, load_reference  # noqa: E402
-from tiny_checkpoints import FAMILIES, build_tiny_engine, make_tokenizer  # noqa: E402
+from tiny_checkpoints import FAMILIES, TINY_LIMITS, build_tiny_engine, make_tokenizer  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -76,8 +78,29 @@ CASES = {
 }
 
 
-PIPELINED = ("llama-untied", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
-QUANTIZED = ("int8_wo", "int4_wo")  # of the llama-untied checkpoint, in groups of 32 (64 columns a rank)
+PIPELINED = ("llama-untied", "qwen2", "gemma2")  # gemma2: 4 layers, sliding and full attention in each stage
+TP_X_PP = ("llama-untied", "qwen2", "gemma2")
+CALIBRATION = "the quick brown fox jumps over the lazy dog. " * 40
+QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 columns a rank)
+    "int8_wo": {"quantization": "int8_wo"},
+    "int4_wo": {"quantization": "int4_wo", "group_size": 32},
+    "fp8": {"quantization": "fp8"},  # per-channel weights, per-token inputs: o/down get the absmax columns
+    "int8_sq": {"quantization": "int8_sq", "weight_scales": "tensor", "act_scales": "tensor", "calib_size": 1},
+}
+PIPELINED_QUANTIZED = ("int8_wo", "int4_wo")
+PREQUANTIZED = ("awq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
+
+
+def prequantized(directory: Path, fmt: str, group_size: int = 32, **options: object) -> Path:
+    from tests.quantized_checkpoints import write_awq, write_compressed_tensors, write_gptq
+
+    if fmt == "awq":
+        write_awq(directory, group_size=group_size)
+    elif fmt == "gptq":
+        write_gptq(directory, group_size=group_size, **options)  # type: ignore[arg-type]
+    else:
+        write_compressed_tensors(directory, "W4A16", group_size)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +116,20 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
         ckpt, one, _ = made[case]
         made[f"pp2-{case}"] = ckpt, one, build_tiny_engine(ckpt, tmp_path_factory.mktemp(case) / "pp2", pp_size=2)
     ckpt = made["llama-untied"][0]
-    for method in QUANTIZED:
+    for method, options in QUANTIZED.items():
         tmp = tmp_path_factory.mktemp(method)
-        options = {"quantization": method, "group_size": 32}
+        if method == "int8_sq":
+            (tmp / "calib.txt").write_text(CALIBRATION)
+            options = {**options, "calib_data": str(tmp / "calib.txt")}
         one = build_tiny_engine(ckpt, tmp / "tp1", **options)
         made[method] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", tp_size=2, **options)
+        if method in PIPELINED_QUANTIZED:
+            made[f"pp2-{method}"] = ckpt, one, build_tiny_engine(ckpt, tmp / "pp2", pp_size=2, **options)
+    for fmt in PREQUANTIZED:
+        tmp = tmp_path_factory.mktemp(fmt)
+        quantized = prequantized(tmp / "ckpt", fmt)
+        one = build_tiny_engine(quantized, tmp / "tp1")
+        made[fmt] = quantized, one, build_tiny_engine(quantized, tmp / "tp2", tp_size=2)
     results = torchrun([two for _, _, two in made.values()], tmp_path_factory.mktemp("torchrun"))
     return {case: (*paths, results[str(paths[2])]) for case, paths in made.items()}
 
@@ -123,23 +155,52 @@ def test_pp2_tokens_match_one_rank_and_transformers(case: str, engines) -> None:
     assert result["preemptions"] > 0
 
 
-def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(engines, tmp_path: Path) -> None:
-    ckpt, one, _, _ = engines["llama-untied"]  # 2 layers: one a stage, each split over 2 ranks
-    four = build_tiny_engine(ckpt, tmp_path / "tp2pp2", tp_size=2, pp_size=2)
+@pytest.fixture(scope="module")
+def four_ranks(engines, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """{case: (its TP2 x PP2 engine, what it generated)}: one launch of 4 ranks over the engines."""
+    tmp = tmp_path_factory.mktemp("tp2pp2")
+    made = {case: build_tiny_engine(engines[case][0], tmp / case, tp_size=2, pp_size=2) for case in TP_X_PP}
+    results = torchrun(list(made.values()), tmp, ranks=4)
+    return {case: (four, results[str(four)]) for case, four in made.items()}
+
+
+@pytest.mark.parametrize("case", TP_X_PP)
+def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(case: str, engines, four_ranks) -> None:
+    ckpt, one, _, _ = engines[case]  # llama and qwen2: 2 layers, one a stage; gemma2: 2 a stage; each over 2 ranks
+    four, result = four_ranks[case]
     world = json.loads((four / "manifest.json").read_text())["world"]
     assert (world["tp_size"], world["pp_size"]) == (2, 2) and (four / "rank3").is_dir()
-    result = torchrun([four], tmp_path, ranks=4)[str(four)]
     hf, single = references(ckpt, one)
     assert result["tokens"] == hf == single
     assert result["preemptions"] > 0
 
 
-@pytest.mark.parametrize("method", QUANTIZED)
-def test_quantized_tp2_tokens_match_one_rank(method: str, engines) -> None:
-    _, one, two, result = engines[method]
-    assert json.loads((two / "manifest.json").read_text())["quantization"]["method"] == method
+QUANTIZED_CASES = [*QUANTIZED, *(f"pp2-{m}" for m in PIPELINED_QUANTIZED), *PREQUANTIZED]
+
+
+@pytest.mark.parametrize("case", QUANTIZED_CASES)
+def test_quantized_tp2_and_pp2_tokens_match_one_rank(case: str, engines) -> None:
+    _, one, two, result = engines[case]
+    blocks = [json.loads((e / "manifest.json").read_text())["quantization"] for e in (one, two)]
+    method, sharded = ({k: v for k, v in b.items() if k != "layers"} for b in blocks)
+    assert sharded == method and blocks[1]["layers"]  # the same method, scales and activations, and applied
     outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert result["tokens"] == [o.token_ids for o in outs]
+    assert len(set(sum(result["tokens"], []))) > 3
+
+
+@pytest.mark.parametrize(
+    "fmt, options, tp, message",
+    [
+        ("gptq", {"desc_act": True}, 2, "act-order"),
+        ("awq", {}, 4, "groups of 32 columns would straddle two ranks"),  # o_proj: 16 columns a rank
+    ],
+)
+def test_prequantized_splits_that_cannot_be_made_are_refused(fmt, options, tp: int, message: str, tmp_path) -> None:
+    ckpt = prequantized(tmp_path / "ckpt", fmt, **options)
+    with pytest.raises(KilnError, match=message):
+        build_tiny_engine(ckpt, tmp_path / "tp", tp_size=tp)
+    assert not (tmp_path / "tp").exists()
 
 
 def test_launch_errors(engines) -> None:
@@ -180,6 +241,26 @@ def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> N
     _, err = procs[0].communicate(timeout=60)  # bounded: well within the collective timeout and then some
     assert procs[0].returncode != 0
     assert "rank 1 died" in err, err[-3000:]
+
+
+def test_build_under_torchrun_writes_the_one_process_engine(engines, tmp_path: Path) -> None:
+    ckpt, _, two, _ = engines["qwen2"]
+    limits = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_LIMITS.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kiln"]
+    command += ["build", str(ckpt), "-o", str(tmp_path / "tp2"), "--tp-size", "2", "--no-compile", *limits]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["tp2"]  # no staging directory left behind
+
+    def files(root: Path) -> set[Path]:
+        return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+
+    assert files(tmp_path / "tp2") == files(two)
+    for name in files(two):
+        mine, theirs = (tmp_path / "tp2" / name).read_bytes(), (two / name).read_bytes()
+        if name.name == "manifest.json":  # the same but for each stage's time
+            mine, theirs = ({**json.loads(m), "timings_s": None} for m in (mine, theirs))
+        assert mine == theirs, name
 
 
 def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None:

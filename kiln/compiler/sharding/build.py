@@ -9,6 +9,7 @@ import dataclasses
 import gc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,15 +19,18 @@ from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape
 from kiln.compiler.quantize.methods import engine_quantization
+from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import check_tp, head_split
 from kiln.compiler.sharding.stream import load_shard
+from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
-from kiln.engine.world import make_groups
+from kiln.engine.world import WORLD_GROUP, make_groups
 from kiln.errors import KilnError
 from kiln.models.loader import load_config
-from kiln.models.quantized_formats import CheckpointQuantization
 from kiln.progress import Progress
+
+SHARDED_METHODS = ("none", "int8_wo", "int4_wo", "fp8", "int8_sq")
 
 
 @contextlib.contextmanager
@@ -46,13 +50,12 @@ def fake_world(tp_size: int, pp_size: int = 1, rank: int = 0) -> Iterator[None]:
 
 
 def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
-    """Refuse what a tensor-parallel build does not do: a pre-quantized checkpoint, AWQ, a split that won't divide."""
+    """Refuse what a tensor-parallel build does not do: AWQ search, a narrow KV cache, a split that won't divide."""
     path = Path(checkpoint)
-    if CheckpointQuantization.of(path).reader is not None:
-        raise KilnError(f"{checkpoint} is pre-quantized: kiln builds such checkpoints with --tp-size 1 only")
-    if config.quantization not in ("none", "int8_wo", "int4_wo"):
+    if config.quantization not in SHARDED_METHODS:
         raise KilnError(
-            f"--quantization {config.quantization} is built with --tp-size 1 only; int8_wo and int4_wo shard"
+            f"--quantization {config.quantization} is built with --tp-size 1 only; {', '.join(SHARDED_METHODS[1:])} "
+            "and pre-quantized checkpoints shard"
         )
     if config.kv_cache_dtype != "auto":
         raise KilnError("a narrow KV cache (--kv-cache-dtype) is built with --tp-size 1 only (for now)")
@@ -60,14 +63,21 @@ def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     check_tp(config.tp_size, heads, kv_heads, getattr(text, "intermediate_size", None), str(checkpoint))
-    if config.quantization == "int4_wo":
-        widths = {"MLP": getattr(text, "intermediate_size", 0), "attention": heads * cache_shape(text).head_dim}
-        for what, width in widths.items():
-            if (width // config.tp_size) % config.group_size:
-                raise KilnError(
-                    f"int4 groups of {config.group_size} do not divide the {what} slice of {width // config.tp_size} "
-                    f"columns each of {config.tp_size} ranks holds: build with a smaller --group-size"
-                )
+    check_int4_groups(config, text)
+
+
+def check_int4_groups(config: BuildConfig, text: Any) -> None:
+    """int4_wo: each rank's slice of a row-parallel linear's columns holds whole groups."""
+    if config.quantization != "int4_wo":
+        return
+    heads = text.num_attention_heads
+    widths = {"MLP": getattr(text, "intermediate_size", 0), "attention": heads * cache_shape(text).head_dim}
+    for what, width in widths.items():
+        if (width // config.tp_size) % config.group_size:
+            raise KilnError(
+                f"int4 groups of {config.group_size} do not divide the {what} slice of {width // config.tp_size} "
+                f"columns each of {config.tp_size} ranks holds: build with a smaller --group-size"
+            )
 
 
 def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
@@ -76,18 +86,24 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
     dtype = torch_dtype(config.dtype)
     tp = config.tp_size
     written: list[WrittenProgram] = []
+    launch = BuildLaunch.from_env(config)  # under torchrun: this process builds its own rank only
+    whole = WholeModel(checkpoint, config, progress) if needs_whole_model(checkpoint, config) else None
     with fake_world(tp):
-        for rank in range(tp):
+        for rank in range(tp) if launch is None else [launch.rank]:
             with progress.stage(f"load rank{rank}", f"slices of {checkpoint}"):
-                loaded = load_shard(checkpoint, dtype, rank, tp, int8=config.quantization == "int8_wo")
-            if rank == 0:
+                if whole is not None:
+                    loaded = whole.shard(rank, tp, WORLD_GROUP)
+                else:
+                    loaded = load_shard(checkpoint, dtype, rank, tp, int8=config.quantization == "int8_wo")
+            if not written:
                 shape = cache_shape(loaded.config)
                 facts = model_facts(loaded, shape)
                 config = config.resolved(facts.max_position_embeddings)
                 split = head_split(0, tp, loaded.config.get_text_config().num_attention_heads, shape.num_kv_heads)
                 rank_shape = CacheShape(shape.num_layers, split.kv_heads, shape.head_dim)
-                loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
                 progress.note(f"{facts.architecture}: {tp} ranks of {split.q_heads} heads, {split.kv_heads} KV heads")
+            if rank == 0:
+                loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
             loaded.model.to(device)
             spec = text_spec(
                 loaded.model,
@@ -99,15 +115,21 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
                 max_batch_size=config.max_batch_size,
                 architecture=facts.architecture,
             )
-            quantized = loaded.quantized
+            linears = loaded.quantized  # this rank's
             del loaded
             written.append(
                 build_program(
-                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress, quantized
+                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress, linears
                 )
             )
             del spec
             gc.collect()
+    quantized = None if whole is None else whole.quantized
+    del whole
+    if launch is not None:
+        launch.finish_rank(output)
+        if not launch.leads:
+            return
     first = written[0]
     engine = EngineFacts(
         config=config,
@@ -116,7 +138,7 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules=first.op_modules,
         passes=first.passes,
-        quantization=engine_quantization(config, None, first.quantized_layers),
+        quantization=engine_quantization(config, quantized, first.quantized_layers),
         world=WorldFacts(tp_size=tp, kv_heads_per_rank=rank_shape.num_kv_heads),
     )
     write_engine_manifest(output, engine, device, progress)

@@ -16,15 +16,22 @@ from torch.nn import functional as F
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_slice @ W[:, slice].T) + bias: each rank holds a slice of the input columns."""
+    """y = all_reduce(x_slice @ W[:, slice].T) + bias: each rank holds a slice of the input columns.
+    With `amax_columns` (a W8A8 weight quantizing its input per token), the slice is followed by that many
+    columns holding each token's absmax over all ranks, whose weight columns are zero: the per-token
+    scale a rank computes is then the whole row's (`kiln.compiler.sharding.split_quantized`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group: Any = group
+        self.amax_columns = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amax_columns:
+            amax = funcol.all_reduce(x.abs().amax(dim=-1, keepdim=True), "max", self.group)
+            x = torch.cat([x, amax.expand(*x.shape[:-1], self.amax_columns)], dim=-1)
         y = funcol.all_reduce(F.linear(x, self.weight), "sum", self.group)
         return y if self.bias is None else y + self.bias
 

@@ -22,6 +22,7 @@ class ShardPlan:
 
 
 LLAMA_LIKE = ShardPlan()
+LLAVA = ShardPlan(embedding="model.language_model.embed_tokens")  # a Llama-like language model under model.
 
 PLANS: dict[str, ShardPlan] = {
     "LlamaForCausalLM": LLAMA_LIKE,
@@ -29,6 +30,7 @@ PLANS: dict[str, ShardPlan] = {
     "Qwen2ForCausalLM": LLAMA_LIKE,
     "Qwen3ForCausalLM": LLAMA_LIKE,
     "Gemma2ForCausalLM": LLAMA_LIKE,
+    "LlavaForConditionalGeneration": LLAVA,  # the language model; the vision program runs unsharded
 }
 
 

@@ -29,8 +29,10 @@ from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import tensor_group
 from kiln.errors import KilnError
 from kiln.models.loader import load_checkpoint
+from kiln.models.quantized_formats import CheckpointQuantization
 from kiln.progress import Progress
 
+PIPELINED_METHODS = ("none", "int8_wo", "int4_wo")  # round-to-nearest per weight: the same in any stage
 STAGE_INPUT_NAMES = ("hidden_states", *INPUT_NAMES[1:])  # a later stage takes hidden states [T, hidden]
 
 
@@ -102,8 +104,13 @@ def stage_spec(
 def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
     """Each rank's stage loaded (its tensor-parallel slices with --tp-size), cut to its layers and built in
     turn: rank = stage x tp_size + tensor-parallel rank."""
-    if config.quantization != "none" or config.kv_cache_dtype != "auto":
-        raise KilnError("pipeline-parallel engines are built unquantized, with the model-dtype KV cache (for now)")
+    if config.quantization not in PIPELINED_METHODS or config.kv_cache_dtype != "auto":
+        raise KilnError(
+            "pipeline-parallel engines are built unquantized or with int8_wo / int4_wo, with the model-dtype KV "
+            "cache (for now)"
+        )
+    if CheckpointQuantization.of(Path(checkpoint)).reader is not None:
+        raise KilnError(f"{checkpoint} is pre-quantized: kiln builds it with --pp-size 1 only (for now)")
     if config.tp_size > 1:
         check_sharded_request(checkpoint, config)
     stages, tp = config.pp_size, config.tp_size
@@ -114,7 +121,8 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
         with fake_world(tp, stages, rank) if tp > 1 else contextlib.nullcontext():
             with progress.stage(f"load rank{rank}", str(checkpoint)):
                 if tp > 1:
-                    loaded = load_shard(checkpoint, dtype, t, tp, group=tensor_group(rank, tp, stages))
+                    group = tensor_group(rank, tp, stages)
+                    loaded = load_shard(checkpoint, dtype, t, tp, int8=config.quantization == "int8_wo", group=group)
                 else:
                     loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
             shape = cache_shape(loaded.config)
@@ -129,14 +137,16 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
                 loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
             hidden = int(text.hidden_size)
             model = loaded.model.to(device)
+            quantized = loaded.quantized  # int8 row-parallel shards on whole-row scales (else the pass's RTN)
             del loaded
             keep_layers(model, stage * per, (stage + 1) * per, first=stage == 0, last=stage == stages - 1)
             gc.collect()
             rank_shape = CacheShape(per, kv_heads, shape.head_dim)
             spec = stage_spec(model, rank_shape, config, hidden, facts.architecture, stage=stage, stages=stages)
             del model
+            directory = WorldFacts.rank_dir(rank)
             written.append(
-                build_program(dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress)
+                build_program(dataclasses.replace(spec, directory=directory), output, config, progress, quantized)
             )
             del spec
             gc.collect()
@@ -147,7 +157,9 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
         source_checkpoint=str(Path(checkpoint).resolve()),
         op_modules={op: mods for w in written for op, mods in w.op_modules.items()},
         passes=written[-1].passes,
-        quantization=engine_quantization(config, None, ()),
+        quantization=engine_quantization(
+            config, None, tuple(dict.fromkeys(n for w in written for n in w.quantized_layers))
+        ),
         world=WorldFacts(tp_size=tp, kv_heads_per_rank=kv_heads, pp_size=stages, hidden_size=hidden),
     )
     write_engine_manifest(output, engine, device, progress)

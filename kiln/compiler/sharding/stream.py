@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +52,34 @@ def _key_files(path: Path) -> dict[str, Path]:
     return files
 
 
-def _read(files: dict[str, Path], piece: Slice, fallback: str | None, dtype: torch.dtype) -> torch.Tensor:
-    key = piece.key if piece.key in files else fallback
-    if key is None or key not in files:
-        raise KilnError(f"the checkpoint has no tensor {piece.key}")
-    with safe_open(str(files[key]), "pt") as f:
-        handle = f.get_slice(key)
-        if piece.dim is None:
-            return handle[:].to(dtype).contiguous()
-        index = (slice(None),) * piece.dim + (slice(piece.start, piece.stop),)
-        tensor = handle[index].to(dtype).contiguous()
+def cut(source: Any, piece: Slice, dtype: torch.dtype) -> torch.Tensor:
+    """`piece` of `source` (a tensor, or a safetensors slice handle), in `dtype`, zero-padded to its size."""
+    if piece.dim is None:
+        return source[:].to(dtype).contiguous()
+    index = (slice(None),) * piece.dim + (slice(piece.start, piece.stop),)
+    tensor = source[index].to(dtype).contiguous()
     missing = piece.size - (piece.stop - piece.start)
     if missing:
         pad = list(tensor.shape)
         pad[piece.dim] = missing
         tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=piece.dim)
     return tensor
+
+
+def _read(files: dict[str, Path], piece: Slice, fallback: str | None, dtype: torch.dtype) -> torch.Tensor:
+    key = piece.key if piece.key in files else fallback
+    if key is None or key not in files:
+        raise KilnError(f"the checkpoint has no tensor {piece.key}")
+    with safe_open(str(files[key]), "pt") as f:
+        return cut(f.get_slice(key), piece, dtype)
+
+
+def fill(model: nn.Module, slices: dict[str, Slice], read: Callable[[str, Slice], torch.Tensor]) -> None:
+    """Give each parameter of a sharded model `read(name, its slice)`; none may be left on the meta device."""
+    for name, piece in slices.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(read(name, piece), requires_grad=False)
+    _check_loaded(model)
 
 
 def load_shard(
@@ -91,12 +103,7 @@ def load_shard(
     slices = shard_model(model, plan, rank, tp_size, text, group)
     files = _key_files(path)
     tied = f"{plan.embedding}.weight"
-    for name, piece in slices.items():
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        value = _read(files, piece, tied if name == f"{plan.head}.weight" else None, dtype)
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    _check_loaded(model)
+    fill(model, slices, lambda name, piece: _read(files, piece, tied if name == f"{plan.head}.weight" else None, dtype))
     quantized = None
     if int8:
         rows = {n: model.get_parameter(n) for n, p in slices.items() if p.dim == 1}
