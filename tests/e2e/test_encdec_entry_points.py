@@ -58,8 +58,9 @@ def test_kiln_serve_completions(engine):
         assert server.stop() == 0
 
 
-def test_kiln_run_reads_a_page_image_without_text(tmp_path):
-    """Nougat/Donut-style `VisionEncoderDecoderModel`: `kiln run --image` alone, checked against transformers."""
+def test_kiln_run_and_serve_read_a_page_image_without_text(tmp_path):
+    """Nougat/Donut-style `VisionEncoderDecoderModel`: `kiln run --image` alone, checked against transformers,
+    and an image-only chat request through `kiln serve` answering what `LLM.generate` does."""
     from encdec_checkpoints import make_donut_checkpoint
     from vlm_checkpoints import random_image
 
@@ -69,6 +70,20 @@ def test_kiln_run_reads_a_page_image_without_text(tmp_path):
     args = ("--image", str(tmp_path / "page.png"), "--max-new-tokens", "6", "--temperature", "0", "--check-accuracy")
     proc = kiln("run", str(engine), *args)
     assert "vs transformers: match" in proc.stderr, proc.stderr
+
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "page.png").read_bytes()).decode()
+    want = LLM(engine, **SHARED_GPU).generate(
+        [{"prompt": "", "images": [url]}], SamplingParams(max_tokens=6, temperature=0.0)
+    )[0]
+    server = ServerProcess(engine, "--served-model-name", "donut")
+    try:
+        content = [{"type": "image_url", "image_url": {"url": url}}]
+        body = {"model": "donut", "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+    finally:
+        assert server.stop() == 0
 
 
 def test_pix2struct_run_and_serve(tmp_path):
