@@ -42,9 +42,11 @@ def write_kv(
     if int(slot_mapping.min()) < 0:
         reference.write_kv(kv_cache, layer, k, v, slot_mapping, k_scale, v_scale)
         return
+    pages = as_bytes(kv_cache[layer])
+    slots = pages.view(2, pages.shape[1] * pages.shape[2], *pages.shape[3:])  # [2, blocks * bs, Hkv, D]
     for plane, new, kv_scale in ((0, k, k_scale), (1, v, v_scale)):
-        stored = as_bytes(kv_quant.store(new, kv_cache.dtype, kv_scale))
-        as_bytes(kv_cache[layer, plane].flatten(0, 1)).index_copy_(0, slot_mapping, stored)
+        stored = new if new.dtype == kv_cache.dtype else as_bytes(kv_quant.store(new, kv_cache.dtype, kv_scale))
+        slots[plane].index_copy_(0, slot_mapping, stored)
 
 
 @dataclass
