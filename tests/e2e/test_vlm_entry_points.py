@@ -27,7 +27,7 @@ from vlm_checkpoints import make_vlm_checkpoint, random_image
 
 from kiln import LLM, SamplingParams, build
 from kiln.accuracy import check_accuracy
-from kiln.runtime.prompts import chat_text
+from kiln.runtime.prompts import chat_text, untemplated_text
 
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -160,11 +160,12 @@ def test_kiln_serve(name, engines):
         pipeline = llm.engine.multimodal
         # the server writes each part as the pipeline's image or video token itself (Qwen2.5-VL: the bare pad token)
         written = (pipeline.image_token or "") + (pipeline.video_token or "" if videos else "")
-        prompt = chat_text(llm.tokenizer, [{"role": "user", "content": f"{written} what?"}])
+        messages = [{"role": "user", "content": f"{written} what?"}]
+        encdec = llm.engine.manifest.encoder_decoder  # BLIP-2 + Flan-T5: the T5 encoder reads the text untemplated
+        prompt = untemplated_text(messages) if encdec is not None else chat_text(llm.tokenizer, messages)
         request = {"prompt": prompt, "images": [image], "videos": videos, "num_frames": 4}
         want = llm.generate([request], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))[0]
         assert r.json()["choices"][0]["message"]["content"] == want.text
-        encdec = llm.engine.manifest.encoder_decoder  # its prompt ids end with the decoder's start tokens
         start = len(encdec.decoder_prefix) if encdec is not None else 0
         assert r.json()["usage"]["prompt_tokens"] == len(want.prompt_token_ids) - start
         assert chat(server, name, "just text").status_code == 200
