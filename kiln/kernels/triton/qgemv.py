@@ -34,7 +34,10 @@ CHUNK = 8  # columns a thread of the one-row kernel holds in a weight row (`qgem
 # passed tests/kernels/test_quantized_kernels.py on a GPU (`bash scripts/device_quant.sh tests`).
 USE_PRMT = False
 # The one-row kernel's tile (`qgemv_row_kernel`): weight rows a program, words a thread holds of each row.
-ROW_BLOCK_N = 4
+# 8 rows: its loop compiles (sm_90) to 5.1 instructions a weight for int4 g128 and 3.9 for int8 against
+# 5.6 and 7.0 at 4 rows, since x's conversion and prologue serve twice the weights
+# (`benchmarks/kernel_sass.py`); not yet timed on a GPU.
+ROW_BLOCK_N = 8
 ROW_WORDS = 2
 
 
@@ -217,7 +220,7 @@ def _row_linear(
     rope: tuple[torch.Tensor, torch.Tensor, int] | None,
     gated: bool,
 ) -> torch.Tensor:
-    """One row through `_qrow_kernel`: 4 weight rows (2 column pairs) a program, 1 KB of each row a
+    """One row through `_qrow_kernel`: ROW_BLOCK_N weight rows (half as many column pairs) a program, 1 KB of each row a
     step (8 bytes a thread), K split in powers of two while the programs do not fill the SMs twice
     (not with rope or gated pairs)."""
     n, row_bytes = qweight.shape
