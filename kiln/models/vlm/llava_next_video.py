@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from kiln.errors import UnsupportedModelError
-from kiln.models.vlm.base import ImageItem, VisionProgram, detach_modules, run_in_batches
+from kiln.models.vlm.base import ImageItem, VisionProgram, detach_modules
 from kiln.models.vlm.llava import LlavaVision
 from kiln.models.vlm.llava_next import LlavaNext
 from kiln.models.vlm.llava_onevision import DEFAULT_NUM_FRAMES, OnevisionProcessor
+from kiln.models.vlm.processor_videos import ProcessorVideos, features_per_item
 
 PROCESSOR_KEYS = (
     "patch_size",
@@ -92,7 +93,7 @@ class NextVideoVision(nn.Module):
         return torch.cat([image.projector(rows), image.projector(self.pooler(rows))], dim=1)
 
 
-class LlavaNextVideo(LlavaNext):
+class LlavaNextVideo(ProcessorVideos, LlavaNext):
     architecture = "LlavaNextVideoForConditionalGeneration"
     notes = "LLaVA-NeXT's any-resolution images and videos (spatially pooled frames); one vision program for both"
 
@@ -131,27 +132,6 @@ class LlavaNextVideo(LlavaNext):
     def load_processor(self, path: Path) -> Any:
         return NextVideoProcessor.from_pretrained(path)
 
-    def prompt_video_token(self, processor: Any) -> str | None:
-        return str(processor.video_token)
-
-    def video_sampling(self, processor: Any) -> tuple[int, int]:
-        return processor.num_frames, 1
-
-    def process_media(
-        self,
-        processor: Any,
-        prompt: str | list[int],
-        images: list[Any],
-        videos: list[Any],
-        config: Mapping[str, Any],
-    ) -> Mapping[str, torch.Tensor]:
-        return processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt")
-
-    def split_videos(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
-        if "pixel_values_videos" not in processed:
-            return []
-        return [ImageItem({"video_frames": frames}) for frames in processed["pixel_values_videos"]]
-
     def encode(
         self,
         program: VisionProgram,
@@ -160,9 +140,7 @@ class LlavaNextVideo(LlavaNext):
         state: Mapping[str, torch.Tensor],
         config: Mapping[str, Any],
     ) -> list[torch.Tensor]:
-        inputs = [item.tensors["video_frames" if "video_frames" in item.tensors else "pixel_values"] for item in items]
-        features = run_in_batches(program, torch.cat(inputs), limit)
-        per_item = torch.split(features, [x.shape[0] for x in inputs])
+        per_item = features_per_item(program, items, limit)
         pooled = int(config["frame_rows"])
         images = [k for k, item in enumerate(items) if "video_frames" not in item.tensors]
         out: list[torch.Tensor | None] = [None] * len(items)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from kiln.errors import RequestError
-from kiln.models.vlm.base import ImageItem, VisionProgram, run_in_batches
+from kiln.models.vlm.base import ImageItem, VisionProgram
 from kiln.models.vlm.llava_next import LlavaNext
+from kiln.models.vlm.processor_videos import ProcessorVideos, features_per_item
 
 PROCESSOR_CONFIG = "processor_config.json"
 VIDEO_CONFIG = "video_preprocessor_config.json"
@@ -135,7 +136,7 @@ class OnevisionProcessor:
         return {**out, **media[self.image_token], **media[self.video_token]}
 
 
-class LlavaOnevision(LlavaNext):
+class LlavaOnevision(ProcessorVideos, LlavaNext):
     architecture = "LlavaOnevisionForConditionalGeneration"
     notes = "LLaVA-NeXT's any-resolution images (anyres_max downscaling) and videos (pooled frames + a newline)"
 
@@ -165,27 +166,6 @@ class LlavaOnevision(LlavaNext):
     def load_processor(self, path: Path) -> Any:
         return OnevisionProcessor.from_pretrained(path)
 
-    def prompt_video_token(self, processor: Any) -> str | None:
-        return str(processor.video_token)
-
-    def video_sampling(self, processor: Any) -> tuple[int, int]:
-        return processor.num_frames, 1
-
-    def process_media(
-        self,
-        processor: Any,
-        prompt: str | list[int],
-        images: list[Any],
-        videos: list[Any],
-        config: Mapping[str, Any],
-    ) -> Mapping[str, torch.Tensor]:
-        return processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt")
-
-    def split_videos(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
-        if "pixel_values_videos" not in processed:
-            return []
-        return [ImageItem({"video_frames": frames}) for frames in processed["pixel_values_videos"]]
-
     def encode(
         self,
         program: VisionProgram,
@@ -196,9 +176,7 @@ class LlavaOnevision(LlavaNext):
     ) -> list[torch.Tensor]:
         from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
-        inputs = [item.tensors["video_frames" if "video_frames" in item.tensors else "pixel_values"] for item in items]
-        features = run_in_batches(program, torch.cat(inputs), limit)
-        per_item = torch.split(features, [x.shape[0] for x in inputs])
+        per_item = features_per_item(program, items, limit)
         owner: Any = SimpleNamespace(
             config=SimpleNamespace(
                 image_grid_pinpoints=config["image_grid_pinpoints"],
