@@ -13,7 +13,7 @@ import torch
 from test_families import DEVICE, DTYPE
 from video_clips import NEXT_VIDEO_VARIANTS, make_next_video_checkpoint, tiny_video
 from vlm_checkpoints import random_image
-from vlm_reference import check_outputs, greedy_generate, record_logits
+from vlm_reference import check_outputs, clips_generate, record_logits
 
 from kiln import LLM, SamplingParams, build
 from kiln.errors import RequestError
@@ -39,13 +39,6 @@ def next_video(request, tmp_path_factory):
         **LIMITS,
     )
     return checkpoint, engine
-
-
-@torch.no_grad()
-def reference(model, processor, prompt, images, videos, num_frames):
-    clips = [load_video(v, num_frames or processor.num_frames) for v in videos]
-    inputs = processor(text=[prompt], images=images or None, videos=clips or None)
-    return greedy_generate(model, inputs, NEW_TOKENS)
 
 
 def test_next_video_images_and_videos_match_transformers(next_video):
@@ -80,8 +73,8 @@ def test_next_video_images_and_videos_match_transformers(next_video):
         batch,
         outs,
         seen,
-        lambda p: reference(
-            model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames")
+        lambda p: clips_generate(
+            model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames"), NEW_TOKENS
         ),
     )
 

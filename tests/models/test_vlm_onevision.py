@@ -12,11 +12,10 @@ import torch
 from test_families import DEVICE, DTYPE
 from video_clips import ONEVISION_VARIANTS, make_onevision_checkpoint, tiny_video
 from vlm_checkpoints import random_image
-from vlm_reference import check_outputs, greedy_generate, record_logits
+from vlm_reference import check_outputs, clips_generate, record_logits
 
 from kiln import LLM, SamplingParams, build
 from kiln.models.vlm.llava_onevision import OnevisionProcessor
-from kiln.runtime.video import load_video
 
 pytest.importorskip("av")
 
@@ -37,13 +36,6 @@ def onevision(request, tmp_path_factory):
         **LIMITS,
     )
     return checkpoint, engine
-
-
-@torch.no_grad()
-def reference(model, processor, prompt, images, videos, num_frames):
-    clips = [load_video(v, num_frames or processor.num_frames) for v in videos]
-    inputs = processor(text=[prompt], images=images or None, videos=clips or None)
-    return greedy_generate(model, inputs, NEW_TOKENS)
 
 
 def test_onevision_images_and_videos_match_transformers(onevision):
@@ -77,7 +69,7 @@ def test_onevision_images_and_videos_match_transformers(onevision):
         batch,
         outs,
         seen,
-        lambda p: reference(
-            model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames")
+        lambda p: clips_generate(
+            model, processor, p["prompt"], p.get("images", []), p.get("videos", []), p.get("num_frames"), NEW_TOKENS
         ),
     )

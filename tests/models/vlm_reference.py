@@ -59,6 +59,19 @@ def greedy_generate(model: Any, inputs: Mapping[str, Any], new_tokens: int) -> t
     return tokens, [step[0].float().cpu() for step in out.logits]
 
 
+@torch.no_grad()
+def clips_generate(
+    model: Any, processor: Any, prompt: str, images: list, videos: list, num_frames: int | None, new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """`greedy_generate` on a kiln processor's outputs for a prompt with images and videos, each video decoded
+    to `num_frames` (else the processor's `num_frames`) evenly sampled frames."""
+    from kiln.runtime.video import load_video
+
+    clips = [load_video(v, num_frames or processor.num_frames) for v in videos]
+    inputs = processor(text=[prompt], images=images or None, videos=clips or None)
+    return greedy_generate(model, inputs, new_tokens)
+
+
 def record_logits(llm: Any) -> dict[str, list[torch.Tensor]]:
     """Each request's logits at every step of the engine's next generate calls, by request id."""
     seen: dict[str, list[torch.Tensor]] = {}
