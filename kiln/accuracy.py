@@ -47,6 +47,7 @@ def _reference(manifest: Manifest, checkpoint: Path) -> tuple[Any, Any, Any]:
         family = family_for(arch)
         attention = getattr(family, "reference_attention", "eager")
         model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation=attention)
+        family.prepare_model(model, checkpoint)
         return model.to(device).eval(), family.load_processor(checkpoint), family
     if manifest.encoder_decoder is not None:
         model = getattr(transformers, arch).from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")

@@ -93,6 +93,7 @@ def load_vision_language(
     except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
         raise UnsupportedModelError(f"transformers could not load {recipe.architecture} from {path}: {exc}") from exc
     model.eval()
+    family.prepare_model(model, path)
     freeze_dynamic_rope(model)  # as for text checkpoints (kiln.models.rope)
     if device.type == "cpu":
         model.to(device)

@@ -90,10 +90,7 @@ def test_the_refusal_suggests_remote_code_when_the_checkpoint_has_code(checkpoin
 
 @pytest.mark.parametrize(
     ("architecture", "trust", "why"),
-    [
-        ("CogVLMForCausalLM", True, "'visual expert' attention and MLP weights"),  # even with its code allowed
-        ("Phi4MultimodalForCausalLM", False, "HD crops with per-image Python"),
-    ],
+    [("CogVLMForCausalLM", True, "'visual expert' attention and MLP weights")],  # even with its code allowed
 )
 def test_vision_language_models_kiln_cannot_build_are_refused_with_the_reason(
     checkpoints, tmp_path, architecture, trust, why

@@ -14,6 +14,7 @@ from kiln.models.vlm.llava_next import LlavaNext
 from kiln.models.vlm.llava_next_video import LlavaNextVideo
 from kiln.models.vlm.llava_onevision import LlavaOnevision
 from kiln.models.vlm.mllama import Mllama
+from kiln.models.vlm.phi4mm import Phi4Multimodal
 from kiln.models.vlm.pix2struct import Pix2Struct
 from kiln.models.vlm.qwen2_5_vl import Qwen2_5VL
 from kiln.models.vlm.vision_encoder_decoder import VisionEncoderDecoder
@@ -31,6 +32,7 @@ _ALL = (
     VisionEncoderDecoder(),
     Pix2Struct(),
     Mllama(),
+    Phi4Multimodal(),
     CustomVision(),
 )
 FAMILIES: dict[str, VisionLanguageFamily] = {f.architecture: f for f in _ALL}

@@ -88,6 +88,10 @@ class VisionLanguageFamily:
     def vision_module(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def prepare_model(self, model: nn.Module, path: Path) -> None:
+        """Changes to the model loaded from checkpoint `path` before anything is captured (Phi-4-multimodal merges
+        its vision LoRA); the accuracy check's reference gets them too."""
+
     def vision_example(self, config: Any, dtype: torch.dtype, device: torch.device, limit: int) -> VisionExample:
         """Two images of the model's size; the image dimension is dynamic up to `limit`."""
         size = self.image_size(config)

@@ -16,13 +16,6 @@ REFUSED: dict[str, str] = {
         "'visual expert' attention and MLP weights, while kiln's LLM program only splices image features into the "
         "input embeddings of one shared language model"
     ),
-    "Phi4MultimodalForCausalLM": (
-        "kiln does not capture Phi-4-multimodal's vision path: its image processor exists only as a torchvision "
-        "one (transformers ships no PIL version, and kiln's image path runs without torchvision), and transformers "
-        "merges each image's HD crops with per-image Python (a crop grid from image_sizes, trimmed to the useful "
-        "area read from the attention mask) inside the embedding layer; building it as a text model would "
-        "silently drop its images"
-    ),
 }
 
 
