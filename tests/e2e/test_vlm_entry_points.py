@@ -22,6 +22,7 @@ import httpx
 import pytest
 from e2e_helpers import SHARED_GPU, ServerProcess, kiln
 from encdec_checkpoints import make_blip2_t5_checkpoint
+from phi4mm_checkpoints import IMAGE_TOKEN, make_phi4mm_checkpoint
 from video_clips import VIDEO, VIDEO_CONFIG, make_next_video_checkpoint, make_onevision_checkpoint, tiny_video
 from vlm_checkpoints import make_vlm_checkpoint, random_image
 
@@ -48,6 +49,7 @@ class Family:
     make: Callable[[Path], Path]
     image: str  # what the prompt writes for one image ("": the processor places it)
     video: str | None = None  # what it writes for one video (None: no video input)
+    limits: dict | None = None  # build limits in place of LIMITS' (Phi-4-multimodal: 545 rows for a one-crop image)
 
 
 FAMILIES = {
@@ -60,6 +62,11 @@ FAMILIES = {
     "llava_next_video": Family(make_next_video_checkpoint, "<image>", "<video>"),
     "fuyu": Family(lambda d: make_vlm_checkpoint("fuyu", d), ""),
     "kosmos2": Family(lambda d: make_vlm_checkpoint("kosmos2", d), ""),
+    "phi4mm": Family(
+        make_phi4mm_checkpoint,  # with its vision LoRA (merged at build and by --check-accuracy's reference)
+        IMAGE_TOKEN,
+        limits=dict(max_input_len=1200, max_seq_len=1232, max_num_tokens=1280, max_multimodal_len=1200),
+    ),
 }
 
 
@@ -80,7 +87,8 @@ def engines(tmp_path_factory):
                 tok.save_pretrained(checkpoint)
             random_image(0, 40, 60).save(root / "a.png")
             (root / "clip.mp4").write_bytes(tiny_video(0))
-            made[name] = root, build(checkpoint, root / "engine", compile=False, progress=False, **LIMITS)
+            limits = {**LIMITS, **(FAMILIES[name].limits or {})}
+            made[name] = root, build(checkpoint, root / "engine", compile=False, progress=False, **limits)
         return made[name]
 
     return get

@@ -92,4 +92,6 @@ def processed(processor: Any, prompt: str, images: list[Any]) -> dict[str, torch
     """Either processor's output for one prompt: input ids and the image tensors (no `num_img_tokens`)."""
     out = dict(processor(text=[prompt], images=images or None, return_tensors="pt"))
     out.pop("num_img_tokens", None)
+    if "input_image_embeds" in out:  # the crops' name in some transformers releases
+        out["image_pixel_values"] = out.pop("input_image_embeds")
     return out
