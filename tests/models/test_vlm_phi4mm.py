@@ -36,8 +36,8 @@ def batch() -> list:
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-    return make_phi4mm_checkpoint(tmp_path_factory.mktemp(f"phi4mm-{request.param}"), variant=request.param)
+def variant(request, tmp_path_factory):
+    return request.param, make_phi4mm_checkpoint(tmp_path_factory.mktemp(f"phi4mm-{request.param}"), request.param)
 
 
 def reference(checkpoint):
@@ -58,13 +58,20 @@ def reference(checkpoint):
     return run
 
 
-def test_phi4mm_greedy_matches_transformers(checkpoint, tmp_path):
-    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, device=DEVICE, dtype=DTYPE, **LIMITS)
+def test_phi4mm_greedy_matches_transformers(variant, tmp_path):
+    name, checkpoint = variant
+    # base: one vision call for the batch's 11 crops; the other (10 crops): 6 a call, splitting an image's crops
+    limits = {**LIMITS, "max_multimodal_len": 3072 if name == "base" else 1536}
+    engine = build(checkpoint, tmp_path / "engine", compile=False, progress=False, device=DEVICE, dtype=DTYPE, **limits)
     llm = LLM(engine)
     seen = record_logits(llm)
+    pipeline = llm.engine.multimodal
+    program, calls = pipeline.program, []
+    pipeline.program = lambda *args: calls.append(args[0].shape[0]) or program(*args)  # crops per call
     prompts = batch()
     outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     check_outputs("phi4_multimodal", prompts, outs, seen, reference(checkpoint))
+    assert calls == ([11] if name == "base" else [6, 4])
     # the image tokens: 1 + 2 + 1 images' rows, as many as the processor wrote
     image_id = llm.engine.manifest.multimodal.image_token_id
     assert [o.prompt_token_ids.count(image_id) > 0 for o in outs] == [True, False, True, True]

@@ -25,6 +25,7 @@ from kiln.models.vlm.phi4mm_lora import merge_vision_lora
 from kiln.models.vlm.phi4mm_processor import load_phi4mm_processor, processed
 
 IMAGE_KEYS = ("image_pixel_values", "image_sizes", "image_attention_mask")
+MAX_VISION_CROPS = 64  # 65,536 patches a call: more crops only grow the activations (an image's crops may split)
 
 
 def used_layers(feature_layer: int, num_layers: int) -> int:
@@ -144,6 +145,10 @@ class Phi4Multimodal(VisionLanguageFamily):
         """One image of the processor's default 36 crops per request (rows and separators)."""
         pooled = (int(config.vision_config.image_size) // int(config.vision_config.patch_size) + 1) // 2
         return max_batch_size * (pooled * (pooled + 1) + 1 + 36 * pooled * (pooled + 1))
+
+    def vision_batch_limit(self, config: Any, max_multimodal_len: int) -> int:
+        """Crops per vision-program call: `max_multimodal_len` over a crop's rows, at most MAX_VISION_CROPS."""
+        return max(1, min(MAX_VISION_CROPS, max_multimodal_len // self.tokens_per_image(config)))
 
     def runtime_config(self, config: Any) -> dict[str, Any]:
         return {"crop_size": int(config.vision_config.crop_size)}
