@@ -60,10 +60,11 @@ def test_batch_pads_crops_and_refuses_extreme_aspect():
 @pytest.mark.parametrize("dynamic_hd", [36, 4])
 def test_matches_transformers_processor(dynamic_hd):
     pytest.importorskip("torchvision")  # the GPU machine: transformers' own processor runs there
-    from transformers.models.phi4_multimodal.image_processing_phi4_multimodal import Phi4MultimodalImageProcessor
+    import transformers
 
+    cls = getattr(transformers, "Phi4MultimodalImageProcessorFast", None) or transformers.Phi4MultimodalImageProcessor
     images = [random_image(i, h, w) for i, (h, w) in enumerate(SIZES)]
-    theirs = Phi4MultimodalImageProcessor(dynamic_hd=dynamic_hd)(images, return_tensors="pt")
+    theirs = cls(dynamic_hd=dynamic_hd)(images, return_tensors="pt")
     ours = Phi4mmImageProcessor(dynamic_hd=dynamic_hd)(images)
     pixel_key = "image_pixel_values" if "image_pixel_values" in theirs else "input_image_embeds"
     assert ours["num_img_tokens"] == list(theirs["num_img_tokens"])
@@ -71,3 +72,20 @@ def test_matches_transformers_processor(dynamic_hd):
     assert torch.equal(ours["image_attention_mask"], theirs["image_attention_mask"].float())
     assert ours["image_pixel_values"].shape == theirs[pixel_key].shape
     assert float((ours["image_pixel_values"] - theirs[pixel_key]).abs().max()) <= 1e-5
+
+
+def test_processor_matches_transformers(tmp_path):
+    # the whole processor on a tiny checkpoint's files: the expanded prompt and the image tensors
+    pytest.importorskip("torchvision")
+    from phi4mm_checkpoints import IMAGE_TOKEN, make_phi4mm_checkpoint
+    from transformers import AutoProcessor
+
+    from kiln.models.vlm.phi4mm_processor import Phi4mmProcessor, processed
+
+    checkpoint = make_phi4mm_checkpoint(tmp_path / "ckpt", variant="last-layer-2-crops")
+    prompt, images = f"a {IMAGE_TOKEN} b {IMAGE_TOKEN}", [random_image(0, 40, 60), random_image(1, 30, 1000)]
+    theirs = processed(AutoProcessor.from_pretrained(checkpoint), prompt, images)
+    ours = processed(Phi4mmProcessor.from_pretrained(checkpoint), prompt, images)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["image_sizes"], theirs["image_sizes"])
+    assert float((ours["image_pixel_values"] - theirs["image_pixel_values"]).abs().max()) <= 1e-5
