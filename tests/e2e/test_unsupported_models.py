@@ -90,7 +90,11 @@ def test_the_refusal_suggests_remote_code_when_the_checkpoint_has_code(checkpoin
 
 @pytest.mark.parametrize(
     ("architecture", "trust", "why"),
-    [("CogVLMForCausalLM", True, "'visual expert' attention and MLP weights")],  # even with its code allowed
+    [
+        ("CogVLMForCausalLM", True, "'visual expert' attention and MLP weights"),  # even with its code allowed
+        ("Phi3VForCausalLM", True, "silently drop its images"),
+        ("Phi4MMForCausalLM", True, "Phi4MultimodalForCausalLM"),
+    ],
 )
 def test_vision_language_models_kiln_cannot_build_are_refused_with_the_reason(
     checkpoints, tmp_path, architecture, trust, why

@@ -16,6 +16,17 @@ REFUSED: dict[str, str] = {
         "'visual expert' attention and MLP weights, while kiln's LLM program only splices image features into the "
         "input embeddings of one shared language model"
     ),
+    # remote-code Phi vision checkpoints: built as text models (--trust-remote-code) they would drop their images
+    "Phi3VForCausalLM": (
+        "Phi-3-vision's modelling code ships only inside its checkpoint (remote code), and kiln builds its vision path "
+        "only from transformers' own Phi-4-multimodal (Phi4MultimodalForCausalLM), the HD-crop design Phi-3-vision "
+        "shares; a build as a text model would silently drop its images"
+    ),
+    "Phi4MMForCausalLM": (
+        "this is Phi-4-multimodal's remote-code checkpoint (unmerged LoRA weights in its safetensors); kiln builds the "
+        "transformers-native one (Phi4MultimodalForCausalLM, with its vision LoRA in vision-lora/), which "
+        "transformers' convert_phi4_multimodal_weights_to_hf writes"
+    ),
 }
 
 
