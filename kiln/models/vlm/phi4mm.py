@@ -4,8 +4,8 @@ The processor cuts an image into a global view and a grid of square crops (`phi4
 vision program takes crops `[N, 3, S, S]` with their patch masks `[N, S/p, S/p]` (N dynamic, every
 crop of a vision batch at once): patch and position embeddings as transformers computes them from
 the mask, the tower's layers up to `feature_layer` (SDPA, padded patches masked as keys), 2x2
-average pooling and the projection (up, GELU, down). Placing the rows is per image and runs on
-the host once per request (`merge_image`): the crop grid's rows, trimmed to the useful part read
+average pooling and the projection (up, GELU, down). Placing the rows is per image and runs eagerly,
+once per request (`merge_image`): the crop grid's rows, trimmed to the useful part read
 from the mask, each row followed by the learned separator `sub_GN`, then `glb_GN`, then the global
 view's rows with their separators. The projection is per row, so the separators are projected
 once at build (`vision_state`). Audio is not built: the LLM program gets only text and image rows.
