@@ -77,11 +77,16 @@ class DecoderMetadata:
             self.encoder_lens, self.seq_lens, layer, scale, True, bias, max_distance,
         )  # fmt: skip
 
-    def cross_attention(self, q: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-        """Attention over the encoder output's keys, stored by the encoder program."""
+    def cross_attention(
+        self, q: torch.Tensor, layer: int, scale: float,
+        query_begin: torch.Tensor | None = None, query_end: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention over the encoder output's keys, stored by the encoder program; `query_begin`/`query_end [T]`:
+        each query's own part of them (a query with none gets zeros)."""
         return torch.ops.kiln.span_attention(
             q, None, None, self.kv_cache, self.slot_mapping, self.block_tables, self.seq_lens, self.query_start_loc,
             torch.zeros_like(self.encoder_lens), self.encoder_lens, layer, scale, False, None, 0,
+            query_begin, query_end,
         )  # fmt: skip
 
 
@@ -91,7 +96,7 @@ class EncoderDecoderFamily:
     architecture = ""
     notes = ""
     # True: the prompt's text runs in the decoder and the encoder input is the image rows alone (Mllama); the
-    # decoder program then also takes `cross_ends [T]` and the decoder starts from no start tokens.
+    # decoder program then also takes `cross_spans [T, 2]` and the decoder starts from no start tokens.
     decoder_prompt = False
 
     def cache_shape(self, config: Any) -> tuple[int, int, int]:

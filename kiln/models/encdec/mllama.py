@@ -2,13 +2,14 @@
 the encoder input, the prompt's text runs in the decoder.
 
 The encoder program stores, for each cross-attention layer of the text model (`cross_attention_layers`),
-the keys (after `k_norm`) and values of a request's image rows at its first cache positions. The
-decoder is the text model: its self-attention layers attend causally over the text's own keys (the
-cache positions after the image rows), its cross-attention layers over the image rows. Each decoder
-token carries `cross_ends`: `e > 0`, it attends to the rows [0, e) (its image's real tiles); `-e`, a
-token before the image: transformers leaves such a row unmasked (it attends to all e rows, padding
-tiles too) and zeroes its cross-attention feed-forward; 0, a request without an image, whose tokens
-skip the cross-attention layers as transformers does.
+the keys (after `k_norm`) and values of a request's image rows at its first cache positions (every image's
+real tiles first, then the padding tiles: `kiln.models.vlm.mllama`). The decoder is the text model: its
+self-attention layers attend causally over the text's own keys (the cache positions after the image rows),
+its cross-attention layers over the image rows. Each decoder token carries `cross_spans` (begin, end):
+`end > 0`, it attends to the rows [begin, end) (the real tiles of the images it reads); `end < 0`, a token
+before the first image: transformers leaves such a row unmasked (it attends to all -end rows, padding
+tiles too) and zeroes its cross-attention feed-forward; `end == 0`, a request without an image, whose
+tokens skip the cross-attention layers as transformers does.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch
 from torch import nn
 
 from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads
-
-CROSS_ENDS = "cross_ends"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,29 +82,21 @@ class MllamaDecoder(nn.Module):
         logits_indices: torch.Tensor,
         kv_cache: torch.Tensor,
         encoder_lens: torch.Tensor,
-        cross_ends: torch.Tensor,
+        cross_spans: torch.Tensor,
     ) -> torch.Tensor:
         meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
         h = self.embed(input_ids)
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)
-        # each token's sequence, and each sequence's real image rows (the largest positive end of its tokens)
-        tokens = torch.arange(input_ids.shape[0], device=input_ids.device, dtype=query_start_loc.dtype)
-        seq = (tokens[:, None] >= query_start_loc[None, :]).sum(1) - 1
-        mine = seq[None, :] == torch.arange(encoder_lens.shape[0], device=seq.device)[:, None]  # [B, T]
-        real_lens = torch.where(mine, cross_ends.clamp(min=0)[None, :], 0).amax(1).to(encoder_lens.dtype)
-        has_image = (cross_ends != 0)[:, None]
-        attends = cross_ends > 0
+        begin, end = cross_spans[:, 0], cross_spans[:, 1]
+        has_image = (end != 0)[:, None]
+        attends = end > 0
         for i, layer in enumerate(self.layers):
             if i in self.cross_layers:
                 cross = layer.cross_attn
                 d = cross.head_dim
                 q = cross.q_norm(heads(cross.q_proj(layer.input_layernorm(h)), d))
-                every = meta.cross_attention(q, i, cross.scaling)
-                real = DecoderMetadata(
-                    kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, real_lens
-                ).cross_attention(q, i, cross.scaling)
-                out = torch.where(attends[:, None, None], real, every)
+                out = meta.cross_attention(q, i, cross.scaling, begin, end.abs())
                 x = h + layer.cross_attn_attn_gate.tanh() * cross.o_proj(out.flatten(1))
                 mlp = layer.mlp(layer.post_attention_layernorm(x)) * attends[:, None].to(x.dtype)
                 x = x + layer.cross_attn_mlp_gate.tanh() * mlp
