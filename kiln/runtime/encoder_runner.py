@@ -81,7 +81,9 @@ def request_ids(
     if len(encoder_ids) > facts.max_encoder_input_len:
         raise RequestError(
             f"the encoder input has {len(encoder_ids)} tokens, more than this engine's max_encoder_input_len "
-            f"({facts.max_encoder_input_len}); shorten it or rebuild with a larger --max-encoder-input-len"
+            f"({facts.max_encoder_input_len}); "
+            + ("use fewer images" if facts.decoder_prompt else "shorten it")
+            + " or rebuild with a larger --max-encoder-input-len"
         )
     if facts.decoder_prompt:
         return [*encoder_ids, *text], EncoderInput(length, images, pairs or ((0, 0),))
