@@ -96,17 +96,7 @@ def encoder_spec(
         args, check = with_images(args, image_hidden, dtype), with_images(check, image_hidden, dtype)
         shapes += ({0: torch.export.Dim("mm_rows", min=1)}, {0: tokens})
         names += MM_INPUT_NAMES
-    return ProgramSpec(
-        module=module.eval(),
-        args=args,
-        dynamic_shapes=shapes,
-        what=f"the encoder of {architecture}",
-        architecture=architecture,
-        directory=ENCODER_DIR,
-        input_names=names,
-        check_inputs=check,
-        passes=False,
-    )
+    return _spec(module, args, check, shapes, names, f"the encoder of {architecture}", architecture, ENCODER_DIR)
 
 
 def decoder_spec(
@@ -132,13 +122,21 @@ def decoder_spec(
         check = decoder_inputs(cache, dtype, device, block_size, (5, 0, 2), (1, 2, 4), (1, 2, 3))
         check = (*check, cross_spans((5, 0, 2), (1, 2, 3), device))
         shapes, names = (*shapes, {0: shapes[0][0]}), (*names, "cross_spans")
+    return _spec(module, args, check, shapes, names, f"the decoder of {architecture}", architecture)
+
+
+def _spec(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    check: tuple[torch.Tensor, ...],
+    shapes: tuple[Any, ...],
+    names: tuple[str, ...],
+    what: str,
+    architecture: str,
+    directory: str = "",
+) -> ProgramSpec:
+    """An encoder-decoder program: kiln's own attention ops already, so no attention passes."""
     return ProgramSpec(
-        module=module.eval(),
-        args=args,
-        dynamic_shapes=shapes,
-        what=f"the decoder of {architecture}",
-        architecture=architecture,
-        input_names=names,
-        check_inputs=check,
-        passes=False,
-    )
+        module=module.eval(), args=args, dynamic_shapes=shapes, what=what, architecture=architecture,
+        directory=directory, input_names=names, check_inputs=check, passes=False,
+    )  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads
+from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, ImageRowsEncoder, PackedDecoder, heads
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -32,35 +32,12 @@ def _text_model(model: Any) -> Any:
     return model.model.language_model
 
 
-class MllamaRowsEncoder(nn.Module):
-    """Stores each cross-attention layer's keys/values of the image rows (`mm_embeds` by `mm_index`)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        text = _text_model(model)
-        self.layers = [int(i) for i in text.cross_attention_layers]
-        self.cross = nn.ModuleList(text.layers[i].cross_attn for i in self.layers)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seq_ids: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mm_embeds: torch.Tensor,
-        mm_index: torch.Tensor,
-    ) -> torch.Tensor:
-        h = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(kv_cache.dtype)
-        cross: Any
-        for layer, cross in zip(self.layers, self.cross):
-            d = cross.head_dim
-            keys = cross.k_norm(heads(cross.k_proj(h), d))
-            torch.ops.kiln.store_kv(kv_cache, keys, heads(cross.v_proj(h), d), slot_mapping, layer)
-        return h
+def _key_values(cross: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = cross.head_dim
+    return cross.k_norm(heads(cross.k_proj(h), d)), heads(cross.v_proj(h), d)
 
 
-class MllamaDecoder(nn.Module):
+class MllamaDecoder(PackedDecoder):
     def __init__(self, model: Any) -> None:
         super().__init__()
         text = _text_model(model)
@@ -71,24 +48,14 @@ class MllamaDecoder(nn.Module):
         self.lm_head = model.lm_head
         self.cross_layers = frozenset(int(i) for i in text.cross_attention_layers)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        logits_indices: torch.Tensor,
-        kv_cache: torch.Tensor,
-        encoder_lens: torch.Tensor,
-        cross_spans: torch.Tensor,
+    def step(
+        self, meta: DecoderMetadata, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
     ) -> torch.Tensor:
-        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
+        assert meta.cross_spans is not None, "the Mllama decoder program takes cross_spans"
         h = self.embed(input_ids)
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)
-        begin, end = cross_spans[:, 0], cross_spans[:, 1]
+        begin, end = meta.cross_spans[:, 0], meta.cross_spans[:, 1]
         has_image = (end != 0)[:, None]
         attends = end > 0
         for i, layer in enumerate(self.layers):
@@ -123,7 +90,10 @@ class MllamaFamily(EncoderDecoderFamily):
         return int(config.num_hidden_layers), int(config.num_key_value_heads), int(config.hidden_size) // heads_
 
     def encoder(self, model: nn.Module) -> nn.Module:
-        return MllamaRowsEncoder(model)
+        """Stores each cross-attention layer's keys (after `k_norm`) and values of the image rows."""
+        text = _text_model(model)
+        layers = [int(i) for i in text.cross_attention_layers]
+        return ImageRowsEncoder(layers, [text.layers[i].cross_attn for i in layers], _key_values)
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return MllamaDecoder(model)
