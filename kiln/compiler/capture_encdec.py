@@ -60,11 +60,11 @@ def decoder_inputs(
     return (base[0], base[1] - offsets, *base[2:], lens)
 
 
-def cross_ends(encoder_lens: tuple[int, ...], new: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Example `cross_ends` of a decoder step: each sequence's first token before its image (-E), the rest
-    attending to all but its last row (0 for a sequence without an encoder input)."""
-    ends = [[-e] + [max(e - 1, 1)] * (n - 1) if e else [0] * n for e, n in zip(encoder_lens, new)]
-    return torch.tensor([v for seq in ends for v in seq], dtype=torch.int64, device=device)
+def cross_spans(encoder_lens: tuple[int, ...], new: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Example `cross_spans [T, 2]` of a decoder step: each sequence's first token before its images (0, -E), the
+    rest reading rows [1, E - 1) ((0, 0) for a sequence without an encoder input)."""
+    spans = [[(0, -e)] + [(1, max(e - 1, 1))] * (n - 1) if e else [(0, 0)] * n for e, n in zip(encoder_lens, new)]
+    return torch.tensor([v for seq in spans for v in seq], dtype=torch.int64, device=device)
 
 
 def with_images(inputs: tuple[torch.Tensor, ...], hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -96,17 +96,7 @@ def encoder_spec(
         args, check = with_images(args, image_hidden, dtype), with_images(check, image_hidden, dtype)
         shapes += ({0: torch.export.Dim("mm_rows", min=1)}, {0: tokens})
         names += MM_INPUT_NAMES
-    return ProgramSpec(
-        module=module.eval(),
-        args=args,
-        dynamic_shapes=shapes,
-        what=f"the encoder of {architecture}",
-        architecture=architecture,
-        directory=ENCODER_DIR,
-        input_names=names,
-        check_inputs=check,
-        passes=False,
-    )
+    return _spec(module, args, check, shapes, names, f"the encoder of {architecture}", architecture, ENCODER_DIR)
 
 
 def decoder_spec(
@@ -121,24 +111,32 @@ def decoder_spec(
     architecture: str,
     decoder_prompt: bool = False,
 ) -> ProgramSpec:
-    """The decoder program; with `decoder_prompt` (Mllama) it also takes `cross_ends [T]`."""
+    """The decoder program; with `decoder_prompt` (Mllama) it also takes `cross_spans [T, 2]`."""
     shapes: tuple[Any, ...] = dynamic_shapes(max(max_num_tokens, 9), max(max_batch_size, 2))
     shapes = (*shapes, {0: shapes[4][0]})
     args = decoder_inputs(cache, dtype, device, block_size, (3, 4), (0, 2), (3, 2))
     check = decoder_inputs(cache, dtype, device, block_size, (5, 2), (1, 4), (1, 3))
     names: tuple[str, ...] = DECODER_INPUT_NAMES
     if decoder_prompt:  # with a request without an image (encoder length 0)
-        args = (*args, cross_ends((3, 4), (3, 2), device))
+        args = (*args, cross_spans((3, 4), (3, 2), device))
         check = decoder_inputs(cache, dtype, device, block_size, (5, 0, 2), (1, 2, 4), (1, 2, 3))
-        check = (*check, cross_ends((5, 0, 2), (1, 2, 3), device))
-        shapes, names = (*shapes, {0: shapes[0][0]}), (*names, "cross_ends")
+        check = (*check, cross_spans((5, 0, 2), (1, 2, 3), device))
+        shapes, names = (*shapes, {0: shapes[0][0]}), (*names, "cross_spans")
+    return _spec(module, args, check, shapes, names, f"the decoder of {architecture}", architecture)
+
+
+def _spec(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    check: tuple[torch.Tensor, ...],
+    shapes: tuple[Any, ...],
+    names: tuple[str, ...],
+    what: str,
+    architecture: str,
+    directory: str = "",
+) -> ProgramSpec:
+    """An encoder-decoder program: kiln's own attention ops already, so no attention passes."""
     return ProgramSpec(
-        module=module.eval(),
-        args=args,
-        dynamic_shapes=shapes,
-        what=f"the decoder of {architecture}",
-        architecture=architecture,
-        input_names=names,
-        check_inputs=check,
-        passes=False,
-    )
+        module=module.eval(), args=args, dynamic_shapes=shapes, what=what, architecture=architecture,
+        directory=directory, input_names=names, check_inputs=check, passes=False,
+    )  # fmt: skip

@@ -78,7 +78,7 @@ class EncoderDecoderFacts:
     decoder_prefix: tuple[int, ...]  # decoder_start_token_id, then forced_bos_token_id when the model forces one
     encoder_compiled: bool
     # the prompt's text runs in the decoder, the encoder input is the image rows alone (Mllama): the decoder
-    # program takes each token's cross-attention end (`cross_ends`) last
+    # program takes each token's cross-attention rows (`cross_spans`) last
     decoder_prompt: bool = False
 
     def to_dict(self) -> dict[str, Any]:

@@ -213,6 +213,8 @@ def span_attention(
     causal: bool,
     bias: torch.Tensor | None,
     max_distance: int,
+    query_begin: torch.Tensor | None = None,
+    query_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new queries over its cached keys at positions [key_begin, key_end).
 
@@ -220,7 +222,8 @@ def span_attention(
     and its decoder's own keys after them. `k`/`v` (self-attention) are written at `slot_mapping` first;
     cross-attention passes None. Queries sit at positions seq_len - num_new + j; `causal` hides later
     keys. `bias [num_buckets, Hq]`: T5's relative position bias, added by the unidirectional bucket of
-    (key position - query position).
+    (key position - query position). `query_begin`/`query_end [T]` narrow each query's keys further; a query
+    left with none gets zeros.
     """
     if k is not None and v is not None:
         write_kv(kv_cache, layer, k, v, slot_mapping)
@@ -248,6 +251,10 @@ def span_attention(
             scores = scores + bias[buckets].permute(2, 0, 1).float()
         if causal:
             scores = scores.masked_fill((k_positions[None, :] > q_positions[:, None])[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if query_begin is not None and query_end is not None:
+            lo_q, hi_q = query_begin[first:last, None], query_end[first:last, None]
+            outside = (k_positions[None, :] < lo_q) | (k_positions[None, :] >= hi_q)
+            scores = scores.masked_fill(outside[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[first:last] = torch.einsum("hqk,khd->qhd", probs, values.float()).to(q.dtype)
     return out

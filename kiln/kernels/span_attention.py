@@ -4,7 +4,8 @@ An encoder-decoder request's cache blocks hold, in every decoder layer, the cros
 values of its encoder output at positions [0, encoder length), then its decoder's own keys and
 values. The encoder program stores the first part once (`store_kv`); each decoder step attends over
 one span of positions per sequence: the decoder's own (causal, with T5's relative bias when given)
-or the encoder's (cross-attention). Both mutate `kv_cache` in place. The implementation is the
+or the encoder's (cross-attention), which `query_begin`/`query_end` may narrow per query (Mllama's tokens
+read the rows of their own images). Both mutate `kv_cache` in place. The implementation is the
 PyTorch reference (`kiln.kernels.reference.span_attention`) on every device, except for decode
 steps (one query per sequence, known from the shapes alone): `decode_span_attention` attends for
 every row at once over its padded block table, with no host synchronisation and static shapes, as a
@@ -35,16 +36,20 @@ def span_attention(
     causal: bool,
     bias: torch.Tensor | None,
     max_distance: int,
+    query_begin: torch.Tensor | None = None,
+    query_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if q.shape[0] == seq_lens.shape[0]:  # every sequence of a decoder step has a token: one each
         if k is not None and v is not None:
             reference.write_kv(kv_cache, layer, k, v, slot_mapping)
+        if query_begin is not None and query_end is not None:  # one query a sequence: its bounds are the sequence's
+            key_begin, key_end = torch.maximum(key_begin, query_begin), torch.minimum(key_end, query_end)
         return decode_span_attention(
             q, kv_cache, block_tables, seq_lens, key_begin, key_end, layer, scale, causal, bias, max_distance
         )
     return reference.span_attention(
         q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, key_begin, key_end,
-        layer, scale, causal, bias, max_distance,
+        layer, scale, causal, bias, max_distance, query_begin, query_end,
     )  # fmt: skip
 
 
@@ -85,7 +90,7 @@ def decode_span_attention(
 @span_attention.register_fake
 def _span_attention_fake(  # type: ignore[no-untyped-def]
     q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, key_begin, key_end,
-    layer, scale, causal, bias, max_distance,
+    layer, scale, causal, bias, max_distance, query_begin=None, query_end=None,
 ):  # fmt: skip
     return q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
 

@@ -55,7 +55,7 @@ class DecodeGraphs:
         device: torch.device,
         extras: DecodeExtras | None = None,
         encoder_decoder: bool = False,
-        cross_ends: bool = False,
+        cross_spans: bool = False,
     ) -> None:
         self.program = program
         self.kv_cache = kv_cache
@@ -89,10 +89,10 @@ class DecodeGraphs:
         if encoder_decoder:
             self.encoder_lens = torch.zeros(n, dtype=torch.int32, device=device)
             self._encoder_staging = [torch.zeros(n, dtype=torch.int32).pin_memory() for _ in range(2)]
-        self.cross_ends: torch.Tensor | None = None  # Mllama's decoder: each row's cross-attention end, last
-        if cross_ends:
-            self.cross_ends = torch.zeros(n, dtype=torch.int64, device=device)
-            self._ends_staging = [torch.zeros(n, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.cross_spans: torch.Tensor | None = None  # Mllama's decoder: each row's cross-attention rows, last
+        if cross_spans:
+            self.cross_spans = torch.zeros(n, 2, dtype=torch.int64, device=device)
+            self._spans_staging = [torch.zeros(n, 2, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if extras is not None:
             r = extras.position_rows
@@ -115,8 +115,8 @@ class DecodeGraphs:
         ]
         if self.encoder_lens is not None:
             base.append(self.encoder_lens[:b])
-        if self.cross_ends is not None:
-            base.append(self.cross_ends[:b])
+        if self.cross_spans is not None:
+            base.append(self.cross_spans[:b])
         extras = self.extras
         if extras is None:
             return tuple(base)
@@ -160,7 +160,7 @@ class DecodeGraphs:
         block_tables: Sequence[Sequence[int]],
         patch: TokenPatch | None = None,
         encoder_lens: Sequence[int] = (),
-        cross_ends: Sequence[int] = (),
+        cross_spans: Sequence[tuple[int, int]] = (),
     ) -> torch.Tensor:
         """Logits [len(input_ids), vocab] of one decode step (one token per sequence).
 
@@ -196,11 +196,11 @@ class DecodeGraphs:
             staged[:b] = 0
             staged[:n] = torch.tensor(encoder_lens, dtype=torch.int32)
             self.encoder_lens[:b].copy_(staged[:b], non_blocking=True)
-        if self.cross_ends is not None:  # padding rows: 0, no image (their cross-attention layers skipped)
-            ends = self._ends_staging[turn]
-            ends[:b] = 0
-            ends[:n] = torch.tensor(cross_ends, dtype=torch.int64)
-            self.cross_ends[:b].copy_(ends[:b], non_blocking=True)
+        if self.cross_spans is not None:  # padding rows: (0, 0), no image (their cross-attention layers skipped)
+            spans = self._spans_staging[turn]
+            spans[:b] = 0
+            spans[:n] = torch.tensor(cross_spans, dtype=torch.int64).view(n, 2)
+            self.cross_spans[:b].copy_(spans[:b], non_blocking=True)
         self.tokens[:, :b].copy_(host[:, :b], non_blocking=True)
         self.seq_lens[:b].copy_(lens_host[:b], non_blocking=True)
         self.block_tables[:n, :width].copy_(tables_host[:n, :width], non_blocking=True)

@@ -34,17 +34,18 @@ from kiln.runtime.scheduler import ScheduledChunk
 class EncoderInput:
     """Stands in `Sequence.mm` of an encoder-decoder request: its first `length` tokens are the encoder's;
     `images`: the `MultimodalData` of a vision-language request (image rows of its encoder input);
-    `cross_ends`: each prompt token's cross-attention end where the decoder takes them (Mllama)."""
+    `cross_spans`: each prompt token's cross-attention (begin, end) where the decoder takes them (Mllama)."""
 
     length: int
     images: Any = None
-    cross_ends: tuple[int, ...] = ()
+    cross_spans: tuple[tuple[int, int], ...] = ()
 
-    def cross_end(self, position: int) -> int:
-        """The cross-attention end of the token at sequence `position` (generated tokens: the last prompt token's)."""
-        if not self.cross_ends:
-            return self.length
-        return self.cross_ends[min(position, len(self.cross_ends) - 1)]
+    def cross_span(self, position: int) -> tuple[int, int]:
+        """The cross-attention (begin, end) of the token at sequence `position` (generated tokens: the last prompt
+        token's, as transformers' generate extends its mask)."""
+        if not self.cross_spans:
+            return 0, self.length
+        return self.cross_spans[min(position, len(self.cross_spans) - 1)]
 
     def clip_chunk(self, start: int, num_tokens: int) -> int:
         """A chunk that starts the request runs its encoder input whole and at least one decoder token."""
@@ -74,15 +75,18 @@ def request_ids(
     `encoder_ids` are the image rows' placeholders, then the text."""
     if facts.decoder_prompt:
         length = 0 if images is None else int((images.rows >= 0).sum())
-        ends = () if images is None or images.cross_ends is None else tuple(int(e) for e in images.cross_ends)
+        spans = images.cross_spans if images is not None else None
+        pairs = () if spans is None else tuple((int(b), int(e)) for b, e in spans.tolist())
         encoder_ids, text = encoder_ids[:length], encoder_ids[length:]
     if len(encoder_ids) > facts.max_encoder_input_len:
         raise RequestError(
             f"the encoder input has {len(encoder_ids)} tokens, more than this engine's max_encoder_input_len "
-            f"({facts.max_encoder_input_len}); shorten it or rebuild with a larger --max-encoder-input-len"
+            f"({facts.max_encoder_input_len}); "
+            + ("use fewer images" if facts.decoder_prompt else "shorten it")
+            + " or rebuild with a larger --max-encoder-input-len"
         )
     if facts.decoder_prompt:
-        return [*encoder_ids, *text], EncoderInput(length, images, ends or (0,))
+        return [*encoder_ids, *text], EncoderInput(length, images, pairs or ((0, 0),))
     return [*encoder_ids, *facts.decoder_prefix], EncoderInput(len(encoder_ids), images)
 
 
@@ -98,12 +102,12 @@ class EncoderDecoderRunner(ModelRunner):
         device: torch.device,
         max_encoder_len: int,
         image_hidden: int | None = None,
-        cross_ends: bool = False,
+        cross_spans: bool = False,
     ) -> None:
         super().__init__(program, kv_cache, kv, device)
         self.encoder = encoder
         self.max_encoder_len = max_encoder_len
-        self.cross_ends = cross_ends  # the decoder program takes each token's cross-attention end (Mllama)
+        self.cross_spans = cross_spans  # the decoder program takes each token's cross-attention rows (Mllama)
         # A vision-language engine's encoder also takes image rows (mm_embeds, mm_index); a step without
         # images passes one zero row.
         self.empty_row = None
@@ -162,7 +166,7 @@ class EncoderDecoderRunner(ModelRunner):
         tables = []
         sampled: list[int] = []
         logits_rows: list[int] = []
-        ends: list[int] = []
+        spans: list[tuple[int, int]] = []
         bs = self.block_size
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
@@ -176,9 +180,9 @@ class EncoderDecoderRunner(ModelRunner):
             encoder_lens.append(length)
             starts.append(starts[-1] + end - first)
             tables.append(table[: -(-end // bs)])
-            if self.cross_ends:
+            if self.cross_spans:
                 mm = seq.mm if isinstance(seq.mm, EncoderInput) else EncoderInput(length)
-                ends.extend(mm.cross_end(p) for p in range(first, end))
+                spans.extend(mm.cross_span(p) for p in range(first, end))
             if chunk.completes:
                 logits_rows.append(starts[-1] - 1)
                 sampled.append(i)
@@ -195,8 +199,8 @@ class EncoderDecoderRunner(ModelRunner):
             self.kv_cache,
             torch.tensor(encoder_lens, dtype=torch.int32, device=dev),
         )
-        if self.cross_ends:
-            tensors += (torch.tensor(ends, dtype=torch.int64, device=dev),)
+        if self.cross_spans:
+            tensors += (torch.tensor(spans, dtype=torch.int64, device=dev).view(-1, 2),)
         return tensors, sampled
 
     @torch.inference_mode()
@@ -224,7 +228,7 @@ class EncoderDecoderRunner(ModelRunner):
     ) -> torch.Tensor:
         """A decoder step of one token per request, replayed from a captured CUDA graph."""
         bs = self.block_size
-        ids, positions, slots, lens, tables, encoder_lens, ends = [], [], [], [], [], [], []
+        ids, positions, slots, lens, tables, encoder_lens, spans = [], [], [], [], [], [], []
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
             length = encoder_length(seq, self.max_encoder_len)
@@ -235,6 +239,6 @@ class EncoderDecoderRunner(ModelRunner):
             lens.append(p + 1)
             tables.append(table[: p // bs + 1])
             encoder_lens.append(length)
-            if self.cross_ends:
-                ends.append(seq.mm.cross_end(p) if isinstance(seq.mm, EncoderInput) else length)
-        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens, ends)
+            if self.cross_spans:
+                spans.append(seq.mm.cross_span(p) if isinstance(seq.mm, EncoderInput) else (0, length))
+        return graphs.run(ids, positions, slots, lens, tables, patch, encoder_lens, spans)

@@ -162,7 +162,7 @@ class Engine:
                     device=self.device,
                     extras=decode_extras(self.manifest.multimodal, dtype) if encoder is None else None,
                     encoder_decoder=encoder is not None,
-                    cross_ends=self.encoder_decoder is not None and self.encoder_decoder.decoder_prompt,
+                    cross_spans=self.encoder_decoder is not None and self.encoder_decoder.decoder_prompt,
                 )
                 graphs.capture()
             self.runner.graphs = graphs

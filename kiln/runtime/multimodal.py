@@ -47,7 +47,7 @@ class MultimodalData:
     blocks: tuple[tuple[int, int], ...] = ()  # runs of image tokens that attend bidirectionally (never split)
     positions: torch.Tensor | None = None  # [3, prompt_len] M-RoPE positions
     position_delta: int = 0  # generated token at position p gets p + position_delta on every M-RoPE row
-    cross_ends: torch.Tensor | None = None  # [prompt_len] each token's cross-attention end (Mllama)
+    cross_spans: torch.Tensor | None = None  # [prompt_len, 2] each token's cross-attention rows (Mllama)
 
     @property
     def prompt_len(self) -> int:
@@ -284,8 +284,11 @@ class MultimodalPipeline:
         positions, delta = None, 0
         if self.facts.position_rows > 1:
             positions, delta = self.family.mrope_positions(pending.ids, pending.processed, self.facts.family_config)
-        ends = self.family.cross_attention_ends(pending.ids, pending.processed, self.facts.family_config)
-        mm = MultimodalData(torch.cat(features), rows, tuple(spans), blocks, positions, delta, ends)
+        cross = self.family.cross_attention_rows(pending.ids, pending.processed, self.facts.family_config)
+        if cross is not None:  # the encoder positions store the feature rows in the family's order
+            rows[is_image] = rows[is_image][cross.order]
+        cross_spans = None if cross is None else cross.spans
+        mm = MultimodalData(torch.cat(features), rows, tuple(spans), blocks, positions, delta, cross_spans)
         return MultimodalPrompt(pending.ids, mm, len(counts))
 
     def prepare(self, requests: Sequence[MediaRequest], labels: Sequence[int] | None = None) -> list[MultimodalPrompt]:

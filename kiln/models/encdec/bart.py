@@ -14,8 +14,10 @@ from torch import nn
 
 from kiln.models.encdec.base import (
     DecoderMetadata,
+    EncoderBatch,
     EncoderDecoderFamily,
-    embed_tokens,
+    PackedDecoder,
+    PackedEncoder,
     heads,
     packed_self_attention,
 )
@@ -29,6 +31,11 @@ def _feed_forward(layer: Any, h: torch.Tensor, pre_norm: bool) -> torch.Tensor:
     return h if pre_norm else layer.final_layer_norm(h)
 
 
+def cross_key_values(cross: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BART-shaped cross-attention's keys and values of the encoder output (BART's `encoder_attn`)."""
+    return heads(cross.k_proj(h), cross.head_dim), heads(cross.v_proj(h), cross.head_dim)
+
+
 def _sublayer(norm: nn.Module, h: torch.Tensor, pre_norm: bool, attend: Any) -> torch.Tensor:
     """h + attend(x) with x = norm(h) first (mBART), or norm(h + attend(h)) (BART)."""
     if pre_norm:
@@ -36,59 +43,33 @@ def _sublayer(norm: nn.Module, h: torch.Tensor, pre_norm: bool, attend: Any) -> 
     return norm(h + attend(h))
 
 
-class BartEncoder(nn.Module):
+class BartEncoder(PackedEncoder):
     def __init__(self, model: Any, pre_norm: bool) -> None:
-        super().__init__()
         encoder, decoder = model.model.encoder, model.model.decoder
+        super().__init__(range(len(decoder.layers)), [layer.encoder_attn for layer in decoder.layers], cross_key_values)
         self.embed = encoder.embed_tokens
         self.positions = encoder.embed_positions
         self.embed_norm = encoder.layernorm_embedding
         self.layers = encoder.layers
         self.norm = getattr(encoder, "layer_norm", None) if pre_norm else None
-        self.cross = nn.ModuleList(layer.encoder_attn for layer in decoder.layers)
         self.pre_norm = pre_norm
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seq_ids: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mm_embeds: torch.Tensor | None = None,
-        mm_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        h = self.embed_norm(
-            embed_tokens(self.embed, input_ids, mm_embeds, mm_index)
-            + self.positions.weight[positions + POSITION_OFFSET]
-        )
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        h = self.embed_norm(batch.embed(self.embed) + self.positions.weight[batch.positions + POSITION_OFFSET])
         for layer in self.layers:
             attn = layer.self_attn
             d = attn.head_dim
 
             def attend(x: torch.Tensor, attn: Any = attn, d: int = d) -> torch.Tensor:
                 q, k, v = heads(attn.q_proj(x), d), heads(attn.k_proj(x), d), heads(attn.v_proj(x), d)
-                return attn.out_proj(packed_self_attention(q, k, v, seq_ids, attn.scaling, None).flatten(1))
+                return attn.out_proj(packed_self_attention(q, k, v, batch.seq_ids, attn.scaling, None).flatten(1))
 
             h = _sublayer(layer.self_attn_layer_norm, h, self.pre_norm, attend)
             h = _feed_forward(layer, h, self.pre_norm)
-        if self.norm is not None:
-            h = self.norm(h)
-        store_cross_kv(self.cross, h, kv_cache, slot_mapping)
-        return h
+        return h if self.norm is None else self.norm(h)
 
 
-def store_cross_kv(
-    cross_layers: nn.ModuleList, h: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store each decoder layer's cross-attention keys/values of the encoder output `h` (BART's `encoder_attn`)."""
-    cross: Any
-    for i, cross in enumerate(cross_layers):
-        d = cross.head_dim
-        torch.ops.kiln.store_kv(kv_cache, heads(cross.k_proj(h), d), heads(cross.v_proj(h), d), slot_mapping, i)
-
-
-class BartDecoder(nn.Module):
+class BartDecoder(PackedDecoder):
     """The decoder stack `decoder` and its `lm_head` (plus BART's `final_logits_bias` when given)."""
 
     def __init__(self, decoder: Any, lm_head: nn.Module, logits_bias: torch.Tensor | None, pre_norm: bool) -> None:
@@ -103,19 +84,9 @@ class BartDecoder(nn.Module):
         self.register_buffer("logits_bias", bias, persistent=False)
         self.pre_norm = pre_norm
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        logits_indices: torch.Tensor,
-        kv_cache: torch.Tensor,
-        encoder_lens: torch.Tensor,
+    def step(
+        self, meta: DecoderMetadata, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
     ) -> torch.Tensor:
-        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
         h = self.embed_norm(self.embed(input_ids) + self.positions.weight[positions + POSITION_OFFSET])
         for i, layer in enumerate(self.layers):
             attn, cross = layer.self_attn, layer.encoder_attn

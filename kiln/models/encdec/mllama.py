@@ -2,13 +2,14 @@
 the encoder input, the prompt's text runs in the decoder.
 
 The encoder program stores, for each cross-attention layer of the text model (`cross_attention_layers`),
-the keys (after `k_norm`) and values of a request's image rows at its first cache positions. The
-decoder is the text model: its self-attention layers attend causally over the text's own keys (the
-cache positions after the image rows), its cross-attention layers over the image rows. Each decoder
-token carries `cross_ends`: `e > 0`, it attends to the rows [0, e) (its image's real tiles); `-e`, a
-token before the image: transformers leaves such a row unmasked (it attends to all e rows, padding
-tiles too) and zeroes its cross-attention feed-forward; 0, a request without an image, whose tokens
-skip the cross-attention layers as transformers does.
+the keys (after `k_norm`) and values of a request's image rows at its first cache positions (every image's
+real tiles first, then the padding tiles: `kiln.models.vlm.mllama`). The decoder is the text model: its
+self-attention layers attend causally over the text's own keys (the cache positions after the image rows),
+its cross-attention layers over the image rows. Each decoder token carries `cross_spans` (begin, end):
+`end > 0`, it attends to the rows [begin, end) (the real tiles of the images it reads); `end < 0`, a token
+before the first image: transformers leaves such a row unmasked (it attends to all -end rows, padding
+tiles too) and zeroes its cross-attention feed-forward; `end == 0`, a request without an image, whose
+tokens skip the cross-attention layers as transformers does.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads
-
-CROSS_ENDS = "cross_ends"
+from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, ImageRowsEncoder, PackedDecoder, heads
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -33,35 +32,12 @@ def _text_model(model: Any) -> Any:
     return model.model.language_model
 
 
-class MllamaRowsEncoder(nn.Module):
-    """Stores each cross-attention layer's keys/values of the image rows (`mm_embeds` by `mm_index`)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        text = _text_model(model)
-        self.layers = [int(i) for i in text.cross_attention_layers]
-        self.cross = nn.ModuleList(text.layers[i].cross_attn for i in self.layers)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seq_ids: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mm_embeds: torch.Tensor,
-        mm_index: torch.Tensor,
-    ) -> torch.Tensor:
-        h = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(kv_cache.dtype)
-        cross: Any
-        for layer, cross in zip(self.layers, self.cross):
-            d = cross.head_dim
-            keys = cross.k_norm(heads(cross.k_proj(h), d))
-            torch.ops.kiln.store_kv(kv_cache, keys, heads(cross.v_proj(h), d), slot_mapping, layer)
-        return h
+def _key_values(cross: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = cross.head_dim
+    return cross.k_norm(heads(cross.k_proj(h), d)), heads(cross.v_proj(h), d)
 
 
-class MllamaDecoder(nn.Module):
+class MllamaDecoder(PackedDecoder):
     def __init__(self, model: Any) -> None:
         super().__init__()
         text = _text_model(model)
@@ -72,40 +48,22 @@ class MllamaDecoder(nn.Module):
         self.lm_head = model.lm_head
         self.cross_layers = frozenset(int(i) for i in text.cross_attention_layers)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        logits_indices: torch.Tensor,
-        kv_cache: torch.Tensor,
-        encoder_lens: torch.Tensor,
-        cross_ends: torch.Tensor,
+    def step(
+        self, meta: DecoderMetadata, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
     ) -> torch.Tensor:
-        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
+        assert meta.cross_spans is not None, "the Mllama decoder program takes cross_spans"
         h = self.embed(input_ids)
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)
-        # each token's sequence, and each sequence's real image rows (the largest positive end of its tokens)
-        tokens = torch.arange(input_ids.shape[0], device=input_ids.device, dtype=query_start_loc.dtype)
-        seq = (tokens[:, None] >= query_start_loc[None, :]).sum(1) - 1
-        mine = seq[None, :] == torch.arange(encoder_lens.shape[0], device=seq.device)[:, None]  # [B, T]
-        real_lens = torch.where(mine, cross_ends.clamp(min=0)[None, :], 0).amax(1).to(encoder_lens.dtype)
-        has_image = (cross_ends != 0)[:, None]
-        attends = cross_ends > 0
+        begin, end = meta.cross_spans[:, 0], meta.cross_spans[:, 1]
+        has_image = (end != 0)[:, None]
+        attends = end > 0
         for i, layer in enumerate(self.layers):
             if i in self.cross_layers:
                 cross = layer.cross_attn
                 d = cross.head_dim
                 q = cross.q_norm(heads(cross.q_proj(layer.input_layernorm(h)), d))
-                every = meta.cross_attention(q, i, cross.scaling)
-                real = DecoderMetadata(
-                    kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, real_lens
-                ).cross_attention(q, i, cross.scaling)
-                out = torch.where(attends[:, None, None], real, every)
+                out = meta.cross_attention(q, i, cross.scaling, begin, end.abs())
                 x = h + layer.cross_attn_attn_gate.tanh() * cross.o_proj(out.flatten(1))
                 mlp = layer.mlp(layer.post_attention_layernorm(x)) * attends[:, None].to(x.dtype)
                 x = x + layer.cross_attn_mlp_gate.tanh() * mlp
@@ -132,7 +90,10 @@ class MllamaFamily(EncoderDecoderFamily):
         return int(config.num_hidden_layers), int(config.num_key_value_heads), int(config.hidden_size) // heads_
 
     def encoder(self, model: nn.Module) -> nn.Module:
-        return MllamaRowsEncoder(model)
+        """Stores each cross-attention layer's keys (after `k_norm`) and values of the image rows."""
+        text = _text_model(model)
+        layers = [int(i) for i in text.cross_attention_layers]
+        return ImageRowsEncoder(layers, [text.layers[i].cross_attn for i in layers], _key_values)
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return MllamaDecoder(model)

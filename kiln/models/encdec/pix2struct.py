@@ -15,36 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, heads
+from kiln.models.encdec.base import DecoderMetadata, EncoderDecoderFamily, ImageRowsEncoder, PackedDecoder, heads
 
 
-class Pix2StructRowsEncoder(nn.Module):
-    """Stores each decoder layer's cross keys/values of the image rows (`mm_embeds` by `mm_index`)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.cross = nn.ModuleList(layer.encoder_decoder_attention.attention for layer in model.decoder.layer)
-        self.head_dim = int(model.config.text_config.d_kv)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seq_ids: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mm_embeds: torch.Tensor,
-        mm_index: torch.Tensor,
-    ) -> torch.Tensor:
-        h = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(kv_cache.dtype)
-        d = self.head_dim
-        cross: Any
-        for i, cross in enumerate(self.cross):
-            torch.ops.kiln.store_kv(kv_cache, heads(cross.key(h), d), heads(cross.value(h), d), slot_mapping, i)
-        return h
+def _key_values(cross: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = cross.key_value_proj_dim
+    return heads(cross.key(h), d), heads(cross.value(h), d)
 
 
-class Pix2StructTextDecoder(nn.Module):
+class Pix2StructTextDecoder(PackedDecoder):
     def __init__(self, model: Any) -> None:
         super().__init__()
         decoder = model.decoder
@@ -57,19 +36,9 @@ class Pix2StructTextDecoder(nn.Module):
         self.head_dim = int(config.d_kv)
         self.max_distance = int(config.relative_attention_max_distance)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        logits_indices: torch.Tensor,
-        kv_cache: torch.Tensor,
-        encoder_lens: torch.Tensor,
+    def step(
+        self, meta: DecoderMetadata, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
     ) -> torch.Tensor:
-        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
         d = self.head_dim
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
@@ -95,7 +64,10 @@ class Pix2StructFamily(EncoderDecoderFamily):
         return int(config.num_layers), int(config.num_heads), int(config.d_kv)
 
     def encoder(self, model: nn.Module) -> nn.Module:
-        return Pix2StructRowsEncoder(model)
+        """Stores each decoder layer's cross keys/values of the image rows."""
+        generation: Any = model
+        cross = [layer.encoder_decoder_attention.attention for layer in generation.decoder.layer]
+        return ImageRowsEncoder(range(len(cross)), cross, _key_values)
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return Pix2StructTextDecoder(model)

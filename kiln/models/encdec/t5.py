@@ -16,55 +16,50 @@ from torch import nn
 from kiln.kernels.reference import relative_bucket
 from kiln.models.encdec.base import (
     DecoderMetadata,
+    EncoderBatch,
     EncoderDecoderFamily,
-    embed_tokens,
+    PackedDecoder,
+    PackedEncoder,
     heads,
     packed_self_attention,
 )
 
 
-class T5Encoder(nn.Module):
+def cross_key_values(cross: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A T5-shaped cross-attention's keys and values of the encoder output (T5's `EncDecAttention`)."""
+    d = cross.key_value_proj_dim
+    return heads(cross.k(h), d), heads(cross.v(h), d)
+
+
+class T5Encoder(PackedEncoder):
     def __init__(self, model: Any) -> None:
-        super().__init__()
+        cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
+        super().__init__(range(len(cross)), cross, cross_key_values)
         config = model.config
         self.embed = model.shared
         self.blocks = model.encoder.block
         self.norm = model.encoder.final_layer_norm
         self.bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        self.cross = nn.ModuleList(block.layer[1].EncDecAttention for block in model.decoder.block)
         self.head_dim = int(config.d_kv)
         self.buckets = (int(config.relative_attention_num_buckets), int(config.relative_attention_max_distance))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seq_ids: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mm_embeds: torch.Tensor | None = None,
-        mm_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
         d = self.head_dim
-        h = embed_tokens(self.embed, input_ids, mm_embeds, mm_index)
-        buckets = relative_bucket(positions[None, :] - positions[:, None], True, *self.buckets)
+        h = batch.embed(self.embed)
+        buckets = relative_bucket(batch.positions[None, :] - batch.positions[:, None], True, *self.buckets)
         bias = self.bias(buckets).permute(2, 0, 1)  # [H, T, T]
         for block in self.blocks:
             layer = block.layer[0]
             attn = layer.SelfAttention
             x = layer.layer_norm(h)
             q, k, v = heads(attn.q(x), d), heads(attn.k(x), d), heads(attn.v(x), d)
-            out = packed_self_attention(q, k, v, seq_ids, 1.0, bias)
+            out = packed_self_attention(q, k, v, batch.seq_ids, 1.0, bias)
             h = h + attn.o(out.flatten(1))
             h = block.layer[1](h)
-        h = self.norm(h)
-        cross: Any
-        for i, cross in enumerate(self.cross):
-            torch.ops.kiln.store_kv(kv_cache, heads(cross.k(h), d), heads(cross.v(h), d), slot_mapping, i)
-        return h
+        return self.norm(h)
 
 
-class T5Decoder(nn.Module):
+class T5Decoder(PackedDecoder):
     def __init__(self, model: Any) -> None:
         super().__init__()
         config = model.config
@@ -79,19 +74,9 @@ class T5Decoder(nn.Module):
         scaled = config.tie_word_embeddings if scaled is None else scaled
         self.output_scale = float(config.d_model) ** -0.5 if scaled else None
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        logits_indices: torch.Tensor,
-        kv_cache: torch.Tensor,
-        encoder_lens: torch.Tensor,
+    def step(
+        self, meta: DecoderMetadata, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
     ) -> torch.Tensor:
-        meta = DecoderMetadata(kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, encoder_lens)
         d = self.head_dim
         h = self.embed(input_ids)
         for i, block in enumerate(self.blocks):

@@ -9,32 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from kiln.models.encdec.bart import BartDecoder, BartFamily, store_cross_kv
-
-
-class ImageRowsEncoder(nn.Module):
-    """Stores each decoder layer's cross keys/values of the image rows (`mm_embeds` by `mm_index`)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.cross = nn.ModuleList(layer.encoder_attn for layer in model.decoder.model.decoder.layers)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seq_ids: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mm_embeds: torch.Tensor,
-        mm_index: torch.Tensor,
-    ) -> torch.Tensor:
-        h = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(kv_cache.dtype)
-        store_cross_kv(self.cross, h, kv_cache, slot_mapping)
-        return h
+from kiln.models.encdec.bart import BartDecoder, BartFamily, cross_key_values
+from kiln.models.encdec.base import ImageRowsEncoder
 
 
 class VisionEncoderDecoderFamily(BartFamily):
@@ -45,7 +23,10 @@ class VisionEncoderDecoderFamily(BartFamily):
         return model_config  # decoder_start_token_id lives on the top-level config
 
     def encoder(self, model: nn.Module) -> nn.Module:
-        return ImageRowsEncoder(model)
+        """Stores each decoder layer's cross keys/values of the image rows."""
+        generation: Any = model
+        layers = generation.decoder.model.decoder.layers
+        return ImageRowsEncoder(range(len(layers)), [layer.encoder_attn for layer in layers], cross_key_values)
 
     def decoder(self, model: nn.Module) -> nn.Module:
         causal_lm: Any = model.decoder

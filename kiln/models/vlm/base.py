@@ -37,6 +37,14 @@ class ImageItem:
 
 
 @dataclass(frozen=True)
+class CrossAttentionRows:
+    """A prompt's image rows as a decoder's cross-attention reads them."""
+
+    order: torch.Tensor  # [image rows] int64: the feature row (images in prompt order) each encoder position stores
+    spans: torch.Tensor  # [prompt_len, 2] int64: each token's (begin, end) of those positions (encdec.mllama)
+
+
+@dataclass(frozen=True)
 class VisionExample:
     """Inputs torch.export traces the vision program with, and their dynamic dimensions."""
 
@@ -206,10 +214,11 @@ class VisionLanguageFamily:
         """[3, prompt_len] positions and the offset of generated tokens (M-RoPE families only)."""
         raise NotImplementedError
 
-    def cross_attention_ends(
+    def cross_attention_rows(
         self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
-    ) -> torch.Tensor | None:
-        """[prompt_len] each token's cross-attention end (families whose decoder reads the prompt: Mllama)."""
+    ) -> CrossAttentionRows | None:
+        """Where the image rows are stored and which of them each token reads (families whose decoder reads the
+        prompt: Mllama)."""
         return None
 
     def runtime_config(self, config: Any) -> dict[str, Any]:

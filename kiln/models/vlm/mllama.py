@@ -2,11 +2,14 @@
 cross-attention layers read (`kiln.models.encdec.mllama`).
 
 The processor splits an image into at most `max_image_tiles` tiles (an aspect-ratio id names the
-layout; `aspect_ratio_mask` the real tiles) and keeps one `<|image|>` token in the prompt. The vision
-program runs the tower and the projector on a batch of images, each `[max_tiles, C, H, W]`, to
-`max_tiles x patches` rows: padding tiles too, since prompt tokens before the image attend to every
-row. A request's sequence is one placeholder per row (the encoder input, whose cross keys the
-encoder program stores), then the prompt's tokens, which the decoder runs. One image per prompt.
+layout; `aspect_ratio_mask` the real tiles) and keeps one `<|image|>` token in the prompt per image. The
+vision program runs the tower and the projector on a batch of images, each `[max_tiles, C, H, W]`, to
+`max_tiles x patches` rows: padding tiles too, since prompt tokens before the first image attend to every
+row. A request's sequence is one placeholder per row of all its images (the encoder input, whose cross
+keys the encoder program stores), then the prompt's tokens, which the decoder runs. The rows are stored
+with every image's real tiles first (in prompt order), then the padding tiles, so that the tiles a token
+reads (the processor's `cross_attention_mask`: the real tiles of the image before it, or of a run of
+adjacent `<|image|>` tokens) are one span of positions.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kiln.models.vlm.base import ImageItem, VisionExample, VisionLanguageFamily, VisionProgram
+from kiln.errors import RequestError
+from kiln.models.vlm.base import (
+    CrossAttentionRows,
+    ImageItem,
+    VisionExample,
+    VisionLanguageFamily,
+    VisionProgram,
+)
 
 IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
@@ -50,7 +60,6 @@ def _patches_per_tile(vision: Any) -> int:
 class Mllama(VisionLanguageFamily):
     architecture = "MllamaForConditionalGeneration"
     notes = "tiled vision rows read by cross-attention layers interleaved in the Llama decoder (Llama 3.2 Vision)"
-    max_images_per_prompt: ClassVar[int | None] = 1
     image_keys = IMAGE_KEYS
     # `kiln run --check-accuracy`'s transformers reference: its eager attention fails on Mllama's tile mask (5.25)
     reference_attention: ClassVar[str] = "sdpa"
@@ -120,7 +129,7 @@ class Mllama(VisionLanguageFamily):
         if not images:
             return {"input_ids": processor(text=[prompt], return_tensors="pt")["input_ids"]}
         out = processor(text=[prompt], images=[images], return_tensors="pt")
-        rows = int(config["max_tiles"]) * int(config["rows_per_tile"])
+        rows = len(images) * int(config["max_tiles"]) * int(config["rows_per_tile"])
         placeholders = torch.full((rows,), int(config["placeholder"]), dtype=out["input_ids"].dtype)
         return {
             "input_ids": torch.cat([placeholders, out["input_ids"][0]])[None],
@@ -134,7 +143,8 @@ class Mllama(VisionLanguageFamily):
         return torch.arange(ids.shape[0]) < int(processed.get("encoder_rows", 0))
 
     def split_images(self, processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[ImageItem]:
-        return [ImageItem({key: processed[key][0, 0] for key in IMAGE_KEYS})]
+        count = processed["pixel_values"].shape[1]
+        return [ImageItem({key: processed[key][0, i] for key in IMAGE_KEYS}) for i in range(count)]
 
     def encode(
         self,
@@ -149,14 +159,26 @@ class Mllama(VisionLanguageFamily):
         rows = torch.cat([program(*(t[i : i + limit] for t in inputs)) for i in range(0, len(items), limit)])
         return list(rows)
 
-    def cross_attention_ends(
+    def cross_attention_rows(
         self, prompt_ids: list[int], processed: Mapping[str, torch.Tensor], config: Mapping[str, Any]
-    ) -> torch.Tensor | None:
-        """Per prompt token: its image's real tiles' rows (`tiles x patches`), or `-rows` for a token before the
-        image (transformers lets it attend to every row and zeroes its cross-attention feed-forward)."""
+    ) -> CrossAttentionRows | None:
+        """Every image's real tiles' rows first, then the padding tiles'; per prompt token, the span of the tiles
+        its `cross_attention_mask` row names, or (0, -rows) for a token before the first image (transformers
+        lets it attend to every row and zeroes its cross-attention feed-forward)."""
         if "cross_attention_mask" not in processed:
             return None
-        rows = int(processed["encoder_rows"])
-        tiles = processed["cross_attention_mask"][0, :, 0].sum(-1)  # [text tokens]: tiles each token attends to
-        text = torch.where(tiles > 0, tiles * int(config["rows_per_tile"]), -rows)
-        return torch.cat([torch.zeros(rows, dtype=text.dtype), text])
+        per_tile = int(config["rows_per_tile"])
+        real = processed["aspect_ratio_mask"][0].flatten().bool()  # [images x max_tiles], prompt order
+        tiles = torch.cat([torch.nonzero(real).flatten(), torch.nonzero(~real).flatten()])  # stored tile -> tile
+        stored = torch.empty_like(tiles)
+        stored[tiles] = torch.arange(tiles.shape[0])  # tile -> stored tile
+        order = (tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
+        reads = processed["cross_attention_mask"][0].flatten(1).bool()  # [text tokens, images x max_tiles]
+        count = reads.sum(1)
+        first = torch.where(reads, stored, tiles.shape[0]).amin(1)
+        last = torch.where(reads, stored, -1).amax(1) + 1
+        if bool(((last - first != count) & (count > 0)).any()):
+            raise RequestError("a token of the prompt reads image tiles that kiln cannot store as one span of rows")
+        rows = order.shape[0]
+        text = torch.where((count > 0)[:, None], torch.stack([first, last], 1) * per_tile, torch.tensor([0, -rows]))
+        return CrossAttentionRows(order, torch.cat([torch.zeros(rows, 2, dtype=text.dtype), text]))
