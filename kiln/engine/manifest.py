@@ -25,7 +25,7 @@ PROCESSOR_DIR = "processor"
 VISION_DIR = "vision"
 ENCODER_DIR = "encoder"  # an encoder-decoder engine's encoder program
 VISION_STATE = "state.safetensors"
-FORMAT_VERSION = 2  # 2: weights in weights.safetensors beside program.pt2
+FORMAT_VERSION = 3  # 2: weights in weights.safetensors beside program.pt2; 3: Mllama decoders take cross_spans [T, 2]
 
 
 @dataclass(frozen=True, kw_only=True)
