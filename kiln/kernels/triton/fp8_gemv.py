@@ -15,7 +15,7 @@ import triton
 
 from kiln.kernels.activation_quant import FP8
 from kiln.kernels.triton.fp8_gemv_kernel import _fp8_linear_kernel
-from kiln.kernels.triton.gemv_config import num_sms
+from kiln.kernels.triton.gemv_config import fill_split, num_sms
 from kiln.kernels.triton.gemv_launch import (
     Fusion,
     Rope,
@@ -38,10 +38,7 @@ def default_config(n: int, k: int, sms: int = 132) -> QGemvConfig:
     in powers of two while the programs do not fill the SMs twice and each split keeps 4 steps.
     Not yet timed on a GPU."""
     block_k = min(2048, max(16, triton.next_power_of_2(max(k, 1))))
-    programs = triton.cdiv(n, 4)
-    split = 1
-    while programs * split < 2 * sms and k // (split * 2) >= 4 * block_k:
-        split *= 2
+    split = fill_split(triton.cdiv(n, 4), k, block_k, 4, 2 * sms)
     return QGemvConfig(1, 4, block_k, split, 8 if block_k >= 1024 else 4)
 
 

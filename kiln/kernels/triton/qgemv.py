@@ -18,7 +18,7 @@ import torch
 import triton
 
 from kiln.kernels.quantized_weight import bits_of
-from kiln.kernels.triton.gemv_config import num_sms
+from kiln.kernels.triton.gemv_config import fill_split, num_sms
 from kiln.kernels.triton.gemv_launch import (
     Fusion,
     Rope,
@@ -181,8 +181,8 @@ def _row_linear(
     fusion: Fusion,
 ) -> torch.Tensor:
     """One row through `_qrow_kernel`: ROW_BLOCK_N weight rows (half as many column pairs) a program, 1 KB of each row a
-    step (8 bytes a thread), K split in powers of two while the programs do not fill the SMs twice
-    (not with rope or gated pairs)."""
+    step (8 bytes a thread), K split in powers of two while the programs do not fill the SMs twice and
+    each split keeps 2 steps (`fill_split`; not with rope or gated pairs)."""
     n, row_bytes = qweight.shape
     k = row_bytes * (2 if bits == 4 else 1)
     rope, gated = fusion.rope, fusion.gated
@@ -196,14 +196,10 @@ def _row_linear(
         programs, even_n = triton.cdiv(pairs, block_n // 2), pairs % (block_n // 2) == 0
     else:
         programs, even_n = triton.cdiv(n, block_n), n % block_n == 0
-    split = 1
-    while (
-        rope is None
-        and not gated
-        and programs * split < 2 * num_sms(x.device)
-        and row_bytes // (split * 2) >= 2 * block_k
-    ):
-        split *= 2
+    if rope is not None or gated:
+        split = 1
+    else:
+        split = fill_split(programs, row_bytes, block_k, 2, 2 * num_sms(x.device))
     split, per_split = k_splits(row_bytes, block_k, split)
     out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     target = split_target(out, split)
