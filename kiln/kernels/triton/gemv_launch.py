@@ -91,7 +91,7 @@ def split_target(out: torch.Tensor, split: int) -> torch.Tensor:
 
 
 def column_tiles(n: int, block_n: int, rope: Rope | None, gated: bool) -> int:
-    """Column tiles of `gemv_kernel._tile_columns` (rope or gated: block_n is 2)."""
+    """Column tiles of `gemv_epilogue._tile_columns` (rope or gated: block_n is 2)."""
     if rope is not None:
         return rope[2] // 2 + triton.cdiv(n - rope[2], block_n)
     if gated:
