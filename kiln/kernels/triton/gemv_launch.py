@@ -99,7 +99,7 @@ def column_tiles(n: int, block_n: int, rope: Rope | None, gated: bool) -> int:
     return triton.cdiv(n, block_n)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class Fusion:
     """One call's fused prologue and epilogue, `linear_triton`'s meaning."""
 
