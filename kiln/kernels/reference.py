@@ -197,6 +197,34 @@ def relative_bucket(distance: torch.Tensor, bidirectional: bool, num_buckets: in
     return offset + torch.where(magnitude < exact, magnitude, far)
 
 
+def span_softmax(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None,
+    max_distance: int,
+) -> torch.Tensor:
+    """softmax(q keys^T * scale [+ T5 bias]) values for a batch of spans: q [B, Tq, Hq, D], keys and
+    values [B, Tk, Hkv, D], q_positions [B, Tq] and k_positions [B or 1, Tk] (the bias's distances),
+    `allowed` [B, Tq, Tk] (None: every key). A query with no allowed key gets zeros. In q's dtype."""
+    group = q.shape[2] // keys.shape[2]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=2), values.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys.float()) * scale
+    if bias is not None:
+        distance = k_positions[:, None, :] - q_positions[:, :, None]
+        buckets = relative_bucket(distance, False, bias.shape[0], max_distance)
+        scores = scores + bias[buckets].permute(0, 3, 1, 2).float()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, values.float()).to(q.dtype)
+
+
 def span_attention(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -240,21 +268,14 @@ def span_attention(
         blocks = block_tables[i, : -(-hi // block_size)].long()
         keys = key_pages[blocks].flatten(0, 1)[lo:hi]
         values = value_pages[blocks].flatten(0, 1)[lo:hi]
-        group = q.shape[1] // keys.shape[1]
-        if group > 1:
-            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        k_positions = torch.arange(lo, hi, device=q.device)
-        q_positions = torch.arange(context_len - (last - first), context_len, device=q.device)
-        scores = torch.einsum("qhd,khd->hqk", q[first:last].float(), keys.float()) * scale
-        if bias is not None:
-            buckets = relative_bucket(k_positions[None, :] - q_positions[:, None], False, bias.shape[0], max_distance)
-            scores = scores + bias[buckets].permute(2, 0, 1).float()
-        if causal:
-            scores = scores.masked_fill((k_positions[None, :] > q_positions[:, None])[None], float("-inf"))
+        k_positions = torch.arange(lo, hi, device=q.device)[None]
+        q_positions = torch.arange(context_len - (last - first), context_len, device=q.device)[None]
+        allowed = k_positions[:, None, :] <= q_positions[:, :, None] if causal else None
         if query_begin is not None and query_end is not None:
-            lo_q, hi_q = query_begin[first:last, None], query_end[first:last, None]
-            outside = (k_positions[None, :] < lo_q) | (k_positions[None, :] >= hi_q)
-            scores = scores.masked_fill(outside[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[first:last] = torch.einsum("hqk,khd->qhd", probs, values.float()).to(q.dtype)
+            lo_q, hi_q = query_begin[None, first:last, None], query_end[None, first:last, None]
+            inside = (k_positions[:, None, :] >= lo_q) & (k_positions[:, None, :] < hi_q)
+            allowed = inside if allowed is None else allowed & inside
+        out[first:last] = span_softmax(
+            q[None, first:last], keys[None], values[None], q_positions, k_positions, allowed, scale, bias, max_distance
+        )[0]
     return out

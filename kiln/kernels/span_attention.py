@@ -69,22 +69,15 @@ def decode_span_attention(
     """`reference.span_attention` for one query per sequence (row i at position seq_lens[i] - 1), every row
     at once: keys gathered through the whole (padded) block table, masked to [key_begin, key_end)."""
     picked = kv_cache[layer][:, block_tables.long()].flatten(2, 3)  # [2, B, L, Hkv, D]
-    keys, values = picked[0].float(), picked[1].float()
-    group = q.shape[1] // keys.shape[2]
-    if group > 1:
-        keys, values = keys.repeat_interleave(group, dim=2), values.repeat_interleave(group, dim=2)
-    k_positions = torch.arange(keys.shape[1], device=q.device)[None, :]
+    k_positions = torch.arange(picked.shape[2], device=q.device)[None, :]
     q_positions = (seq_lens.long() - 1)[:, None]
     allowed = (k_positions >= key_begin.long()[:, None]) & (k_positions < key_end.long()[:, None])
     if causal:
         allowed = allowed & (k_positions <= q_positions)
-    scores = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale
-    if bias is not None:
-        buckets = reference.relative_bucket(k_positions - q_positions, False, bias.shape[0], max_distance)
-        scores = scores + bias[buckets].permute(0, 2, 1).float()
-    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding row with no key attends to nothing
-    return torch.einsum("bhl,blhd->bhd", probs, values).to(q.dtype)
+    # a padding row has no allowed key: it attends to nothing
+    return reference.span_softmax(
+        q[:, None], picked[0], picked[1], q_positions, k_positions, allowed[:, None, :], scale, bias, max_distance
+    )[:, 0]
 
 
 @span_attention.register_fake

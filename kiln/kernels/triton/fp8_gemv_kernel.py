@@ -15,15 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.gemv_kernel import (
-    _inverse_rms,
-    _load_w,
-    _load_x,
-    _prologue,
-    _rotate_pair,
-    _silu_times_up,
-    _tile_columns,
-)
+from kiln.kernels.triton.gemv_epilogue import _store_tile, _tile_columns
+from kiln.kernels.triton.gemv_kernel import _load_w, _load_x, _prologue, _row_inverse_rms
 from kiln.kernels.triton.pdl import handoff
 
 
@@ -123,10 +116,7 @@ def _fp8_linear_kernel(  # type: ignore[no-untyped-def]
     wv = _load_w(w_ptrs, n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
     if EARLY_W:
         handoff(PDL)
-    if PROLOGUE == 2:
-        inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, K_PAD, 1, 256)
-    else:
-        inv_rms = tl.zeros((1,), dtype=tl.float32)
+    inv_rms = _row_inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, PROLOGUE == 2, K_PAD, 1, 256)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):  # the next weight tile is read before this one is used
         following = _load_w(w_ptrs + k, n_ok, k_begin + k + offs_k, K, EVEN_N, EVEN_K)
@@ -149,21 +139,8 @@ def _fp8_linear_kernel(  # type: ignore[no-untyped-def]
     else:
         scale = tl.load(scales + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         result = (tl.sum(acc, axis=1) * scale)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT > 1:
-        tl.store(out_ptrs + pid_k * stride_os, result, mask=mask)
-    else:
-        if HAS_BIAS:
-            result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        result = result.to(out.dtype.element_ty)
-        if ROPE:
-            if tile < rope_pairs:
-                result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
-        if RESIDUAL:
-            res = tl.load(residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-            result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
-        if GATED:
-            tl.store(out + offs_m * stride_om + tile * stride_on, _silu_times_up(result), mask=m_ok)
-        else:
-            tl.store(out_ptrs, result, mask=mask)
+    _store_tile(
+        result, out, offs_m, offs_n, m_ok, n_ok, tile, pid_k, m_ok, stride_om, stride_on, stride_os,
+        bias, residual, stride_rm, stride_rn, cos, sin, stride_cm, stride_sm, rope_pairs,
+        HAS_BIAS, SPLIT, ROPE, HALF_D, RESIDUAL, GATED,
+    )  # fmt: skip

@@ -37,6 +37,15 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def fill_split(programs: int, length: int, block_k: int, steps: int, target: int) -> int:
+    """K splits, a power of two: doubled while programs * splits stays below `target` and each split
+    keeps at least `steps` tiles of block_k (of the `length` a weight row has)."""
+    split = 1
+    while programs * split < target and length // (split * 2) >= steps * block_k:
+        split *= 2
+    return split
+
+
 def default_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
     """The launch for an [m, k] x [n, k]^T product, from the shapes alone (H100 measurements).
 
@@ -52,9 +61,7 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
         return GemvConfig(1, 2, min(2048, max(64, triton.next_power_of_2(k))), 1, 8, 1)
     block_m, block_n, block_k = 16, 64, 128
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = 1
-    while k >= 4096 and programs * split < sms and k // (split * 2) >= 4 * block_k:
-        split *= 2
+    split = fill_split(programs, k, block_k, 4, sms) if k >= 4096 else 1
     return GemvConfig(block_m, block_n, block_k, split, 4, 4, swap=True)
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.gemv_epilogue import _store_tile, _tile_columns
 from kiln.kernels.triton.pdl import handoff
-from kiln.kernels.triton.rope import rotate_rounded
-from kiln.kernels.triton.silu_mul import silu_times
 
 
 @triton.jit
@@ -81,6 +80,27 @@ def _inverse_rms(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _row_inverse_rms(  # type: ignore[no-untyped-def]
+    x,
+    stride_xm,
+    stride_xk,
+    offs_m,
+    m_ok,
+    K,
+    eps,
+    NEEDED: tl.constexpr,
+    K_PADDED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """`_inverse_rms` of the rows when NEEDED (an rms_norm prologue's statistics, read before the loop), else zeros."""
+    if NEEDED:
+        return _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, K_PADDED, BLOCK_M, BLOCK_K)
+    else:
+        return tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+
+@triton.jit
 def _tile_product(xv, wv, BLOCK_M: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, IEEE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """One K tile's contribution: [BN, BM] (DOT and SWAP), [BM, BN] (DOT), [BN, BK] (one row) or [BM, BN, BK]."""
     if DOT:
@@ -98,49 +118,6 @@ def _tile_product(xv, wv, BLOCK_M: tl.constexpr, DOT: tl.constexpr, SWAP: tl.con
         return wv.to(tl.float32) * xv.to(tl.float32)
     else:
         return xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
-
-
-@triton.jit
-def _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Rotary embedding of [BLOCK_M, 2] columns (d, d + HALF_D) of one head: x * cos + rotate_half(x) * sin,
-    each product rounded to the output dtype and then their sum (as `kiln.kernels.reference.rope`)."""
-    j = tl.arange(0, 2)[None, :]
-    value = result.to(tl.float32)
-    first = tl.sum(tl.where(j == 0, value, 0.0), axis=1)[:, None]
-    second = tl.sum(tl.where(j == 1, value, 0.0), axis=1)[:, None]
-    rotated = tl.where(j == 0, -second, first)  # rotate_half: [-x2, x1]
-    d = (offs_n % (2 * HALF_D))[None, :]
-    c = tl.load(cos + offs_m[:, None] * stride_cm + d, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    s = tl.load(sin + offs_m[:, None] * stride_sm + d, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    return rotate_rounded(value, rotated, c, s, result)
-
-
-@triton.jit
-def _silu_times_up(result):  # type: ignore[no-untyped-def]
-    """silu(gate) * up of [BLOCK_M, 2] = (gate, up) columns -> [BLOCK_M], rounded as
-    `kiln.kernels.reference.silu_mul` (silu in float32 rounded to the dtype, then the product)."""
-    j = tl.arange(0, 2)[None, :]
-    value = result.to(tl.float32)
-    gate = tl.sum(tl.where(j == 0, value, 0.0), axis=1)
-    up = tl.sum(tl.where(j == 1, value, 0.0), axis=1)
-    return silu_times(gate, up, result)
-
-
-@triton.jit
-def _tile_columns(  # type: ignore[no-untyped-def]
-    tile, rope_pairs, half_n, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, GATED: tl.constexpr, HALF_D: tl.constexpr
-):
-    """The output columns of column tile `tile`: BLOCK_N consecutive ones; with ROPE, tiles below
-    rope_pairs hold a rotated pair (d, d + HALF_D) of one head and the rest plain pairs after them;
-    GATED, gate column `tile` and its up column half_n + tile."""
-    if ROPE:
-        pair = (tile // HALF_D) * (2 * HALF_D) + tile % HALF_D + tl.arange(0, BLOCK_N) * HALF_D
-        plain = 2 * rope_pairs + (tile - rope_pairs) * BLOCK_N + tl.arange(0, BLOCK_N)
-        return tl.where(tile < rope_pairs, pair, plain)
-    elif GATED:
-        return tile + tl.arange(0, BLOCK_N) * half_n
-    else:
-        return tile * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -214,10 +191,10 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     wv = _load_w(_w_tile(w, offs_n, k_begin + offs_k, stride_wn, stride_wk), n_ok, k_begin + offs_k, K, EVEN_N, EVEN_K)
     if EARLY_W:
         handoff(PDL)
-    if PROLOGUE == 2 and not ONE_TILE:
-        inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, SPLIT * K_PER_SPLIT, BLOCK_M, BLOCK_K)
-    else:
-        inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    inv_rms = _row_inverse_rms(
+        x, stride_xm, stride_xk, offs_m, m_ok, K, eps, PROLOGUE == 2 and not ONE_TILE, SPLIT * K_PER_SPLIT, BLOCK_M,
+        BLOCK_K,
+    )  # fmt: skip
     if ONE_TILE:  # x is one tile, the same for every column tile: read (and through its prologue) once
         k_idx = k_begin + offs_k
         x_whole = _load_x(x_ptrs, m_ok, k_idx, K, EVEN_K)
@@ -268,27 +245,11 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
             result = tl.sum(acc, axis=1)[None, :]
         else:
             result = tl.sum(acc, axis=2)
-        mask = m_ok[:, None] & n_ok[None, :]
-        out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        if SPLIT > 1:
-            tl.store(out_ptrs + pid_k * stride_os, result, mask=mask)
-        else:
-            if HAS_BIAS:
-                result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            result = result.to(out.dtype.element_ty)
-            if ROPE:
-                if tile < rope_pairs:
-                    result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
-            if RESIDUAL:
-                res = tl.load(
-                    residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0
-                )
-                result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
-            if GATED:
-                gated_ptrs = out + offs_m * stride_om + tile * stride_on
-                tl.store(gated_ptrs, _silu_times_up(result), mask=m_ok & (tile < n_tiles))
-            else:
-                tl.store(out_ptrs, result, mask=mask)
+        _store_tile(
+            result, out, offs_m, offs_n, m_ok, n_ok, tile, pid_k, m_ok & (tile < n_tiles), stride_om, stride_on,
+            stride_os, bias, residual, stride_rm, stride_rn, cos, sin, stride_cm, stride_sm, rope_pairs,
+            HAS_BIAS, SPLIT, ROPE, HALF_D, RESIDUAL, GATED,
+        )  # fmt: skip
         if t + 1 < TILES:
             wv = w_following
             offs_n = next_n

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.gemv import sum_splits
 from kiln.kernels.triton.gemv_config import num_sms
+from kiln.kernels.triton.gemv_launch import k_splits, split_target, sum_splits
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
 from kiln.kernels.triton.pdl import handoff, launch_options
 from kiln.kernels.triton.qgemv import check_packed
@@ -177,11 +177,9 @@ def qlinear_gemm(
         out = out.zero_() if bias is None else out.copy_(bias.expand(m, n))
         return out if residual is None else out.add_(residual)
     block_k = config.block_k
-    split = min(config.split_k, triton.cdiv(row_bytes, block_k))
-    per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
-    split = triton.cdiv(row_bytes, per_split)
+    split, per_split = k_splits(row_bytes, block_k, config.split_k)
     mode = group_mode(block_k, row_bytes, group_size)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    target = split_target(out, split)
     wbytes = qweight.view(torch.uint8)
     pdl = pdl_enabled(x.device)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split)

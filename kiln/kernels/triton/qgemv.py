@@ -18,10 +18,20 @@ import torch
 import triton
 
 from kiln.kernels.quantized_weight import bits_of
-from kiln.kernels.triton.gemv import epilogue_config, sum_splits
-from kiln.kernels.triton.gemv_config import PROLOGUE_RMS_NORM, PROLOGUE_SILU_MUL, PROLOGUES, num_sms
+from kiln.kernels.triton.gemv_config import fill_split, num_sms
+from kiln.kernels.triton.gemv_launch import (
+    Fusion,
+    Rope,
+    check_bias_residual,
+    column_tiles,
+    epilogue_config,
+    k_splits,
+    launch,
+    new_output,
+    prologue_width,
+    split_target,
+)
 from kiln.kernels.triton.pdl import enabled as pdl_enabled
-from kiln.kernels.triton.pdl import launch_options
 from kiln.kernels.triton.qgemv_config import QGemvConfig, default_qconfig
 from kiln.kernels.triton.qgemv_dequant import GROUP_GATHER, GROUP_SPLIT, group_mode
 from kiln.kernels.triton.qgemv_kernel import _qlinear_kernel
@@ -67,7 +77,7 @@ def qlinear_gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
-    rope: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    rope: Rope | None = None,
     gated: bool = False,
 ) -> torch.Tensor:
     """[residual +] prologue(x) [M, K] @ W[N, K]^T + bias -> a new [M, N] in x's dtype, for the packed
@@ -76,33 +86,23 @@ def qlinear_gemv(
     prologue / residual / rope / gated / constant_weight: as `linear_triton` (rope and gated at one
     row). M should be small (the accumulator holds up to 4 rows per program): more rows belong to
     `kiln.kernels.triton.qgemm.qlinear_gemm`."""
-    m, k = x.shape
-    code = PROLOGUES[prologue]
-    if code == PROLOGUE_SILU_MUL:
-        assert k % 2 == 0 and x.stride(1) == 1, (tuple(x.shape), x.stride())
-        k //= 2
-    if code == PROLOGUE_RMS_NORM:
-        assert norm_weight is not None and norm_weight.shape == (k,) and norm_weight.is_contiguous()
+    m = x.shape[0]
+    code, k = prologue_width(x, prologue, norm_weight)
     bits = check_packed(qweight, scales, zeros, group_size, k)
     n = qweight.shape[0]
     row_bytes = qweight.shape[1]
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
-    assert residual is None or (residual.shape == (m, n) and residual.dtype == x.dtype)
+    check_bias_residual(x, n, bias, residual)
+    fusion = Fusion(code, norm_weight, eps, bias, residual, rope, gated, constant_weight)
     if config is None and row_kernel_takes(qweight, zeros, group_size, bits, m, k):
         epilogue_config(default_qconfig(bits, m, n, k), m, n, k, residual, rope, gated)  # checks the epilogue
-        return _row_linear(x, qweight, scales, zeros, group_size, bias, bits, constant_weight, code, norm_weight, eps,
-                           residual, rope, gated)  # fmt: skip
+        return _row_linear(x, qweight, scales, zeros, group_size, bits, fusion)
     config = config or default_qconfig(bits, m, n, k, num_sms(x.device))
     config = epilogue_config(config, m, n, k, residual, rope, gated)
-    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+    out, done = new_output(x, m, n, k, bias, gated)
+    if done:
         return out
-    if k == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     block_k = config.block_k
-    split = min(config.split_k, triton.cdiv(row_bytes, block_k))
-    per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
-    split = triton.cdiv(row_bytes, per_split)  # no empty splits
+    split, per_split = k_splits(row_bytes, block_k, config.split_k)
     mode = group_mode(block_k, row_bytes, group_size, config.gather)
     chunked = (
         config.block_m == 1
@@ -112,79 +112,46 @@ def qlinear_gemv(
         and row_bytes % 4 == 0
         and qweight.data_ptr() % 4 == 0
     )
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    if rope is not None:
-        n_tiles = rope[2] // 2 + triton.cdiv(n - rope[2], config.block_n)
-    elif gated:
-        n_tiles = n // 2
-    else:
-        n_tiles = triton.cdiv(n, config.block_n)
-    grid = (n_tiles, triton.cdiv(m, config.block_m), split)
+    target = split_target(out, split)
+    grid = (column_tiles(n, config.block_n, rope, gated), triton.cdiv(m, config.block_m), split)
     pdl = pdl_enabled(x.device)
     wbytes = qweight.view(torch.uint8)
-    _qlinear_kernel[grid](
-        x,
-        wbytes,
-        scales,
-        zeros if zeros is not None else scales,
-        bias if bias is not None else scales,
-        target,
-        m,
-        n,
-        k,
-        row_bytes,
-        x.stride(0),
-        x.stride(1),
-        wbytes.stride(0),
-        scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0,
-        target.stride(-2),
-        target.stride(-1),
-        target.stride(0) if split > 1 else 0,
-        residual if residual is not None else scales,
-        residual.stride(0) if residual is not None else 0,
-        residual.stride(1) if residual is not None else 0,
-        norm_weight if norm_weight is not None else scales,
-        eps,
-        rope[0] if rope is not None else scales,
-        rope[1] if rope is not None else scales,
-        rope[0].stride(0) if rope is not None else 0,
-        rope[1].stride(0) if rope is not None else 0,
-        rope[2] // 2 if rope is not None else 0,
-        n // 2,
-        MAGIC,
-        KB_PER_SPLIT=per_split,
-        K_PAD=triton.cdiv(k, 256) * 256,
-        BITS=bits,
-        GROUP=group_size,
-        MODE=mode,
-        GPT=block_k // group_size if mode == GROUP_SPLIT else 1,
-        HAS_ZEROS=zeros is not None,
-        CHUNKED=chunked,
-        CHUNK=CHUNK,
-        ASM=USE_PRMT and not triton.knobs.runtime.interpret,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=block_k,
-        EVEN_N=n % config.block_n == 0 and rope is None,
-        EVEN_K=row_bytes == split * per_split,
-        SPLIT=split,
-        PDL=pdl,
-        EARLY_W=pdl and constant_weight,
-        PROLOGUE=code,
-        RESIDUAL=residual is not None and split == 1,
-        ROPE=rope is not None,
-        HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
-        GATED=gated,
-        num_warps=config.num_warps,
-        num_stages=1,
-        enable_fp_fusion=rope is None,  # the rotary epilogue rounds as the reference (kiln.kernels.triton.rope)
-        **launch_options(pdl),
-    )
-    if split > 1:
-        sum_splits(target, out, bias, residual, pdl)
-    return out
+    args = fusion.kernel_args(scales, n, split, pdl) | {
+        "x": x,
+        "w": wbytes,
+        "scales": scales,
+        "zeros": zeros if zeros is not None else scales,
+        "out": target,
+        "M": m,
+        "N": n,
+        "K": k,
+        "KB": row_bytes,
+        "stride_xm": x.stride(0),
+        "stride_xk": x.stride(1),
+        "stride_wn": wbytes.stride(0),
+        "stride_sn": scales.stride(0),
+        "stride_zn": zeros.stride(0) if zeros is not None else 0,
+        "stride_om": target.stride(-2),
+        "stride_on": target.stride(-1),
+        "stride_os": target.stride(0) if split > 1 else 0,
+        "magic": MAGIC,
+        "KB_PER_SPLIT": per_split,
+        "K_PAD": triton.cdiv(k, 256) * 256,
+        "BITS": bits,
+        "GROUP": group_size,
+        "MODE": mode,
+        "GPT": block_k // group_size if mode == GROUP_SPLIT else 1,
+        "HAS_ZEROS": zeros is not None,
+        "CHUNKED": chunked,
+        "CHUNK": CHUNK,
+        "ASM": USE_PRMT and not triton.knobs.runtime.interpret,
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": block_k,
+        "EVEN_N": n % config.block_n == 0 and rope is None,
+        "EVEN_K": row_bytes == split * per_split,
+    }
+    return launch(_qlinear_kernel, grid, args, out, target, fusion, pdl, config.num_warps)
 
 
 def row_kernel_takes(
@@ -210,101 +177,66 @@ def _row_linear(
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     group_size: int,
-    bias: torch.Tensor | None,
     bits: int,
-    constant_weight: bool,
-    code: int,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    residual: torch.Tensor | None,
-    rope: tuple[torch.Tensor, torch.Tensor, int] | None,
-    gated: bool,
+    fusion: Fusion,
 ) -> torch.Tensor:
     """One row through `_qrow_kernel`: ROW_BLOCK_N weight rows (half as many column pairs) a program, 1 KB of each row a
-    step (8 bytes a thread), K split in powers of two while the programs do not fill the SMs twice
-    (not with rope or gated pairs)."""
+    step (8 bytes a thread), K split in powers of two while the programs do not fill the SMs twice and
+    each split keeps 2 steps (`fill_split`; not with rope or gated pairs)."""
     n, row_bytes = qweight.shape
     k = row_bytes * (2 if bits == 4 else 1)
+    rope, gated = fusion.rope, fusion.gated
     block_n = ROW_BLOCK_N
     block_k = min(512 * ROW_WORDS, max(8 * ROW_WORDS, triton.next_power_of_2(row_bytes)))
     if rope is not None:
-        rope_pairs = rope[2] // 2
-        pairs = rope_pairs + triton.cdiv(n - rope[2], 2)
+        pairs = rope[2] // 2 + triton.cdiv(n - rope[2], 2)
         programs, even_n = triton.cdiv(pairs, block_n // 2), (n - rope[2]) % 2 == 0 and pairs % (block_n // 2) == 0
     elif gated:
-        rope_pairs, pairs = 0, n // 2
+        pairs = n // 2
         programs, even_n = triton.cdiv(pairs, block_n // 2), pairs % (block_n // 2) == 0
     else:
-        rope_pairs = 0
         programs, even_n = triton.cdiv(n, block_n), n % block_n == 0
-    split = 1
-    while (
-        rope is None
-        and not gated
-        and programs * split < 2 * num_sms(x.device)
-        and row_bytes // (split * 2) >= 2 * block_k
-    ):
-        split *= 2
-    per_split = triton.cdiv(triton.cdiv(row_bytes, split), block_k) * block_k
-    split = triton.cdiv(row_bytes, per_split)
+    if rope is not None or gated:
+        split = 1
+    else:
+        split = fill_split(programs, row_bytes, block_k, 2, 2 * num_sms(x.device))
+    split, per_split = k_splits(row_bytes, block_k, split)
     out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    target = out if split == 1 else torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
+    target = split_target(out, split)
     pdl = pdl_enabled(x.device)
-    per_row = scales.shape[1] == 1 and zeros is None
-    _qrow_kernel[(programs, 1, split)](
-        x,
-        qweight.view(torch.uint8).view(torch.int32),
-        scales,
-        zeros if zeros is not None else scales,
-        bias if bias is not None else scales,
-        target,
-        n,
-        k,
-        row_bytes,
-        x.stride(1),
-        qweight.stride(0) // 4,
-        scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0,
-        target.stride(-1),
-        target.stride(0) if split > 1 else 0,
-        residual if residual is not None else scales,
-        residual.stride(1) if residual is not None else 0,
-        norm_weight if norm_weight is not None else scales,
-        eps,
-        rope[0] if rope is not None else scales,
-        rope[1] if rope is not None else scales,
-        rope_pairs,
-        n // 2,
-        NIBBLE_MAGIC if bits == 4 else BYTE_MAGIC,
-        KB_PER_SPLIT=per_split,
-        K_PAD=triton.cdiv(k, 256) * 256,
-        BITS=bits,
-        GROUP=group_size,
-        HAS_ZEROS=zeros is not None,
-        PER_ROW=per_row,
-        ASM=USE_PRMT and not triton.knobs.runtime.interpret,
-        HAS_BIAS=bias is not None,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        EVEN_N=even_n,
-        EVEN_K=row_bytes == split * per_split,
-        SPLIT=split,
-        PDL=pdl,
-        EARLY_W=pdl and constant_weight,
-        PROLOGUE=code,
-        RESIDUAL=residual is not None and split == 1,
-        ROPE=rope is not None,
-        HALF_D=rope[0].shape[-1] // 2 if rope is not None else 1,
-        GATED=gated,
-        WPT=ROW_WORDS,
-        num_warps=max(1, min(4, block_k // (128 * ROW_WORDS))),
-        num_stages=1,
-        enable_fp_fusion=rope is None,  # the rotary epilogue rounds as the reference (kiln.kernels.triton.rope)
-        **launch_options(pdl),
-    )
-    if split > 1:
-        sum_splits(target, out, bias, residual, pdl)
-    return out
+    args = fusion.kernel_args(scales, n, split, pdl)
+    del args["stride_rm"], args["stride_cm"], args["stride_sm"]  # one row: x, the residual and cos/sin are vectors
+    args |= {
+        "x": x,
+        "w": qweight.view(torch.uint8).view(torch.int32),
+        "scales": scales,
+        "zeros": zeros if zeros is not None else scales,
+        "out": target,
+        "N": n,
+        "K": k,
+        "KB": row_bytes,
+        "stride_xk": x.stride(1),
+        "stride_wn": qweight.stride(0) // 4,
+        "stride_sn": scales.stride(0),
+        "stride_zn": zeros.stride(0) if zeros is not None else 0,
+        "stride_on": target.stride(-1),
+        "stride_os": target.stride(0) if split > 1 else 0,
+        "magic": NIBBLE_MAGIC if bits == 4 else BYTE_MAGIC,
+        "KB_PER_SPLIT": per_split,
+        "K_PAD": triton.cdiv(k, 256) * 256,
+        "BITS": bits,
+        "GROUP": group_size,
+        "HAS_ZEROS": zeros is not None,
+        "PER_ROW": scales.shape[1] == 1 and zeros is None,
+        "ASM": USE_PRMT and not triton.knobs.runtime.interpret,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "EVEN_N": even_n,
+        "EVEN_K": row_bytes == split * per_split,
+        "WPT": ROW_WORDS,
+    }
+    num_warps = max(1, min(4, block_k // (128 * ROW_WORDS)))
+    return launch(_qrow_kernel, (programs, 1, split), args, out, target, fusion, pdl, num_warps)
 
 
 __all__ = ["QGemvConfig", "default_qconfig", "qlinear_gemv", "row_kernel_takes"]

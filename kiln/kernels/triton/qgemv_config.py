@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import triton
 
+from kiln.kernels.triton.gemv_config import fill_split
+
 MAX_GEMV_ROWS = 4  # x rows a program holds
 TILE_BYTES = 4096  # packed weight bytes a program reads per step
 
@@ -31,7 +33,5 @@ def default_qconfig(bits: int, m: int, n: int, k: int, sms: int = 132) -> QGemvC
     block_n = 4
     block_k = min(TILE_BYTES // (block_n * block_m), max(16, triton.next_power_of_2(max(row_bytes, 1))))
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = 1
-    while programs * split < 2 * sms and row_bytes // (split * 2) >= 4 * block_k:
-        split *= 2
+    split = fill_split(programs, row_bytes, block_k, 4, 2 * sms)
     return QGemvConfig(block_m, block_n, block_k, split, 4)

@@ -20,16 +20,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.gemv_kernel import (
-    _inverse_rms,
-    _prologue,
-    _rotate_pair,
-    _silu_times_up,
-    _tile_columns,
-    _tile_product,
-)
+from kiln.kernels.triton.gemv_epilogue import _store_tile, _tile_columns
+from kiln.kernels.triton.gemv_kernel import _prologue, _row_inverse_rms, _tile_product
 from kiln.kernels.triton.pdl import handoff
 from kiln.kernels.triton.qgemv_dequant import dequantize, group_params, spread, unpack
+from kiln.kernels.triton.qgemv_row_kernel import _load_words
 
 
 @triton.jit
@@ -44,19 +39,6 @@ def _load_bytes(w_rows, n_ok, offs_b, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.c
             return tl.load(ptrs, mask=n_ok[:, None], other=0)
     else:
         return tl.load(ptrs, mask=n_ok[:, None] & (kb + offs_b < KB)[None, :], other=0)
-
-
-@triton.jit
-def _load_words(w_rows, n_ok, offs_w, kb, KB, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
-    """The tile's bytes as int32 words [BN, BK / 4] (two a thread and load, as `_load_bytes`)."""
-    ptrs = w_rows.to(tl.pointer_type(tl.int32)) + tl.max_contiguous(kb // 4 + offs_w, 2)[None, :]
-    if EVEN_K:
-        if EVEN_N:
-            return tl.load(ptrs)
-        else:
-            return tl.load(ptrs, mask=n_ok[:, None], other=0)
-    else:
-        return tl.load(ptrs, mask=n_ok[:, None] & (kb + 4 * offs_w < KB)[None, :], other=0)
 
 
 @triton.jit
@@ -290,15 +272,12 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         handoff(PDL)
     offs_w = tl.arange(0, BLOCK_K // 4)
     if CHUNKED:
-        raw = _load_words(w_rows, n_ok, offs_w, kb_begin, KB, EVEN_N, EVEN_K)
+        raw = _load_words(w_rows.to(tl.pointer_type(tl.int32)), n_ok, offs_w, kb_begin, KB, EVEN_N, EVEN_K, 2)
     else:
         raw = _load_bytes(w_rows, n_ok, offs_b, kb_begin, KB, EVEN_N, EVEN_K)
     if EARLY_W:
         handoff(PDL)
-    if PROLOGUE == 2:
-        inv_rms = _inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, K_PAD, BLOCK_M, 256)
-    else:
-        inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    inv_rms = _row_inverse_rms(x, stride_xm, stride_xk, offs_m, m_ok, K, eps, PROLOGUE == 2, K_PAD, BLOCK_M, 256)
     if CHUNKED:
         acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     elif BLOCK_M == 1:
@@ -307,7 +286,9 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for step in range(BLOCK_K, KB_PER_SPLIT, BLOCK_K):  # the next byte tile is read before this one is used
         if CHUNKED:
-            following = _load_words(w_rows, n_ok, offs_w, kb_begin + step, KB, EVEN_N, EVEN_K)
+            following = _load_words(
+                w_rows.to(tl.pointer_type(tl.int32)), n_ok, offs_w, kb_begin + step, KB, EVEN_N, EVEN_K, 2
+            )
         else:
             following = _load_bytes(w_rows, n_ok, offs_b, kb_begin + step, KB, EVEN_N, EVEN_K)
         acc = _step(
@@ -325,21 +306,8 @@ def _qlinear_kernel(  # type: ignore[no-untyped-def]
         result = tl.sum(acc, axis=1)[None, :]
     else:
         result = tl.sum(acc, axis=2)
-    mask = m_ok[:, None] & n_ok[None, :]
-    out_ptrs = out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT > 1:
-        tl.store(out_ptrs + pid_k * stride_os, result, mask=mask)
-    else:
-        if HAS_BIAS:
-            result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        result = result.to(out.dtype.element_ty)
-        if ROPE:
-            if tile < rope_pairs:
-                result = _rotate_pair(result, cos, sin, stride_cm, stride_sm, offs_m, offs_n, m_ok, HALF_D)
-        if RESIDUAL:
-            res = tl.load(residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-            result = (res.to(tl.float32) + result.to(tl.float32)).to(out.dtype.element_ty)
-        if GATED:
-            tl.store(out + offs_m * stride_om + tile * stride_on, _silu_times_up(result), mask=m_ok)
-        else:
-            tl.store(out_ptrs, result, mask=mask)
+    _store_tile(
+        result, out, offs_m, offs_n, m_ok, n_ok, tile, pid_k, m_ok, stride_om, stride_on, stride_os,
+        bias, residual, stride_rm, stride_rn, cos, sin, stride_cm, stride_sm, rope_pairs,
+        HAS_BIAS, SPLIT, ROPE, HALF_D, RESIDUAL, GATED,
+    )  # fmt: skip

@@ -179,6 +179,8 @@ def _rows_of(params, stride, offs_n, n_ok, group, like):  # type: ignore[no-unty
 
 @triton.jit
 def _load_words(w_rows, n_ok, offs_w, byte0, KB, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, WPT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The tile at byte byte0 of int32 rows w_rows as words [BN, BK / 4], WPT consecutive ones a thread
+    and load (0 past N and KB); the one-row and the older few-row kernel's read."""
     ptrs = w_rows + tl.max_contiguous(byte0 // 4 + offs_w, WPT)[None, :]
     if EVEN_K:
         if EVEN_N:
