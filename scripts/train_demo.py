@@ -423,8 +423,6 @@ def add_large_options(ap: argparse.ArgumentParser) -> None:
 def main_large(args: argparse.Namespace) -> int:
     from train_large import run
 
-    if args.seq_len > 512:
-        raise SystemExit("--seq-len: at most 512 (the model's max_position_embeddings)")
     if args.device == "cuda":
         torch.use_deterministic_algorithms(False)  # cuBLAS and SDPA's backward are not, and need not be
     info = run(args, train_tokenizer, build_model, save, log)

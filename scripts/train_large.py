@@ -203,6 +203,9 @@ def run(
 
     torch.manual_seed(args.seed)
     model = build_model(tok, args).to(device)
+    # Room for a whole --seq-len window as one prompt (a kiln engine's prompts stop one below max_seq_len);
+    # the default rotary embedding computes every position, so this changes no weight and no output.
+    model.config.max_position_embeddings = max(512, 2 * args.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,d} parameters on {device}")
     if device.type == "cuda":
