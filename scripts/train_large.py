@@ -67,9 +67,14 @@ def _sync(device: torch.device) -> None:
 
 
 def train(
-    model: torch.nn.Module, sampler: WindowSampler, args: argparse.Namespace, log: Callable[[str], None]
+    model: torch.nn.Module,
+    sampler: WindowSampler,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    heldout: Callable[[], float] | None = None,
 ) -> TrainResult:
-    """AdamW over random windows until --max-steps, or the step count --max-minutes allows."""
+    """AdamW over random windows until --max-steps, or the step count --max-minutes allows; every
+    --eval-every steps, logs `heldout()` (a watch on over-fitting: nothing is chosen by it)."""
     device = sampler.device
     opt = _optimizer(model, args, device)
     amp = device.type == "cuda"  # bf16 autocast on CUDA; the CPU dry run stays in float32
@@ -103,6 +108,8 @@ def train(
             log(
                 f"step {step:6d}  loss {loss.item():.4f}  lr {_lr(step - 1, total, args):.2e}  {time.time() - t0:7.1f}s"
             )
+        if heldout is not None and step % args.eval_every == 0 and step < total:
+            log(f"           held-out loss {heldout():.4f}")
         if budget is not None and time.time() - t0 > budget * 1.1:
             log(f"WARNING: stopping at step {step} of {total}, past the budget (the schedule did not finish)")
             break
@@ -210,7 +217,8 @@ def run(
     log(f"model: {n_params:,d} parameters on {device}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    result = train(model, WindowSampler(stream, args.seq_len, args.seed, device), args, log)
+    sampler = WindowSampler(stream, args.seq_len, args.seed, device)
+    result = train(model, sampler, args, log, lambda: window_loss(model, held_ids, args.seq_len, device)[0])
     torch.backends.cuda.matmul.allow_tf32 = False  # score in plain float32
 
     save_dtype = getattr(torch, args.save_dtype)
