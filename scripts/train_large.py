@@ -158,6 +158,7 @@ def round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def corpus_documents(args: argparse.Namespace) -> tuple[list[str], dict]:
     """The run's documents and a description of where they came from (for training_info.json)."""
+    import importlib.metadata
     import platform
 
     from train_corpus import SOURCE_CORPUS, load_sources, load_topics
@@ -166,10 +167,8 @@ def corpus_documents(args: argparse.Namespace) -> tuple[list[str], dict]:
         return load_topics(args.corpus), {"name": args.corpus}
     packages = tuple(p for p in args.corpus_packages.split(",") if p)
     docs, counts = load_sources(packages)
-    versions = {}
-    for name in packages:
-        module = __import__(name)
-        versions[name] = getattr(module, "__version__", "unknown")
+    dists = importlib.metadata.packages_distributions()  # import name -> distributions, nothing imported
+    versions = {name: importlib.metadata.version(dists[name][0]) if name in dists else "unknown" for name in packages}
     info = {"name": SOURCE_CORPUS, "python": platform.python_version(), "documents": counts, "packages": versions}
     return docs, info
 
@@ -198,7 +197,7 @@ def run(
     )
     t0 = time.time()
     tok = train_tokenizer(tok_docs, args.vocab_size)
-    encoded = tok(train_docs, add_special_tokens=True)["input_ids"]  # each starts with <|bos|>
+    encoded = tok(train_docs, add_special_tokens=True, return_attention_mask=False)["input_ids"]  # <|bos|> first
     stream = torch.tensor([t for ids in encoded for t in ids + [tok.eos_token_id]], dtype=torch.int32)
     del encoded
     heldout = "\n\n".join(pick_documents(held_docs, args.heldout_chars, args.seed)) + "\n"
