@@ -200,7 +200,8 @@ def run(
     encoded = tok(train_docs, add_special_tokens=True, return_attention_mask=False)["input_ids"]  # <|bos|> first
     stream = torch.tensor([t for ids in encoded for t in ids + [tok.eos_token_id]], dtype=torch.int32)
     del encoded
-    heldout = "\n\n".join(pick_documents(held_docs, args.heldout_chars, args.seed)) + "\n"
+    small = [d for d in held_docs if len(d) <= args.heldout_chars // 4] or held_docs  # at most ~1.25x the length
+    heldout = "\n\n".join(pick_documents(small, args.heldout_chars, args.seed)) + "\n"
     held_ids = tok(heldout, add_special_tokens=True)["input_ids"]  # as kiln eval tokenizes the file
     log(
         f"tokenizer: {len(tok)} tokens; train stream {stream.numel():,d} tokens; "
