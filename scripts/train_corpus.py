@@ -1,6 +1,7 @@
 """The larger training corpus of `train_demo.py --corpus pydoc`: Python's own documentation topics
 (`pydoc_data.topics`, shipped with Python), a seeded split of whole topics into training and held-out
-text, and calibration text drawn from the training split."""
+text, and calibration text drawn from the training split; and the still larger one of `--corpus pysource`:
+those topics plus the .py files of the standard library and of named installed packages, a file a document."""
 
 from __future__ import annotations
 
@@ -81,7 +82,10 @@ def load_sources(packages: tuple[str, ...]) -> tuple[list[str], dict[str, int]]:
     many documents each part gave."""
     import sysconfig
 
-    docs = load_topics(PYDOC_CORPUS)
+    try:
+        docs = load_topics(PYDOC_CORPUS)
+    except ImportError:  # a Python packaged without pydoc_data
+        docs = []
     counts = {"pydoc_topics": len(docs)}
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     roots = [("stdlib", stdlib)] + [(name, _package_root(name)) for name in packages]
