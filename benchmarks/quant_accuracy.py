@@ -85,6 +85,12 @@ def linear_widths(checkpoint: Path) -> tuple[int, ...]:
     return (cfg["hidden_size"], cfg["num_attention_heads"] * head_dim, cfg["intermediate_size"])
 
 
+def default_window(checkpoint: Path) -> int:
+    """The window a checkpoint's training script scored its held-out text in (scripts/train_large.py), or 128."""
+    info = checkpoint / "training_info.json"
+    return int(json.loads(info.read_text()).get("heldout_window", 128)) if info.exists() else 128
+
+
 def applicable(methods: tuple[Method, ...], widths: tuple[int, ...]) -> tuple[Method, ...]:
     return tuple(
         m for m in methods if m.quantization in ("none", "int8_wo") or all(k % m.group_size == 0 for k in widths)
@@ -226,7 +232,12 @@ def main() -> None:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--heldout", type=Path, required=True, help="text to score (never trained on)")
     ap.add_argument("--calib", type=Path, required=True, help="AWQ calibration text")
-    ap.add_argument("--window", type=int, default=128, help="tokens per scored window (default: 128)")
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="tokens per scored window (default: the checkpoint's training_info.json heldout_window, else 128)",
+    )
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     ap.add_argument("--compile", action="store_true", help="build with Inductor (default: --no-compile)")
     ap.add_argument("--reference", action="store_true", help="transformers on dequantized weights, no kiln")
@@ -235,6 +246,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=names, choices=names, metavar="NAME", help=f"of {names}")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = ap.parse_args()
+    if args.window is None:
+        args.window = default_window(args.checkpoint)
     torch.manual_seed(0)
 
     chosen = tuple(m for m in METHODS if m == DENSE or m.name in args.methods)  # dense: the ratios' base

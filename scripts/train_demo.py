@@ -26,6 +26,12 @@ Usage:
 out of tokenizer and model training and writes them to ``--heldout-out``, and
 ``--calib-out`` writes calibration text drawn from the training split (the
 quantization-accuracy checkpoint in benchmarks/RESULTS.md is made this way).
+
+``--corpus pysource`` (or ``--device cuda``) takes the larger-model path of
+``scripts/train_large.py``: the pydoc topics plus the ``.py`` files of the
+standard library and of ``--corpus-packages``, random ``--seq-len`` windows,
+bf16 autocast on CUDA, a ``--max-minutes`` budget, the held-out text scored as
+``kiln eval --window SEQ_LEN`` scores it (``scripts/device_train_acc.sh`` runs it).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from transformers import (  # noqa: E402
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_corpus import PYDOC_CORPUS, calibration_text, load_topics, split_heldout  # noqa: E402
+from train_corpus import PYDOC_CORPUS, SOURCE_CORPUS, calibration_text, load_topics, split_heldout  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT / "demo" / "corpus.txt"
@@ -300,7 +306,7 @@ def train(model, docs_ids, args) -> tuple[float, int, float]:
 # ----------------------------------------------------------------------------
 
 
-def save(model, tok, out: Path, meta: dict) -> None:
+def save(model, tok, out: Path, meta: dict, dtype: str = "float32", max_shard_size: str | None = None) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -313,7 +319,10 @@ def save(model, tok, out: Path, meta: dict) -> None:
         do_sample=False,
         max_new_tokens=64,
     )
-    model.save_pretrained(out, safe_serialization=True)
+    if max_shard_size is None:
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tok.save_pretrained(out)
 
     # Also write the pre-v5 spellings of two config keys, so readers that look
@@ -321,8 +330,8 @@ def save(model, tok, out: Path, meta: dict) -> None:
     # releases, hand-written loaders) find them too.  Both spellings agree.
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["dtype"] = "float32"
-    cfg["torch_dtype"] = "float32"
+    cfg["dtype"] = dtype
+    cfg["torch_dtype"] = dtype
     cfg["rope_theta"] = float(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     cfg["architectures"] = ["LlamaForCausalLM"]
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -383,12 +392,54 @@ def heldout_report(model, tok, heldout_topics: list[str], train_ids: list[list[i
     }
 
 
+LARGE_ONLY = {  # options of the larger-model path and their defaults
+    "seq_len": 256,
+    "max_minutes": None,
+    "corpus_packages": "",
+    "heldout_chars": 200_000,
+    "tokenizer_chars": None,
+    "save_dtype": "float32",
+    "max_shard_size": None,
+}
+
+
+def add_large_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16 autocast, fused AdamW")
+    ap.add_argument("--seq-len", type=int, default=LARGE_ONLY["seq_len"], help="tokens per training window")
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="training budget: fixes the step count from the step time"
+    )
+    ap.add_argument(
+        "--corpus-packages", default="", help="comma-separated installed packages whose .py files join the corpus"
+    )
+    ap.add_argument(
+        "--heldout-chars", type=int, default=LARGE_ONLY["heldout_chars"], help="held-out text written and scored"
+    )
+    ap.add_argument("--tokenizer-chars", type=int, default=None, help="train the tokenizer on this much training text")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-shard-size", default=None, help="save_pretrained's max_shard_size, e.g. 14MB")
+
+
+def main_large(args: argparse.Namespace) -> int:
+    from train_large import run
+
+    if args.device == "cuda":
+        torch.use_deterministic_algorithms(False)  # cuBLAS and SDPA's backward are not, and need not be
+    info = run(args, train_tokenizer, build_model, save, log)
+    if args.calib_out is not None:
+        log(f"calibration text (training split) -> {args.calib_out}")
+    keys = ("parameters", "train_tokens", "steps", "tokens_seen", "epochs", "train_seconds", "heldout_loss")
+    log(json.dumps({k: info[k] for k in (*keys, "heldout_unigram_loss", "heldout_bits_per_char")}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--corpus",
         default=str(DEFAULT_CORPUS),
-        help=f"training text file, or '{PYDOC_CORPUS}' for Python's documentation topics",
+        help=f"training text file, '{PYDOC_CORPUS}' for Python's documentation topics, or '{SOURCE_CORPUS}' "
+        "for those plus the .py files of the standard library and --corpus-packages (the larger-model path)",
     )
     ap.add_argument(
         "--heldout-fraction",
@@ -435,10 +486,16 @@ def main(argv: list[str] | None = None) -> int:
         help="safety cap on training wall time (normally ~40 s on 2 idle cores); "
         "if it triggers, the result differs from the committed checkpoint",
     )
+    add_large_options(ap)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    if args.corpus == SOURCE_CORPUS or args.device != "cpu":
+        return main_large(args)
+    for name, default in LARGE_ONLY.items():
+        if getattr(args, name) != default:
+            ap.error(f"--{name.replace('_', '-')} is for --corpus {SOURCE_CORPUS} or --device cuda only")
 
     train_topics, heldout_topics = split_heldout(load_topics(args.corpus), args.heldout_fraction, args.seed)
     docs = [d for t in train_topics for d in split_documents(t)]
@@ -463,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k not in ("out", "corpus", "max_seconds", "log_every", "heldout_out", "calib_out")
+            if k not in ("out", "corpus", "max_seconds", "log_every", "heldout_out", "calib_out", "device", *LARGE_ONLY)
             and (heldout_topics or k not in ("heldout_fraction", "calib_chars"))
         },
         "corpus": "demo/corpus.txt" if args.corpus == str(DEFAULT_CORPUS) else args.corpus,
