@@ -32,10 +32,9 @@ from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import tensor_group
 from kiln.errors import KilnError
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint
-from kiln.models.quantized_formats import CheckpointQuantization
 from kiln.progress import Progress
 
-PIPELINED_METHODS = ("none", "int8_wo", "int4_wo")  # round-to-nearest per weight: the same in any stage
+PIPELINED_METHODS = ("none", "int8_wo", "int4_wo", "fp8", "int8_sq")  # fp8 / int8_sq: quantized whole first
 STAGE_INPUT_NAMES = ("hidden_states", *INPUT_NAMES[1:])  # a later stage takes hidden states [T, hidden]
 
 
@@ -100,14 +99,16 @@ def stages_written(written: list[WrittenProgram]) -> WrittenProgram:
 
 
 def check_pipeline_request(checkpoint: str | Path, config: BuildConfig) -> None:
-    if config.quantization not in PIPELINED_METHODS or config.kv_cache_dtype != "auto":
+    if config.quantization not in PIPELINED_METHODS:
         raise KilnError(
             f"--quantization {config.quantization} is built with --pp-size 1 only; pipeline stages are built "
-            f"unquantized, {', '.join(PIPELINED_METHODS[1:])} or from a pre-quantized checkpoint, with the "
+            f"unquantized, {', '.join(PIPELINED_METHODS[1:])} or from a pre-quantized checkpoint (for now)"
+        )
+    if config.kv_cache_dtype != "auto":
+        raise KilnError(
+            f"--kv-cache-dtype {config.kv_cache_dtype} is built with --pp-size 1 only; pipeline stages keep the "
             "model-dtype KV cache (for now)"
         )
-    if CheckpointQuantization.of(Path(checkpoint)).reader is not None:
-        raise KilnError(f"{checkpoint} is pre-quantized: kiln builds it with --pp-size 1 only (for now)")
     if config.tp_size > 1:
         check_sharded_request(checkpoint, config)
 
@@ -119,7 +120,9 @@ def _load_rank(
     tp, stages = config.tp_size, config.pp_size
     with progress.stage(f"load rank{rank}", str(checkpoint)):
         if whole is not None:
-            return whole.shard(rank % tp, tp, tensor_group(rank, tp, stages)) if tp > 1 else whole.loaded
+            if tp > 1:
+                return whole.shard(rank % tp, tp, tensor_group(rank, tp, stages))
+            return dataclasses.replace(whole.loaded, quantized=whole.quantized)  # the model is shared
         if tp > 1:
             group = tensor_group(rank, tp, stages)
             return load_shard(
@@ -162,7 +165,7 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
             body = body_path(facts.architecture)
             start, stop, first, last = stage * per, (stage + 1) * per, stage == 0, stage == stages - 1
             quantized = stage_linears(loaded.quantized, start, stop, body)  # this stage's layers, renumbered
-            if loaded is (None if whole is None else whole.loaded):  # shared: cut a copy
+            if whole is not None and tp == 1:  # the model quantized whole is shared: cut a copy
                 model = stage_copy(loaded.model, start, stop, first=first, last=last, body=body)
             else:
                 model = loaded.model
