@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from hf_reference import greedy, load_reference  # noqa: E402
 from tiny_checkpoints import FAMILIES, TINY_LIMITS, build_tiny_engine, make_tokenizer  # noqa: E402
+from torchrun_build import assert_same_engine, build_under_torchrun  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -260,24 +261,11 @@ def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> N
     assert "rank 1 died" in err, err[-3000:]
 
 
-def test_build_under_torchrun_writes_the_one_process_engine(engines, tmp_path: Path) -> None:
-    ckpt, _, two, _ = engines["qwen2"]
-    limits = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_LIMITS.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kiln"]
-    command += ["build", str(ckpt), "-o", str(tmp_path / "tp2"), "--tp-size", "2", "--no-compile", *limits]
-    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["tp2"]  # no staging directory left behind
-
-    def files(root: Path) -> set[Path]:
-        return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
-
-    assert files(tmp_path / "tp2") == files(two)
-    for name in files(two):
-        mine, theirs = (tmp_path / "tp2" / name).read_bytes(), (two / name).read_bytes()
-        if name.name == "manifest.json":  # the same but for each stage's time
-            mine, theirs = ({**json.loads(m), "timings_s": None} for m in (mine, theirs))
-        assert mine == theirs, name
+@pytest.mark.parametrize("case, option", [("qwen2", "--tp-size"), ("pp2-qwen2", "--pp-size")])
+def test_build_under_torchrun_writes_the_one_process_engine(case: str, option: str, engines, tmp_path: Path) -> None:
+    ckpt, _, engine, _ = engines[case]
+    build_under_torchrun(ckpt, tmp_path / "built", TINY_LIMITS, option, "2")
+    assert_same_engine(tmp_path / "built", engine)
 
 
 def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None:

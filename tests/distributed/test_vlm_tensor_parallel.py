@@ -5,6 +5,7 @@ one-rank engine's greedy tokens and transformers' (float32), and int8_wo the one
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+from torchrun_build import assert_same_engine, build_under_torchrun  # noqa: E402
 from vlm_checkpoints import make_vlm_checkpoint  # noqa: E402
 from vlm_rank import NEW_TOKENS, vlm_batch  # noqa: E402
 from vlm_reference import load_vlm_reference, vlm_greedy  # noqa: E402
@@ -66,7 +68,9 @@ def llava(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
     return {key: (ckpt, one, engine, tokens[str(engine)]) for key, (one, engine) in made.items()}
 
 
+@functools.cache
 def one_rank(engine: Path) -> list[list[int]]:
+    """The one-rank engine's tokens (each engine run once for the tests that compare with it)."""
     return [
         o.token_ids for o in LLM(engine).generate(vlm_batch(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     ]
@@ -108,3 +112,11 @@ def test_sharded_vlm_refusals(llava, tmp_path: Path) -> None:
         build(ckpt, tmp_path / "pp4", pp_size=4, **LIMITS)
     with pytest.raises(KilnError, match="4 attention heads do not divide over 3 ranks"):
         build(ckpt, tmp_path / "tp3", tp_size=3, **LIMITS)
+
+
+def test_llava_build_under_torchrun_writes_the_one_process_engine(llava, tmp_path: Path) -> None:
+    """Rank 0 builds the vision program and its LLM program, rank 1 its LLM program."""
+    ckpt, _, engine, _ = llava["dense-tp2"]
+    limits = {k: v for k, v in LIMITS.items() if k not in ("compile", "progress")}
+    build_under_torchrun(ckpt, tmp_path / "built", limits, "--tp-size", "2")
+    assert_same_engine(tmp_path / "built", engine)

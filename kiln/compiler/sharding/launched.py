@@ -45,8 +45,6 @@ class BuildLaunch:
                 f"this build is for {wanted} ranks (--tp-size {config.tp_size} x --pp-size {config.pp_size}) and "
                 f"torchrun launched {size} processes: use --nproc-per-node {wanted}, or build in one process"
             )
-        if config.pp_size > 1:
-            raise KilnError("pipeline-parallel engines are built in one process (without torchrun) for now")
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}-{os.environ.get('MASTER_PORT', '0')}"
         return cls(int(os.environ["RANK"]), size, re.sub(r"[^A-Za-z0-9_.-]", "_", run))
 
