@@ -112,6 +112,11 @@ def test_sharded_vlm_refusals(llava, tmp_path: Path) -> None:
         build(ckpt, tmp_path / "pp4", pp_size=4, **LIMITS)
     with pytest.raises(KilnError, match="4 attention heads do not divide over 3 ranks"):
         build(ckpt, tmp_path / "tp3", tp_size=3, **LIMITS)
+    with pytest.raises(KilnError, match="fp8 at build quantizes text models only"):
+        build(ckpt, tmp_path / "fp8", pp_size=2, quantization="fp8", **LIMITS)
+    other = make_vlm_checkpoint("llava_next", tmp_path / "next")
+    with pytest.raises(KilnError, match="LlavaNextForConditionalGeneration: kiln splits the language model of Llava"):
+        build(other, tmp_path / "next-pp2", pp_size=2, **LIMITS)
 
 
 def test_llava_build_under_torchrun_writes_the_one_process_engine(llava, tmp_path: Path) -> None:

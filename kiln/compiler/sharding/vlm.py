@@ -22,14 +22,14 @@ from kiln.compiler.sharding.build import check_int4_groups, fake_world
 from kiln.compiler.sharding.in_memory import shard_in_memory
 from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import check_tp, head_split
-from kiln.compiler.sharding.plans import ShardPlan, plan_for
+from kiln.compiler.sharding.plans import PLANS, ShardPlan, plan_for
 from kiln.compiler.sharding.stage_cut import body_path, keep_layers, stage_copy, stage_linears
 from kiln.compiler.sharding.stages import stage_spec
 from kiln.compiler.sharding.vlm_stages import first_stage_spec
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import WorldFacts
 from kiln.engine.world import tensor_group
-from kiln.errors import KilnError
+from kiln.errors import KilnError, UnsupportedModelError
 from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.progress import Progress
 
@@ -47,7 +47,12 @@ def check_sharded_vlm(
             "a vision-language checkpoint is built with --tp-size or --pp-size > 1 unquantized, int8_wo or int4_wo "
             "(for now)"
         )
-    plan_for(architecture)
+    if architecture not in PLANS:
+        vlms = sorted(name for name in PLANS if "ConditionalGeneration" in name)
+        raise UnsupportedModelError(
+            f"{architecture}: kiln splits the language model of {', '.join(vlms)} over ranks, not this one's; "
+            "build it with --tp-size 1 and --pp-size 1"
+        )
     if config.pp_size > 1 and multimodal != (1, False):
         raise KilnError(
             f"{architecture} is built with --pp-size 1 only: its later stages would need its M-RoPE positions or "
