@@ -60,12 +60,8 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
     from kiln.models.vlm_loader import checkpoint_recipe
 
     kind = checkpoint_recipe(checkpoint, trust_remote_code=config.trust_remote_code).kind
-    if kind != "causal_lm" and BuildLaunch.from_env(config) is not None:
-        raise KilnError("under torchrun kiln builds text models; build this checkpoint in one process")
     if kind == "encoder_decoder" and (config.tp_size > 1 or config.pp_size > 1):
         raise KilnError("encoder-decoder checkpoints are built with --tp-size 1 and --pp-size 1 only (for now)")
-    if kind == "vision_language" and config.pp_size > 1:
-        raise KilnError("vision-language checkpoints are built with --pp-size 1 only (their language model shards)")
     if kind == "vision_language":
         return write_vlm_engine(checkpoint, output, config, progress)
     if kind == "encoder_decoder":

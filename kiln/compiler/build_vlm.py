@@ -11,6 +11,7 @@ from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.compiler.quantize.methods import check_request, engine_quantization
+from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import PROCESSOR_DIR, TOKENIZER_DIR, VISION_DIR, VISION_STATE, MultimodalFacts
 from kiln.errors import KilnError
@@ -60,36 +61,49 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
                 else decoder_prefix(encdec.prefix_config(loaded.config, text_config), loaded.generation_config)
             )
             config = resolve_encoder_len(config, encdec.max_positions(text_config), max(len(prefix), 1))
-    if config.tp_size > 1:
+    sharded = config.tp_size > 1 or config.pp_size > 1
+    if sharded:
         from kiln.compiler.sharding.vlm import check_sharded_vlm
 
-        check_sharded_vlm(config, text_config, facts.architecture, loaded.quantized is not None, encdec is not None)
+        check_sharded_vlm(
+            config, text_config, facts.architecture, loaded.quantized is not None, encdec is not None,
+            (family.position_rows, family.bidirectional_images),
+        )  # fmt: skip
+    launch = BuildLaunch.from_env(config)  # under torchrun: this process builds its rank's LLM program only
+    leads = launch is None or launch.leads
     mm_len = config.max_multimodal_len or family.default_max_multimodal_len(loaded.config, config.max_batch_size)
     limit = family.vision_batch_limit(loaded.config, mm_len)
     progress.note(
         f"{facts.architecture}: {shape.num_layers} layers, vision batch limit {limit}, max_multimodal_len {mm_len}"
     )
     output.mkdir(parents=True, exist_ok=True)
-    save_vision_state(family, loaded.model, output)
-    example = family.vision_example(loaded.model.config, dtype, device, limit)
-    vision_written = build_program(
-        vision_spec(family.vision_module(loaded.model), example.args, example.dynamic_shapes, facts.architecture),
-        output,
-        config,
-        progress,
-    )
+    if leads:  # the vision program is rank 0's
+        save_vision_state(family, loaded.model, output)
+        example = family.vision_example(loaded.model.config, dtype, device, limit)
+        vision_written = build_program(
+            vision_spec(family.vision_module(loaded.model), example.args, example.dynamic_shapes, facts.architecture),
+            output,
+            config,
+            progress,
+        )
     family.detach_vision(loaded.model)
     hidden = int(text_config.hidden_size)
     quantized = loaded.quantized  # the language model's linears only: the vision program is never quantized
     encoder_decoder, world = None, None
-    if config.tp_size > 1:  # the language model's programs in rank0/, rank1/, ...; the vision program unsharded
+    if sharded:  # the language model's programs in rank0/, rank1/, ...; the vision program unsharded
+        from kiln.compiler.sharding.stages import stages_written
         from kiln.compiler.sharding.vlm import build_sharded_llm
 
-        written, world = build_sharded_llm(
+        ranks, world = build_sharded_llm(
             family.text_model(loaded.model), text_config, shape, config, output, progress, hidden=hidden,
             position_rows=family.position_rows, bidirectional=family.bidirectional_images,
-            architecture=facts.architecture,
+            architecture=facts.architecture, launch=launch,
         )  # fmt: skip
+        if launch is not None:
+            ranks = launch.finish_rank(output, ranks[0])
+            if not leads:
+                return
+        written = stages_written(ranks)
     elif encdec is not None:  # image rows go into the encoder program
         written, encoder_decoder = build_encdec_programs(
             family.text_model(loaded.model), encdec, shape, config, output, progress,

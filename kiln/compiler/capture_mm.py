@@ -24,6 +24,14 @@ def llm_input_names(bidirectional_images: bool) -> tuple[str, ...]:
     return INPUT_NAMES + MM_INPUT_NAMES + ((LIMITS_INPUT,) if bidirectional_images else ())
 
 
+def splice_images(model: Any, input_ids: torch.Tensor, mm_embeds: torch.Tensor, mm_index: torch.Tensor) -> torch.Tensor:
+    """The packed tokens' embeddings [T, hidden], image tokens' replaced by their rows of mm_embeds."""
+    is_image = mm_index >= 0
+    embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+    rows = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(embeds.dtype)
+    return torch.where(is_image[:, None], rows, embeds)
+
+
 class PackedMultimodalLM(nn.Module):
     """Embeds packed tokens, splices in image-feature rows and calls the model with inputs_embeds."""
 
@@ -45,12 +53,7 @@ class PackedMultimodalLM(nn.Module):
         mm_index: torch.Tensor,
         attend_end: torch.Tensor | None = None,  # read by the paged-attention op, wired in by a pass
     ) -> torch.Tensor:
-        is_image = mm_index >= 0
-        model: Any = self.model
-        embed = model.get_input_embeddings()
-        embeds = embed(input_ids.masked_fill(is_image, 0))
-        rows = mm_embeds.index_select(0, mm_index.clamp(min=0)).to(embeds.dtype)
-        embeds = torch.where(is_image[:, None], rows, embeds)
+        embeds = splice_images(self.model, input_ids, mm_embeds, mm_index)
         position_ids = positions[None] if positions.dim() == 1 else positions[:, None]
         out = self.model(
             inputs_embeds=embeds[None], position_ids=position_ids, use_cache=False, logits_to_keep=logits_indices

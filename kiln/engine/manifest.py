@@ -122,8 +122,8 @@ class QuantizationFacts:
 class WorldFacts:
     """A tensor- or pipeline-parallel engine's layout: rank r's program is in `rank{r}/`, its KV pool holds
     `kv_heads_per_rank` heads (the model's split, or one replicated head where it has fewer than ranks).
-    With `pp_size` stages (tp 1 for now) rank r is stage r, with the model's layers / pp_size layers, and
-    stages pass hidden states of `hidden_size`."""
+    With `pp_size` stages rank r is tensor-parallel rank r % tp_size of stage r // tp_size, with the model's
+    layers / pp_size layers, and stages pass hidden states of `hidden_size`."""
 
     tp_size: int
     kv_heads_per_rank: int

@@ -6,7 +6,8 @@ Tensor parallel: the collectives inside the programs combine the ranks. Pipeline
 sequences go in micro-batches; each stage receives a micro-batch's hidden states from the previous one
 and sends its own on without waiting, the last sends its logits back to rank 0, so that stage 0 computes
 the next micro-batch while the later stages work on this one. Only rank 0 samples. A vision-language
-engine's vision program runs on rank 0 only; its image rows follow the step's inputs. A failed collective
+engine's vision program runs on rank 0 only (it is in the first stage, whose embeddings take the image
+rows); the rows follow the step's inputs to the first stage's other ranks. A failed collective
 names the ranks found dead (each rank's host and pid are in torchrun's store) and stops this rank with an error."""
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ class Rank:
     dtype: torch.dtype  # of the hidden states pipeline stages pass on
     vocab_size: int  # columns of the logits the last stage sends back to rank 0
     layout: StepLayout = StepLayout()
+    first_stage: Any = None  # the group of the first stage's ranks (None: the default group, one stage)
+
+    @property
+    def shares_images(self) -> bool:
+        """Whether rank 0's image rows go to this rank or (rank 0) from it: the first stage's ranks, when
+        it has several (its embeddings take them; later stages take hidden states)."""
+        return bool(self.layout.image_hidden) and self.world.tp_size > 1 and self.rank < self.world.tp_size
 
     @property
     def world_size(self) -> int:
@@ -117,7 +125,7 @@ def join(
     store = _store()
     if store is not None:
         store.set(f"kiln/rank{rank}", f"{socket.gethostname()}:{os.getpid()}")
-    return Rank(rank, world, control, dtype, vocab_size, layout)
+    return Rank(rank, world, control, dtype, vocab_size, layout, groups[0] if groups else None)
 
 
 def _store() -> Any:
@@ -205,17 +213,19 @@ def _unpack(
 
 
 def _send_images(batches: list[tuple[torch.Tensor, ...]], rank: Rank) -> None:
-    """A vision-language step's image rows (rank 0 ran the vision program), over the default group."""
-    if rank.layout.image_hidden:
-        dist.broadcast(torch.cat([inputs[8].to(rank.dtype) for inputs in batches]).contiguous(), 0)
+    """A vision-language step's image rows (rank 0 ran the vision program) to the first stage's ranks."""
+    if rank.shares_images:
+        rows = torch.cat([inputs[8].to(rank.dtype) for inputs in batches]).contiguous()
+        dist.broadcast(rows, 0, group=rank.first_stage)
 
 
 def _receive_images(shapes: list[list[int]], rank: Rank, device: torch.device) -> list[torch.Tensor | None]:
-    if not rank.layout.image_hidden:
+    """Each micro-batch's image rows (None: a text engine's step, or a later stage's)."""
+    if not rank.shares_images:
         return [None] * len(shapes)
     counts = [shape[4] for shape in shapes]
     rows = torch.empty(sum(counts), rank.layout.image_hidden, dtype=rank.dtype, device=device)
-    dist.broadcast(rows, 0)
+    dist.broadcast(rows, 0, group=rank.first_stage)
     return list(rows.split(counts))
 
 

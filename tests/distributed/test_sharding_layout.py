@@ -126,3 +126,31 @@ def test_a_build_under_torchrun_needs_one_process_per_rank(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     launch = BuildLaunch.from_env(BuildConfig(tp_size=2))
     assert launch is not None and (launch.rank, launch.world_size, launch.leads) == (1, 2, False)
+
+
+def test_a_stage_keeps_its_layers_quantized_linears_numbered_as_its_layers() -> None:
+    from kiln.compiler.sharding.stage_cut import stage_linears
+    from kiln.models.quantized_checkpoint import QuantizedLinears
+
+    w = {n: _weight(1) for n in range(4)}
+    quantized = QuantizedLinears(
+        "int8_wo",
+        8,
+        0,
+        {
+            "model.language_model.layers.0.mlp.down_proj.weight": w[0],
+            "model.language_model.layers.2.mlp.down_proj.weight": w[1],
+            "model.language_model.layers.3.self_attn.o_proj.weight": w[2],
+            "lm_head.weight": w[3],
+        },
+    )
+    staged = stage_linears(quantized, 2, 4, "model.language_model")
+    assert staged is not None
+    renamed = {
+        "model.language_model.layers.0.mlp.down_proj.weight": w[1],
+        "model.language_model.layers.1.self_attn.o_proj.weight": w[2],
+        "lm_head.weight": w[3],  # not a layer's: kept (a stage without the head has no such parameter)
+    }
+    assert staged.weights.keys() == renamed.keys()
+    assert all(staged.weights[k] is v for k, v in renamed.items())
+    assert (staged.method, staged.bits) == ("int8_wo", 8)

@@ -1,8 +1,8 @@
 """Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
 preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, compressed-tensors) engines shard and
-int8/int4 engines pipeline as the one-rank engine runs; a missing launch, a wrong world size and a killed
-rank are clear errors."""
+pipeline as the one-rank engine runs (int8 and FP8 at TP2 x PP2 too); a build under torchrun writes the
+one-process engine; a missing launch, a wrong world size and a killed rank are clear errors."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from hf_reference import greedy, load_reference  # noqa: E402
 from tiny_checkpoints import FAMILIES, TINY_LIMITS, build_tiny_engine, make_tokenizer  # noqa: E402
+from torchrun_build import assert_same_engine, build_under_torchrun  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -87,8 +88,9 @@ QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 column
     "fp8": {"quantization": "fp8"},  # per-channel weights, per-token inputs: o/down get the absmax columns
     "int8_sq": {"quantization": "int8_sq", "weight_scales": "tensor", "act_scales": "tensor", "calib_size": 1},
 }
-PIPELINED_QUANTIZED = ("int8_wo", "int4_wo")
+PIPELINED_QUANTIZED = ("int8_wo", "int4_wo", "fp8", "int8_sq")  # fp8 / int8_sq: quantized whole, then cut
 PREQUANTIZED = ("awq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
+QUANTIZED_TP_X_PP = ("int8_wo", "fp8")  # each stage's quantized linears renamed; fp8's absmax in its stage's group
 
 
 def prequantized(directory: Path, fmt: str, group_size: int = 32, **options: object) -> Path:
@@ -130,6 +132,7 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
         quantized = prequantized(tmp / "ckpt", fmt)
         one = build_tiny_engine(quantized, tmp / "tp1")
         made[fmt] = quantized, one, build_tiny_engine(quantized, tmp / "tp2", tp_size=2)
+        made[f"pp2-{fmt}"] = quantized, one, build_tiny_engine(quantized, tmp / "pp2", pp_size=2)
     results = torchrun([two for _, _, two in made.values()], tmp_path_factory.mktemp("torchrun"))
     return {case: (*paths, results[str(paths[2])]) for case, paths in made.items()}
 
@@ -160,6 +163,8 @@ def four_ranks(engines, tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
     """{case: (its TP2 x PP2 engine, what it generated)}: one launch of 4 ranks over the engines."""
     tmp = tmp_path_factory.mktemp("tp2pp2")
     made = {case: build_tiny_engine(engines[case][0], tmp / case, tp_size=2, pp_size=2) for case in TP_X_PP}
+    for method in QUANTIZED_TP_X_PP:  # of the llama-untied checkpoint, as the TP2 quantized engines
+        made[method] = build_tiny_engine(engines[method][0], tmp / method, tp_size=2, pp_size=2, **QUANTIZED[method])
     results = torchrun(list(made.values()), tmp, ranks=4)
     return {case: (four, results[str(four)]) for case, four in made.items()}
 
@@ -175,7 +180,12 @@ def test_tp2_x_pp2_tokens_match_one_rank_and_transformers(case: str, engines, fo
     assert result["preemptions"] > 0
 
 
-QUANTIZED_CASES = [*QUANTIZED, *(f"pp2-{m}" for m in PIPELINED_QUANTIZED), *PREQUANTIZED]
+QUANTIZED_CASES = [
+    *QUANTIZED,
+    *(f"pp2-{m}" for m in PIPELINED_QUANTIZED),
+    *PREQUANTIZED,
+    *(f"pp2-{f}" for f in PREQUANTIZED),
+]
 
 
 @pytest.mark.parametrize("case", QUANTIZED_CASES)
@@ -187,6 +197,14 @@ def test_quantized_tp2_and_pp2_tokens_match_one_rank(case: str, engines) -> None
     outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert result["tokens"] == [o.token_ids for o in outs]
     assert len(set(sum(result["tokens"], []))) > 3
+
+
+@pytest.mark.parametrize("method", QUANTIZED_TP_X_PP)
+def test_quantized_tp2_x_pp2_tokens_match_one_rank(method: str, engines, four_ranks) -> None:
+    one, (four, result) = engines[method][1], four_ranks[method]
+    assert json.loads((four / "manifest.json").read_text())["quantization"]["method"] == method
+    outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert result["tokens"] == [o.token_ids for o in outs]
 
 
 @pytest.mark.parametrize(
@@ -243,24 +261,11 @@ def test_killed_rank_stops_the_other_with_its_name(engines, tmp_path: Path) -> N
     assert "rank 1 died" in err, err[-3000:]
 
 
-def test_build_under_torchrun_writes_the_one_process_engine(engines, tmp_path: Path) -> None:
-    ckpt, _, two, _ = engines["qwen2"]
-    limits = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_LIMITS.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kiln"]
-    command += ["build", str(ckpt), "-o", str(tmp_path / "tp2"), "--tp-size", "2", "--no-compile", *limits]
-    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["tp2"]  # no staging directory left behind
-
-    def files(root: Path) -> set[Path]:
-        return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
-
-    assert files(tmp_path / "tp2") == files(two)
-    for name in files(two):
-        mine, theirs = (tmp_path / "tp2" / name).read_bytes(), (two / name).read_bytes()
-        if name.name == "manifest.json":  # the same but for each stage's time
-            mine, theirs = ({**json.loads(m), "timings_s": None} for m in (mine, theirs))
-        assert mine == theirs, name
+@pytest.mark.parametrize("case, option", [("qwen2", "--tp-size"), ("pp2-qwen2", "--pp-size")])
+def test_build_under_torchrun_writes_the_one_process_engine(case: str, option: str, engines, tmp_path: Path) -> None:
+    ckpt, _, engine, _ = engines[case]
+    build_under_torchrun(ckpt, tmp_path / "built", TINY_LIMITS, option, "2")
+    assert_same_engine(tmp_path / "built", engine)
 
 
 def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None:
@@ -269,3 +274,13 @@ def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None
     with pytest.raises(KilnError, match="4 attention heads do not divide over 3 ranks"):
         build(engines["qwen2"][0], tmp_path / "tp3", tp_size=3, progress=False)
     assert not (tmp_path / "tp3").exists()
+
+
+def test_pipeline_refusals_name_what_is_refused(engines, tmp_path: Path) -> None:
+    from kiln import build
+
+    ckpt = engines["qwen2"][0]
+    with pytest.raises(KilnError, match="--quantization int4_awq is built with --pp-size 1 only"):
+        build(ckpt, tmp_path / "awq", pp_size=2, quantization="int4_awq", progress=False)
+    with pytest.raises(KilnError, match="--kv-cache-dtype int8 is built with --pp-size 1 only"):
+        build(ckpt, tmp_path / "kv", pp_size=2, kv_cache_dtype="int8", progress=False)

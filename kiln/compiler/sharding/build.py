@@ -127,7 +127,7 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
     quantized = None if whole is None else whole.quantized
     del whole
     if launch is not None:
-        launch.finish_rank(output)
+        written = launch.finish_rank(output, written[0])
         if not launch.leads:
             return
     first = written[0]

@@ -22,17 +22,19 @@ from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, w
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.compiler.quantize.methods import engine_quantization
 from kiln.compiler.sharding.build import check_sharded_request, fake_world
+from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import head_split
+from kiln.compiler.sharding.stage_cut import body_path, keep_layers, stage_copy, stage_linears
 from kiln.compiler.sharding.stream import load_shard
+from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import tensor_group
 from kiln.errors import KilnError
-from kiln.models.loader import load_checkpoint
-from kiln.models.quantized_formats import CheckpointQuantization
+from kiln.models.loader import LoadedCheckpoint, load_checkpoint
 from kiln.progress import Progress
 
-PIPELINED_METHODS = ("none", "int8_wo", "int4_wo")  # round-to-nearest per weight: the same in any stage
+PIPELINED_METHODS = ("none", "int8_wo", "int4_wo", "fp8", "int8_sq")  # fp8 / int8_sq: quantized whole first
 STAGE_INPUT_NAMES = ("hidden_states", *INPUT_NAMES[1:])  # a later stage takes hidden states [T, hidden]
 
 
@@ -62,22 +64,6 @@ class PipelineStage(nn.Module):
         return causal_lm_logits(self.model, self._keeps_logits, given, positions, logits_indices)
 
 
-def keep_layers(model: nn.Module, start: int, stop: int, *, first: bool, last: bool) -> None:
-    """Cut `model` to layers [start, stop), numbered from 0; a stage before the last drops the norm and head."""
-    body: Any = model.get_submodule("model")
-    layers = list(body.layers)[start:stop]
-    for index, layer in enumerate(layers):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = index
-    body.layers = nn.ModuleList(layers)
-    if not last:
-        body.norm = nn.Identity()
-        setattr(model, "lm_head", nn.Identity())  # noqa: B010
-    if not first:
-        body.embed_tokens = nn.Identity()
-
-
 def stage_spec(
     model: nn.Module, shape: CacheShape, config: BuildConfig, hidden: int, architecture: str, *, stage: int, stages: int
 ) -> ProgramSpec:
@@ -101,45 +87,91 @@ def stage_spec(
     )
 
 
-def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
-    """Each rank's stage loaded (its tensor-parallel slices with --tp-size), cut to its layers and built in
-    turn: rank = stage x tp_size + tensor-parallel rank."""
-    if config.quantization not in PIPELINED_METHODS or config.kv_cache_dtype != "auto":
+def stages_written(written: list[WrittenProgram]) -> WrittenProgram:
+    """What the manifest records of the ranks' programs, in rank order: every rank's op modules and
+    quantized layers, the last stage's passes (its head is the one every pass sees)."""
+    return WrittenProgram(
+        compiled=written[0].compiled,
+        op_modules={op: mods for w in written for op, mods in w.op_modules.items()},
+        passes=written[-1].passes,
+        quantized_layers=tuple(dict.fromkeys(n for w in written for n in w.quantized_layers)),
+    )
+
+
+def check_pipeline_request(checkpoint: str | Path, config: BuildConfig) -> None:
+    if config.quantization not in PIPELINED_METHODS:
         raise KilnError(
-            "pipeline-parallel engines are built unquantized or with int8_wo / int4_wo, with the model-dtype KV "
-            "cache (for now)"
+            f"--quantization {config.quantization} is built with --pp-size 1 only; pipeline stages are built "
+            f"unquantized, {', '.join(PIPELINED_METHODS[1:])} or from a pre-quantized checkpoint (for now)"
         )
-    if CheckpointQuantization.of(Path(checkpoint)).reader is not None:
-        raise KilnError(f"{checkpoint} is pre-quantized: kiln builds it with --pp-size 1 only (for now)")
+    if config.kv_cache_dtype != "auto":
+        raise KilnError(
+            f"--kv-cache-dtype {config.kv_cache_dtype} is built with --pp-size 1 only; pipeline stages keep the "
+            "model-dtype KV cache (for now)"
+        )
     if config.tp_size > 1:
         check_sharded_request(checkpoint, config)
+
+
+def _load_rank(
+    checkpoint: str | Path, config: BuildConfig, whole: WholeModel | None, rank: int, progress: Progress
+) -> LoadedCheckpoint:
+    """Rank `rank`'s model, whole or its tensor-parallel slices (a model quantized whole is shared, not copied)."""
+    tp, stages = config.tp_size, config.pp_size
+    with progress.stage(f"load rank{rank}", str(checkpoint)):
+        if whole is not None:
+            if tp > 1:
+                return whole.shard(rank % tp, tp, tensor_group(rank, tp, stages))
+            return dataclasses.replace(whole.loaded, quantized=whole.quantized)  # the model is shared
+        if tp > 1:
+            group = tensor_group(rank, tp, stages)
+            return load_shard(
+                checkpoint, torch_dtype(config.dtype), rank % tp, tp, int8=config.quantization == "int8_wo", group=group
+            )
+        return load_checkpoint(
+            checkpoint,
+            torch_dtype(config.dtype),
+            resolve_device(config.device),
+            trust_remote_code=config.trust_remote_code,
+        )
+
+
+def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildConfig, progress: Progress) -> None:
+    """Each rank's stage loaded (its tensor-parallel slices with --tp-size), cut to its layers and built in
+    turn: rank = stage x tp_size + tensor-parallel rank. FP8, SmoothQuant and pre-quantized checkpoints are
+    quantized whole first, as a one-rank build does; each stage takes its layers' quantized linears."""
+    check_pipeline_request(checkpoint, config)
     stages, tp = config.pp_size, config.tp_size
-    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
+    device = resolve_device(config.device)
+    launch = BuildLaunch.from_env(config)  # under torchrun: this process builds its own rank only
+    whole = WholeModel(checkpoint, config, progress) if needs_whole_model(checkpoint, config) else None
     written: list[WrittenProgram] = []
-    for rank in range(stages * tp):
+    for rank in range(stages * tp) if launch is None else [launch.rank]:
         stage, t = divmod(rank, tp)
         with fake_world(tp, stages, rank) if tp > 1 else contextlib.nullcontext():
-            with progress.stage(f"load rank{rank}", str(checkpoint)):
-                if tp > 1:
-                    group = tensor_group(rank, tp, stages)
-                    loaded = load_shard(checkpoint, dtype, t, tp, int8=config.quantization == "int8_wo", group=group)
-                else:
-                    loaded = load_checkpoint(checkpoint, dtype, device, trust_remote_code=config.trust_remote_code)
+            loaded = _load_rank(checkpoint, config, whole, rank, progress)
             shape = cache_shape(loaded.config)
             text = loaded.config.get_text_config()
             if shape.num_layers % stages:
                 raise KilnError(f"{shape.num_layers} layers do not divide into {stages} pipeline stages")
             per = shape.num_layers // stages
             kv_heads = head_split(t, tp, text.num_attention_heads, shape.num_kv_heads).kv_heads
-            if rank == 0:
+            if not written:
                 facts = model_facts(loaded, shape)
                 config = config.resolved(facts.max_position_embeddings)
+            if rank == 0:
                 loaded.tokenizer.save_pretrained(output / TOKENIZER_DIR)
             hidden = int(text.hidden_size)
-            model = loaded.model.to(device)
-            quantized = loaded.quantized  # int8 row-parallel shards on whole-row scales (else the pass's RTN)
+            body = body_path(facts.architecture)
+            start, stop, first, last = stage * per, (stage + 1) * per, stage == 0, stage == stages - 1
+            quantized = stage_linears(loaded.quantized, start, stop, body)  # this stage's layers, renumbered
+            if whole is not None and tp == 1:  # the model quantized whole is shared: cut a copy
+                model = stage_copy(loaded.model, start, stop, first=first, last=last, body=body)
+            else:
+                model = loaded.model
+                keep_layers(model, start, stop, first=first, last=last, body=body)
             del loaded
-            keep_layers(model, stage * per, (stage + 1) * per, first=stage == 0, last=stage == stages - 1)
+            model.to(device)
             gc.collect()
             rank_shape = CacheShape(per, kv_heads, shape.head_dim)
             spec = stage_spec(model, rank_shape, config, hidden, facts.architecture, stage=stage, stages=stages)
@@ -148,18 +180,23 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
             written.append(
                 build_program(dataclasses.replace(spec, directory=directory), output, config, progress, quantized)
             )
-            del spec
+            del spec, quantized
             gc.collect()
+    whole_linears = None if whole is None else whole.quantized
+    del whole
+    if launch is not None:
+        written = launch.finish_rank(output, written[0])
+        if not launch.leads:
+            return
+    merged = stages_written(written)
     engine = EngineFacts(
         config=config,
         model=facts,
-        compiled=written[0].compiled,
+        compiled=merged.compiled,
         source_checkpoint=str(Path(checkpoint).resolve()),
-        op_modules={op: mods for w in written for op, mods in w.op_modules.items()},
-        passes=written[-1].passes,
-        quantization=engine_quantization(
-            config, None, tuple(dict.fromkeys(n for w in written for n in w.quantized_layers))
-        ),
+        op_modules=merged.op_modules,
+        passes=merged.passes,
+        quantization=engine_quantization(config, whole_linears, merged.quantized_layers),
         world=WorldFacts(tp_size=tp, kv_heads_per_rank=kv_heads, pp_size=stages, hidden_size=hidden),
     )
     write_engine_manifest(output, engine, device, progress)
