@@ -75,7 +75,7 @@ def fp8_linear_gemv(
     check_bias_residual(x, n, bias, residual)
     config = config or default_config(n, k, num_sms(x.device))
     config = epilogue_config(config, m, n, k, residual, rope, gated)
-    out, done = new_output(x, m, n, k, bias, gated)
+    out, done = new_output(x, m, n, k, bias, gated, residual)
     if done:
         return out
     block_k = config.block_k

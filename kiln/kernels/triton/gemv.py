@@ -68,7 +68,7 @@ def linear_triton(
     check_bias_residual(x, n, bias, residual)
     config = config or prologue_config(code, m, n, k, num_sms(x.device))
     config = epilogue_config(config, m, n, k, residual, rope, gated)
-    out, done = new_output(x, m, n, k, bias, gated)
+    out, done = new_output(x, m, n, k, bias, gated, residual)
     if done:
         return out
     split, k_per_split = k_splits(k, config.block_k, config.split_k)

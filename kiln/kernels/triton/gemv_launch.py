@@ -64,15 +64,23 @@ def epilogue_config(
 
 
 def new_output(
-    x: torch.Tensor, m: int, n: int, k: int, bias: torch.Tensor | None, gated: bool
+    x: torch.Tensor,
+    m: int,
+    n: int,
+    k: int,
+    bias: torch.Tensor | None,
+    gated: bool,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """(the [M, N] output in x's dtype ([M, N / 2] gated), whether it already holds the answer: an
-    empty product needs no launch)."""
+    empty product needs no launch; with K = 0 that is the bias plus the residual)."""
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out, True
     if k == 0:
-        return (out.zero_() if bias is None else out.copy_(bias.expand(m, n))), True
+        assert not gated, "a gated epilogue needs K > 0"
+        out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+        return (out if residual is None else out.add_(residual)), True
     return out, False
 
 

@@ -98,7 +98,7 @@ def qlinear_gemv(
         return _row_linear(x, qweight, scales, zeros, group_size, bits, fusion)
     config = config or default_qconfig(bits, m, n, k, num_sms(x.device))
     config = epilogue_config(config, m, n, k, residual, rope, gated)
-    out, done = new_output(x, m, n, k, bias, gated)
+    out, done = new_output(x, m, n, k, bias, gated, residual)
     if done:
         return out
     block_k = config.block_k
