@@ -103,7 +103,7 @@ def write_vlm_engine(checkpoint: str | Path, output: Path, config: BuildConfig, 
             ranks = launch.finish_rank(output, ranks[0])
             if not leads:
                 return
-        written = stages_written(ranks)
+        written = stages_written(ranks, world.tp_size, shape.num_layers // world.pp_size)
     elif encdec is not None:  # image rows go into the encoder program
         written, encoder_decoder = build_encdec_programs(
             family.text_model(loaded.model), encdec, shape, config, output, progress,

@@ -154,3 +154,32 @@ def test_a_stage_keeps_its_layers_quantized_linears_numbered_as_its_layers() -> 
     assert staged.weights.keys() == renamed.keys()
     assert all(staged.weights[k] is v for k, v in renamed.items())
     assert (staged.method, staged.bits) == ("int8_wo", 8)
+
+
+def test_the_manifest_names_every_stages_quantized_layers_by_the_checkpoints_numbers() -> None:
+    from kiln.compiler.pipeline import WrittenProgram
+    from kiln.compiler.sharding.stage_cut import checkpoint_layer_name
+    from kiln.compiler.sharding.stages import stages_written
+
+    assert checkpoint_layer_name("model.layers.1.mlp.down_proj.weight", 4) == "model.layers.5.mlp.down_proj.weight"
+    assert checkpoint_layer_name("model.language_model.layers.0.self_attn.o_proj.weight", 2) == (
+        "model.language_model.layers.2.self_attn.o_proj.weight"
+    )
+    assert checkpoint_layer_name("model.layers.3.x.layers.1.w", 2) == "model.layers.5.x.layers.1.w"  # the first only
+    assert checkpoint_layer_name("lm_head.weight", 6) == "lm_head.weight"
+    assert checkpoint_layer_name("model.sublayers.1.w", 6) == "model.sublayers.1.w"
+
+    def stage(*names: str) -> WrittenProgram:
+        return WrittenProgram(compiled=False, op_modules={}, quantized_layers=names)
+
+    # TP2 x PP2, two layers a stage: ranks 0 and 1 hold layers 0-1, ranks 2 and 3 layers 2-3 (and the head)
+    first = stage("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight")
+    last = stage("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight")
+    merged = stages_written([first, first, last, last], tp_size=2, layers_per_stage=2)
+    assert merged.quantized_layers == (
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+        "lm_head.weight",
+    )

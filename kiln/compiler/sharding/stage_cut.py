@@ -59,3 +59,14 @@ def stage_linears(quantized: QuantizedLinears | None, start: int, stop: int, bod
         elif start <= int(match.group(2)) < stop:
             weights[f"{match.group(1)}{int(match.group(2)) - start}{match.group(3)}"] = weight
     return dataclasses.replace(quantized, weights=weights)
+
+
+_LAYER_NUMBER = re.compile(r"(^|[._])layers([._])(\d+)(?=[._])")
+
+
+def checkpoint_layer_name(name: str, start: int) -> str:
+    """A stage's program parameter name with its layer number put back in the checkpoint's numbering (the
+    stage's layers are numbered from 0, the first of them is the checkpoint's layer `start`)."""
+    if start == 0:
+        return name
+    return _LAYER_NUMBER.sub(lambda m: f"{m.group(1)}layers{m.group(2)}{int(m.group(3)) + start}", name, count=1)

@@ -24,7 +24,13 @@ from kiln.compiler.quantize.methods import engine_quantization
 from kiln.compiler.sharding.build import check_sharded_request, fake_world
 from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import head_split
-from kiln.compiler.sharding.stage_cut import body_path, keep_layers, stage_copy, stage_linears
+from kiln.compiler.sharding.stage_cut import (
+    body_path,
+    checkpoint_layer_name,
+    keep_layers,
+    stage_copy,
+    stage_linears,
+)
 from kiln.compiler.sharding.stream import load_shard
 from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
 from kiln.config import BuildConfig, torch_dtype
@@ -87,14 +93,21 @@ def stage_spec(
     )
 
 
-def stages_written(written: list[WrittenProgram]) -> WrittenProgram:
-    """What the manifest records of the ranks' programs, in rank order: every rank's op modules and
-    quantized layers, the last stage's passes (its head is the one every pass sees)."""
+def stages_written(written: list[WrittenProgram], tp_size: int = 1, layers_per_stage: int = 0) -> WrittenProgram:
+    """What the manifest records of the ranks' programs, in rank order: every rank's op modules, the
+    quantized layers of all stages named with the checkpoint's layer numbers (rank r holds stage
+    r // tp_size, whose layers start at stage x layers_per_stage), the last stage's passes (its head is
+    the one every pass sees)."""
+    layers = (
+        checkpoint_layer_name(name, rank // tp_size * layers_per_stage)
+        for rank, w in enumerate(written)
+        for name in w.quantized_layers
+    )
     return WrittenProgram(
         compiled=written[0].compiled,
         op_modules={op: mods for w in written for op, mods in w.op_modules.items()},
         passes=written[-1].passes,
-        quantized_layers=tuple(dict.fromkeys(n for w in written for n in w.quantized_layers)),
+        quantized_layers=tuple(dict.fromkeys(layers)),
     )
 
 
@@ -188,7 +201,7 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
         written = launch.finish_rank(output, written[0])
         if not launch.leads:
             return
-    merged = stages_written(written)
+    merged = stages_written(written, tp, per)
     engine = EngineFacts(
         config=config,
         model=facts,
