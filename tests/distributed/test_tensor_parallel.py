@@ -1,6 +1,6 @@
 """Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
-preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, compressed-tensors) engines shard and
+preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, GPTQ, compressed-tensors) engines shard and
 pipeline as the one-rank engine runs (int8 and FP8 at TP2 x PP2 too); a build under torchrun writes the
 one-process engine; a missing launch, a wrong world size and a killed rank are clear errors."""
 
@@ -89,7 +89,7 @@ QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 column
     "int8_sq": {"quantization": "int8_sq", "weight_scales": "tensor", "act_scales": "tensor", "calib_size": 1},
 }
 PIPELINED_QUANTIZED = ("int8_wo", "int4_wo", "fp8", "int8_sq")  # fp8 / int8_sq: quantized whole, then cut
-PREQUANTIZED = ("awq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
+PREQUANTIZED = ("awq", "gptq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
 QUANTIZED_TP_X_PP = ("int8_wo", "fp8")  # each stage's quantized linears renamed; fp8's absmax in its stage's group
 
 
@@ -193,7 +193,8 @@ def test_quantized_tp2_and_pp2_tokens_match_one_rank(case: str, engines) -> None
     _, one, two, result = engines[case]
     blocks = [json.loads((e / "manifest.json").read_text())["quantization"] for e in (one, two)]
     method, sharded = ({k: v for k, v in b.items() if k != "layers"} for b in blocks)
-    assert sharded == method and blocks[1]["layers"]  # the same method, scales and activations, and applied
+    assert sharded == method  # the same method, scales and activations
+    assert blocks[1]["layers"] and blocks[1]["layers"] == blocks[0]["layers"]  # named by the checkpoint's layers
     outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert result["tokens"] == [o.token_ids for o in outs]
     assert len(set(sum(result["tokens"], []))) > 3
