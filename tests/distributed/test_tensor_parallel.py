@@ -2,7 +2,8 @@
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
 preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, GPTQ, compressed-tensors) engines shard and
 pipeline as the one-rank engine runs (int8 and FP8 at TP2 x PP2 too); a build under torchrun writes the
-one-process engine; a missing launch, a wrong world size and a killed rank are clear errors."""
+one-process engine; a missing launch, a wrong world size and a killed rank are clear errors; `kiln serve`
+under torchrun answers from rank 0 and SIGTERM to the launcher stops every rank."""
 
 from __future__ import annotations
 
@@ -285,3 +286,43 @@ def test_pipeline_refusals_name_what_is_refused(engines, tmp_path: Path) -> None
         build(ckpt, tmp_path / "awq", pp_size=2, quantization="int4_awq", progress=False)
     with pytest.raises(KilnError, match="--kv-cache-dtype int8 is built with --pp-size 1 only"):
         build(ckpt, tmp_path / "kv", pp_size=2, kv_cache_dtype="int8", progress=False)
+
+
+def test_serve_under_torchrun_answers_from_rank_0_and_sigterm_stops_every_rank(engines) -> None:
+    import httpx
+
+    _, one, two, _ = engines["llama-one-kv-head"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "kiln", "serve", str(two), "--port", str(port), "--collective-timeout-s", "30"]
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "The kiln fires", "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert answer and answer == LLM(one).generate(["The kiln fires"], params)[0].text
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    # torchrun hands SIGTERM to every rank and then exits with its own SignalException (status 1)
+    assert "got signal: 15" in err, err[-3000:]
+    assert err.count("Uvicorn running on") == 1  # only rank 0 binds HTTP
+    assert "Application shutdown complete" in err  # rank 0's server shut down gracefully
+    for pid in ranks:
+        assert not os.path.exists(f"/proc/{pid}"), f"rank process {pid} outlived the launcher"
