@@ -1,6 +1,6 @@
 """Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
-preemption; int8/int4, FP8, SmoothQuant and pre-quantized (AWQ, GPTQ, compressed-tensors) engines shard and
+preemption; int8/int4, AWQ, FP8, SmoothQuant and pre-quantized (AWQ, GPTQ, compressed-tensors) engines shard and
 pipeline as the one-rank engine runs (int8 and FP8 at TP2 x PP2 too); a build under torchrun writes the
 one-process engine; a missing launch, a wrong world size and a killed rank are clear errors; `kiln serve`
 under torchrun answers from rank 0 and SIGTERM to the launcher stops every rank."""
@@ -86,10 +86,11 @@ CALIBRATION = "the quick brown fox jumps over the lazy dog. " * 40
 QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 columns a rank)
     "int8_wo": {"quantization": "int8_wo"},
     "int4_wo": {"quantization": "int4_wo", "group_size": 32},
+    "int4_awq": {"quantization": "int4_awq", "group_size": 32, "calib_size": 2},  # searched whole, then cut
     "fp8": {"quantization": "fp8"},  # per-channel weights, per-token inputs: o/down get the absmax columns
     "int8_sq": {"quantization": "int8_sq", "weight_scales": "tensor", "act_scales": "tensor", "calib_size": 1},
 }
-PIPELINED_QUANTIZED = ("int8_wo", "int4_wo", "fp8", "int8_sq")  # fp8 / int8_sq: quantized whole, then cut
+PIPELINED_QUANTIZED = ("int8_wo", "int4_wo", "int4_awq", "fp8", "int8_sq")  # the last three: quantized whole, cut
 PREQUANTIZED = ("awq", "gptq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
 QUANTIZED_TP_X_PP = ("int8_wo", "fp8")  # each stage's quantized linears renamed; fp8's absmax in its stage's group
 
@@ -121,7 +122,7 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     ckpt = made["llama-untied"][0]
     for method, options in QUANTIZED.items():
         tmp = tmp_path_factory.mktemp(method)
-        if method == "int8_sq":
+        if "calib_size" in options:
             (tmp / "calib.txt").write_text(CALIBRATION)
             options = {**options, "calib_data": str(tmp / "calib.txt")}
         one = build_tiny_engine(ckpt, tmp / "tp1", **options)
@@ -282,8 +283,6 @@ def test_pipeline_refusals_name_what_is_refused(engines, tmp_path: Path) -> None
     from kiln import build
 
     ckpt = engines["qwen2"][0]
-    with pytest.raises(KilnError, match="--quantization int4_awq is built with --pp-size 1 only"):
-        build(ckpt, tmp_path / "awq", pp_size=2, quantization="int4_awq", progress=False)
     with pytest.raises(KilnError, match="--kv-cache-dtype int8 is built with --pp-size 1 only"):
         build(ckpt, tmp_path / "kv", pp_size=2, kv_cache_dtype="int8", progress=False)
 

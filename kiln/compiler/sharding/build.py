@@ -30,7 +30,7 @@ from kiln.errors import KilnError
 from kiln.models.loader import load_config
 from kiln.progress import Progress
 
-SHARDED_METHODS = ("none", "int8_wo", "int4_wo", "fp8", "int8_sq")
+SHARDED_METHODS = ("none", "int8_wo", "int4_wo", "int4_awq", "fp8", "int8_sq")
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def fake_world(tp_size: int, pp_size: int = 1, rank: int = 0) -> Iterator[None]:
 
 
 def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
-    """Refuse what a tensor-parallel build does not do: AWQ search, a narrow KV cache, a split that won't divide."""
+    """Refuse what a tensor-parallel build does not do: a narrow KV cache, a split that won't divide."""
     path = Path(checkpoint)
     if config.quantization not in SHARDED_METHODS:
         raise KilnError(
@@ -67,8 +67,8 @@ def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
 
 
 def check_int4_groups(config: BuildConfig, text: Any) -> None:
-    """int4_wo: each rank's slice of a row-parallel linear's columns holds whole groups."""
-    if config.quantization != "int4_wo":
+    """int4_wo / int4_awq: each rank's slice of a row-parallel linear's columns holds whole groups."""
+    if config.quantization not in ("int4_wo", "int4_awq"):
         return
     heads = text.num_attention_heads
     widths = {"MLP": getattr(text, "intermediate_size", 0), "attention": heads * cache_shape(text).head_dim}

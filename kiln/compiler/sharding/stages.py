@@ -40,7 +40,7 @@ from kiln.errors import KilnError
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint
 from kiln.progress import Progress
 
-PIPELINED_METHODS = ("none", "int8_wo", "int4_wo", "fp8", "int8_sq")  # fp8 / int8_sq: quantized whole first
+PIPELINED_METHODS = ("none", "int8_wo", "int4_wo", "int4_awq", "fp8", "int8_sq")  # the last three: quantized whole
 STAGE_INPUT_NAMES = ("hidden_states", *INPUT_NAMES[1:])  # a later stage takes hidden states [T, hidden]
 
 

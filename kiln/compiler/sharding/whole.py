@@ -1,5 +1,5 @@
-"""Tensor-parallel builds that see the model whole before they shard it: FP8 and SmoothQuant (their scales
-are calibrated on the whole model, and SmoothQuant folds its scales into the weights) and pre-quantized
+"""Tensor-parallel builds that see the model whole before they shard it: AWQ, FP8 and SmoothQuant (their
+scales are calibrated on the whole model; AWQ and SmoothQuant fold theirs into the weights) and pre-quantized
 checkpoints (AWQ, GPTQ, compressed-tensors: their linears are read whole). The dense checkpoint is loaded
 once, quantized as a one-rank build quantizes it, and each rank is cut from it with its quantized linears
 (`in_memory.shard_in_memory`): every rank dequantizes exactly the weights the one-rank engine does."""
@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 
 from kiln.compiler.model_facts import resolve_device
-from kiln.compiler.quantize.methods import check_request, fp8_build_linears, smoothquant_build_linears, uses_fp8
+from kiln.compiler.quantize.methods import (
+    awq_linears,
+    check_request,
+    fp8_build_linears,
+    smoothquant_build_linears,
+    uses_fp8,
+)
 from kiln.compiler.sharding.in_memory import shard_in_memory
 from kiln.compiler.sharding.plans import plan_for
 from kiln.config import BuildConfig, torch_dtype
@@ -23,7 +29,7 @@ from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.models.quantized_formats import CheckpointQuantization
 from kiln.progress import Progress
 
-WHOLE_MODEL_METHODS = ("fp8", "int8_sq")
+WHOLE_MODEL_METHODS = ("int4_awq", "fp8", "int8_sq")
 
 
 def needs_whole_model(checkpoint: str | Path, config: BuildConfig) -> bool:
@@ -40,6 +46,9 @@ class WholeModel:
         check_request(config, self.loaded.quantized, checkpoint)
         quantized = self.loaded.quantized
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        if config.quantization == "int4_awq" and quantized is None:
+            with progress.stage("awq", f"activation-aware int4 scales, groups of {config.group_size}"):
+                quantized = awq_linears(config, model, tokenizer)
         if config.quantization == "fp8" and quantized is None:
             with progress.stage("fp8", f"E4M3 per {config.weight_scales}, activations per {config.act_scales}"):
                 quantized = fp8_build_linears(config, model, tokenizer)
