@@ -14,6 +14,7 @@ from kiln.compiler.pipeline import EngineFacts, build_program, write_engine_mani
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
 from kiln.compiler.quantize.methods import (
     awq_linears,
+    check_kv_head_dim,
     check_request,
     engine_quantization,
     fp8_build_linears,
@@ -88,17 +89,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         f"{facts.architecture}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads x {shape.head_dim}, "
         f"vocab {facts.vocab_size}"
     )
-    head_dim = shape.head_dim
-    if (
-        config.kv_cache_dtype != "auto"
-        and resolve_device(config.device).type == "cuda"
-        and not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0)
-    ):
-        raise KilnError(
-            f"--kv-cache-dtype {config.kv_cache_dtype}: kiln's Triton attention kernels read an fp8/int8 KV cache for "
-            f"head sizes that are powers of two in [16, 256], and this model's is {head_dim}; build with "
-            "--kv-cache-dtype auto"
-        )
+    check_kv_head_dim(config, shape.head_dim)
     kv_scales = narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
     quantized = loaded.quantized
     if config.quantization == "int4_awq" and quantized is None:

@@ -61,7 +61,6 @@ def test_row_parallel_int8_uses_whole_row_scales() -> None:
     "options,message",
     [
         ({"quantization": "int4_awq", "calib_data": "notes.txt"}, "int4 groups of 128 do not divide the MLP slice"),
-        ({"kv_cache_dtype": "fp8"}, r"a narrow KV cache \(--kv-cache-dtype\) is built with --tp-size 1 only"),
     ],
 )
 def test_what_a_sharded_build_does_not_do_is_refused(tmp_path, options, message) -> None:

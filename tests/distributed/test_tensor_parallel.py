@@ -1,9 +1,9 @@
 """Tensor- and pipeline-parallel engines on the CPU: two gloo ranks under torchrun give the greedy tokens
 of the one-rank engine and of transformers (float32), with KV heads split or replicated, through a
-preemption; int8/int4, AWQ, FP8, SmoothQuant and pre-quantized (AWQ, GPTQ, compressed-tensors) engines shard and
-pipeline as the one-rank engine runs (int8 and FP8 at TP2 x PP2 too); a build under torchrun writes the
-one-process engine; a missing launch, a wrong world size and a killed rank are clear errors; `kiln serve`
-under torchrun answers from rank 0 and SIGTERM to the launcher stops every rank."""
+preemption; int8/int4, AWQ, FP8, SmoothQuant, narrow-KV and pre-quantized (AWQ, GPTQ, compressed-tensors)
+engines shard and pipeline as the one-rank engine runs (int8 and FP8 at TP2 x PP2 too); a build under
+torchrun writes the one-process engine; a missing launch, a wrong world size and a killed rank are clear
+errors; `kiln serve` under torchrun answers from rank 0 and SIGTERM to the launcher stops every rank."""
 
 from __future__ import annotations
 
@@ -92,6 +92,10 @@ QUANTIZED = {  # of the llama-untied checkpoint; int4 in groups of 32 (64 column
 }
 PIPELINED_QUANTIZED = ("int8_wo", "int4_wo", "int4_awq", "fp8", "int8_sq")  # the last three: quantized whole, cut
 PREQUANTIZED = ("awq", "gptq", "compressed-tensors")  # tiny Llama checkpoints, int4 in groups of 32 (32 columns a rank)
+NARROW_KV = {  # of the llama-untied checkpoint: the whole model's per-layer scales on every rank, cut per stage
+    "int8-kv": {"kv_cache_dtype": "int8", "calib_size": 2},
+    "fp8-kv": {"kv_cache_dtype": "fp8"},  # scale 1.0, no calibration
+}
 QUANTIZED_TP_X_PP = ("int8_wo", "fp8")  # each stage's quantized linears renamed; fp8's absmax in its stage's group
 
 
@@ -120,14 +124,14 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
         ckpt, one, _ = made[case]
         made[f"pp2-{case}"] = ckpt, one, build_tiny_engine(ckpt, tmp_path_factory.mktemp(case) / "pp2", pp_size=2)
     ckpt = made["llama-untied"][0]
-    for method, options in QUANTIZED.items():
+    for method, options in {**QUANTIZED, **NARROW_KV}.items():
         tmp = tmp_path_factory.mktemp(method)
         if "calib_size" in options:
             (tmp / "calib.txt").write_text(CALIBRATION)
             options = {**options, "calib_data": str(tmp / "calib.txt")}
         one = build_tiny_engine(ckpt, tmp / "tp1", **options)
         made[method] = ckpt, one, build_tiny_engine(ckpt, tmp / "tp2", tp_size=2, **options)
-        if method in PIPELINED_QUANTIZED:
+        if method in PIPELINED_QUANTIZED or method in NARROW_KV:
             made[f"pp2-{method}"] = ckpt, one, build_tiny_engine(ckpt, tmp / "pp2", pp_size=2, **options)
     for fmt in PREQUANTIZED:
         tmp = tmp_path_factory.mktemp(fmt)
@@ -197,6 +201,18 @@ def test_quantized_tp2_and_pp2_tokens_match_one_rank(case: str, engines) -> None
     method, sharded = ({k: v for k, v in b.items() if k != "layers"} for b in blocks)
     assert sharded == method  # the same method, scales and activations
     assert blocks[1]["layers"] and blocks[1]["layers"] == blocks[0]["layers"]  # named by the checkpoint's layers
+    outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert result["tokens"] == [o.token_ids for o in outs]
+    assert len(set(sum(result["tokens"], []))) > 3
+
+
+@pytest.mark.parametrize("case", [*NARROW_KV, *(f"pp2-{c}" for c in NARROW_KV)])
+def test_narrow_kv_cache_tp2_and_pp2_tokens_match_one_rank(case: str, engines) -> None:
+    _, one, two, result = engines[case]
+    caches = [json.loads((e / "manifest.json").read_text()).get("kv_cache") for e in (one, two)]
+    assert caches[0] is not None and caches[1] == caches[0]  # the same dtype and per-layer scales
+    dtype = NARROW_KV[case.removeprefix("pp2-")]["kv_cache_dtype"]
+    assert caches[1]["dtype"] == dtype and caches[1]["calibrated"] == (dtype == "int8")
     outs = LLM(one).generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert result["tokens"] == [o.token_ids for o in outs]
     assert len(set(sum(result["tokens"], []))) > 3
@@ -279,12 +295,13 @@ def test_build_refuses_heads_that_do_not_divide(engines, tmp_path: Path) -> None
     assert not (tmp_path / "tp3").exists()
 
 
-def test_pipeline_refusals_name_what_is_refused(engines, tmp_path: Path) -> None:
+def test_a_refused_pipeline_build_names_why_and_leaves_nothing(engines, tmp_path: Path) -> None:
     from kiln import build
 
     ckpt = engines["qwen2"][0]
-    with pytest.raises(KilnError, match="--kv-cache-dtype int8 is built with --pp-size 1 only"):
+    with pytest.raises(KilnError, match="an int8 KV cache needs per-layer scales: give --calib-data FILE"):
         build(ckpt, tmp_path / "kv", pp_size=2, kv_cache_dtype="int8", progress=False)
+    assert not (tmp_path / "kv").exists()
 
 
 def test_serve_under_torchrun_answers_from_rank_0_and_sigterm_stops_every_rank(engines) -> None:

@@ -50,13 +50,16 @@ def kv_absmax(model: torch.nn.Module, num_layers: int, samples: Sequence[torch.T
 
 
 def kv_scales(
-    model: torch.nn.Module, num_layers: int, kv_cache_dtype: str, samples: Sequence[torch.Tensor] | None
+    model: torch.nn.Module | None, num_layers: int, kv_cache_dtype: str, samples: Sequence[torch.Tensor] | None
 ) -> tuple[tuple[float, float], ...]:
-    """(k, v) scales per layer for a cache of `kv_cache_dtype` ("fp8" / "int8")."""
+    """(k, v) scales per layer for a cache of `kv_cache_dtype` ("fp8" / "int8"); the model is read only
+    with calibration samples."""
     if samples is None:
         if kv_cache_dtype != "fp8":
             raise KilnError(f"an {kv_cache_dtype} KV cache needs per-layer scales: give --calib-data FILE")
         return tuple((1.0, 1.0) for _ in range(num_layers))
+    if model is None:
+        raise ValueError("calibrating a KV cache's scales needs the model")
     limit = qmax(KV_CACHE_DTYPES[kv_cache_dtype])
     return tuple((max(k, 1e-6) / limit, max(v, 1e-6) / limit) for k, v in kv_absmax(model, num_layers, samples))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kiln.compiler.model_facts import resolve_device
 from kiln.compiler.quantize.calibration import calibration_ids as cut_calibration_text
 from kiln.config import BuildConfig, check_quantization_method
 from kiln.engine.manifest import QuantizationFacts
@@ -117,10 +118,25 @@ def smoothquant_build_linears(config: BuildConfig, model: torch.nn.Module, token
     return smoothquant(model, samples, config.smoothquant_alpha, per_channel, per_token)
 
 
+def check_kv_head_dim(config: BuildConfig, head_dim: int) -> None:
+    """A narrow KV cache on the GPU is read by Triton kernels that take head sizes 2^n in [16, 256]."""
+    if (
+        config.kv_cache_dtype != "auto"
+        and resolve_device(config.device).type == "cuda"
+        and not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0)
+    ):
+        raise KilnError(
+            f"--kv-cache-dtype {config.kv_cache_dtype}: kiln's Triton attention kernels read an fp8/int8 KV cache for "
+            f"head sizes that are powers of two in [16, 256], and this model's is {head_dim}; build with "
+            "--kv-cache-dtype auto"
+        )
+
+
 def narrow_kv_scales(
-    config: BuildConfig, model: torch.nn.Module, tokenizer: Any, num_layers: int, progress: Progress
+    config: BuildConfig, model: torch.nn.Module | None, tokenizer: Any, num_layers: int, progress: Progress
 ) -> tuple[tuple[float, float], ...] | None:
-    """--kv-cache-dtype fp8 / int8: each layer's (k, v) scales (None: a cache of the model's dtype)."""
+    """--kv-cache-dtype fp8 / int8: each layer's (k, v) scales (None: a cache of the model's dtype); the model
+    is read only with calibration text."""
     from kiln.compiler.quantize.kv_scales import kv_scales
 
     if config.kv_cache_dtype == "auto":

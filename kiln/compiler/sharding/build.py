@@ -22,7 +22,7 @@ from kiln.compiler.quantize.methods import engine_quantization
 from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import check_tp, head_split
 from kiln.compiler.sharding.stream import load_shard
-from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
+from kiln.compiler.sharding.whole import WholeModel, narrow_cache, needs_whole_model, sharded_kv_scales
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import WORLD_GROUP, make_groups
@@ -50,15 +50,13 @@ def fake_world(tp_size: int, pp_size: int = 1, rank: int = 0) -> Iterator[None]:
 
 
 def check_sharded_request(checkpoint: str | Path, config: BuildConfig) -> None:
-    """Refuse what a tensor-parallel build does not do: a narrow KV cache, a split that won't divide."""
+    """Refuse a split that won't divide."""
     path = Path(checkpoint)
     if config.quantization not in SHARDED_METHODS:
         raise KilnError(
             f"--quantization {config.quantization} is built with --tp-size 1 only; {', '.join(SHARDED_METHODS[1:])} "
             "and pre-quantized checkpoints shard"
         )
-    if config.kv_cache_dtype != "auto":
-        raise KilnError("a narrow KV cache (--kv-cache-dtype) is built with --tp-size 1 only (for now)")
     text = load_config(path).get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -88,6 +86,7 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
     written: list[WrittenProgram] = []
     launch = BuildLaunch.from_env(config)  # under torchrun: this process builds its own rank only
     whole = WholeModel(checkpoint, config, progress) if needs_whole_model(checkpoint, config) else None
+    kv_scales = sharded_kv_scales(checkpoint, config, whole, progress)  # every rank's, the whole model's
     with fake_world(tp):
         for rank in range(tp) if launch is None else [launch.rank]:
             with progress.stage(f"load rank{rank}", f"slices of {checkpoint}"):
@@ -119,7 +118,12 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
             del loaded
             written.append(
                 build_program(
-                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)), output, config, progress, linears
+                    dataclasses.replace(spec, directory=WorldFacts.rank_dir(rank)),
+                    output,
+                    config,
+                    progress,
+                    linears,
+                    kv_scales,
                 )
             )
             del spec
@@ -140,6 +144,7 @@ def write_sharded_engine(checkpoint: str | Path, output: Path, config: BuildConf
         passes=first.passes,
         quantization=engine_quantization(config, quantized, first.quantized_layers),
         world=WorldFacts(tp_size=tp, kv_heads_per_rank=rank_shape.num_kv_heads),
+        kv_cache=narrow_cache(config, kv_scales),
     )
     write_engine_manifest(output, engine, device, progress)
     if device.type == "cuda":

@@ -32,7 +32,7 @@ from kiln.compiler.sharding.stage_cut import (
     stage_linears,
 )
 from kiln.compiler.sharding.stream import load_shard
-from kiln.compiler.sharding.whole import WholeModel, needs_whole_model
+from kiln.compiler.sharding.whole import WholeModel, narrow_cache, needs_whole_model, sharded_kv_scales
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import tensor_group
@@ -117,11 +117,6 @@ def check_pipeline_request(checkpoint: str | Path, config: BuildConfig) -> None:
             f"--quantization {config.quantization} is built with --pp-size 1 only; pipeline stages are built "
             f"unquantized, {', '.join(PIPELINED_METHODS[1:])} or from a pre-quantized checkpoint (for now)"
         )
-    if config.kv_cache_dtype != "auto":
-        raise KilnError(
-            f"--kv-cache-dtype {config.kv_cache_dtype} is built with --pp-size 1 only; pipeline stages keep the "
-            "model-dtype KV cache (for now)"
-        )
     if config.tp_size > 1:
         check_sharded_request(checkpoint, config)
 
@@ -158,6 +153,7 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
     device = resolve_device(config.device)
     launch = BuildLaunch.from_env(config)  # under torchrun: this process builds its own rank only
     whole = WholeModel(checkpoint, config, progress) if needs_whole_model(checkpoint, config) else None
+    kv_scales = sharded_kv_scales(checkpoint, config, whole, progress)  # the whole model's; each stage takes its own
     written: list[WrittenProgram] = []
     for rank in range(stages * tp) if launch is None else [launch.rank]:
         stage, t = divmod(rank, tp)
@@ -191,7 +187,14 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
             del model
             directory = WorldFacts.rank_dir(rank)
             written.append(
-                build_program(dataclasses.replace(spec, directory=directory), output, config, progress, quantized)
+                build_program(
+                    dataclasses.replace(spec, directory=directory),
+                    output,
+                    config,
+                    progress,
+                    quantized,
+                    None if kv_scales is None else kv_scales[start:stop],
+                )
             )
             del spec, quantized
             gc.collect()
@@ -211,5 +214,6 @@ def write_pipeline_engine(checkpoint: str | Path, output: Path, config: BuildCon
         passes=merged.passes,
         quantization=engine_quantization(config, whole_linears, merged.quantized_layers),
         world=WorldFacts(tp_size=tp, kv_heads_per_rank=kv_heads, pp_size=stages, hidden_size=hidden),
+        kv_cache=narrow_cache(config, kv_scales),
     )
     write_engine_manifest(output, engine, device, progress)

@@ -11,20 +11,23 @@ from pathlib import Path
 
 import torch
 
-from kiln.compiler.model_facts import resolve_device
+from kiln.compiler.model_facts import cache_shape, resolve_device
 from kiln.compiler.quantize.methods import (
     awq_linears,
+    check_kv_head_dim,
     check_request,
     fp8_build_linears,
+    narrow_kv_scales,
     smoothquant_build_linears,
     uses_fp8,
 )
 from kiln.compiler.sharding.in_memory import shard_in_memory
 from kiln.compiler.sharding.plans import plan_for
 from kiln.config import BuildConfig, torch_dtype
+from kiln.engine.manifest import KVCacheFacts
 from kiln.errors import KilnError
 from kiln.kernels.w8a8_dispatch import fp8_refusal
-from kiln.models.loader import LoadedCheckpoint, load_checkpoint
+from kiln.models.loader import LoadedCheckpoint, load_checkpoint, load_config
 from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.models.quantized_formats import CheckpointQuantization
 from kiln.progress import Progress
@@ -34,6 +37,35 @@ WHOLE_MODEL_METHODS = ("int4_awq", "fp8", "int8_sq")
 
 def needs_whole_model(checkpoint: str | Path, config: BuildConfig) -> bool:
     return config.quantization in WHOLE_MODEL_METHODS or CheckpointQuantization.of(Path(checkpoint)).reader is not None
+
+
+KVScales = tuple[tuple[float, float], ...]
+
+
+def sharded_kv_scales(
+    checkpoint: str | Path, config: BuildConfig, whole: "WholeModel | None", progress: Progress
+) -> KVScales | None:
+    """A narrow KV cache's per-layer (k, v) scales for every rank: those of the whole model, as a one-rank
+    build calibrates them (FP8 without calibration text: 1.0). None: a cache of the model's dtype."""
+    if config.kv_cache_dtype == "auto":
+        return None
+    refusal = fp8_refusal(resolve_device(config.device)) if config.kv_cache_dtype == "fp8" else None
+    if refusal is not None:
+        raise KilnError(refusal)
+    if whole is not None:
+        return whole.kv_scales
+    shape = cache_shape(load_config(Path(checkpoint)))
+    check_kv_head_dim(config, shape.head_dim)
+    if config.calib_data is None:  # FP8 at scale 1.0 (int8 says it needs calibration text): no model needed
+        return narrow_kv_scales(config, None, None, shape.num_layers, progress)
+    with progress.stage("load", f"{checkpoint}, whole (its KV cache is calibrated before it is sharded)"):
+        loaded = load_checkpoint(checkpoint, torch_dtype(config.dtype), torch.device("cpu"))
+    return narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
+
+
+def narrow_cache(config: BuildConfig, kv_scales: KVScales | None) -> KVCacheFacts | None:
+    """The manifest's record of a narrow KV cache (all layers' scales), or None."""
+    return None if kv_scales is None else KVCacheFacts(config.kv_cache_dtype, kv_scales, config.calib_data is not None)
 
 
 class WholeModel:
@@ -46,6 +78,10 @@ class WholeModel:
         check_request(config, self.loaded.quantized, checkpoint)
         quantized = self.loaded.quantized
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        shape = cache_shape(self.loaded.config)
+        check_kv_head_dim(config, shape.head_dim)
+        # calibrated on the dense model before it is quantized, as a one-rank build does
+        self.kv_scales = narrow_kv_scales(config, model, tokenizer, shape.num_layers, progress)
         if config.quantization == "int4_awq" and quantized is None:
             with progress.stage("awq", f"activation-aware int4 scales, groups of {config.group_size}"):
                 quantized = awq_linears(config, model, tokenizer)
