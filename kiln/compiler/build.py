@@ -18,13 +18,14 @@ from kiln.compiler.quantize.methods import (
     check_request,
     engine_quantization,
     fp8_build_linears,
+    narrow_cache,
     narrow_kv_scales,
     smoothquant_build_linears,
     uses_fp8,
 )
 from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.config import BuildConfig, kv_cache_torch_dtype, torch_dtype
-from kiln.engine.manifest import TOKENIZER_DIR, KVCacheFacts
+from kiln.engine.manifest import TOKENIZER_DIR
 from kiln.errors import KilnError
 from kiln.kernels.w8a8_dispatch import fp8_refusal
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint
@@ -122,9 +123,7 @@ def _write_engine(checkpoint: str | Path, output: Path, config: BuildConfig, pro
         op_modules=written.op_modules,
         passes=written.passes,
         quantization=engine_quantization(config, quantized, written.quantized_layers),
-        kv_cache=None
-        if kv_scales is None
-        else KVCacheFacts(config.kv_cache_dtype, kv_scales, config.calib_data is not None),
+        kv_cache=narrow_cache(config, kv_scales),
     )
     write_engine_manifest(output, engine, device, progress)
 

@@ -10,7 +10,7 @@ import torch
 from kiln.compiler.model_facts import resolve_device
 from kiln.compiler.quantize.calibration import calibration_ids as cut_calibration_text
 from kiln.config import BuildConfig, check_quantization_method
-from kiln.engine.manifest import QuantizationFacts
+from kiln.engine.manifest import KVCacheFacts, QuantizationFacts
 from kiln.errors import KilnError
 from kiln.models.quantized_checkpoint import QuantizedLinears
 from kiln.progress import Progress
@@ -149,6 +149,11 @@ def narrow_kv_scales(
         return kv_scales(model, num_layers, config.kv_cache_dtype, full_calibration(config, tokenizer))
 
 
+def narrow_cache(config: BuildConfig, kv_scales: tuple[tuple[float, float], ...] | None) -> KVCacheFacts | None:
+    """The manifest's record of a narrow KV cache (every layer's scales), or None for a model-dtype cache."""
+    return None if kv_scales is None else KVCacheFacts(config.kv_cache_dtype, kv_scales, config.calib_data is not None)
+
+
 def full_calibration(config: BuildConfig, tokenizer: Any) -> list[torch.Tensor]:
     """--calib-size samples of the calibration text, or the error saying it is too short."""
     samples = calibration_ids(tokenizer, config.calib_data, config.calib_size)
@@ -187,6 +192,7 @@ __all__ = [
     "engine_quantization",
     "fp8_build_linears",
     "full_calibration",
+    "narrow_cache",
     "narrow_kv_scales",
     "smoothquant_build_linears",
     "uses_fp8",

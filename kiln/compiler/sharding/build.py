@@ -18,11 +18,11 @@ from kiln.compiler.capture import text_spec
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape
-from kiln.compiler.quantize.methods import engine_quantization
+from kiln.compiler.quantize.methods import engine_quantization, narrow_cache
 from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import check_tp, head_split
 from kiln.compiler.sharding.stream import load_shard
-from kiln.compiler.sharding.whole import WholeModel, narrow_cache, needs_whole_model, sharded_kv_scales
+from kiln.compiler.sharding.whole import WholeModel, needs_whole_model, sharded_kv_scales
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import WORLD_GROUP, make_groups

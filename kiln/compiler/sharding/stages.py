@@ -20,7 +20,7 @@ from kiln.compiler.capture import INPUT_NAMES, causal_lm_logits, dynamic_shapes,
 from kiln.compiler.model_facts import cache_shape, model_facts, resolve_device
 from kiln.compiler.pipeline import EngineFacts, WrittenProgram, build_program, write_engine_manifest
 from kiln.compiler.program_spec import CacheShape, ProgramSpec
-from kiln.compiler.quantize.methods import engine_quantization
+from kiln.compiler.quantize.methods import engine_quantization, narrow_cache
 from kiln.compiler.sharding.build import check_sharded_request, fake_world
 from kiln.compiler.sharding.launched import BuildLaunch
 from kiln.compiler.sharding.layout import head_split
@@ -32,7 +32,7 @@ from kiln.compiler.sharding.stage_cut import (
     stage_linears,
 )
 from kiln.compiler.sharding.stream import load_shard
-from kiln.compiler.sharding.whole import WholeModel, narrow_cache, needs_whole_model, sharded_kv_scales
+from kiln.compiler.sharding.whole import WholeModel, needs_whole_model, sharded_kv_scales
 from kiln.config import BuildConfig, torch_dtype
 from kiln.engine.manifest import TOKENIZER_DIR, WorldFacts
 from kiln.engine.world import tensor_group

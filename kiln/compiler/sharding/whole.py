@@ -24,7 +24,6 @@ from kiln.compiler.quantize.methods import (
 from kiln.compiler.sharding.in_memory import shard_in_memory
 from kiln.compiler.sharding.plans import plan_for
 from kiln.config import BuildConfig, torch_dtype
-from kiln.engine.manifest import KVCacheFacts
 from kiln.errors import KilnError
 from kiln.kernels.w8a8_dispatch import fp8_refusal
 from kiln.models.loader import LoadedCheckpoint, load_checkpoint, load_config
@@ -61,11 +60,6 @@ def sharded_kv_scales(
     with progress.stage("load", f"{checkpoint}, whole (its KV cache is calibrated before it is sharded)"):
         loaded = load_checkpoint(checkpoint, torch_dtype(config.dtype), torch.device("cpu"))
     return narrow_kv_scales(config, loaded.model, loaded.tokenizer, shape.num_layers, progress)
-
-
-def narrow_cache(config: BuildConfig, kv_scales: KVScales | None) -> KVCacheFacts | None:
-    """The manifest's record of a narrow KV cache (all layers' scales), or None."""
-    return None if kv_scales is None else KVCacheFacts(config.kv_cache_dtype, kv_scales, config.calib_data is not None)
 
 
 class WholeModel:
